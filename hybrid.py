@@ -1,0 +1,972 @@
+"""Training-data leakage from gradients: linear systems and gradient matching.
+
+Reference reproduction of
+
+    Cangxiong Chen and Neill D. F. Campbell, "Analysing Training-Data Leakage from
+    Gradients through Linear Systems and Gradient Matching", BMVC 2022
+    (arXiv:2210.13231).
+
+A client computes the cross-entropy gradient of one 32x32 image on a small CNN and
+shares it. From the architecture, the weights and that gradient alone, this script
+reconstructs the image with the paper's hybrid attack (a least-squares solve of each
+layer's linear system, corrected by gradient matching) and with the baselines R-GAP,
+DLG, iDLG and Cosine+TV; it scores them with PSNR and SSIM and reports each layer's
+rank deficiency and the paper's security index.
+
+Examples:
+
+    python hybrid.py --quick --source samples         # smoke test, under a minute on a CPU
+    python hybrid.py                                   # paper settings: cnn4_c2, CIFAR-10 #3
+    python hybrid.py --model cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2 --index 3 7   # the paper's grid
+    python hybrid.py --analyse --model cnn3_c1 cnn4_c2 # rank deficiency + security index only
+    python hybrid.py --image cat.png --label 3 --model cnn2_c1 --attacks rgap
+
+Where this departs from the published code, and why:
+
+1. PSNR uses data range 1 on [0, 1] images. The published code used 20*log10(255)
+   on [0, 1] images, which adds 48.13 dB to every number.
+2. Rank is computed in float64 with numpy's default relative tolerance. The published
+   code used an absolute tolerance of 1e-10 on float32 matrices and so counted rounding
+   noise as rank.
+3. One factorisation per layer gives both the rank and the minimum-norm solution (the
+   published code computed four dense SVDs per layer); the matrices are built by
+   unfolding an index image, not row by row in Python.
+4. The fully connected layer is inverted by least squares over all rows
+   (a = gW^T gb / gb^T gb) instead of dividing one row by one entry.
+5. Inverse activations and derivatives use the slope of the actual leaky-ReLU module
+   (the published code assumed 0.01 everywhere, wrong for cnn6d), and a convolution's
+   bias is subtracted before its linear system is solved.
+6. The label is recovered from the gradient (iDLG rule) for every attack; the
+   published code handed the true label to some of them. --true-label restores that.
+7. The fc input size is derived from the shapes (the published code hard-coded it
+   and got cnn3_c5 wrong).
+8. The hybrid's quadratic term ||Ux - V||^2 is evaluated with the convolution and
+   its weight-gradient map (U is never formed in the loop); the published code
+   deep-copied U at every Adam step.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Paths users edit (the command line overrides both)
+OUTPUT_PATH = "output"  # each run writes a new folder under here
+DATA_PATH = "data"  # CIFAR-10 lives (or is downloaded) here
+# -----------------------------------------------------------------------------
+
+# =============================================================================
+# Config
+# =============================================================================
+
+ATTACKS_ORDER = ("rgap", "dlg", "idlg", "cosine", "hybrid")  # the figure's column order
+PAPER_ITERS = dict(dlg_iters=300, cosine_iters=4800, hybrid_iters=2000, hybrid_iters_first=10000)
+QUICK_ITERS = dict(dlg_iters=5, cosine_iters=100, hybrid_iters=20, hybrid_iters_first=100)
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit status 2."""
+
+
+@dataclass
+class Config:
+    models: list[str] = field(default_factory=lambda: ["cnn4_c2"])
+    indices: list[int] = field(default_factory=lambda: [3])
+    source: str = "cifar10"  # cifar10 | samples
+    images: list[str] = field(default_factory=list)  # user image files
+    label: int = 0  # class of the user's image files
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS_ORDER))
+    dlg_iters: int = 300
+    cosine_iters: int = 4800
+    hybrid_iters: int = 2000
+    hybrid_iters_first: int = 10000
+    quick: bool = False
+    true_label: bool = False
+    seed: int = 10  # reseeds every attack
+    model_seed: int = 10  # the published code built every model after manual_seed(10)
+    device: str = "cpu"
+    output: str = OUTPUT_PATH
+    data: str = DATA_PATH
+    analyse: bool = False
+    verbose: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    """The one seeding helper: models are built and every attack starts after it."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+# =============================================================================
+# Data
+# =============================================================================
+
+# Photographs bundled with scikit-image, used where CIFAR-10 is not available.
+# (name, loader, label): the label is the nearest CIFAR-10 class where there is one
+# (cat 3, airplane 0, automobile 1); any class is a valid training label otherwise.
+SAMPLES = [
+    ("astronaut", lambda d: d.astronaut(), 4),
+    ("coffee", lambda d: d.coffee(), 5),
+    ("rocket", lambda d: d.rocket(), 0),
+    ("chelsea", lambda d: d.chelsea(), 3),  # position 3, like CIFAR-10 index 3
+    ("motorcycle", lambda d: d.stereo_motorcycle()[0], 1),
+]
+CIFAR10_CLASSES = ("airplane automobile bird cat deer dog frog horse ship truck").split()
+
+
+class Sample(NamedTuple):
+    name: str  # e.g. "cifar10:3", "samples:chelsea", "file:cat.png"
+    x: torch.Tensor  # (1, 3, 32, 32), values in [-0.5, 0.5] (ToTensor() - 0.5)
+    label: int
+
+
+def to_model_space(rgb: np.ndarray) -> torch.Tensor:
+    """HWC uint8 or [0, 1] float -> the model's input: CHW in [-0.5, 0.5] (SPEC 2)."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype == np.uint8:
+        rgb = rgb / 255.0
+    return torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None] - 0.5
+
+
+def to_image(x: torch.Tensor) -> np.ndarray:
+    """Model space -> HWC float in [0, 1] for metrics, figures and .npy files."""
+    return (x.detach().double().cpu()[0].permute(1, 2, 0).numpy() + 0.5).clip(0, 1)
+
+
+def square_32(rgb: np.ndarray) -> np.ndarray:
+    """Centre-crop to a square, resize to 32x32 with anti-aliasing; 32x32 stays exact."""
+    from skimage.transform import resize
+
+    if rgb.shape[:2] == (32, 32):
+        return rgb
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = rgb[top : top + s, left : left + s]
+    return resize(crop, (32, 32), anti_aliasing=True, preserve_range=False)
+
+
+def load_samples(indices: list[int]) -> list[Sample]:
+    import skimage.data
+
+    out = []
+    for i in indices:
+        if not 0 <= i < len(SAMPLES):
+            raise UserError(f"--index {i} is out of range: the bundled photographs are 0-{len(SAMPLES) - 1}")
+        name, load, label = SAMPLES[i]
+        out.append(Sample(f"samples:{name}", to_model_space(square_32(load(skimage.data))), label))
+    return out
+
+
+def load_cifar10(indices: list[int], root: str) -> list[Sample] | None:
+    """CIFAR-10 training images, downloading if needed; None where that is impossible."""
+    import torchvision
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # an offline machine must not hang on the download
+    try:
+        data = torchvision.datasets.CIFAR10(root=root, train=True, download=True)
+    except (OSError, RuntimeError, ValueError) as e:  # no network, no disk, bad archive
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"CIFAR-10 is not in {root}/ and could not be downloaded ({reason}); "
+              f"using the photographs bundled with scikit-image instead", file=sys.stderr)
+        return None
+    finally:
+        socket.setdefaulttimeout(old)
+    out = []
+    for i in indices:
+        if not 0 <= i < len(data):
+            raise UserError(f"--index {i} is out of range: CIFAR-10 has training images 0-{len(data) - 1}")
+        img, label = data[i]
+        out.append(Sample(f"cifar10:{i}", to_model_space(np.asarray(img)), int(label)))
+    return out
+
+
+def load_files(paths: list[str], label: int) -> list[Sample]:
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(f"cannot read image {p}: {e}") from None
+        out.append(Sample(f"file:{Path(p).name}", to_model_space(square_32(rgb)), label))
+    return out
+
+
+def load_images(cfg: Config) -> list[Sample]:
+    if cfg.images:
+        return load_files(cfg.images, cfg.label)
+    if cfg.source == "cifar10":
+        samples = load_cifar10(cfg.indices, cfg.data)
+        if samples is not None:
+            return samples
+    return load_samples(cfg.indices)
+
+
+# =============================================================================
+# Models (SPEC 3)
+# =============================================================================
+
+
+class Arch(NamedTuple):
+    convs: list[tuple[int, int, int, int, int]]  # (in, out, kernel, stride, padding)
+    acts: str  # one activation per layer, the fc's last: tanh sigmoid leaky softplus id
+    bias: bool = False  # convolutions with bias
+    slope: float = 0.01  # leaky-ReLU negative slope
+
+
+C1 = [(3, 6, 3, 1, 0)]
+C2 = [(3, 6, 4, 2, 0)]
+C4 = [(3, 1, 3, 1, 0)]
+C31 = [(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)]
+C32 = [(3, 6, 4, 2, 0), (6, 3, 3, 2, 0)]
+C33 = [(3, 6, 3, 1, 0), (6, 9, 3, 1, 0)]
+C34 = [(3, 1, 3, 1, 0), (1, 6, 3, 1, 0)]
+MODELS: dict[str, Arch] = {
+    "cnn2_c0": Arch([(3, 1, 3, 2, 0)], "tanh tanh"),
+    "cnn2_c1": Arch(C1, "tanh id"),
+    "cnn2_c2": Arch(C2, "tanh id"),
+    "cnn2_c4": Arch(C4, "tanh tanh"),
+    "cnn2_c5": Arch([(3, 3, 3, 1, 1)], "tanh tanh"),
+    "cnn2_c6": Arch([(3, 12, 5, 2, 0)], "tanh id"),
+    "cnn2_c11": Arch(C1, "leaky sigmoid"),
+    "cnn2_c21": Arch(C2, "leaky sigmoid"),
+    "cnn2_c41": Arch(C4, "leaky sigmoid"),
+    "cnn3_c1": Arch(C31, "tanh tanh id"),
+    "cnn3_c2": Arch(C32, "tanh tanh id"),
+    "cnn3_c3": Arch(C33, "tanh tanh id"),
+    "cnn3_c4": Arch(C34, "tanh tanh id"),
+    "cnn3_c5": Arch([(3, 12, 5, 1, 1), (12, 12, 5, 2, 2)], "tanh tanh id"),
+    "cnn3_c6": Arch(C31, "leaky leaky tanh"),
+    "cnn3_c7": Arch(C31, "tanh leaky tanh"),
+    "cnn3_c8": Arch([(3, 9, 3, 1, 0), (9, 3, 4, 2, 0)], "tanh tanh tanh"),
+    "cnn3_c9": Arch([(3, 5, 3, 1, 0), (5, 7, 3, 1, 0)], "tanh tanh tanh"),
+    "cnn3_c11": Arch(C31, "leaky leaky sigmoid"),
+    "cnn3_c12": Arch(C31, "softplus softplus sigmoid"),
+    "cnn3_c13": Arch(C31, "tanh tanh sigmoid"),
+    "cnn3_c14": Arch(C31, "id id sigmoid"),
+    "cnn3_c15": Arch(C31, "id id tanh"),
+    "cnn3_c21": Arch(C32, "leaky leaky sigmoid"),
+    "cnn3_c22": Arch(C32, "softplus softplus sigmoid"),
+    "cnn3_c31": Arch(C33, "leaky leaky sigmoid"),
+    "cnn3_c32": Arch(C33, "softplus softplus sigmoid"),
+    "cnn3_c41": Arch(C34, "leaky leaky sigmoid"),
+    "cnn3_c42": Arch(C34, "softplus softplus sigmoid"),
+    "cnn4_c1": Arch([(3, 6, 3, 1, 0), (6, 5, 4, 2, 0), (5, 3, 4, 1, 0)], "tanh tanh tanh id"),
+    "cnn4_c2": Arch([(3, 16, 5, 1, 0), (16, 6, 5, 2, 0), (6, 32, 5, 1, 2)], "tanh tanh tanh id"),
+    "cnn4_c3": Arch([(3, 6, 5, 1, 0), (6, 16, 5, 2, 0), (16, 16, 5, 1, 2)], "tanh tanh tanh id"),
+    "lenet2": Arch([(3, 12, 3, 2, 1), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)], "tanh tanh tanh id"),
+    "lenet": Arch([(3, 12, 5, 2, 2), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)],
+                  "leaky leaky leaky id", bias=True),
+    # The R-GAP paper's CNN6.
+    "cnn6d": Arch([(3, 12, 4, 2, 2), (12, 20, 3, 2, 1), (20, 36, 3, 1, 1), (36, 36, 3, 1, 1),
+                   (36, 64, 3, 2, 1), (64, 128, 3, 1, 1)], "leaky " * 6 + "id", slope=0.2),
+}
+
+
+class Net(nn.Module):
+    """Convolutions then one linear layer; x = act(layer(x)) for each pair (SPEC 3)."""
+
+    def __init__(self, layers: list[nn.Module], acts: list[nn.Module], shapes: list[tuple]):
+        super().__init__()
+        self.layers, self.acts = nn.ModuleList(layers), nn.ModuleList(acts)
+        self.shapes = shapes  # input shape (C, H, W) of every layer, the fc's last
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Layers start..L-1: f_{l:} of the paper when start = l."""
+        for layer, act in zip(self.layers[start:], self.acts[start:]):
+            if isinstance(layer, nn.Linear):
+                x = x.flatten(1)
+            x = act(layer(x))
+        return x
+
+
+def make_activation(name: str, slope: float) -> nn.Module:
+    return {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "id": nn.Identity,
+            "leaky": lambda: nn.LeakyReLU(slope)}[name]()
+
+
+def build_model(name: str, seed: int = 10) -> Net:
+    """One of MODELS with the published code's initialisation: seed, then layers in order."""
+    if name not in MODELS:
+        raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
+    arch = MODELS[name]
+    shapes, (c, h, w) = [], (3, 32, 32)
+    for cin, cout, k, s, p in arch.convs:  # derive the fc size from the shapes
+        shapes.append((c, h, w))
+        c, h, w = cout, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    shapes.append((c, h, w))
+    seed_everything(seed)
+    layers: list[nn.Module] = [nn.Conv2d(ci, co, k, s, p, bias=arch.bias) for ci, co, k, s, p in arch.convs]
+    layers.append(nn.Linear(c * h * w, 10))
+    acts = [make_activation(a, arch.slope) for a in arch.acts.split()]
+    return Net(layers, acts, shapes)
+
+
+def layer_params(model: Net, grads: list[torch.Tensor], layer: int) -> list[torch.Tensor]:
+    """The entries of a per-parameter list (e.g. the shared gradient) that belong to a layer."""
+    start = sum(len(list(m.parameters())) for m in model.layers[:layer])
+    return grads[start : start + len(list(model.layers[layer].parameters()))]
+
+
+# =============================================================================
+# The client's gradient (SPEC 4): the only code that sees the private image
+# =============================================================================
+
+
+def client_gradient(model: Net, x: torch.Tensor, label: int) -> list[torch.Tensor]:
+    """What the client shares: d CE(model(x), label) / d theta, one tensor per parameter."""
+    loss = F.cross_entropy(model(x), torch.tensor([label], device=x.device))
+    return [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
+
+
+def recover_label(grads: list[torch.Tensor]) -> int:
+    """iDLG rule: the only negative entry of the last layer's bias gradient."""
+    return int(grads[-1].argmin())
+
+
+# =============================================================================
+# Linear systems (SPEC 5)
+# =============================================================================
+
+CLIP = 0.9999  # tanh and sigmoid outputs are clipped this close to their bounds
+
+
+def inverse_activation(act: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """z with act(z) = a; inputs outside the range are clipped so every value is finite."""
+    if isinstance(act, nn.Tanh):
+        return torch.atanh(a.clamp(-CLIP, CLIP))
+    if isinstance(act, nn.Sigmoid):
+        a = a.clamp((1 - CLIP) / 2, (1 + CLIP) / 2)
+        return torch.log(a / (1 - a))
+    if isinstance(act, nn.LeakyReLU):
+        return torch.where(a >= 0, a, a / act.negative_slope)
+    if isinstance(act, nn.Softplus):  # log(expm1(a)), written to not overflow for large a
+        a = a.clamp_min(1e-12)
+        return a + torch.log(-torch.expm1(-a))
+    if isinstance(act, nn.Identity):
+        return a
+    raise TypeError(f"no inverse for {act}")
+
+
+def activation_derivative(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """act'(z), elementwise."""
+    if isinstance(act, nn.Tanh):
+        return 1 - torch.tanh(z) ** 2
+    if isinstance(act, nn.Sigmoid):
+        return torch.sigmoid(z) * (1 - torch.sigmoid(z))
+    if isinstance(act, nn.LeakyReLU):
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, act.negative_slope))
+    if isinstance(act, nn.Softplus):
+        return torch.sigmoid(z)
+    if isinstance(act, nn.Identity):
+        return torch.ones_like(z)
+    raise TypeError(f"no derivative for {act}")
+
+
+def invert_fc(fc: nn.Linear, g_w: torch.Tensor, g_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input a and dL/da of the linear layer from its gradients (SPEC 5, step 1).
+
+    gW = d a^T and gb = d, so a = gW^T gb / gb^T gb: the least-squares solution over
+    all rows (the published code divided one row by one entry).
+    """
+    d = g_b.detach().double().cpu()
+    a = g_w.detach().double().cpu().T @ d / (d @ d)
+    return a, fc.weight.detach().double().cpu().T @ d
+
+
+def patch_index(conv: nn.Conv2d, in_shape: tuple) -> torch.Tensor:
+    """(C_in*k*k, P): flat input index under each entry of each patch, -1 on padding.
+
+    Unfolding an image whose pixels hold their own index lets the framework do the
+    convolution's index bookkeeping; rows are ordered like the weight's (c, i, j).
+    """
+    n = math.prod(in_shape)
+    ids = torch.arange(1, n + 1, dtype=torch.float64).view(1, *in_shape)  # exact up to 2^53
+    return F.unfold(ids, conv.kernel_size, padding=conv.padding, stride=conv.stride)[0].long() - 1
+
+
+def conv_matrix(conv: nn.Conv2d, in_shape: tuple, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """M with M @ x.flatten() = conv2d(x, W).flatten() (no bias), float64.
+
+    Row (o, p) holds W[o] at the input positions of patch p.
+    """
+    idx = patch_index(conv, in_shape) if idx is None else idx
+    w = conv.weight.detach().double().cpu().flatten(1)  # (C_out, C_in*k*k)
+    n_pos = idx.shape[1]
+    rows = torch.arange(w.shape[0] * n_pos).view(-1, 1, n_pos)  # (C_out, 1, P)
+    rows, cols = torch.broadcast_tensors(rows, idx[None])  # (C_out, Ckk, P)
+    vals = w[:, :, None].expand_as(rows)
+    return _scatter((w.shape[0] * n_pos, math.prod(in_shape)), rows, cols, vals)
+
+
+def grad_matrix(conv: nn.Conv2d, in_shape: tuple, delta: torch.Tensor,
+                idx: torch.Tensor | None = None) -> torch.Tensor:
+    """G(delta) with G @ x.flatten() = dL/dW.flatten() for input x and dL/dz = delta.
+
+    dL/dW[o, c, i, j] = sum_p delta[o, p] x[patch p at (c, i, j)], so row (o, c, i, j)
+    holds delta[o, p] at the input position of entry (c, i, j) of patch p.
+    """
+    idx = patch_index(conv, in_shape) if idx is None else idx
+    d = delta.detach().double().cpu().reshape(conv.out_channels, -1)  # (C_out, P)
+    n_ckk = idx.shape[0]
+    rows = torch.arange(conv.out_channels * n_ckk).view(-1, n_ckk, 1)  # (C_out, Ckk, 1)
+    rows, cols = torch.broadcast_tensors(rows, idx[None])
+    vals = d[:, None, :].expand_as(rows)
+    return _scatter((conv.out_channels * n_ckk, math.prod(in_shape)), rows, cols, vals)
+
+
+def _scatter(shape: tuple, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Dense matrix with the given entries; padding (col -1) dropped. No (row, col) repeats."""
+    keep = cols >= 0
+    out = torch.zeros(shape, dtype=torch.float64)
+    out[rows[keep], cols[keep]] = vals[keep]
+    return out
+
+
+def solve_min_norm(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Minimum-norm least-squares solution of U x = V (float64) and the rank of U.
+
+    The rank uses numpy's default tolerance: singular values below
+    eps * max(m, n) * sigma_max count as zero. One Householder QR of the taller
+    orientation reduces the problem to a k x k triangular factor R with U's singular
+    values (k = min(m, n)). Where ||R||_F ||R^-1||_F, an upper bound on the condition
+    number, certifies full rank by a wide margin, a triangular solve finishes the job;
+    otherwise the SVD-based solve (gelsd) runs on R, not on U. Both paths cost about
+    half of gelsd on U (README, benchmark).
+    """
+    m, n = U.shape
+    k, tall = min(m, n), m >= n
+    tol = torch.finfo(torch.float64).eps * max(m, n)
+    a, tau = torch.geqrf(U if tall else U.T)  # U = QR, or U^T = QR
+    R = a[:k].triu()
+    # The reduced problem min ||A y - b||: x = y (tall) or x = Q [y; 0] (wide, minimum norm).
+    A, b = (R, torch.ormqr(a, tau, V[:, None], transpose=True)[:k]) if tall else (R.T, V[:, None])
+    R_inv = torch.linalg.solve_triangular(R, torch.eye(k, dtype=R.dtype), upper=True)
+    kappa = torch.linalg.matrix_norm(R) * torch.linalg.matrix_norm(R_inv)
+    if torch.isfinite(kappa) and kappa * tol < 1e-3:  # rank k, with a 1000x margin
+        y, rank = (R_inv if tall else R_inv.T) @ b, k
+    else:
+        sol = torch.linalg.lstsq(A, b, rcond=tol, driver="gelsd")
+        y, rank = sol.solution, int(sol.rank)
+    if tall:
+        return y[:, 0], rank
+    return torch.ormqr(a, tau, torch.cat([y, y.new_zeros(n - k, 1)]))[:, 0], rank
+
+
+@dataclass
+class LayerSystem:
+    """Both sets of linear equations on the input x of convolution `layer` (SPEC 5.3)."""
+
+    layer: int
+    z: torch.Tensor  # target of the forward constraints: z_l - b_l, shape (1, C_out, H, W)
+    delta: torch.Tensor  # dL/dz_l, same shape
+    g_w: torch.Tensor  # the shared weight gradient of the layer
+
+    def matrices(self, model: Net) -> tuple[torch.Tensor, torch.Tensor]:
+        """U = [M; G] and V = [z - b; gW], dense float64 on the CPU."""
+        conv, shape = model.layers[self.layer], model.shapes[self.layer]
+        idx = patch_index(conv, shape)
+        U = torch.cat([conv_matrix(conv, shape, idx), grad_matrix(conv, shape, self.delta, idx)])
+        V = torch.cat([self.z.flatten(), self.g_w.flatten()]).double().cpu()
+        return U, V
+
+    def residual(self, model: Net, x: torch.Tensor) -> torch.Tensor:
+        """||U x - V||^2 through the convolution and its weight-gradient map, U never formed."""
+        conv = model.layers[self.layer]
+        forward = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+        cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]
+        weight_grad = self.delta.reshape(conv.out_channels, -1) @ cols.T  # (C_out, C_in*k*k)
+        return (forward - self.z).square().sum() + (weight_grad - self.g_w.flatten(1)).square().sum()
+
+
+def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor,
+                 grads: list[torch.Tensor]) -> LayerSystem:
+    """From the estimate of a layer's output and dL/d(output): z, delta and the equations."""
+    conv, act = model.layers[layer], model.acts[layer]
+    c, h, w = model.shapes[layer + 1]
+    z = inverse_activation(act, a_hat.reshape(1, c, h, w))
+    delta = dl_da.reshape(1, c, h, w) * activation_derivative(act, z)  # SPEC 5.2, step 2
+    g = layer_params(model, grads, layer)
+    if conv.bias is not None:  # the forward constraints hold for z - b
+        z = z - conv.bias.detach().double().cpu().view(1, -1, 1, 1)
+    return LayerSystem(layer, z, delta, g[0].double())
+
+
+Corrector = Callable[[LayerSystem, torch.Tensor], torch.Tensor]
+
+
+def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Corrector | None = None,
+                             verbose: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """The recursion of SPEC 5, from the fc layer down to the image.
+
+    Returns the image estimate (1, 3, 32, 32) and each convolution's rank deficiency
+    (layer 0 first). `correct` (the hybrid's gradient matching) may replace each
+    least-squares solution before it is passed down.
+    """
+    n_layers = len(model.layers)
+    grads = [g.detach().double().cpu() for g in grads]  # the recursion runs in float64 on the CPU
+    a_hat, dl_da = invert_fc(model.layers[-1], *layer_params(model, grads, n_layers - 1))
+    deficiency = [0] * (n_layers - 1)
+    for layer in tqdm(range(n_layers - 2, -1, -1), desc="layers", disable=not verbose, leave=False):
+        system = layer_system(model, layer, a_hat, dl_da, grads)
+        U, V = system.matrices(model)
+        x_hat, rank = solve_min_norm(U, V)
+        deficiency[layer] = rank - U.shape[1]
+        dl_da = U[: system.z.numel()].T @ system.delta.flatten()  # dL/da_{l-1} = M^T delta
+        a_hat = x_hat.view(1, *model.shapes[layer])
+        if correct is not None:
+            a_hat = correct(system, a_hat).double().cpu()
+        if verbose:
+            tqdm.write(f"  layer {layer}: {U.shape[0]} equations, {U.shape[1]} unknowns, "
+                       f"rank {rank}, deficiency {deficiency[layer]}")
+    return a_hat.float(), deficiency
+
+
+def security_index(deficiency: list[int]) -> int:
+    """The paper's security index: sum_l round(r_l (L-1-l) / (L-1)), l = 0..L-2."""
+    n = len(deficiency)  # = L - 1
+    return int(sum(round(r * (n - l) / n) for l, r in enumerate(deficiency)))
+
+
+# =============================================================================
+# Attacks: one signature, one result type, one registry
+# =============================================================================
+
+
+@dataclass
+class AttackResult:
+    x: torch.Tensor  # the reconstruction in model space, (1, 3, 32, 32)
+    label: int  # the label the attack used or found
+    info: dict = field(default_factory=dict)  # attack-specific numbers for results.json
+
+
+Attack = Callable[[Net, list[torch.Tensor], int, Config], AttackResult]
+
+
+def progress(steps: int, desc: str) -> tqdm:
+    """A progress bar where stderr is a terminal (tqdm's disable=None), silent in logs."""
+    return tqdm(range(steps), desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic TV of (1, C, H, W), as means over each direction (SPEC 6)."""
+    return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+
+
+def cosine_distance(dummy: list[torch.Tensor], shared: list[torch.Tensor]) -> torch.Tensor:
+    """sum_p 1 - cos(dummy_p, shared_p), the tensors flattened (Geiping et al. 2020)."""
+    return sum(1 - F.cosine_similarity(d.flatten(), g.flatten(), dim=0, eps=1e-10)
+               for d, g in zip(dummy, shared))
+
+
+def squared_distance(dummy: list[torch.Tensor], shared: list[torch.Tensor]) -> torch.Tensor:
+    """sum_p ||dummy_p - shared_p||^2 (Zhu et al. 2019)."""
+    return sum((d - g).square().sum() for d, g in zip(dummy, shared))
+
+
+def dummy_gradient(model: Net, x: torch.Tensor, target: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+    """Gradient of CE(f_{start:}(x), target) w.r.t. the parameters of layers start..L-1,
+    kept differentiable so that a distance to the shared gradient can be minimised over x."""
+    params = [p for layer in model.layers[start:] for p in layer.parameters()]
+    loss = F.cross_entropy(model(x, start), target)
+    return list(torch.autograd.grad(loss, params, create_graph=True))
+
+
+# -- R-GAP (Zhu and Blaschko, ICLR 2021): the recursion with least squares alone ---------
+
+
+def attack_rgap(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
+    x, deficiency = recursive_reconstruction(model, grads, verbose=cfg.verbose)
+    return AttackResult(x.to(grads[0].device), label,
+                        {"rank_deficiency": deficiency, "security_index": security_index(deficiency)})
+
+
+# -- Hybrid (the paper): least squares, then gradient matching, at every convolution ------
+
+
+def hybrid_schedule(layer: int, cfg: Config) -> tuple[float, float, float, int]:
+    """(w_cos, w_tv, w_sq, Adam steps) for a layer: the table of SPEC 6."""
+    if layer == 0:
+        return 1.0, 1.0, 0.05, cfg.hybrid_iters_first
+    if layer == 1:
+        return 1.0, 1.0, 0.1, 4 * cfg.hybrid_iters
+    return 10.0, 0.1, 1.0, cfg.hybrid_iters // 2
+
+
+def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, grads: list[torch.Tensor],
+                     label: int, weights: tuple[float, float, float]) -> torch.Tensor:
+    """J(x) = w_cos sum_p (1 - cos) + w_tv TV(x) + w_sq ||Ux - V||^2 (paper, Sec. 3.3).
+
+    p ranges over the parameters of layers l..L-1, matched against their shared
+    gradients; `system` must hold tensors of x's dtype and device.
+    """
+    w_cos, w_tv, w_sq = weights
+    dummy = dummy_gradient(model, x, torch.tensor([label], device=x.device), system.layer)
+    shared = grads[len(grads) - len(dummy):]
+    return (w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x)
+            + w_sq * system.residual(model, x))
+
+
+def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
+    device = grads[0].device
+
+    def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
+        *weights, steps = hybrid_schedule(system.layer, cfg)
+        system = LayerSystem(system.layer, *(t.float().to(device) for t in
+                                             (system.z, system.delta, system.g_w)))
+        x = x_hat.float().to(device).requires_grad_()  # Adam on a float32 copy of x_hat
+        opt = torch.optim.Adam([x], lr=1e-3)
+        bar = progress(steps, f"hybrid layer {system.layer}")
+        for step in bar:
+            objective = hybrid_objective(model, system, x, grads, label, tuple(weights))
+            (x.grad,) = torch.autograd.grad(objective, [x])
+            opt.step()
+            if step % 100 == 0:
+                bar.set_postfix(J=f"{objective.item():.4g}")
+        return x.detach()
+
+    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=cfg.verbose)
+    return AttackResult(x.to(device), label, {"rank_deficiency": deficiency})
+
+
+# -- DLG (Zhu et al., NeurIPS 2019) and iDLG (Zhao et al., 2020): L-BFGS on ||dg||^2 -------
+
+
+def lbfgs_attack(model: Net, grads: list[torch.Tensor], label: int | None, steps: int,
+                 name: str) -> AttackResult:
+    """Dummy image (and, where label is None, dummy label logits) ~ N(0, 1), L-BFGS lr 1."""
+    device = grads[0].device
+    x = torch.randn(1, 3, 32, 32, device=device, requires_grad=True)
+    y = torch.randn(1, 10, device=device, requires_grad=True) if label is None else None
+    variables = [x] if y is None else [x, y]
+    opt = torch.optim.LBFGS(variables, lr=1)
+
+    def closure() -> torch.Tensor:
+        target = torch.tensor([label], device=device) if y is None else y.softmax(-1)
+        loss = squared_distance(dummy_gradient(model, x, target), grads)
+        for v, g in zip(variables, torch.autograd.grad(loss, variables)):
+            v.grad = g
+        return loss
+
+    last = [v.detach().clone() for v in variables]
+    bar = progress(steps, name)
+    for _ in bar:
+        loss = opt.step(closure)
+        if not all(torch.isfinite(v).all() for v in variables):  # diverged: keep the last finite
+            break
+        last = [v.detach().clone() for v in variables]
+        bar.set_postfix(loss=f"{loss.item():.4g}")
+    found = label if y is None else int(last[1].argmax())
+    return AttackResult(last[0], found)
+
+
+def attack_dlg(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
+    """Image and soft label jointly; with --true-label the label is given instead."""
+    return lbfgs_attack(model, grads, label if cfg.true_label else None, cfg.dlg_iters, "dlg")
+
+
+def attack_idlg(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
+    """The label from the last bias gradient (recover_label, unless --true-label), then DLG."""
+    return lbfgs_attack(model, grads, label, cfg.dlg_iters, "idlg")
+
+
+# -- Cosine + TV (Geiping et al., NeurIPS 2020, as the published code configured it) ------
+
+
+def attack_cosine(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
+    device = grads[0].device
+    x = torch.randn(1, 3, 32, 32, device=device, requires_grad=True)
+    target = torch.tensor([label], device=device)
+    tv_weight = 0.01 * len(grads)  # the published code added 0.01 TV once per tensor
+    opt = torch.optim.Adam([x], lr=1e-3)
+    bar = progress(cfg.cosine_iters, "cosine")
+    for step in bar:
+        loss = cosine_distance(dummy_gradient(model, x, target), grads) + tv_weight * total_variation(x)
+        (x.grad,) = torch.autograd.grad(loss, [x])
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+    return AttackResult(x.detach(), label)
+
+
+ATTACKS: dict[str, Attack] = {
+    "rgap": attack_rgap,
+    "dlg": attack_dlg,
+    "idlg": attack_idlg,
+    "cosine": attack_cosine,
+    "hybrid": attack_hybrid,
+}
+DISPLAY = {"target": "Target", "rgap": "R-GAP", "dlg": "DLG", "idlg": "iDLG",
+           "cosine": "Cosine+TV", "hybrid": "Hybrid"}
+
+
+# =============================================================================
+# Metrics (SPEC 7)
+# =============================================================================
+
+
+def score(target: np.ndarray, recon: np.ndarray) -> dict[str, float]:
+    """PSNR (data range 1) and SSIM of HWC images in [0, 1]."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    recon = np.nan_to_num(recon, nan=0.5)
+    with np.errstate(divide="ignore"):  # an exact reconstruction has infinite PSNR
+        psnr = peak_signal_noise_ratio(target, recon, data_range=1)
+    return {"psnr": float(psnr),
+            "ssim": float(structural_similarity(target, recon, channel_axis=-1, data_range=1))}
+
+
+# =============================================================================
+# Plotting
+# =============================================================================
+
+
+def plot_comparison(runs: list[dict], folder: Path, path: Path) -> None:
+    """One row per (model, image): Target then each attack, PSNR / SSIM under each."""
+    from matplotlib.figure import Figure
+
+    columns = ["target"] + [a for a in ATTACKS_ORDER if any(a in run["attacks"] for run in runs)]
+    fig = Figure(figsize=(1.7 * len(columns), 2.35 * len(runs)), layout="constrained")
+    rows = np.atleast_1d(fig.subfigures(len(runs), 1))
+    for row, run in zip(rows, runs):
+        row.suptitle(f"{run['model']}  |  {run['image']}  |  label {run['label']}", fontsize=10)
+        for ax, name in zip(row.subplots(1, len(columns)), columns):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(DISPLAY[name], fontsize=9)
+            entry = run["target"] if name == "target" else run["attacks"].get(name)
+            if entry is None:
+                ax.set_axis_off()
+                continue
+            ax.imshow(np.load(folder / entry["npy"]), interpolation="nearest")
+            if name != "target":
+                ax.set_xlabel(f"{entry['psnr']:.1f} dB / {entry['ssim']:.2f}", fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+# =============================================================================
+# Main
+# =============================================================================
+
+
+ITERATION_HELP = {"dlg_iters": "L-BFGS steps of DLG and iDLG", "cosine_iters": "Adam steps of Cosine+TV",
+                  "hybrid_iters": "N: hybrid Adam steps (4N at layer 1, N//2 above)",
+                  "hybrid_iters_first": "N0: hybrid Adam steps at layer 0, the image"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)"
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def iterations(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"an iteration count cannot be negative: {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(prog="hybrid.py", description=__doc__.split("\n\n")[0],
+               formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--model", nargs="+", default=["cnn4_c2"], metavar="NAME", help="target models (--list-models)")
+    add("--index", nargs="+", type=int, default=[3], metavar="I",
+        help="CIFAR-10 training images, or positions in the bundled list with --source samples")
+    add("--source", choices=["cifar10", "samples"], default="cifar10",
+        help="CIFAR-10 (falls back to the bundled photographs offline) or scikit-image's photographs")
+    add("--image", nargs="+", default=[], metavar="PATH", help="attack these RGB image files instead")
+    add("--label", type=int, default=0, help="class of the --image files (0-9)")
+    add("--attacks", nargs="+", choices=list(ATTACKS), default=list(ATTACKS_ORDER), metavar="NAME",
+        help=f"attacks to run, from {' '.join(ATTACKS_ORDER)}")
+    for name, text in ITERATION_HELP.items():
+        add(f"--{name.replace('_', '-')}", type=iterations, default=None, metavar="N",
+            help=f"{text} (paper: {PAPER_ITERS[name]}; --quick: {QUICK_ITERS[name]})")
+    add("--quick", action="store_true", help="smoke-test iteration counts")
+    add("--true-label", action="store_true", help="hand the true label to every attack (ablation)")
+    add("--seed", type=int, default=10, help="seed set before every attack")
+    add("--model-seed", type=int, default=10, help="seed set before building a model (published: 10)")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA where available")
+    add("--output", default=OUTPUT_PATH, metavar="DIR", help="each run writes a new folder here")
+    add("--data", default=DATA_PATH, metavar="DIR", help="CIFAR-10 folder (downloaded if missing)")
+    add("--analyse", action="store_true", help="print rank deficiencies and security index; no attack")
+    add("--list-models", action="store_true", help="list the models and exit")
+    add("-v", "--verbose", action="store_true", help="per-layer details")
+    return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    """Resolve the command line into a Config: iteration counts, device, checks."""
+    for name in args.model:
+        if name not in MODELS:
+            raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
+    if not 0 <= args.label < 10:
+        raise UserError(f"--label {args.label} is not a CIFAR-10 class (0-9)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible here (see CUDA_VISIBLE_DEVICES)")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    iters = {k: v if getattr(args, k) is None else getattr(args, k)
+             for k, v in (QUICK_ITERS if args.quick else PAPER_ITERS).items()}
+    attacks = [a for a in ATTACKS_ORDER if a in args.attacks]
+    return Config(models=list(dict.fromkeys(args.model)), indices=args.index, source=args.source,
+                  images=args.image, label=args.label, attacks=attacks, quick=args.quick,
+                  true_label=args.true_label, seed=args.seed, model_seed=args.model_seed,
+                  device=device, output=args.output, data=args.data, analyse=args.analyse,
+                  verbose=args.verbose, **iters)
+
+
+def new_run_folder(output: str, name: str) -> Path:
+    """OUTPUT/<time>_<name>[-k]: always a new folder, never an earlier run's."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        for k in range(1000):
+            folder = Path(output) / (f"{stamp}_{name}" + (f"-{k}" if k else ""))
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {output}: {e.strerror or e}") from None
+    raise UserError(f"cannot find a new run folder name in {output}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: a reader (or a crash) never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no infinity
+
+
+def environment(cfg: Config, argv: list[str]) -> dict:
+    import matplotlib
+    import scipy
+    import skimage
+    import torchvision
+
+    device = torch.cuda.get_device_name() if cfg.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"config": dataclasses.asdict(cfg),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__,
+                         "scipy": scipy.__version__, "scikit-image": skimage.__version__,
+                         "matplotlib": matplotlib.__version__},
+            "device": cfg.device, "device_name": device,
+            "command": shlex.join(["python", "hybrid.py", *argv]), "runs": []}
+
+
+def attack_image(cfg: Config, model_name: str, model: Net, sample: Sample, folder: Path) -> dict:
+    """The experiment for one (model, image): the client shares, every attack answers."""
+    device = torch.device(cfg.device)
+    grads = client_gradient(model, sample.x.to(device), sample.label)
+    label = sample.label if cfg.true_label else recover_label(grads)
+    stem = f"{model_name}_{sample.name.replace(':', '-').replace('.', '_')}"
+    target = to_image(sample.x)
+    np.save(folder / f"{stem}_target.npy", target.astype(np.float32))
+    run = {"model": model_name, "image": sample.name, "label": sample.label,
+           "target": {"npy": f"{stem}_target.npy"}, "attacks": {}}
+    for name in cfg.attacks:
+        seed_everything(cfg.seed)  # any subset, in any order, gives the same numbers
+        start = time.perf_counter()
+        result = ATTACKS[name](model, grads, label, cfg)
+        seconds = time.perf_counter() - start
+        recon = to_image(result.x)
+        np.save(folder / f"{stem}_{name}.npy", recon.astype(np.float32))
+        metrics = score(target, recon)
+        run["attacks"][name] = {"psnr": finite(metrics["psnr"]), "ssim": metrics["ssim"],
+                                "seconds": round(seconds, 3), "label": result.label,
+                                "label_correct": result.label == sample.label,
+                                "npy": f"{stem}_{name}.npy", **result.info}
+        print(f"{model_name:9s} {sample.name:18s} {DISPLAY[name]:9s}  PSNR {metrics['psnr']:6.2f} dB  "
+              f"SSIM {metrics['ssim']:.3f}  label {result.label}"
+              f"{'' if result.label == sample.label else ' (wrong)'}  {seconds:6.1f} s")
+    rgap = run["attacks"].get("rgap") or {}
+    deficiency = rgap.get("rank_deficiency") or recursive_reconstruction(model, grads)[1]
+    run["rank_deficiency"], run["security_index"] = deficiency, security_index(deficiency)
+    return run
+
+
+def analyse(cfg: Config, models: dict[str, Net], samples: list[Sample]) -> None:
+    """Rank deficiency per layer and the security index, without running an attack."""
+    for name, model in models.items():
+        for sample in samples:
+            grads = client_gradient(model, sample.x.to(cfg.device), sample.label)
+            _, deficiency = recursive_reconstruction(model, grads, verbose=cfg.verbose)
+            print(f"{name} on {sample.name}: security index {security_index(deficiency)}")
+            print(f"  {'layer':>5} {'input':>12} {'unknowns':>9} {'equations':>10} {'deficiency':>11}")
+            for layer, r in enumerate(deficiency):
+                conv, shape = model.layers[layer], model.shapes[layer]
+                out = math.prod(model.shapes[layer + 1])
+                eqs = out + conv.weight.numel()
+                print(f"  {layer:5d} {'x'.join(map(str, shape)):>12} {math.prod(shape):9d} {eqs:10d} {r:11d}")
+
+
+def list_models() -> None:
+    for name, arch in MODELS.items():
+        convs = "; ".join(f"conv {i}->{o} k{k} s{s} p{p}" for i, o, k, s, p in arch.convs)
+        print(f"{name:9s} {convs}; fc  | {arch.acts}{' | conv bias' if arch.bias else ''}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.list_models:
+        list_models()
+        return 0
+    try:
+        cfg = make_config(args)
+        samples = load_images(cfg)
+        models = {name: build_model(name, cfg.model_seed).to(cfg.device) for name in cfg.models}
+        if cfg.analyse:
+            analyse(cfg, models, samples)
+            return 0
+        folder = new_run_folder(cfg.output, cfg.models[0] if len(cfg.models) == 1 else "grid")
+    except UserError as e:
+        print(f"hybrid.py: error: {e}", file=sys.stderr)
+        return 2
+    results = environment(cfg, argv)
+    for name, model in models.items():
+        for sample in samples:
+            results["runs"].append(attack_image(cfg, name, model, sample, folder))
+            results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+            write_json(folder / "results.json", results)  # after each image: a crash keeps the rest
+    plot_comparison(results["runs"], folder, folder / "comparison.png")
+    print(f"results: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

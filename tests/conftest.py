@@ -1,0 +1,27 @@
+"""Shared fixtures. The tests import hybrid.py from the repository root."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hybrid as H  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> H.Sample:
+    return H.load_samples([3])[0]
+
+
+@pytest.fixture(scope="session")
+def samples() -> list[H.Sample]:
+    return H.load_samples(list(range(len(H.SAMPLES))))
+
+
+def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """python hybrid.py ARGS as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "hybrid.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)

@@ -1,0 +1,102 @@
+"""The script as users run it: end to end, and bad input."""
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_script
+
+
+def load_results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def run_folder(output):
+    (folder,) = [p for p in output.iterdir() if p.is_dir()]
+    return folder
+
+
+def test_rgap_end_to_end(tmp_path):
+    out = run_script("--quick", "--source", "samples", "--attacks", "rgap", "--output", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    folder = run_folder(tmp_path)
+    assert str(folder) in out.stdout
+    results = load_results(folder)
+    assert {"config", "versions", "device", "command", "runs"} <= set(results)
+    assert results["device"] == "cpu" and results["config"]["models"] == ["cnn4_c2"]
+    (run,) = results["runs"]
+    assert run["model"] == "cnn4_c2" and run["image"] == "samples:chelsea" and run["label"] == 3
+    assert run["rank_deficiency"][0] == 0 and run["rank_deficiency"][1] < 0  # SPEC 8's example
+    assert run["security_index"] == sum(round(r * (3 - l) / 3) for l, r in enumerate(run["rank_deficiency"]))
+    rgap = run["attacks"]["rgap"]
+    assert math.isfinite(rgap["psnr"]) and 10 < rgap["psnr"] < 60 and 0 < rgap["ssim"] <= 1
+    assert rgap["label"] == 3 and rgap["label_correct"] and rgap["seconds"] > 0
+    recon = np.load(folder / rgap["npy"])
+    assert recon.shape == (32, 32, 3) and recon.min() >= 0 and recon.max() <= 1
+    assert (folder / "comparison.png").stat().st_size > 10_000
+
+
+def test_own_image_is_exact_on_cnn2_c1_and_repeatable(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "noise.png")
+    args = ["--image", str(tmp_path / "noise.png"), "--label", "3", "--model", "cnn2_c1",
+            "--attacks", "rgap", "--output", str(tmp_path / "out")]
+    first, second = run_script(*args), run_script(*args)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    folders = sorted(p for p in (tmp_path / "out").iterdir())
+    assert len(folders) == 2  # a second run never overwrites the first
+    runs = [load_results(f)["runs"][0] for f in folders]
+    assert runs[0]["image"] == "file:noise.png" and runs[0]["label"] == 3
+    assert runs[0]["attacks"]["rgap"]["psnr"] > 60
+    assert runs[0]["attacks"]["rgap"]["psnr"] == runs[1]["attacks"]["rgap"]["psnr"]
+    target = np.load(folders[0] / runs[0]["target"]["npy"])
+    np.testing.assert_allclose(target, rgb / 255, atol=1e-7)  # 32x32: used as stored
+
+
+def test_analyse_prints_the_security_index():
+    out = run_script("--analyse", "--source", "samples", "--model", "cnn2_c2", "cnn3_c4", "--index", "0")
+    assert out.returncode == 0, out.stderr
+    assert "cnn2_c2 on samples:astronaut: security index -1470" in out.stdout
+    assert "cnn3_c4 on samples:astronaut: security index" in out.stdout
+
+
+def test_list_models():
+    out = run_script("--list-models")
+    assert out.returncode == 0 and "cnn6d" in out.stdout and "lenet" in out.stdout
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--model", "cnn9"], "unknown model 'cnn9'"),
+    (["--source", "samples", "--index", "7"], "--index 7 is out of range"),
+    (["--image", "/nonexistent/cat.png"], "cannot read image /nonexistent/cat.png"),
+    (["--hybrid-iters", "-1"], "cannot be negative"),
+    (["--dlg-iters", "-5"], "cannot be negative"),
+    (["--device", "cuda"], "--device cuda"),
+    (["--label", "12", "--image", "x.png"], "--label 12"),
+    (["--attacks", "magic"], "invalid choice: 'magic'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, names):
+    out = run_script("--source", "samples", *args)
+    assert out.returncode == 2
+    assert names in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")  # works as root too, unlike chmod
+    out = run_script("--source", "samples", "--attacks", "rgap", "--model", "cnn2_c0",
+                     "--output", str(blocker / "runs"))
+    assert out.returncode == 2 and "cannot write to output folder" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert blocker.read_text() == "not a folder"  # nothing already written is lost
+
+
+def test_unreadable_image_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    out = run_script("--image", str(bad), "--attacks", "rgap", "--output", str(tmp_path))
+    assert out.returncode == 2 and "cannot read image" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

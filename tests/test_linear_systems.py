@@ -1,0 +1,119 @@
+"""The linear algebra of SPEC 5, each piece against an independent computation."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hybrid as H
+
+GRID = list(itertools.product([1, 3, 4], [1, 2], [0, 1, 2], [(1, 2), (3, 4)], [False, True]))
+
+
+@pytest.mark.parametrize("k,stride,pad,channels,bias", GRID)
+def test_conv_matrix_reproduces_conv2d(k, stride, pad, channels, bias):
+    torch.manual_seed(k * 100 + stride * 10 + pad)
+    conv = nn.Conv2d(*channels, k, stride, pad, bias=bias).double()
+    x = torch.randn(1, channels[0], 9, 8, dtype=torch.float64)
+    M = H.conv_matrix(conv, (channels[0], 9, 8))
+    z = M @ x.flatten()
+    if bias:  # M is the linear part; the bias is subtracted from the target instead
+        z = z + conv.bias.detach().repeat_interleave(z.numel() // channels[1])
+    torch.testing.assert_close(z, conv(x).flatten(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,stride,pad,channels,bias", GRID)
+def test_grad_matrix_reproduces_autograd_weight_gradient(k, stride, pad, channels, bias):
+    torch.manual_seed(k * 100 + stride * 10 + pad + 1)
+    conv = nn.Conv2d(*channels, k, stride, pad, bias=bias).double()
+    x = torch.randn(1, channels[0], 9, 8, dtype=torch.float64)
+    out = conv(x)
+    delta = torch.randn_like(out)  # dL/dz for a loss L = <delta, z>
+    (g_w,) = torch.autograd.grad((out * delta).sum(), [conv.weight])
+    G = H.grad_matrix(conv, (channels[0], 9, 8), delta)
+    torch.testing.assert_close(G @ x.flatten(), g_w.flatten(), rtol=0, atol=1e-12)
+
+
+def test_residual_without_matrices_equals_dense_system():
+    model = H.build_model("cnn3_c1").double()
+    out_shape = (1, *model.shapes[2])  # layer 1: 6x30x30 -> 3x14x14
+    torch.manual_seed(0)
+    system = H.LayerSystem(1, torch.randn(out_shape, dtype=torch.float64),
+                           torch.randn(out_shape, dtype=torch.float64),
+                           torch.randn(3, 6, 4, 4, dtype=torch.float64))
+    U, V = system.matrices(model)
+    x = torch.randn(1, *model.shapes[1], dtype=torch.float64)
+    dense = (U @ x.flatten() - V).square().sum()
+    torch.testing.assert_close(system.residual(model, x), dense, rtol=1e-10, atol=0)
+
+
+def _random_rank(m, n, r, seed):
+    g = np.random.default_rng(seed)
+    return g.standard_normal((m, r)) @ g.standard_normal((r, n))
+
+
+@pytest.mark.parametrize("U", [
+    np.random.default_rng(1).standard_normal((60, 25)),  # tall, full rank: QR path
+    np.random.default_rng(2).standard_normal((25, 60)),  # wide, full rank
+    _random_rank(60, 25, 20, 3),  # tall, rank-deficient: SVD path
+    _random_rank(25, 60, 18, 4),  # wide with dependent rows
+    np.vstack([np.eye(20) * 1e-13, np.eye(20)]),  # tiny block: no effect on the rank
+    np.diag(np.r_[np.ones(10), 1e-20 * np.ones(5)]),  # below numpy's tolerance
+], ids=["tall", "wide", "tall-deficient", "wide-deficient", "tiny-block", "below-tol"])
+def test_solve_min_norm_matches_numpy_lstsq(U):
+    V = np.random.default_rng(5).standard_normal(U.shape[0])
+    x, rank = H.solve_min_norm(torch.from_numpy(U), torch.from_numpy(V))
+    x_ref, _, rank_ref, _ = np.linalg.lstsq(U, V, rcond=None)
+    assert rank == rank_ref == np.linalg.matrix_rank(U)
+    np.testing.assert_allclose(x.numpy(), x_ref, rtol=1e-8, atol=1e-8)
+
+
+ACTIVATIONS = [nn.Tanh(), nn.Sigmoid(), nn.LeakyReLU(0.01), nn.LeakyReLU(0.2), nn.Softplus(), nn.Identity()]
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: repr(a))
+def test_inverse_activation_then_activation_is_identity(act):
+    z = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    a = act(z)
+    torch.testing.assert_close(act(H.inverse_activation(act, a)), a, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: repr(a))
+def test_inverse_activation_is_finite_out_of_range(act):
+    a = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0, 800.0], dtype=torch.float64)
+    assert torch.isfinite(H.inverse_activation(act, a)).all()
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: repr(a))
+def test_activation_derivative_matches_autograd(act):
+    z = torch.linspace(-4, 4, 100, dtype=torch.float64, requires_grad=True)  # 0 is not a grid point
+    (ref,) = torch.autograd.grad(act(z).sum(), [z])
+    torch.testing.assert_close(H.activation_derivative(act, z.detach()), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fc_inversion_recovers_the_input(chelsea):
+    for name in ["cnn2_c1", "cnn2_c0", "cnn3_c13"]:  # identity, tanh and sigmoid after fc
+        model = H.build_model(name)
+        grads = H.client_gradient(model, chelsea.x, chelsea.label)
+        feats = chelsea.x
+        for layer, act in zip(model.layers[:-1], model.acts[:-1]):
+            feats = act(layer(feats))
+        a, dl_da = H.invert_fc(model.layers[-1], grads[-2], grads[-1])
+        torch.testing.assert_close(a.float(), feats.flatten().detach(), rtol=1e-5, atol=1e-6)
+        # dL/da is W^T dL/dz: compare with autograd on the true features
+        feats = feats.detach().flatten(1).requires_grad_()
+        loss = F.cross_entropy(model.acts[-1](model.layers[-1](feats)), torch.tensor([chelsea.label]))
+        (ref,) = torch.autograd.grad(loss, [feats])
+        torch.testing.assert_close(dl_da.float(), ref.flatten(), rtol=1e-5, atol=1e-8)
+
+
+def test_security_index_formula():
+    assert H.security_index([0]) == 0
+    assert H.security_index([-5]) == -5  # one convolution: S = r_0
+    # L - 1 = 3 convolutions: weights 3/3, 2/3, 1/3
+    assert H.security_index([-3, -3, -3]) == -3 - 2 - 1
+    assert H.security_index([0, -9316, 0]) == round(-9316 * 2 / 3)
+    assert H.security_index([-10, 0]) == -10  # layer 0 weighs 2/2, layer 1 weighs 1/2
+    assert H.security_index([0, -10]) == -5

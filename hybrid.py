@@ -47,6 +47,7 @@ Where this departs from the published code, and why:
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import math
@@ -108,6 +109,8 @@ class Config:
     data: str = DATA_PATH
     analyse: bool = False
     verbose: bool = False
+    shard: tuple[int, int] = (0, 1)  # (K, N): every N-th (model, image) from the K-th
+    resume: str | None = None  # a run folder to complete instead of a new one
 
 
 def seed_everything(seed: int) -> None:
@@ -221,9 +224,26 @@ def load_files(paths: list[str], label: int) -> list[Sample]:
     return out
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+def image_files(paths: list[str]) -> list[str]:
+    """Files as given; a folder stands for its image files, sorted by name."""
+    out = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise UserError(f"no image files in folder {path}")
+            out += files
+        else:
+            out.append(str(path))
+    return out
+
+
 def load_images(cfg: Config) -> list[Sample]:
     if cfg.images:
-        return load_files(cfg.images, cfg.label)
+        return load_files(image_files(cfg.images), cfg.label)
     if cfg.source == "cifar10":
         samples = load_cifar10(cfg.indices, cfg.data)
         if samples is not None:
@@ -804,81 +824,36 @@ def plot_comparison(runs: list[dict], folder: Path, path: Path) -> None:
 
 
 # =============================================================================
-# Main
+# Sweeps: run folders, rows as they land, resume, shards, summaries
 # =============================================================================
 
-
-ITERATION_HELP = {"dlg_iters": "L-BFGS steps of DLG and iDLG", "cosine_iters": "Adam steps of Cosine+TV",
-                  "hybrid_iters": "N: hybrid Adam steps (4N at layer 1, N//2 above)",
-                  "hybrid_iters_first": "N0: hybrid Adam steps at layer 0, the image"}
+CSV_COLUMNS = ["model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds"]
+FIGURE_ROWS = 8  # a sweep's figure shows its first few (model, image) rows
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+def parse_indices(tokens: list[str]) -> list[int]:
+    """'3', '0-99', '0-9,20,31' (several tokens allowed) -> indices, in order, once each."""
+    out = []
+    for token in ",".join(tokens).split(","):
+        first, dash, last = token.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise UserError(f"--index: '{token.strip()}' is not an index or a range such as 0-99") from None
+        if hi < lo:
+            raise UserError(f"--index: the range '{token.strip()}' is empty")
+        out.extend(range(lo, hi + 1))
+    return list(dict.fromkeys(out))
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)"
-        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def iterations(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"an iteration count cannot be negative: {value}")
-    return value
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(prog="hybrid.py", description=__doc__.split("\n\n")[0],
-               formatter_class=HelpFormatter)
-    add = p.add_argument
-    add("--model", nargs="+", default=["cnn4_c2"], metavar="NAME", help="target models (--list-models)")
-    add("--index", nargs="+", type=int, default=[3], metavar="I",
-        help="CIFAR-10 training images, or positions in the bundled list with --source samples")
-    add("--source", choices=["cifar10", "samples"], default="cifar10",
-        help="CIFAR-10 (falls back to the bundled photographs offline) or scikit-image's photographs")
-    add("--image", nargs="+", default=[], metavar="PATH", help="attack these RGB image files instead")
-    add("--label", type=int, default=0, help="class of the --image files (0-9)")
-    add("--attacks", nargs="+", choices=list(ATTACKS), default=list(ATTACKS_ORDER), metavar="NAME",
-        help=f"attacks to run, from {' '.join(ATTACKS_ORDER)}")
-    for name, text in ITERATION_HELP.items():
-        add(f"--{name.replace('_', '-')}", type=iterations, default=None, metavar="N",
-            help=f"{text} (paper: {PAPER_ITERS[name]}; --quick: {QUICK_ITERS[name]})")
-    add("--quick", action="store_true", help="smoke-test iteration counts")
-    add("--true-label", action="store_true", help="hand the true label to every attack (ablation)")
-    add("--seed", type=int, default=10, help="seed set before every attack")
-    add("--model-seed", type=int, default=10, help="seed set before building a model (published: 10)")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA where available")
-    add("--output", default=OUTPUT_PATH, metavar="DIR", help="each run writes a new folder here")
-    add("--data", default=DATA_PATH, metavar="DIR", help="CIFAR-10 folder (downloaded if missing)")
-    add("--analyse", action="store_true", help="print rank deficiencies and security index; no attack")
-    add("--list-models", action="store_true", help="list the models and exit")
-    add("-v", "--verbose", action="store_true", help="per-layer details")
-    return p.parse_args(argv)
-
-
-def make_config(args: argparse.Namespace) -> Config:
-    """Resolve the command line into a Config: iteration counts, device, checks."""
-    for name in args.model:
-        if name not in MODELS:
-            raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
-    if not 0 <= args.label < 10:
-        raise UserError(f"--label {args.label} is not a CIFAR-10 class (0-9)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible here (see CUDA_VISIBLE_DEVICES)")
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    iters = {k: v if getattr(args, k) is None else getattr(args, k)
-             for k, v in (QUICK_ITERS if args.quick else PAPER_ITERS).items()}
-    attacks = [a for a in ATTACKS_ORDER if a in args.attacks]
-    return Config(models=list(dict.fromkeys(args.model)), indices=args.index, source=args.source,
-                  images=args.image, label=args.label, attacks=attacks, quick=args.quick,
-                  true_label=args.true_label, seed=args.seed, model_seed=args.model_seed,
-                  device=device, output=args.output, data=args.data, analyse=args.analyse,
-                  verbose=args.verbose, **iters)
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise UserError(f"--shard {text}: expected K/N with 0 <= K < N, e.g. 3/16")
+    return int(k), int(n)
 
 
 def new_run_folder(output: str, name: str) -> Path:
@@ -905,37 +880,104 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_rows(folder: Path) -> list[dict]:
+    """results.csv as dicts; a last line cut short by a kill is dropped from the file."""
+    path = folder / "results.csv"
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+    return list(csv.DictReader(text.splitlines()))
+
+
+def append_row(folder: Path, row: dict) -> None:
+    """One whole row, flushed to disk before the next item starts."""
+    path = folder / "results.csv"
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (model, attack): mean, std (n-1), median of PSNR and SSIM, label accuracy, seconds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["attack"]), []).append(row)
+    order = {a: i for i, a in enumerate(ATTACKS_ORDER)}
+    out = []
+    for (model, attack), group in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
+        entry = {"model": model, "attack": attack, "n": len(group)}
+        for metric in ("psnr", "ssim"):
+            values = np.array([float(r[metric]) for r in group])
+            entry |= {f"{metric}_mean": values.mean(), f"{metric}_std": values.std(ddof=1) if len(values) > 1 else 0.0,
+                      f"{metric}_median": float(np.median(values))}
+        entry["label_accuracy"] = np.mean([r["label_correct"] in (True, "True") for r in group])
+        entry["seconds_mean"] = np.mean([float(r["seconds"]) for r in group])
+        out.append({k: float(v) if isinstance(v, np.floating) else v for k, v in entry.items()})
+    return out
+
+
+def write_summary(folder: Path, rows: list[dict]) -> str:
+    """summary.csv and summary.md; returns the markdown table."""
+    summary = summarise(rows)
+    if not summary:
+        return ""
+    with (folder / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    lines = ["| model | attack | n | PSNR mean ± std | PSNR median | SSIM mean ± std | SSIM median | label acc. | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['model']} | {DISPLAY[e['attack']]} | {e['n']} | {e['psnr_mean']:.2f} ± {e['psnr_std']:.2f} | "
+              f"{e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± {e['ssim_std']:.3f} | {e['ssim_median']:.3f} | "
+              f"{e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |" for e in summary]
+    table = "\n".join(lines) + "\n"
+    (folder / "summary.md").write_text(table)
+    return table
+
+
 def finite(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no infinity
 
 
 def environment(cfg: Config, argv: list[str]) -> dict:
     import matplotlib
-    import scipy
     import skimage
     import torchvision
 
-    device = torch.cuda.get_device_name() if cfg.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    name = torch.cuda.get_device_name() if cfg.device == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"config": dataclasses.asdict(cfg),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": np.__version__,
                          "scipy": scipy.__version__, "scikit-image": skimage.__version__,
                          "matplotlib": matplotlib.__version__},
-            "device": cfg.device, "device_name": device,
+            "device": cfg.device, "device_name": name,
             "command": shlex.join(["python", "hybrid.py", *argv]), "runs": []}
 
 
-def attack_image(cfg: Config, model_name: str, model: Net, sample: Sample, folder: Path) -> dict:
-    """The experiment for one (model, image): the client shares, every attack answers."""
+def attack_image(cfg: Config, model_name: str, model: Net, sample: Sample, folder: Path,
+                 attacks: list[str], run: dict, save: Callable[[dict, str], None]) -> None:
+    """The experiment for one (model, image): the client shares, the attacks answer.
+
+    `run` is this pair's entry in results.json (new, or partly filled by an interrupted
+    run); `save(run, attack)` records each attack as it finishes.
+    """
     device = torch.device(cfg.device)
     grads = client_gradient(model, sample.x.to(device), sample.label)
     label = sample.label if cfg.true_label else recover_label(grads)
     stem = f"{model_name}_{sample.name.replace(':', '-').replace('.', '_')}"
     target = to_image(sample.x)
     np.save(folder / f"{stem}_target.npy", target.astype(np.float32))
-    run = {"model": model_name, "image": sample.name, "label": sample.label,
-           "target": {"npy": f"{stem}_target.npy"}, "attacks": {}}
-    for name in cfg.attacks:
+    run.update(model=model_name, image=sample.name, label=sample.label, target={"npy": f"{stem}_target.npy"})
+    for name in attacks:
         seed_everything(cfg.seed)  # any subset, in any order, gives the same numbers
         start = time.perf_counter()
         result = ATTACKS[name](model, grads, label, cfg)
@@ -943,37 +985,200 @@ def attack_image(cfg: Config, model_name: str, model: Net, sample: Sample, folde
         recon = to_image(result.x)
         np.save(folder / f"{stem}_{name}.npy", recon.astype(np.float32))
         metrics = score(target, recon)
-        run["attacks"][name] = {"psnr": finite(metrics["psnr"]), "ssim": metrics["ssim"],
-                                "seconds": round(seconds, 3), "label": result.label,
-                                "label_correct": result.label == sample.label,
-                                "npy": f"{stem}_{name}.npy", **result.info}
+        run.setdefault("attacks", {})[name] = {
+            "psnr": finite(metrics["psnr"]), "ssim": metrics["ssim"], "seconds": round(seconds, 3),
+            "label": result.label, "label_correct": result.label == sample.label,
+            "npy": f"{stem}_{name}.npy", **result.info}
+        if "rank_deficiency" not in run:  # R-GAP's recursion, or the recursion alone
+            deficiency = result.info.get("rank_deficiency") if name == "rgap" else None
+            deficiency = deficiency or recursive_reconstruction(model, grads)[1]
+            run["rank_deficiency"], run["security_index"] = deficiency, security_index(deficiency)
+        save(run, name)
         print(f"{model_name:9s} {sample.name:18s} {DISPLAY[name]:9s}  PSNR {metrics['psnr']:6.2f} dB  "
               f"SSIM {metrics['ssim']:.3f}  label {result.label}"
-              f"{'' if result.label == sample.label else ' (wrong)'}  {seconds:6.1f} s")
-    rgap = run["attacks"].get("rgap") or {}
-    deficiency = rgap.get("rank_deficiency") or recursive_reconstruction(model, grads)[1]
-    run["rank_deficiency"], run["security_index"] = deficiency, security_index(deficiency)
-    return run
+              f"{'' if result.label == sample.label else ' (wrong)'}  {seconds:6.1f} s", flush=True)
+
+
+def sweep(cfg: Config, argv: list[str], models: dict[str, Net], samples: list[Sample], folder: Path) -> None:
+    """Every (model, image) of this shard, every attack not yet recorded in the folder."""
+    results = environment(cfg, argv)
+    if cfg.resume and (folder / "results.json").exists():
+        old = json.loads((folder / "results.json").read_text())
+        results = old | {"resumed": old.get("resumed", []) + [results["command"]]}
+    done = {(r["model"], r["image"], r["attack"]) for r in read_rows(folder)}
+    runs = {(r["model"], r["image"]): r for r in results["runs"]}
+    k, n = cfg.shard
+    items = [(name, sample) for name in models for sample in samples][k::n]
+
+    def save(run: dict, attack: str) -> None:
+        entry = run["attacks"][attack]
+        append_row(folder, {"model": run["model"], "image": run["image"], "attack": attack,
+                            "label": entry["label"], "label_correct": entry["label_correct"],
+                            "psnr": metrics_text(entry["psnr"]), "ssim": entry["ssim"],
+                            "seconds": entry["seconds"]})
+        results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        write_json(folder / "results.json", results)
+
+    for name, sample in progress(items, "sweep") if len(items) > 1 else items:
+        todo = [a for a in cfg.attacks if (name, sample.name, a) not in done]
+        if todo:
+            if (name, sample.name) not in runs:
+                runs[name, sample.name] = {}
+                results["runs"].append(runs[name, sample.name])
+            attack_image(cfg, name, models[name], sample, folder, todo, runs[name, sample.name], save)
+    finish(folder, results["runs"])
+
+
+def metrics_text(psnr: float | None) -> str:
+    return "inf" if psnr is None else repr(psnr)
+
+
+def finish(folder: Path, runs: list[dict]) -> None:
+    """The figure (first rows of a sweep) and the summary tables, printed."""
+    shown = [r for r in runs if r.get("attacks")][:FIGURE_ROWS]
+    if shown:
+        plot_comparison(shown, folder, folder / "comparison.png")
+    print(write_summary(folder, read_rows(folder)), end="")
+    print(f"results: {folder}")
+
+
+def merge(folders: list[str], output: str) -> None:
+    """Shard folders -> one new folder with every row once, the runs and the summary."""
+    rows, runs, seen = [], [], set()
+    merged = new_run_folder(output, "merged")
+    for src in map(Path, folders):
+        if not (src / "results.csv").exists():
+            raise UserError(f"--merge: {src} holds no results.csv")
+        for row in read_rows(src):
+            key = (row["model"], row["image"], row["attack"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+        if (src / "results.json").exists():
+            for run in json.loads((src / "results.json").read_text())["runs"]:
+                for entry in [run.get("target", {}), *run.get("attacks", {}).values()]:
+                    if "npy" in entry:  # keep the arrays where they are
+                        entry["npy"] = os.path.relpath(src / entry["npy"], merged)
+                runs.append(run)
+    for row in rows:
+        append_row(merged, row)
+    write_json(merged / "results.json", {"merged": [str(f) for f in folders], "runs": runs})
+    finish(merged, runs)
 
 
 def analyse(cfg: Config, models: dict[str, Net], samples: list[Sample]) -> None:
-    """Rank deficiency per layer and the security index, without running an attack."""
+    """Rank deficiency per layer and the security index, without running an attack.
+
+    One table per (model, image); over several images, the security index per model
+    (mean and range): the paper's architecture comparison.
+    """
+    table = []
     for name, model in models.items():
+        indices = []
         for sample in samples:
             grads = client_gradient(model, sample.x.to(cfg.device), sample.label)
             _, deficiency = recursive_reconstruction(model, grads, verbose=cfg.verbose)
-            print(f"{name} on {sample.name}: security index {security_index(deficiency)}")
+            indices.append(security_index(deficiency))
+            print(f"{name} on {sample.name}: security index {indices[-1]}")
             print(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
             for layer, r in enumerate(deficiency):
                 shape, n = model.shapes[layer], math.prod(model.shapes[layer])
                 equations = math.prod(model.shapes[layer + 1]) + model.layers[layer].weight.numel()
                 print(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
+        table.append((name, np.mean(indices), min(indices), max(indices)))
+    if len(samples) > 1:
+        print(f"\nsecurity index over {len(samples)} images")
+        print(f"| model | mean | min | max |\n|---|---|---|---|")
+        for name, mean, lo, hi in table:
+            print(f"| {name} | {mean:.1f} | {lo} | {hi} |")
 
 
 def list_models() -> None:
     for name, arch in MODELS.items():
         convs = "; ".join(f"conv {i}->{o} k{k} s{s} p{p}" for i, o, k, s, p in arch.convs)
         print(f"{name:9s} {convs}; fc  | {arch.acts}{' | conv bias' if arch.bias else ''}")
+
+
+# =============================================================================
+# Main
+# =============================================================================
+
+ITERATION_HELP = {"dlg_iters": "L-BFGS steps of DLG and iDLG", "cosine_iters": "Adam steps of Cosine+TV",
+                  "hybrid_iters": "N: hybrid Adam steps (4N at layer 1, N//2 above)",
+                  "hybrid_iters_first": "N0: hybrid Adam steps at layer 0, the image"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)"
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def iterations(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"an iteration count cannot be negative: {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(prog="hybrid.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--model", nargs="+", default=["cnn4_c2"], metavar="NAME", help="target models (--list-models)")
+    add("--index", nargs="+", default=["3"], metavar="I",
+        help="CIFAR-10 training images, or positions in the bundled list with --source samples; "
+             "ranges such as 0-99 or 0-9,20,31")
+    add("--source", choices=["cifar10", "samples"], default="cifar10",
+        help="CIFAR-10 (falls back to the bundled photographs offline) or scikit-image's photographs")
+    add("--image", nargs="+", default=[], metavar="PATH", help="attack these RGB image files (or folders of them)")
+    add("--label", type=int, default=0, help="class of the --image files (0-9)")
+    add("--attacks", nargs="+", choices=list(ATTACKS), default=list(ATTACKS_ORDER), metavar="NAME",
+        help=f"attacks to run, from {' '.join(ATTACKS_ORDER)}")
+    for name, text in ITERATION_HELP.items():
+        add(f"--{name.replace('_', '-')}", type=iterations, default=None, metavar="N",
+            help=f"{text} (paper: {PAPER_ITERS[name]}; --quick: {QUICK_ITERS[name]})")
+    add("--quick", action="store_true", help="smoke-test iteration counts")
+    add("--true-label", action="store_true", help="hand the true label to every attack (ablation)")
+    add("--seed", type=int, default=10, help="seed set before every attack")
+    add("--model-seed", type=int, default=10, help="seed set before building a model (published: 10)")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA where available")
+    add("--output", default=OUTPUT_PATH, metavar="DIR", help="each run writes a new folder here")
+    add("--data", default=DATA_PATH, metavar="DIR", help="CIFAR-10 folder (downloaded if missing)")
+    add("--analyse", action="store_true", help="print rank deficiencies and security index; no attack")
+    add("--shard", metavar="K/N", help="run every N-th (model, image) from the K-th (SLURM job arrays)")
+    add("--resume", metavar="RUN_FOLDER", help="complete this run folder, skipping what it holds")
+    add("--merge", nargs="+", metavar="FOLDER", help="combine the run folders of shards into one summary")
+    add("--list-models", action="store_true", help="list the models and exit")
+    add("-v", "--verbose", action="store_true", help="per-layer details")
+    return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    """Resolve the command line into a Config: iteration counts, device, checks."""
+    for name in args.model:
+        if name not in MODELS:
+            raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
+    if not 0 <= args.label < 10:
+        raise UserError(f"--label {args.label} is not a CIFAR-10 class (0-9)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible here (see CUDA_VISIBLE_DEVICES)")
+    if args.resume and not Path(args.resume).is_dir():
+        raise UserError(f"--resume {args.resume}: no such run folder")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    iters = {k: v if getattr(args, k) is None else getattr(args, k)
+             for k, v in (QUICK_ITERS if args.quick else PAPER_ITERS).items()}
+    return Config(models=list(dict.fromkeys(args.model)), indices=parse_indices(args.index),
+                  source=args.source, images=args.image, label=args.label,
+                  attacks=[a for a in ATTACKS_ORDER if a in args.attacks], quick=args.quick,
+                  true_label=args.true_label, seed=args.seed, model_seed=args.model_seed,
+                  device=device, output=args.output, data=args.data, analyse=args.analyse,
+                  verbose=args.verbose, shard=parse_shard(args.shard), resume=args.resume, **iters)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -983,6 +1188,9 @@ def main(argv: list[str] | None = None) -> int:
         list_models()
         return 0
     try:
+        if args.merge:
+            merge(args.merge, args.output)
+            return 0
         cfg = make_config(args)
         if cfg.device == "cpu":  # oneDNN's convolutions lose to PyTorch's own on batch-1
             torch.backends.mkldnn.enabled = False  # double backward (README: 25% per step)
@@ -991,18 +1199,15 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.analyse:
             analyse(cfg, models, samples)
             return 0
-        folder = new_run_folder(cfg.output, cfg.models[0] if len(cfg.models) == 1 else "grid")
+        folder = Path(cfg.resume) if cfg.resume else \
+            new_run_folder(cfg.output, cfg.models[0] if len(cfg.models) == 1 else "grid")
+        sweep(cfg, argv, models, samples, folder)
     except UserError as e:
         print(f"hybrid.py: error: {e}", file=sys.stderr)
         return 2
-    results = environment(cfg, argv)
-    for name, model in models.items():
-        for sample in samples:
-            results["runs"].append(attack_image(cfg, name, model, sample, folder))
-            results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-            write_json(folder / "results.json", results)  # after each image: a crash keeps the rest
-    plot_comparison(results["runs"], folder, folder / "comparison.png")
-    print(f"results: {folder}")
+    except KeyboardInterrupt:
+        print("interrupted: run the same command with --resume RUN_FOLDER to finish", file=sys.stderr)
+        return 130
     return 0
 
 

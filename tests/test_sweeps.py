@@ -1,0 +1,131 @@
+"""Sweeps: index ranges, rows as they land, summaries, resume after a kill, shards."""
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import hybrid as H
+from conftest import ROOT, run_script
+
+SWEEP = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn2_c4", "--index", "0,3",
+         "--attacks", "rgap", "idlg", "hybrid"]
+KEY = ("model", "image", "attack")
+
+
+def rows_of(folder):
+    with (folder / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def comparable(rows):
+    """Everything but the timing, which differs run to run."""
+    return sorted(tuple(r[c] for c in H.CSV_COLUMNS if c != "seconds") for r in rows)
+
+
+@pytest.fixture(scope="module")
+def full_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    result = run_script(*SWEEP, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    (folder,) = list(out.iterdir())
+    return folder
+
+
+@pytest.mark.parametrize("text,expected", [
+    (["3"], [3]), (["0-3"], [0, 1, 2, 3]), (["0-2,7,9"], [0, 1, 2, 7, 9]),
+    (["1", "4-5"], [1, 4, 5]), (["2,2,1-2"], [2, 1]),
+])
+def test_index_ranges(text, expected):
+    assert H.parse_indices(text) == expected
+
+
+@pytest.mark.parametrize("text", [["a"], ["3-1"], ["-2"], ["1-"], ["1,,2"]])
+def test_bad_index_ranges(text):
+    with pytest.raises(H.UserError, match="--index"):
+        H.parse_indices(text)
+
+
+def test_bad_index_range_on_the_command_line():
+    out = run_script("--source", "samples", "--index", "9-3")
+    assert out.returncode == 2 and "--index: the range '9-3' is empty" in out.stderr
+    assert len(out.stderr.splitlines()) == 1
+
+
+def test_bad_shard():
+    out = run_script("--shard", "2/2")
+    assert out.returncode == 2 and "--shard 2/2" in out.stderr
+
+
+def test_sweep_writes_a_row_per_item_and_a_true_summary(full_sweep):
+    rows = rows_of(full_sweep)
+    assert len(rows) == 2 * 2 * 3
+    assert len({tuple(r[k] for k in KEY) for r in rows}) == len(rows)
+    with (full_sweep / "summary.csv").open() as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 2 * 3
+    for entry in summary:
+        group = [r for r in rows if (r["model"], r["attack"]) == (entry["model"], entry["attack"])]
+        psnr = [float(r["psnr"]) for r in group]
+        assert int(entry["n"]) == 2
+        assert float(entry["psnr_mean"]) == pytest.approx(np.mean(psnr))
+        assert float(entry["psnr_median"]) == pytest.approx(np.median(psnr))
+        assert float(entry["psnr_std"]) == pytest.approx(np.std(psnr, ddof=1))
+        assert float(entry["ssim_mean"]) == pytest.approx(np.mean([float(r["ssim"]) for r in group]))
+        assert float(entry["label_accuracy"]) == np.mean([r["label_correct"] == "True" for r in group])
+    assert "| cnn2_c4 | Hybrid | 2 |" in (full_sweep / "summary.md").read_text()
+    assert (full_sweep / "comparison.png").exists()
+
+
+def test_killed_sweep_resumes_to_the_same_rows(full_sweep, tmp_path):
+    slow = ["--hybrid-iters-first", "400"]  # so that the kill lands mid-way
+    proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid.py"), *SWEEP, *slow, "--output", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        csvs = list(tmp_path.glob("*/results.csv"))
+        if csvs and len(csvs[0].read_text().splitlines()) >= 3:  # header + 2 rows
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (folder,) = list(tmp_path.iterdir())
+    assert 2 <= len(rows_of(folder)) < 12  # it was interrupted mid-way
+    out = run_script(*SWEEP, *slow, "--output", str(tmp_path), "--resume", str(folder))
+    assert out.returncode == 0, out.stderr
+    assert list(tmp_path.iterdir()) == [folder]  # resumed in place
+    rows = rows_of(folder)
+    assert len(rows) == 12 and len({tuple(r[k] for k in KEY) for r in rows}) == 12
+    reference = [r for r in rows_of(full_sweep) if r["attack"] != "hybrid"]
+    assert comparable([r for r in rows if r["attack"] != "hybrid"]) == comparable(reference)
+
+
+def test_shards_cover_every_item_once_and_merge_to_the_same_summary(full_sweep, tmp_path):
+    for shard in ("0/2", "1/2"):
+        out = run_script(*SWEEP, "--output", str(tmp_path / "shards"), "--shard", shard)
+        assert out.returncode == 0, out.stderr
+    shards = sorted((tmp_path / "shards").iterdir())
+    parts = [rows_of(s) for s in shards]
+    assert all(parts) and comparable(parts[0] + parts[1]) == comparable(rows_of(full_sweep))
+    out = run_script("--merge", *map(str, shards), "--output", str(tmp_path / "merged"))
+    assert out.returncode == 0, out.stderr
+    (merged,) = list((tmp_path / "merged").iterdir())
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds_mean"} for r in rows]
+    with (merged / "summary.csv").open() as a, (full_sweep / "summary.csv").open() as b:
+        assert drop(csv.DictReader(a)) == drop(csv.DictReader(b))
+    assert (merged / "comparison.png").exists()
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [s.name for s in H.load_files(H.image_files([str(tmp_path)]), 2)] == ["file:img0.png", "file:img1.png"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(H.UserError, match="no image files"):
+        H.image_files([str(tmp_path / "empty")])

@@ -20,6 +20,8 @@ Examples:
     python hybrid.py --model cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2 --index 3 7   # the paper's grid
     python hybrid.py --analyse --model cnn3_c1 cnn4_c2 # rank deficiency + security index only
     python hybrid.py --image cat.png --label 3 --model cnn2_c1 --attacks rgap
+    python hybrid.py --model cnn4_c2 --index 0-99 --quick --shard 0/4   # a quarter of a sweep
+    python hybrid.py --merge output/*_cnn4_c2                          # its shards, summarised
 
 Where this departs from the published code, and why:
 
@@ -43,6 +45,8 @@ Where this departs from the published code, and why:
 8. The hybrid's quadratic term ||Ux - V||^2 is evaluated with the convolution and
    its weight-gradient map (U is never formed in the loop); the published code
    deep-copied U at every Adam step.
+9. DLG and iDLG (L-BFGS at lr 1, no line search) sometimes leave the finite numbers;
+   they then stop and return the last finite iterate rather than NaN.
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -119,7 +123,7 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def progress(steps: int | range, desc: str) -> tqdm:
+def progress(steps: int | Iterable, desc: str) -> tqdm:
     """A progress bar where stderr is a terminal (tqdm's disable=None), silent in logs."""
     steps = range(steps) if isinstance(steps, int) else steps
     return tqdm(steps, desc=desc, leave=False, disable=None, dynamic_ncols=True)
@@ -340,7 +344,7 @@ def build_model(name: str, seed: int = 10) -> Net:
         raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
     arch = MODELS[name]
     shapes, (c, h, w) = [], (3, 32, 32)
-    for cin, cout, k, s, p in arch.convs:  # derive the fc size from the shapes
+    for _, cout, k, s, p in arch.convs:  # derive the fc size from the shapes
         shapes.append((c, h, w))
         c, h, w = cout, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     shapes.append((c, h, w))
@@ -1088,7 +1092,7 @@ def analyse(cfg: Config, models: dict[str, Net], samples: list[Sample]) -> None:
         table.append((name, np.mean(indices), min(indices), max(indices)))
     if len(samples) > 1:
         print(f"\nsecurity index over {len(samples)} images")
-        print(f"| model | mean | min | max |\n|---|---|---|---|")
+        print("| model | mean | min | max |\n|---|---|---|---|")
         for name, mean, lo, hi in table:
             print(f"| {name} | {mean:.1f} | {lo} | {hi} |")
 

@@ -896,15 +896,15 @@ def read_rows(folder: Path) -> list[dict]:
     return list(csv.DictReader(text.splitlines()))
 
 
-def append_row(folder: Path, row: dict) -> None:
-    """One whole row, flushed to disk before the next item starts."""
+def append_rows(folder: Path, rows: list[dict]) -> None:
+    """Whole rows, flushed to disk before the next item starts."""
     path = folder / "results.csv"
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow(row)
+        writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
 
@@ -1016,10 +1016,10 @@ def sweep(cfg: Config, argv: list[str], models: dict[str, Net], samples: list[Sa
 
     def save(run: dict, attack: str) -> None:
         entry = run["attacks"][attack]
-        append_row(folder, {"model": run["model"], "image": run["image"], "attack": attack,
-                            "label": entry["label"], "label_correct": entry["label_correct"],
-                            "psnr": metrics_text(entry["psnr"]), "ssim": entry["ssim"],
-                            "seconds": entry["seconds"]})
+        append_rows(folder, [{"model": run["model"], "image": run["image"], "attack": attack,
+                              "label": entry["label"], "label_correct": entry["label_correct"],
+                              "psnr": metrics_text(entry["psnr"]), "ssim": entry["ssim"],
+                              "seconds": entry["seconds"]}])
         results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         write_json(folder / "results.json", results)
 
@@ -1048,25 +1048,27 @@ def finish(folder: Path, runs: list[dict]) -> None:
 
 def merge(folders: list[str], output: str) -> None:
     """Shard folders -> one new folder with every row once, the runs and the summary."""
-    rows, runs, seen = [], [], set()
-    merged = new_run_folder(output, "merged")
     for src in map(Path, folders):
         if not (src / "results.csv").exists():
             raise UserError(f"--merge: {src} holds no results.csv")
+    rows, runs, seen, header = [], [], set(), {}
+    merged = new_run_folder(output, "merged")
+    for src in map(Path, folders):
         for row in read_rows(src):
             key = (row["model"], row["image"], row["attack"])
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
         if (src / "results.json").exists():
-            for run in json.loads((src / "results.json").read_text())["runs"]:
+            shard = json.loads((src / "results.json").read_text())
+            header = header or {k: v for k, v in shard.items() if k != "runs"}  # config, versions
+            for run in shard["runs"]:
                 for entry in [run.get("target", {}), *run.get("attacks", {}).values()]:
                     if "npy" in entry:  # keep the arrays where they are
                         entry["npy"] = os.path.relpath(src / entry["npy"], merged)
                 runs.append(run)
-    for row in rows:
-        append_row(merged, row)
-    write_json(merged / "results.json", {"merged": [str(f) for f in folders], "runs": runs})
+    append_rows(merged, rows)
+    write_json(merged / "results.json", header | {"merged": [str(f) for f in folders], "runs": runs})
     finish(merged, runs)
 
 

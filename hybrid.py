@@ -1018,7 +1018,7 @@ def sweep(cfg: Config, argv: list[str], models: dict[str, Net], samples: list[Sa
         entry = run["attacks"][attack]
         append_rows(folder, [{"model": run["model"], "image": run["image"], "attack": attack,
                               "label": entry["label"], "label_correct": entry["label_correct"],
-                              "psnr": metrics_text(entry["psnr"]), "ssim": entry["ssim"],
+                              "psnr": csv_float(entry["psnr"]), "ssim": entry["ssim"],
                               "seconds": entry["seconds"]}])
         results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         write_json(folder / "results.json", results)
@@ -1033,8 +1033,8 @@ def sweep(cfg: Config, argv: list[str], models: dict[str, Net], samples: list[Sa
     finish(folder, results["runs"])
 
 
-def metrics_text(psnr: float | None) -> str:
-    return "inf" if psnr is None else repr(psnr)
+def csv_float(value: float | None) -> str:
+    return "inf" if value is None else repr(value)  # None: an exact (infinite-PSNR) reconstruction
 
 
 def finish(folder: Path, runs: list[dict]) -> None:

@@ -42,8 +42,8 @@ Where this departs from the published code, and why:
    published code handed the true label to some of them. --true-label restores that.
 7. The fc input size is derived from the shapes (the published code hard-coded it
    and got cnn3_c5 wrong).
-8. The hybrid's quadratic term ||Ux - V||^2 is evaluated with the convolution and
-   its weight-gradient map (U is never formed in the loop); the published code
+8. The hybrid's quadratic term ||Ux - V||^2 is evaluated from one im2col of x, shared
+   with the layer's forward (U is never formed in the loop); the published code
    deep-copied U at every Adam step.
 9. DLG and iDLG (L-BFGS at lr 1, no line search) sometimes leave the finite numbers;
    they then stop and return the last finite iterate rather than NaN.
@@ -548,13 +548,19 @@ class LayerSystem:
         V = torch.cat([self.z.flatten(), self.g_w.flatten()]).double().cpu()
         return U, V
 
-    def residual(self, model: Net, x: torch.Tensor) -> torch.Tensor:
-        """||U x - V||^2 through the convolution and its weight-gradient map, U never formed."""
+    def forward_and_residual(self, model: Net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's pre-activation z(x) and ||U x - V||^2, U never formed.
+
+        One im2col of x serves the forward map (W cols) and the weight-gradient map
+        (delta cols^T); the hybrid passes z on to the layers above, so the convolution
+        and its gradients are computed once per step.
+        """
         conv = model.layers[self.layer]
-        forward = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
-        cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]
+        cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]  # (C_in k k, P)
+        z = (conv.weight.flatten(1) @ cols).view_as(self.z)
         weight_grad = self.delta.reshape(conv.out_channels, -1) @ cols.T  # (C_out, C_in*k*k)
-        return (forward - self.z).square().sum() + (weight_grad - self.g_w.flatten(1)).square().sum()
+        residual = (z - self.z).square().sum() + (weight_grad - self.g_w.flatten(1)).square().sum()
+        return (z if conv.bias is None else z + conv.bias.view(1, -1, 1, 1)), residual
 
 
 def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor,
@@ -642,12 +648,11 @@ def objective_info(first: list[float], last: float) -> dict:
     return {"objective_start": first[0] if first else last, "objective_end": last}
 
 
-def dummy_gradient(model: Net, x: torch.Tensor, target: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
-    """Gradient of CE(f_{start:}(x), target) w.r.t. the parameters of layers start..L-1,
-    kept differentiable so that a distance to the shared gradient can be minimised over x."""
+def dummy_gradient(model: Net, output: torch.Tensor, target: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+    """Gradient of CE(output, target) w.r.t. the parameters of layers start..L-1, kept
+    differentiable so that a distance to the shared gradient can be minimised."""
     params = [p for layer in model.layers[start:] for p in layer.parameters()]
-    loss = F.cross_entropy(model(x, start), target)
-    return list(torch.autograd.grad(loss, params, create_graph=True))
+    return list(torch.autograd.grad(F.cross_entropy(output, target), params, create_graph=True))
 
 
 # -- R-GAP (Zhu and Blaschko, ICLR 2021): the recursion with least squares alone ---------
@@ -679,10 +684,12 @@ def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, grads: li
     gradients; `system` must hold tensors of x's dtype and device.
     """
     w_cos, w_tv, w_sq = weights
-    dummy = dummy_gradient(model, x, torch.tensor([label], device=x.device), system.layer)
+    layer = system.layer
+    z, residual = system.forward_and_residual(model, x)
+    output = model(model.acts[layer](z), layer + 1)  # f_{l:}(x), sharing layer l's forward
+    dummy = dummy_gradient(model, output, torch.tensor([label], device=x.device), layer)
     shared = grads[len(grads) - len(dummy):]
-    return (w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x)
-            + w_sq * system.residual(model, x))
+    return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
 
 
 def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
@@ -721,7 +728,7 @@ def lbfgs_attack(model: Net, grads: list[torch.Tensor], label: int | None, steps
 
     def closure() -> torch.Tensor:
         target = torch.tensor([label], device=device) if y is None else y.softmax(-1)
-        loss = squared_distance(dummy_gradient(model, x, target), grads)
+        loss = squared_distance(dummy_gradient(model, model(x), target), grads)
         for v, g in zip(variables, torch.autograd.grad(loss, variables)):
             v.grad = g
         return loss
@@ -737,7 +744,7 @@ def lbfgs_attack(model: Net, grads: list[torch.Tensor], label: int | None, steps
     found = label if y is None else int(last[1].argmax())
     with torch.no_grad():
         target = torch.tensor([found], device=device) if y is None else last[1].softmax(-1)
-    final = squared_distance(dummy_gradient(model, last[0].requires_grad_(), target), grads).item()
+    final = squared_distance(dummy_gradient(model, model(last[0].requires_grad_()), target), grads).item()
     return AttackResult(last[0].detach(), found, objective_info(losses[:1], final))
 
 
@@ -760,7 +767,7 @@ def attack_cosine(model: Net, grads: list[torch.Tensor], label: int, cfg: Config
     target = torch.tensor([label], device=device)
     tv_weight = 0.01 * len(grads)  # the published code added 0.01 TV once per tensor
     opt = torch.optim.Adam([x], lr=1e-3)
-    objective = lambda: cosine_distance(dummy_gradient(model, x, target), grads) + tv_weight * total_variation(x)
+    objective = lambda: cosine_distance(dummy_gradient(model, model(x), target), grads) + tv_weight * total_variation(x)
     first = objective().item()
     bar = progress(cfg.cosine_iters, "cosine")
     for step in bar:

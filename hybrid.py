@@ -1174,9 +1174,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_config(args: argparse.Namespace) -> Config:
     """Resolve the command line into a Config: iteration counts, device, checks."""
-    for name in args.model:
-        if name not in MODELS:
-            raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
     if not 0 <= args.label < 10:
         raise UserError(f"--label {args.label} is not a CIFAR-10 class (0-9)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1207,8 +1204,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = make_config(args)
         if cfg.device == "cpu":  # oneDNN's convolutions lose to PyTorch's own on batch-1
             torch.backends.mkldnn.enabled = False  # double backward (README: 25% per step)
-        samples = load_images(cfg)
+        # models first: an unknown name fails before any download
         models = {name: build_model(name, cfg.model_seed).to(cfg.device) for name in cfg.models}
+        samples = load_images(cfg)
         if cfg.analyse:
             analyse(cfg, models, samples)
             return 0

@@ -2,6 +2,7 @@
 import dataclasses
 import inspect
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -33,13 +34,31 @@ def test_hybrid_objective_vanishes_at_the_true_layer_input(name, layer, chelsea)
     model = H.build_model(name)
     grads = H.client_gradient(model, chelsea.x, chelsea.label)
     x_true, system = true_system(model, chelsea.x, chelsea.label, layer)
-    matching = H.hybrid_objective(model, system, x_true, grads, chelsea.label, (1.0, 0.0, 0.0))
-    linear = H.hybrid_objective(model, system, x_true, grads, chelsea.label, (0.0, 0.0, 1.0))
+    matching = H.hybrid_objective(model, system, x_true, grads, torch.tensor([chelsea.label]), (1.0, 0.0, 0.0))
+    linear = H.hybrid_objective(model, system, x_true, grads, torch.tensor([chelsea.label]), (0.0, 0.0, 1.0))
     assert abs(matching.item()) < 1e-5
     assert linear.item() < 1e-8 * (system.z.square().sum() + system.g_w.square().sum()).item()
     # and both are far from zero elsewhere, so the test can fail
     noisy = x_true + 0.1 * torch.randn_like(x_true)
-    assert H.hybrid_objective(model, system, noisy, grads, chelsea.label, (1.0, 0.0, 1.0)).item() > 1e-3
+    assert H.hybrid_objective(model, system, noisy, grads, torch.tensor([chelsea.label]), (1.0, 0.0, 1.0)).item() > 1e-3
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile needs a C++ compiler on the CPU")
+def test_compiled_hybrid_gradient_is_autograds(samples):
+    """--compile: torch.func + torch.compile give the double backward's value and gradient,
+    also on a second image and label of the same shapes (nothing of the first is baked in)."""
+    model = H.build_model("cnn3_c1")
+    for sample in samples[3], samples[0]:
+        grads = H.client_gradient(model, sample.x, sample.label)
+        x_true, system = true_system(model, sample.x, sample.label, 1)
+        x = (x_true + 0.05 * torch.randn_like(x_true)).requires_grad_()
+        weights = (1.0, 1.0, 0.1)
+        grad, value = H.hybrid_gradient(model, system, grads, sample.label, weights, compile=False)(x)
+        c_grad, c_value = H.hybrid_gradient(model, system, grads, sample.label, weights, compile=True)(x)
+        assert value.item() > 1e-3 and grad.abs().max() > 1e-3
+        assert abs(c_value.item() - value.item()) < 1e-5 * value.item()
+        assert torch.allclose(c_grad, grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
 
 
 def test_hybrid_schedule_is_the_papers_table():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import hybrid as H
 from conftest import run_script
 
 
@@ -82,6 +83,13 @@ def test_bad_input_is_one_line_and_exit_2(args, names):
     assert out.returncode == 2
     assert names in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_compile_without_a_compiler_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(H.shutil, "which", lambda name: None)
+    assert H.main(["--compile", "--source", "samples", "--attacks", "hybrid", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--compile needs a C++ compiler" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unwritable_output_folder(tmp_path):

@@ -21,6 +21,7 @@ Examples:
     python hybrid.py --analyse --model cnn3_c1 cnn4_c2 # rank deficiency + security index only
     python hybrid.py --image cat.png --label 3 --model cnn2_c1 --attacks rgap
     python hybrid.py --model cnn4_c2 --index 0-99 --quick --shard 0/4   # a quarter of a sweep
+    python hybrid.py --model cnn4_c2 --index 0-99 --compile   # a sweep, the hybrid compiled once
     python hybrid.py --merge output/*_cnn4_c2                          # its shards, summarised
 
 Where this departs from the published code, and why:
@@ -1246,7 +1247,8 @@ def make_config(args: argparse.Namespace) -> Config:
                   attacks=[a for a in ATTACKS_ORDER if a in args.attacks], quick=args.quick,
                   true_label=args.true_label, seed=args.seed, model_seed=args.model_seed,
                   device=device, output=args.output, data=args.data, analyse=args.analyse,
-                  verbose=args.verbose, compile=args.compile, shard=parse_shard(args.shard), resume=args.resume, **iters)
+                  verbose=args.verbose, compile=args.compile, shard=parse_shard(args.shard),
+                  resume=args.resume, **iters)
 
 
 def main(argv: list[str] | None = None) -> int:

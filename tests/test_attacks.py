@@ -43,6 +43,23 @@ def test_hybrid_objective_vanishes_at_the_true_layer_input(name, layer, chelsea)
     assert H.hybrid_objective(model, system, noisy, grads, torch.tensor([chelsea.label]), (1.0, 0.0, 1.0)).item() > 1e-3
 
 
+@pytest.mark.parametrize("name,layer", [("lenet", 1), ("cnn3_c12", 0)])
+def test_functional_objective_is_the_autograd_one(name, layer, chelsea):
+    """The torch.func form (what --compile traces) against the double backward, uncompiled;
+    lenet's convolutions have biases, so the parameter order is checked too."""
+    model = H.build_model(name)
+    grads = H.client_gradient(model, chelsea.x, chelsea.label)
+    x_true, system = true_system(model, chelsea.x, chelsea.label, layer)
+    x = (x_true + 0.05 * torch.randn_like(x_true)).requires_grad_()
+    target, weights = torch.tensor([chelsea.label]), (1.0, 1.0, 0.1)
+    value = H.hybrid_objective(model, system, x, grads, target, weights)
+    (grad,) = torch.autograd.grad(value, [x])
+    f_grad, f_value = torch.func.grad_and_value(H.hybrid_objective, argnums=2)(
+        model, system, x.detach(), grads, target, weights, True)
+    assert value.item() > 1e-3 and abs(f_value.item() - value.item()) < 1e-5 * value.item()
+    assert torch.allclose(f_grad, grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+
+
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
                     reason="torch.compile needs a C++ compiler on the CPU")
 def test_compiled_hybrid_gradient_is_autograds(samples):

@@ -733,7 +733,10 @@ def hybrid_gradient(model: Net, system: LayerSystem, grads: list[torch.Tensor], 
 def compiled_hybrid_gradient() -> Callable:
     # one compiled function for the whole process: the graphs of each (model, layer)
     # are kept, so a sweep compiles each once; labels and images are tensor inputs
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    dynamo = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):  # its current name, its older one
+        if hasattr(dynamo, limit):
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime", on CPUs
     return torch.compile(torch.func.grad_and_value(hybrid_objective, argnums=2), dynamic=False)
 

@@ -695,7 +695,7 @@ def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, grads: li
     w_cos, w_tv, w_sq = weights
     layer = system.layer
     z, residual = system.forward_and_residual(model, x)
-    if functional:  # recomputes layer l inside functional_call (z unused; compiled away)
+    if functional:  # layer l's convolution runs again inside functional_call; z goes unused
         dummy = functional_dummy_gradient(model, x, target, layer)
     else:
         output = model(model.acts[layer](z), layer + 1)  # f_{l:}(x), sharing layer l's forward

@@ -34,13 +34,29 @@ def test_hybrid_objective_vanishes_at_the_true_layer_input(name, layer, chelsea)
     model = H.build_model(name)
     grads = H.client_gradient(model, chelsea.x, chelsea.label)
     x_true, system = true_system(model, chelsea.x, chelsea.label, layer)
-    matching = H.hybrid_objective(model, system, x_true, grads, torch.tensor([chelsea.label]), (1.0, 0.0, 0.0))
-    linear = H.hybrid_objective(model, system, x_true, grads, torch.tensor([chelsea.label]), (0.0, 0.0, 1.0))
+    target = torch.tensor([chelsea.label])
+    matching = H.hybrid_objective(model, system, x_true, grads, target, (1.0, 0.0, 0.0))
+    linear = H.hybrid_objective(model, system, x_true, grads, target, (0.0, 0.0, 1.0))
     assert abs(matching.item()) < 1e-5
     assert linear.item() < 1e-8 * (system.z.square().sum() + system.g_w.square().sum()).item()
     # and both are far from zero elsewhere, so the test can fail
     noisy = x_true + 0.1 * torch.randn_like(x_true)
-    assert H.hybrid_objective(model, system, noisy, grads, torch.tensor([chelsea.label]), (1.0, 0.0, 1.0)).item() > 1e-3
+    assert H.hybrid_objective(model, system, noisy, grads, target, (1.0, 0.0, 1.0)).item() > 1e-3
+
+
+def near_the_true_input(model, sample, layer):
+    """The shared gradient, layer `layer`'s equations and a point 0.05-noise away from its
+    true input, where the hybrid objective and its gradient are far from zero."""
+    grads = H.client_gradient(model, sample.x, sample.label)
+    x_true, system = true_system(model, sample.x, sample.label, layer)
+    return grads, system, (x_true + 0.05 * torch.randn_like(x_true)).requires_grad_()
+
+
+def assert_same_value_and_gradient(expected, got):
+    (grad, value), (other_grad, other_value) = expected, got
+    assert value.item() > 1e-3 and grad.abs().max() > 1e-3
+    assert abs(other_value.item() - value.item()) < 1e-5 * value.item()
+    assert torch.allclose(other_grad, grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
 
 
 @pytest.mark.parametrize("name,layer", [("lenet", 1), ("cnn3_c12", 0)])
@@ -48,16 +64,12 @@ def test_functional_objective_is_the_autograd_one(name, layer, chelsea):
     """The torch.func form (what --compile traces) against the double backward, uncompiled;
     lenet's convolutions have biases, so the parameter order is checked too."""
     model = H.build_model(name)
-    grads = H.client_gradient(model, chelsea.x, chelsea.label)
-    x_true, system = true_system(model, chelsea.x, chelsea.label, layer)
-    x = (x_true + 0.05 * torch.randn_like(x_true)).requires_grad_()
-    target, weights = torch.tensor([chelsea.label]), (1.0, 1.0, 0.1)
-    value = H.hybrid_objective(model, system, x, grads, target, weights)
-    (grad,) = torch.autograd.grad(value, [x])
-    f_grad, f_value = torch.func.grad_and_value(H.hybrid_objective, argnums=2)(
-        model, system, x.detach(), grads, target, weights, True)
-    assert value.item() > 1e-3 and abs(f_value.item() - value.item()) < 1e-5 * value.item()
-    assert torch.allclose(f_grad, grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+    grads, system, x = near_the_true_input(model, chelsea, layer)
+    weights = (1.0, 1.0, 0.1)
+    eager = H.hybrid_gradient(model, system, grads, chelsea.label, weights, compile=False)(x)
+    functional = torch.func.grad_and_value(H.hybrid_objective, argnums=2)(
+        model, system, x.detach(), grads, torch.tensor([chelsea.label]), weights, True)
+    assert_same_value_and_gradient(eager, functional)
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
@@ -67,15 +79,10 @@ def test_compiled_hybrid_gradient_is_autograds(samples):
     also on a second image and label of the same shapes (nothing of the first is baked in)."""
     model = H.build_model("cnn3_c1")
     for sample in samples[3], samples[0]:
-        grads = H.client_gradient(model, sample.x, sample.label)
-        x_true, system = true_system(model, sample.x, sample.label, 1)
-        x = (x_true + 0.05 * torch.randn_like(x_true)).requires_grad_()
-        weights = (1.0, 1.0, 0.1)
-        grad, value = H.hybrid_gradient(model, system, grads, sample.label, weights, compile=False)(x)
-        c_grad, c_value = H.hybrid_gradient(model, system, grads, sample.label, weights, compile=True)(x)
-        assert value.item() > 1e-3 and grad.abs().max() > 1e-3
-        assert abs(c_value.item() - value.item()) < 1e-5 * value.item()
-        assert torch.allclose(c_grad, grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+        grads, system, x = near_the_true_input(model, sample, 1)
+        eager, compiled = (H.hybrid_gradient(model, system, grads, sample.label, (1.0, 1.0, 0.1), compile=c)(x)
+                           for c in (False, True))
+        assert_same_value_and_gradient(eager, compiled)
 
 
 def test_hybrid_schedule_is_the_papers_table():

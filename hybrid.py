@@ -24,6 +24,11 @@ Examples:
     python hybrid.py --model cnn4_c2 --index 0-99 --compile   # a sweep, the hybrid compiled once
     python hybrid.py --merge output/*_cnn4_c2                          # its shards, summarised
 
+How the file reads: the settings; then the paper's experiment in the order it flows
+(data, models, the client's gradient, the linear systems, R-GAP, the hybrid, the
+baselines, metrics, the experiment on one (model, image), the figure); then the
+machinery of long runs (folders, resume, shards, merge) and the command line.
+
 Where this departs from the published code, and why:
 
 1. PSNR uses data range 1 on [0, 1] images. The published code used 20*log10(255)
@@ -69,7 +74,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -85,42 +90,101 @@ DATA_PATH = "data"  # CIFAR-10 lives (or is downloaded) here
 # -----------------------------------------------------------------------------
 
 # =============================================================================
-# Config
+# Config: every setting once, with its default and its --help; the CLI is built from it
 # =============================================================================
 
 ATTACKS_ORDER = ("rgap", "dlg", "idlg", "cosine", "hybrid")  # the figure's column order
+# Iteration counts: the published code's (the paper's experiments), and a smoke test's.
 PAPER_ITERS = dict(dlg_iters=300, cosine_iters=4800, hybrid_iters=2000, hybrid_iters_first=10000)
 QUICK_ITERS = dict(dlg_iters=5, cosine_iters=100, hybrid_iters=20, hybrid_iters_first=100)
+PUBLISHED_SEED = 10  # the published code set torch's and numpy's seeds to 10
 
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2."""
 
 
+def setting(default: object, help: str, **cli: object) -> dataclasses.Field:
+    """A Config field: its default, its --help text and how the command line reads it
+    (argparse keywords, plus `flag` for another name and `convert` for the parsed value)."""
+    default_kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**default_kw, metadata={"help": help, **cli})
+
+
+def iterations(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"an iteration count cannot be negative: {value}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:  # what numpy.random.seed accepts
+        raise argparse.ArgumentTypeError(f"a seed must be in 0..2^32-1: {value}")
+    return value
+
+
+def preset(name: str, help: str) -> dataclasses.Field:
+    """An iteration count: the paper's by default, --quick's with --quick, or given."""
+    return setting(PAPER_ITERS[name], f"{help} (paper: {PAPER_ITERS[name]}; --quick: {QUICK_ITERS[name]})",
+                   type=iterations, metavar="N", preset=True)
+
+
 @dataclass
 class Config:
-    models: list[str] = field(default_factory=lambda: ["cnn4_c2"])
-    indices: list[int] = field(default_factory=lambda: [3])
-    source: str = "cifar10"  # cifar10 | samples
-    images: list[str] = field(default_factory=list)  # user image files
-    label: int = 0  # class of the user's image files
-    attacks: list[str] = field(default_factory=lambda: list(ATTACKS_ORDER))
-    dlg_iters: int = 300
-    cosine_iters: int = 4800
-    hybrid_iters: int = 2000
-    hybrid_iters_first: int = 10000
-    quick: bool = False
-    true_label: bool = False
-    seed: int = 10  # reseeds every attack
-    model_seed: int = 10  # the published code built every model after manual_seed(10)
-    device: str = "cpu"
-    output: str = OUTPUT_PATH
-    data: str = DATA_PATH
-    analyse: bool = False
-    verbose: bool = False
-    compile: bool = False  # hybrid: torch.compile the objective and its gradient
-    shard: tuple[int, int] = (0, 1)  # (K, N): every N-th (model, image) from the K-th
-    resume: str | None = None  # a run folder to complete instead of a new one
+    """The resolved settings of a run; results.json records them."""
+
+    models: list[str] = setting(["cnn4_c2"], "target models (--list-models)", flag="--model", nargs="+",
+                                metavar="NAME", convert=lambda names: list(dict.fromkeys(names)))
+    indices: list[int] = setting([3], "CIFAR-10 training images, or positions in the bundled list with "
+                                 "--source samples; ranges such as 0-99 or 0-9,20,31", flag="--index",
+                                 nargs="+", metavar="I", type=str, convert=lambda t: parse_indices(t))
+    source: str = setting("cifar10", "CIFAR-10 (falls back to the bundled photographs offline) or "
+                          "scikit-image's photographs", choices=["cifar10", "samples"])
+    images: list[str] = setting([], "attack these RGB image files (or folders of them)", flag="--image",
+                                nargs="+", metavar="PATH")
+    label: int = setting(0, "class of the --image files (0-9)", type=int, convert=lambda k: check_label(k))
+    attacks: list[str] = setting(list(ATTACKS_ORDER), f"attacks to run, from {' '.join(ATTACKS_ORDER)}",
+                                 nargs="+", choices=list(ATTACKS_ORDER), metavar="NAME",
+                                 convert=lambda names: [a for a in ATTACKS_ORDER if a in names])
+    dlg_iters: int = preset("dlg_iters", "L-BFGS steps of DLG and iDLG")
+    cosine_iters: int = preset("cosine_iters", "Adam steps of Cosine+TV")
+    hybrid_iters: int = preset("hybrid_iters", "N: hybrid Adam steps (4N at layer 1, N//2 above)")
+    hybrid_iters_first: int = preset("hybrid_iters_first", "N0: hybrid Adam steps at layer 0, the image")
+    compile: bool = setting(False, "hybrid: torch.compile its objective and gradient (steps about 40%% "
+                            "faster; compiling takes up to 20 s per layer on a CPU the first time, a few "
+                            "seconds from the disk cache)")
+    true_label: bool = setting(False, "hand the true label to every attack (ablation)")
+    seed: int = setting(PUBLISHED_SEED, "seed set before every attack", type=seed_value)
+    model_seed: int = setting(PUBLISHED_SEED, "seed set before building a model (published: 10)", type=seed_value)
+    device: str = setting("auto", "auto: CUDA where available", choices=["auto", "cpu", "cuda"],
+                          convert=lambda d: resolve_device(d))
+    output: str = setting(OUTPUT_PATH, "each run writes a new folder here", metavar="DIR")
+    data: str = setting(DATA_PATH, "CIFAR-10 folder (downloaded if missing)", metavar="DIR")
+    analyse: bool = setting(False, "print rank deficiencies and security index; no attack")
+    shard: tuple[int, int] = setting((0, 1), "run every N-th (model, image) from the K-th (SLURM job arrays)",
+                                     metavar="K/N", default_cli=None, convert=lambda t: parse_shard(t))
+    resume: str | None = setting(None, "complete this run folder, skipping what it holds",
+                                 metavar="RUN_FOLDER", convert=lambda d: check_resume(d))
+    verbose: bool = setting(False, "per-layer details", flag="-v", also="--verbose")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """What the attacks read of the Config (attack functions see nothing else)."""
+
+    dlg_iters: int
+    cosine_iters: int
+    hybrid_iters: int
+    hybrid_iters_first: int
+    true_label: bool
+    compile: bool
+    verbose: bool
+
+    @classmethod
+    def of(cls, cfg: Config) -> AttackSettings:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def seed_everything(seed: int) -> None:
@@ -136,7 +200,7 @@ def progress(steps: int | Iterable, desc: str) -> tqdm:
 
 
 # =============================================================================
-# Data
+# Data: CIFAR-10, or photographs bundled with scikit-image, or the user's files
 # =============================================================================
 
 # Photographs bundled with scikit-image, used where CIFAR-10 is not available.
@@ -149,7 +213,6 @@ SAMPLES = [
     ("chelsea", lambda d: d.chelsea(), 3),  # position 3, like CIFAR-10 index 3
     ("motorcycle", lambda d: d.stereo_motorcycle()[0], 1),
 ]
-CIFAR10_CLASSES = ("airplane automobile bird cat deer dog frog horse ship truck").split()
 
 
 class Sample(NamedTuple):
@@ -159,7 +222,11 @@ class Sample(NamedTuple):
 
 
 def to_model_space(rgb: np.ndarray) -> torch.Tensor:
-    """HWC uint8 or [0, 1] float -> the model's input: CHW in [-0.5, 0.5] (SPEC 2)."""
+    """HWC uint8 or [0, 1] float -> the model's input: CHW in [-0.5, 0.5].
+
+    The published code fed ToTensor()'s [0, 1] pixels minus 0.5, with no mean/std
+    normalisation; figures and metrics add the 0.5 back (to_image).
+    """
     rgb = np.asarray(rgb)
     if rgb.dtype == np.uint8:
         rgb = rgb / 255.0
@@ -262,68 +329,71 @@ def load_images(cfg: Config) -> list[Sample]:
 
 
 # =============================================================================
-# Models (SPEC 3)
+# Models: the published code's zoo of small CNNs
 # =============================================================================
 
 
 class Arch(NamedTuple):
-    convs: list[tuple[int, int, int, int, int]]  # (in, out, kernel, stride, padding)
+    convs: list[tuple[int, int, int, int, int]]  # (in, out, kernel, stride, padding) per convolution
     acts: str  # one activation per layer, the fc's last: tanh sigmoid leaky softplus id
-    bias: bool = False  # convolutions with bias
+    bias: bool = False  # convolutions with bias (the fc layer always has one)
     slope: float = 0.01  # leaky-ReLU negative slope
 
 
-C1 = [(3, 6, 3, 1, 0)]
-C2 = [(3, 6, 4, 2, 0)]
-C4 = [(3, 1, 3, 1, 0)]
-C31 = [(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)]
-C32 = [(3, 6, 4, 2, 0), (6, 3, 3, 2, 0)]
-C33 = [(3, 6, 3, 1, 0), (6, 9, 3, 1, 0)]
-C34 = [(3, 1, 3, 1, 0), (1, 6, 3, 1, 0)]
+# Convolution stacks that several models share: within a family the layers stay and
+# the activations change. Each is named after the model that introduces it.
+CNN2_C1 = [(3, 6, 3, 1, 0)]  # cnn2_c1, cnn2_c11
+CNN2_C2 = [(3, 6, 4, 2, 0)]  # cnn2_c2, cnn2_c21
+CNN2_C4 = [(3, 1, 3, 1, 0)]  # cnn2_c4, cnn2_c41
+CNN3_C1 = [(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)]  # cnn3_c1, c6, c7, c11-c15
+CNN3_C2 = [(3, 6, 4, 2, 0), (6, 3, 3, 2, 0)]  # cnn3_c2, c21, c22
+CNN3_C3 = [(3, 6, 3, 1, 0), (6, 9, 3, 1, 0)]  # cnn3_c3, c31, c32
+CNN3_C4 = [(3, 1, 3, 1, 0), (1, 6, 3, 1, 0)]  # cnn3_c4, c41, c42
 MODELS: dict[str, Arch] = {
     "cnn2_c0": Arch([(3, 1, 3, 2, 0)], "tanh tanh"),
-    "cnn2_c1": Arch(C1, "tanh id"),
-    "cnn2_c2": Arch(C2, "tanh id"),
-    "cnn2_c4": Arch(C4, "tanh tanh"),
+    "cnn2_c1": Arch(CNN2_C1, "tanh id"),
+    "cnn2_c2": Arch(CNN2_C2, "tanh id"),
+    "cnn2_c4": Arch(CNN2_C4, "tanh tanh"),
     "cnn2_c5": Arch([(3, 3, 3, 1, 1)], "tanh tanh"),
     "cnn2_c6": Arch([(3, 12, 5, 2, 0)], "tanh id"),
-    "cnn2_c11": Arch(C1, "leaky sigmoid"),
-    "cnn2_c21": Arch(C2, "leaky sigmoid"),
-    "cnn2_c41": Arch(C4, "leaky sigmoid"),
-    "cnn3_c1": Arch(C31, "tanh tanh id"),
-    "cnn3_c2": Arch(C32, "tanh tanh id"),
-    "cnn3_c3": Arch(C33, "tanh tanh id"),
-    "cnn3_c4": Arch(C34, "tanh tanh id"),
+    "cnn2_c11": Arch(CNN2_C1, "leaky sigmoid"),
+    "cnn2_c21": Arch(CNN2_C2, "leaky sigmoid"),
+    "cnn2_c41": Arch(CNN2_C4, "leaky sigmoid"),
+    "cnn3_c1": Arch(CNN3_C1, "tanh tanh id"),
+    "cnn3_c2": Arch(CNN3_C2, "tanh tanh id"),
+    "cnn3_c3": Arch(CNN3_C3, "tanh tanh id"),
+    "cnn3_c4": Arch(CNN3_C4, "tanh tanh id"),
     "cnn3_c5": Arch([(3, 12, 5, 1, 1), (12, 12, 5, 2, 2)], "tanh tanh id"),
-    "cnn3_c6": Arch(C31, "leaky leaky tanh"),
-    "cnn3_c7": Arch(C31, "tanh leaky tanh"),
+    "cnn3_c6": Arch(CNN3_C1, "leaky leaky tanh"),
+    "cnn3_c7": Arch(CNN3_C1, "tanh leaky tanh"),
     "cnn3_c8": Arch([(3, 9, 3, 1, 0), (9, 3, 4, 2, 0)], "tanh tanh tanh"),
     "cnn3_c9": Arch([(3, 5, 3, 1, 0), (5, 7, 3, 1, 0)], "tanh tanh tanh"),
-    "cnn3_c11": Arch(C31, "leaky leaky sigmoid"),
-    "cnn3_c12": Arch(C31, "softplus softplus sigmoid"),
-    "cnn3_c13": Arch(C31, "tanh tanh sigmoid"),
-    "cnn3_c14": Arch(C31, "id id sigmoid"),
-    "cnn3_c15": Arch(C31, "id id tanh"),
-    "cnn3_c21": Arch(C32, "leaky leaky sigmoid"),
-    "cnn3_c22": Arch(C32, "softplus softplus sigmoid"),
-    "cnn3_c31": Arch(C33, "leaky leaky sigmoid"),
-    "cnn3_c32": Arch(C33, "softplus softplus sigmoid"),
-    "cnn3_c41": Arch(C34, "leaky leaky sigmoid"),
-    "cnn3_c42": Arch(C34, "softplus softplus sigmoid"),
+    "cnn3_c11": Arch(CNN3_C1, "leaky leaky sigmoid"),
+    "cnn3_c12": Arch(CNN3_C1, "softplus softplus sigmoid"),
+    "cnn3_c13": Arch(CNN3_C1, "tanh tanh sigmoid"),
+    "cnn3_c14": Arch(CNN3_C1, "id id sigmoid"),
+    "cnn3_c15": Arch(CNN3_C1, "id id tanh"),
+    "cnn3_c21": Arch(CNN3_C2, "leaky leaky sigmoid"),
+    "cnn3_c22": Arch(CNN3_C2, "softplus softplus sigmoid"),
+    "cnn3_c31": Arch(CNN3_C3, "leaky leaky sigmoid"),
+    "cnn3_c32": Arch(CNN3_C3, "softplus softplus sigmoid"),
+    "cnn3_c41": Arch(CNN3_C4, "leaky leaky sigmoid"),
+    "cnn3_c42": Arch(CNN3_C4, "softplus softplus sigmoid"),
     "cnn4_c1": Arch([(3, 6, 3, 1, 0), (6, 5, 4, 2, 0), (5, 3, 4, 1, 0)], "tanh tanh tanh id"),
     "cnn4_c2": Arch([(3, 16, 5, 1, 0), (16, 6, 5, 2, 0), (6, 32, 5, 1, 2)], "tanh tanh tanh id"),
     "cnn4_c3": Arch([(3, 6, 5, 1, 0), (6, 16, 5, 2, 0), (16, 16, 5, 1, 2)], "tanh tanh tanh id"),
     "lenet2": Arch([(3, 12, 3, 2, 1), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)], "tanh tanh tanh id"),
     "lenet": Arch([(3, 12, 5, 2, 2), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)],
                   "leaky leaky leaky id", bias=True),
-    # The R-GAP paper's CNN6.
+    # R-GAP's rank-deficient CNN6-d (Zhu and Blaschko, ICLR 2021): its CNN6 has 12->36->36
+    # in the first convolutions, CNN6-d narrows the second to 20 channels.
     "cnn6d": Arch([(3, 12, 4, 2, 2), (12, 20, 3, 2, 1), (20, 36, 3, 1, 1), (36, 36, 3, 1, 1),
                    (36, 64, 3, 2, 1), (64, 128, 3, 1, 1)], "leaky " * 6 + "id", slope=0.2),
 }
 
 
 class Net(nn.Module):
-    """Convolutions then one linear layer; x = act(layer(x)) for each pair (SPEC 3)."""
+    """Convolutions then one linear layer; x = act(layer(x)) for each pair, as published."""
 
     def __init__(self, layers: list[nn.Module], acts: list[nn.Module], shapes: list[tuple]):
         super().__init__()
@@ -344,8 +414,8 @@ def make_activation(name: str, slope: float) -> nn.Module:
             "leaky": lambda: nn.LeakyReLU(slope)}[name]()
 
 
-def build_model(name: str, seed: int = 10) -> Net:
-    """One of MODELS with the published code's initialisation: seed, then layers in order."""
+def build_model(name: str, seed: int = PUBLISHED_SEED) -> Net:
+    """One of MODELS, initialised as published: seed, then PyTorch's default init, layer by layer."""
     if name not in MODELS:
         raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
     arch = MODELS[name]
@@ -368,7 +438,7 @@ def layer_params(model: Net, grads: list[torch.Tensor], layer: int) -> list[torc
 
 
 # =============================================================================
-# The client's gradient (SPEC 4): the only code that sees the private image
+# The client's gradient: the only code that sees the private image
 # =============================================================================
 
 
@@ -379,13 +449,30 @@ def client_gradient(model: Net, x: torch.Tensor, label: int) -> list[torch.Tenso
 
 
 def recover_label(grads: list[torch.Tensor]) -> int:
-    """iDLG rule: the only negative entry of the last layer's bias gradient."""
+    """iDLG rule (Zhao et al., 2020): the only negative entry of the last layer's bias gradient."""
     return int(grads[-1].argmin())
 
 
 # =============================================================================
-# Linear systems (SPEC 5)
+# Linear systems: each layer's equations, and the recursion that solves them
 # =============================================================================
+#
+# The recursion of R-GAP (Zhu and Blaschko, ICLR 2021), which the paper's hybrid shares.
+# Layers are l = 0..L-1, the last one fully connected; a_{-1} is the image,
+# z_l = layer_l(a_{l-1}) and a_l = act_l(z_l).
+#
+# 1. The linear layer z = W a + b has gradients gW = d a^T and gb = d (d = dL/dz), so
+#    a = gW^T gb / (gb^T gb), and dL/da = W^T d.                          (invert_fc)
+# 2. At each convolution, from l = L-2 down to 0, with the estimate of a_l and dL/da_l:
+#    - z_l = act^-1(a_l), clipped to stay finite, and delta_l = dL/da_l * act'(z_l);
+#    - the unknown x = a_{l-1}, flattened, satisfies two sets of linear equations:
+#      the forward map M x = z_l - b_l (M: the convolution as a matrix) and the
+#      gradient constraints G(delta_l) x = gW_l (G: x -> the weight gradient);
+#    - x = the minimum-norm least-squares solution of U x = V, U = [M; G], V = [z - b; gW],
+#      solved in float64;                                     (layer_system, solve_min_norm)
+#    - dL/da_{l-1} = M^T delta_l.
+# The rank deficiency of layer l is r_l = rank(U) - n_l (n_l unknowns): 0 where its input
+# is determined, -k where a k-dimensional family of inputs fits both sets of equations.
 
 CLIP = 0.9999  # tanh and sigmoid outputs are clipped this close to their bounds
 
@@ -423,7 +510,7 @@ def activation_derivative(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def invert_fc(fc: nn.Linear, g_w: torch.Tensor, g_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input a and dL/da of the linear layer from its gradients (SPEC 5, step 1).
+    """Input a and dL/da of the linear layer from its gradients (step 1 above).
 
     gW = d a^T and gb = d, so a = gW^T gb / gb^T gb: the least-squares solution over
     all rows (the published code divided one row by one entry).
@@ -539,7 +626,7 @@ def min_norm_square(A: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[torch
 
 @dataclass
 class LayerSystem:
-    """Both sets of linear equations on the input x of convolution `layer` (SPEC 5.3)."""
+    """Both sets of linear equations on the input x of convolution `layer` (step 2 above)."""
 
     layer: int
     z: torch.Tensor  # target of the forward constraints: z_l - b_l, shape (1, C_out, H, W)
@@ -575,7 +662,7 @@ def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tenso
     conv, act = model.layers[layer], model.acts[layer]
     c, h, w = model.shapes[layer + 1]
     z = inverse_activation(act, a_hat.reshape(1, c, h, w))
-    delta = dl_da.reshape(1, c, h, w) * activation_derivative(act, z)  # SPEC 5.2, step 2
+    delta = dl_da.reshape(1, c, h, w) * activation_derivative(act, z)
     g = layer_params(model, grads, layer)
     if conv.bias is not None:  # the forward constraints hold for z - b
         z = z - conv.bias.detach().double().cpu().view(1, -1, 1, 1)
@@ -587,7 +674,7 @@ Corrector = Callable[[LayerSystem, torch.Tensor], torch.Tensor]
 
 def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Corrector | None = None,
                              verbose: bool = False) -> tuple[torch.Tensor, list[int]]:
-    """The recursion of SPEC 5, from the fc layer down to the image.
+    """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image.
 
     Returns the image estimate (1, 3, 32, 32) and each convolution's rank deficiency
     (layer 0 first). `correct` (the hybrid's gradient matching) may replace each
@@ -613,13 +700,24 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
 
 
 def security_index(deficiency: list[int]) -> int:
-    """The paper's security index: sum_l round(r_l (L-1-l) / (L-1)), l = 0..L-2."""
+    """The paper's security index: sum_l round(r_l (L-1-l) / (L-1)) over the convolutions
+    l = 0..L-2 (the published code prints it as the "COPA index").
+
+    Layers nearer the input weigh more. 0: every layer is determined and the image is
+    recovered exactly, up to conditioning; the more negative, the more of it is free.
+    A property of the architecture, the weights and the input; it needs no attack.
+    """
     n = len(deficiency)  # = L - 1
     return int(sum(round(r * (n - l) / n) for l, r in enumerate(deficiency)))
 
 
+def rank_deficiency(model: Net, grads: list[torch.Tensor]) -> list[int]:
+    """Each convolution's rank deficiency (layer 0 first), from R-GAP's recursion alone."""
+    return recursive_reconstruction(model, grads)[1]
+
+
 # =============================================================================
-# Attacks: one signature, one result type, one registry
+# Attacks: one signature (model, shared gradient, label, settings), one result type
 # =============================================================================
 
 
@@ -630,11 +728,13 @@ class AttackResult:
     info: dict = field(default_factory=dict)  # attack-specific numbers for results.json
 
 
-Attack = Callable[[Net, list[torch.Tensor], int, Config], AttackResult]
+# Attacks take the model, the shared gradient and a label, never the image (the threat model).
+Attack = Callable[[Net, list[torch.Tensor], int, AttackSettings], AttackResult]
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic TV of (1, C, H, W), as means over each direction (SPEC 6)."""
+    """Anisotropic TV of (1, C, H, W) as the published code had it: the mean absolute
+    difference of horizontal neighbours plus that of vertical ones."""
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
 
 
@@ -649,11 +749,6 @@ def squared_distance(dummy: list[torch.Tensor], shared: list[torch.Tensor]) -> t
     return sum((d - g).square().sum() for d, g in zip(dummy, shared))
 
 
-def objective_info(first: list[float], last: float) -> dict:
-    """The attack's own objective before and after: results.json reports both."""
-    return {"objective_start": first[0] if first else last, "objective_end": last}
-
-
 def dummy_gradient(model: Net, output: torch.Tensor, target: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
     """Gradient of CE(output, target) w.r.t. the parameters of layers start..L-1, kept
     differentiable so that a distance to the shared gradient can be minimised."""
@@ -661,47 +756,109 @@ def dummy_gradient(model: Net, output: torch.Tensor, target: torch.Tensor, start
     return list(torch.autograd.grad(F.cross_entropy(output, target), params, create_graph=True))
 
 
-# -- R-GAP (Zhu and Blaschko, ICLR 2021): the recursion with least squares alone ---------
+def objective_info(first: list[float], last: float) -> dict:
+    """The attack's own objective before and after: results.json reports both."""
+    return {"objective_start": first[0] if first else last, "objective_end": last}
 
 
-def attack_rgap(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
-    x, deficiency = recursive_reconstruction(model, grads, verbose=cfg.verbose)
+# =============================================================================
+# R-GAP (Zhu and Blaschko, ICLR 2021): the recursion with least squares alone
+# =============================================================================
+
+
+def attack_rgap(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+    x, deficiency = recursive_reconstruction(model, grads, verbose=settings.verbose)
     return AttackResult(x.to(grads[0].device), label,
                         {"rank_deficiency": deficiency, "security_index": security_index(deficiency)})
 
 
-# -- Hybrid (the paper): least squares, then gradient matching, at every convolution ------
+# =============================================================================
+# The hybrid attack (the paper): least squares, then gradient matching, at every convolution
+# =============================================================================
+#
+# R-GAP's recursion, but each layer's least-squares solution x_hat is corrected before it
+# is passed down: Adam (lr 1e-3, PyTorch's defaults, on a float32 copy), from x_hat, on
+#
+#     J(x) = w_cos sum_p (1 - cos(grad_p CE(f_{l:}(x), y), g_p)) + w_tv TV(x) + w_sq ||Ux - V||^2
+#
+# f_{l:} is the network from layer l up; p ranges over the parameters of layers l..L-1,
+# g_p is their shared gradient; y is the label every attack uses. The weights and step
+# counts per layer are hybrid_schedule's.
 
 
-def hybrid_schedule(layer: int, cfg: Config) -> tuple[float, float, float, int]:
-    """(w_cos, w_tv, w_sq, Adam steps) for a layer: the table of SPEC 6."""
+def hybrid_schedule(layer: int, settings: AttackSettings) -> tuple[float, float, float, int]:
+    """(w_cos, w_tv, w_sq, Adam steps) for a layer, as the published code set them:
+
+        layer            w_cos  w_tv  w_sq  Adam steps
+        0 (the image)      1     1    0.05  N0 (hybrid_iters_first; paper 10000)
+        1                  1     1    0.1   4 N (hybrid_iters N; paper 2000)
+        2 and above       10     0.1  1     N // 2
+    """
     if layer == 0:
-        return 1.0, 1.0, 0.05, cfg.hybrid_iters_first
+        return 1.0, 1.0, 0.05, settings.hybrid_iters_first
     if layer == 1:
-        return 1.0, 1.0, 0.1, 4 * cfg.hybrid_iters
-    return 10.0, 0.1, 1.0, cfg.hybrid_iters // 2
+        return 1.0, 1.0, 0.1, 4 * settings.hybrid_iters
+    return 10.0, 0.1, 1.0, settings.hybrid_iters // 2
 
 
 def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, grads: list[torch.Tensor],
-                     target: torch.Tensor, weights: tuple[float, float, float],
-                     functional: bool = False) -> torch.Tensor:
-    """J(x) = w_cos sum_p (1 - cos) + w_tv TV(x) + w_sq ||Ux - V||^2 (paper, Sec. 3.3).
+                     target: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
+    """The paper's J(x) at layer l = system.layer; `target` is the label as a (1,) tensor.
 
-    p ranges over the parameters of layers l..L-1, matched against their shared
-    gradients; `target` is the label as a (1,) tensor; `system` must hold tensors of
-    x's dtype and device. `functional` takes the dummy gradient with torch.func, the
-    form torch.compile can trace (--compile); the value is the same.
+    `system` holds tensors of x's dtype and device. Layer l's forward is shared between
+    the residual ||Ux - V||^2 and f_{l:}(x).
     """
     w_cos, w_tv, w_sq = weights
-    layer = system.layer
     z, residual = system.forward_and_residual(model, x)
-    if functional:  # layer l's convolution runs again inside functional_call; z goes unused
-        dummy = functional_dummy_gradient(model, x, target, layer)
-    else:
-        output = model(model.acts[layer](z), layer + 1)  # f_{l:}(x), sharing layer l's forward
-        dummy = dummy_gradient(model, output, target, layer)
-    shared = grads[len(grads) - len(dummy):]
+    output = model(model.acts[system.layer](z), system.layer + 1)  # f_{l:}(x)
+    dummy = dummy_gradient(model, output, target, system.layer)
+    shared = grads[len(grads) - len(dummy):]  # g_p of the same parameters, layers l..L-1
     return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
+
+
+GradAndValue = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (dJ/dx, J)
+
+
+def hybrid_grad_and_value(model: Net, system: LayerSystem, grads: list[torch.Tensor], label: int,
+                          weights: tuple[float, float, float], compile: bool) -> GradAndValue:
+    """x -> (dJ/dx, J): a double backward through autograd, or with --compile the
+    torch.func form of J, traced and compiled once per layer shape (see below)."""
+    target = torch.tensor([label], device=system.z.device)
+    if compile:
+        return lambda x: compiled_grad_and_value()(model, system, x.detach(), grads, target, weights)
+
+    def eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        objective = hybrid_objective(model, system, x, grads, target, weights)
+        return torch.autograd.grad(objective, [x])[0], objective
+    return eager
+
+
+def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+    device = grads[0].device
+
+    def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
+        *weights, steps = hybrid_schedule(system.layer, settings)
+        system = LayerSystem(system.layer, *(t.float().to(device) for t in
+                                             (system.z, system.delta, system.g_w)))
+        x = x_hat.float().to(device).requires_grad_()  # Adam on a float32 copy of x_hat
+        opt = torch.optim.Adam([x], lr=1e-3)
+        grad_and_value = hybrid_grad_and_value(model, system, grads, label, tuple(weights), settings.compile)
+        bar = progress(steps, f"hybrid layer {system.layer}")
+        for step in bar:
+            x.grad, objective = grad_and_value(x)
+            opt.step()
+            if step % 100 == 0:
+                bar.set_postfix(J=f"{objective.item():.4g}")
+        return x.detach()
+
+    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose)
+    return AttackResult(x.to(device), label, {"rank_deficiency": deficiency})
+
+
+# -- --compile: the same J through torch.func, the form torch.compile can trace ------------
+# Dynamo cannot trace autograd's double backward; J written with torch.func (the dummy
+# gradient by functional_call and a nested grad) can be, with its gradient in x. On a CPU
+# the compiled step takes 40-60% of the eager one's time (README, Performance).
 
 
 def functional_dummy_gradient(model: Net, x: torch.Tensor, target: torch.Tensor, start: int) -> list[torch.Tensor]:
@@ -712,58 +869,32 @@ def functional_dummy_gradient(model: Net, x: torch.Tensor, target: torch.Tensor,
     return list(torch.func.grad(loss)(params).values())
 
 
-Gradient = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def hybrid_gradient(model: Net, system: LayerSystem, grads: list[torch.Tensor], label: int,
-                    weights: tuple[float, float, float], compile: bool) -> Gradient:
-    """x -> (dJ/dx, J): a double backward through autograd, or with --compile the
-    torch.func form of J traced and compiled once per layer shape by torch.compile."""
-    target = torch.tensor([label], device=system.z.device)
-    if compile:
-        return lambda x: compiled_hybrid_gradient()(model, system, x.detach(), grads, target, weights, True)
-
-    def eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        objective = hybrid_objective(model, system, x, grads, target, weights)
-        return torch.autograd.grad(objective, [x])[0], objective
-    return eager
+def functional_hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, grads: list[torch.Tensor],
+                                target: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
+    """hybrid_objective, equal in value; layer l's convolution runs a second time inside
+    functional_call, as the weight's gradient must be taken through it."""
+    w_cos, w_tv, w_sq = weights
+    _, residual = system.forward_and_residual(model, x)
+    dummy = functional_dummy_gradient(model, x, target, system.layer)
+    shared = grads[len(grads) - len(dummy):]
+    return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
 
 
 @functools.cache
-def compiled_hybrid_gradient() -> Callable:
-    # one compiled function for the whole process: the graphs of each (model, layer)
-    # are kept, so a sweep compiles each once; labels and images are tensor inputs
+def compiled_grad_and_value() -> Callable:
+    """One compiled (dJ/dx, J) for the whole process: the graphs of each (model, layer)
+    are kept, so a sweep compiles each once; labels and images are tensor inputs."""
     dynamo = torch._dynamo.config
     for limit in ("recompile_limit", "cache_size_limit"):  # its current name, its older one
         if hasattr(dynamo, limit):
             setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime", on CPUs
-    return torch.compile(torch.func.grad_and_value(hybrid_objective, argnums=2), dynamic=False)
+    return torch.compile(torch.func.grad_and_value(functional_hybrid_objective, argnums=2), dynamic=False)
 
 
-def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
-    device = grads[0].device
-
-    def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
-        *weights, steps = hybrid_schedule(system.layer, cfg)
-        system = LayerSystem(system.layer, *(t.float().to(device) for t in
-                                             (system.z, system.delta, system.g_w)))
-        x = x_hat.float().to(device).requires_grad_()  # Adam on a float32 copy of x_hat
-        opt = torch.optim.Adam([x], lr=1e-3)
-        gradient = hybrid_gradient(model, system, grads, label, tuple(weights), cfg.compile)
-        bar = progress(steps, f"hybrid layer {system.layer}")
-        for step in bar:
-            x.grad, objective = gradient(x)
-            opt.step()
-            if step % 100 == 0:
-                bar.set_postfix(J=f"{objective.item():.4g}")
-        return x.detach()
-
-    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=cfg.verbose)
-    return AttackResult(x.to(device), label, {"rank_deficiency": deficiency})
-
-
-# -- DLG (Zhu et al., NeurIPS 2019) and iDLG (Zhao et al., 2020): L-BFGS on ||dg||^2 -------
+# =============================================================================
+# Baselines: DLG, iDLG (L-BFGS on ||dg||^2) and Cosine+TV
+# =============================================================================
 
 
 def lbfgs_attack(model: Net, grads: list[torch.Tensor], label: int | None, steps: int,
@@ -797,28 +928,29 @@ def lbfgs_attack(model: Net, grads: list[torch.Tensor], label: int | None, steps
     return AttackResult(last[0].detach(), found, objective_info(losses[:1], final))
 
 
-def attack_dlg(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
-    """Image and soft label jointly; with --true-label the label is given instead."""
-    return lbfgs_attack(model, grads, label if cfg.true_label else None, cfg.dlg_iters, "dlg")
+def attack_dlg(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+    """DLG (Zhu et al., NeurIPS 2019): image and soft label jointly, 300 steps in the paper;
+    with --true-label the label is given instead."""
+    return lbfgs_attack(model, grads, label if settings.true_label else None, settings.dlg_iters, "dlg")
 
 
-def attack_idlg(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
-    """The label from the last bias gradient (recover_label, unless --true-label), then DLG."""
-    return lbfgs_attack(model, grads, label, cfg.dlg_iters, "idlg")
+def attack_idlg(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+    """iDLG (Zhao et al., 2020): the label from the last bias gradient (recover_label,
+    unless --true-label), then DLG on the image alone."""
+    return lbfgs_attack(model, grads, label, settings.dlg_iters, "idlg")
 
 
-# -- Cosine + TV (Geiping et al., NeurIPS 2020, as the published code configured it) ------
-
-
-def attack_cosine(model: Net, grads: list[torch.Tensor], label: int, cfg: Config) -> AttackResult:
+def attack_cosine(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+    """Cosine+TV (Geiping et al., NeurIPS 2020) as the published code configured it:
+    image ~ N(0, 1), Adam lr 1e-3, 4800 steps in the paper."""
     device = grads[0].device
     x = torch.randn(1, 3, 32, 32, device=device, requires_grad=True)
     target = torch.tensor([label], device=device)
     tv_weight = 0.01 * len(grads)  # the published code added 0.01 TV once per tensor
     opt = torch.optim.Adam([x], lr=1e-3)
-    objective = lambda: cosine_distance(dummy_gradient(model, model(x), target), grads) + tv_weight * total_variation(x)
+    objective = lambda: cosine_distance(dummy_gradient(model, model(x), target), grads) + tv_weight * total_variation(x)  # noqa: E731
     first = objective().item()
-    bar = progress(cfg.cosine_iters, "cosine")
+    bar = progress(settings.cosine_iters, "cosine")
     for step in bar:
         loss = objective()
         (x.grad,) = torch.autograd.grad(loss, [x])
@@ -840,12 +972,13 @@ DISPLAY = {"target": "Target", "rgap": "R-GAP", "dlg": "DLG", "idlg": "iDLG",
 
 
 # =============================================================================
-# Metrics (SPEC 7)
+# Metrics
 # =============================================================================
 
 
 def score(target: np.ndarray, recon: np.ndarray) -> dict[str, float]:
-    """PSNR (data range 1) and SSIM of HWC images in [0, 1]."""
+    """PSNR (data range 1; the published code's 20 log10(255) on [0, 1] images added
+    48.13 dB) and SSIM of HWC images in [0, 1]."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     recon = np.nan_to_num(recon, nan=0.5)
@@ -855,8 +988,93 @@ def score(target: np.ndarray, recon: np.ndarray) -> dict[str, float]:
             "ssim": float(structural_similarity(target, recon, channel_axis=-1, data_range=1))}
 
 
+def inf_to_none(value: float) -> float | None:
+    """JSON has no infinity: an exact reconstruction's PSNR is stored as null."""
+    return value if math.isfinite(value) else None
+
+
+def format_psnr(psnr: float | None, digits: int = 1) -> str:
+    return "exact" if psnr is None or math.isinf(psnr) else f"{psnr:.{digits}f} dB"
+
+
 # =============================================================================
-# Plotting
+# The experiment on one (model, image), and the analysis without attacks
+# =============================================================================
+
+
+class RankAnalysis(NamedTuple):
+    """Each convolution's rank deficiency, from R-GAP's recursion, for one (model, image)."""
+
+    deficiency: list[int]
+
+
+class Answer(NamedTuple):
+    """One attack's answer to the shared gradient, scored."""
+
+    attack: str
+    entry: dict  # for results.json: psnr, ssim, seconds, label, label_correct, the attack's info
+    recon: np.ndarray  # the reconstruction, HWC in [0, 1]
+
+
+def score_answer(name: str, result: AttackResult, seconds: float, sample: Sample) -> Answer:
+    recon = to_image(result.x)
+    metrics = score(to_image(sample.x), recon)
+    entry = {"psnr": inf_to_none(metrics["psnr"]), "ssim": metrics["ssim"], "seconds": round(seconds, 3),
+             "label": result.label, "label_correct": result.label == sample.label, **result.info}
+    return Answer(name, entry, recon)
+
+
+def experiment(model: Net, sample: Sample, attacks: list[str], settings: AttackSettings, seed: int,
+               device: str, analysed: bool = False) -> Iterator[RankAnalysis | Answer]:
+    """The paper's experiment on one (model, image): the client shares its gradient, and
+    each attack answers from the gradient alone.
+
+    Yields the pair's RankAnalysis first, unless `analysed` (the run holds it already): it
+    comes from R-GAP's recursion, R-GAP's own run where R-GAP is among the attacks and the
+    recursion alone otherwise. Then each attack's Answer, as it finishes.
+    """
+    grads = client_gradient(model, sample.x.to(device), sample.label)
+    label = sample.label if settings.true_label else recover_label(grads)
+    if not analysed and "rgap" not in attacks:
+        yield RankAnalysis(rank_deficiency(model, grads))
+    for name in attacks:
+        seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
+        start = time.perf_counter()
+        result = ATTACKS[name](model, grads, label, settings)
+        answer = score_answer(name, result, time.perf_counter() - start, sample)
+        if name == "rgap" and not analysed:
+            yield RankAnalysis(result.info["rank_deficiency"])
+        yield answer
+
+
+def analyse(models: dict[str, Net], samples: list[Sample], device: str) -> None:
+    """Rank deficiency per layer and the security index, without running an attack.
+
+    One table per (model, image); over several images, the security index per model
+    (mean and range): the paper's architecture comparison.
+    """
+    table = []
+    for name, model in models.items():
+        indices = []
+        for sample in samples:
+            deficiency = rank_deficiency(model, client_gradient(model, sample.x.to(device), sample.label))
+            indices.append(security_index(deficiency))
+            print(f"{name} on {sample.name}: security index {indices[-1]}")
+            print(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
+            for layer, r in enumerate(deficiency):
+                shape, n = model.shapes[layer], math.prod(model.shapes[layer])
+                equations = math.prod(model.shapes[layer + 1]) + model.layers[layer].weight.numel()
+                print(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
+        table.append((name, np.mean(indices), min(indices), max(indices)))
+    if len(samples) > 1:
+        print(f"\nsecurity index over {len(samples)} images")
+        print("| model | mean | min | max |\n|---|---|---|---|")
+        for name, mean, lo, hi in table:
+            print(f"| {name} | {mean:.1f} | {lo} | {hi} |")
+
+
+# =============================================================================
+# The figure
 # =============================================================================
 
 
@@ -879,41 +1097,18 @@ def plot_comparison(runs: list[dict], folder: Path, path: Path) -> None:
                 continue
             ax.imshow(np.load(folder / entry["npy"]), interpolation="nearest")
             if name != "target":
-                ax.set_xlabel(f"{entry['psnr']:.1f} dB / {entry['ssim']:.2f}", fontsize=8)
+                ax.set_xlabel(f"{format_psnr(entry['psnr'])} / {entry['ssim']:.2f}", fontsize=8)
     fig.savefig(path, dpi=120)
 
 
 # =============================================================================
-# Sweeps: run folders, rows as they land, resume, shards, summaries
+# Running experiments: folders, rows as they land, resume, shards, merge
 # =============================================================================
+# Nothing below is the paper: it runs the experiment above over grids of models and
+# images, for hours, and keeps what it finished.
 
 CSV_COLUMNS = ["model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds"]
 FIGURE_ROWS = 8  # a sweep's figure shows its first few (model, image) rows
-
-
-def parse_indices(tokens: list[str]) -> list[int]:
-    """'3', '0-99', '0-9,20,31' (several tokens allowed) -> indices, in order, once each."""
-    out = []
-    for token in ",".join(tokens).split(","):
-        first, dash, last = token.strip().partition("-")
-        try:
-            lo = int(first)
-            hi = int(last) if dash else lo
-        except ValueError:
-            raise UserError(f"--index: '{token.strip()}' is not an index or a range such as 0-99") from None
-        if hi < lo:
-            raise UserError(f"--index: the range '{token.strip()}' is empty")
-        out.extend(range(lo, hi + 1))
-    return list(dict.fromkeys(out))
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    if text is None:
-        return 0, 1
-    k, slash, n = text.partition("/")
-    if not (slash and k.isdigit() and n.isdigit() and int(k) < int(n)):
-        raise UserError(f"--shard {text}: expected K/N with 0 <= K < N, e.g. 3/16")
-    return int(k), int(n)
 
 
 def new_run_folder(output: str, name: str) -> Path:
@@ -941,15 +1136,20 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_rows(folder: Path) -> list[dict]:
-    """results.csv as dicts; a last line cut short by a kill is dropped from the file."""
+    """results.csv as dicts, without a last line that a kill cut short."""
     path = folder / "results.csv"
     if not path.exists():
         return []
     text = path.read_text()
+    return list(csv.DictReader(text[: text.rfind("\n") + 1].splitlines()))
+
+
+def drop_partial_row(folder: Path) -> None:
+    """Cut a last line that a kill left unfinished, so that rows appended next stay whole."""
+    path = folder / "results.csv"
+    text = path.read_text() if path.exists() else ""
     if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        path.write_text(text)
-    return list(csv.DictReader(text.splitlines()))
+        path.write_text(text[: text.rfind("\n") + 1])
 
 
 def append_rows(folder: Path, rows: list[dict]) -> None:
@@ -963,6 +1163,10 @@ def append_rows(folder: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
+
+
+def psnr_for_csv(value: float | None) -> str:
+    return "inf" if value is None else repr(value)  # None: an exact (infinite-PSNR) reconstruction
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -1003,11 +1207,8 @@ def write_summary(folder: Path, rows: list[dict]) -> str:
     return table
 
 
-def finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # JSON has no infinity
-
-
-def environment(cfg: Config, argv: list[str]) -> dict:
+def run_metadata(cfg: Config, argv: list[str]) -> dict:
+    """results.json's header: the config, library versions, device and command line."""
     import matplotlib
     import skimage
     import torchvision
@@ -1023,77 +1224,76 @@ def environment(cfg: Config, argv: list[str]) -> dict:
             "command": shlex.join(["python", "hybrid.py", *argv]), "runs": []}
 
 
-def attack_image(cfg: Config, model_name: str, model: Net, sample: Sample, folder: Path,
-                 attacks: list[str], run: dict, save: Callable[[dict, str], None]) -> None:
-    """The experiment for one (model, image): the client shares, the attacks answer.
+def file_stem(model_name: str, sample: Sample) -> str:
+    return f"{model_name}_{sample.name.replace(':', '-').replace('.', '_')}"
 
-    `run` is this pair's entry in results.json (new, or partly filled by an interrupted
-    run); `save(run, attack)` records each attack as it finishes.
-    """
-    device = torch.device(cfg.device)
-    grads = client_gradient(model, sample.x.to(device), sample.label)
-    label = sample.label if cfg.true_label else recover_label(grads)
-    stem = f"{model_name}_{sample.name.replace(':', '-').replace('.', '_')}"
-    target = to_image(sample.x)
-    np.save(folder / f"{stem}_target.npy", target.astype(np.float32))
-    run.update(model=model_name, image=sample.name, label=sample.label, target={"npy": f"{stem}_target.npy"})
-    for name in attacks:
-        seed_everything(cfg.seed)  # any subset, in any order, gives the same numbers
-        start = time.perf_counter()
-        result = ATTACKS[name](model, grads, label, cfg)
-        seconds = time.perf_counter() - start
-        recon = to_image(result.x)
-        np.save(folder / f"{stem}_{name}.npy", recon.astype(np.float32))
-        metrics = score(target, recon)
-        run.setdefault("attacks", {})[name] = {
-            "psnr": finite(metrics["psnr"]), "ssim": metrics["ssim"], "seconds": round(seconds, 3),
-            "label": result.label, "label_correct": result.label == sample.label,
-            "npy": f"{stem}_{name}.npy", **result.info}
-        if "rank_deficiency" not in run:  # R-GAP's recursion, or the recursion alone
-            deficiency = result.info.get("rank_deficiency") if name == "rgap" else None
-            deficiency = deficiency or recursive_reconstruction(model, grads)[1]
-            run["rank_deficiency"], run["security_index"] = deficiency, security_index(deficiency)
-        save(run, name)
-        print(f"{model_name:9s} {sample.name:18s} {DISPLAY[name]:9s}  PSNR {metrics['psnr']:6.2f} dB  "
-              f"SSIM {metrics['ssim']:.3f}  label {result.label}"
-              f"{'' if result.label == sample.label else ' (wrong)'}  {seconds:6.1f} s", flush=True)
+
+class Recorder:
+    """A run folder, written as results land: per attack a row of results.csv, the
+    pair's entry in results.json (rewritten atomically) and the reconstruction's .npy.
+    `done` (what results.csv holds) is what a resumed run skips."""
+
+    def __init__(self, folder: Path, results: dict):
+        self.folder, self.results = folder, results
+        self.runs = {(r["model"], r["image"]): r for r in results["runs"]}
+        self.done = {(r["model"], r["image"], r["attack"]) for r in read_rows(folder)}
+
+    def todo(self, model_name: str, sample: Sample, attacks: list[str]) -> list[str]:
+        return [a for a in attacks if (model_name, sample.name, a) not in self.done]
+
+    def run(self, model_name: str, sample: Sample) -> dict:
+        """The pair's entry in results.json, made (with the target's .npy) the first time."""
+        if (model_name, sample.name) not in self.runs:
+            npy = f"{file_stem(model_name, sample)}_target.npy"
+            np.save(self.folder / npy, to_image(sample.x).astype(np.float32))
+            self.runs[model_name, sample.name] = {"model": model_name, "image": sample.name,
+                                                  "label": sample.label, "target": {"npy": npy}}
+            self.results["runs"].append(self.runs[model_name, sample.name])
+        return self.runs[model_name, sample.name]
+
+    def record(self, model_name: str, sample: Sample, event: RankAnalysis | Answer) -> None:
+        run = self.run(model_name, sample)
+        if isinstance(event, RankAnalysis):  # written with the attack that follows it
+            run["rank_deficiency"], run["security_index"] = event.deficiency, security_index(event.deficiency)
+            return
+        npy = f"{file_stem(model_name, sample)}_{event.attack}.npy"
+        np.save(self.folder / npy, event.recon.astype(np.float32))
+        entry = run.setdefault("attacks", {})[event.attack] = event.entry | {"npy": npy}
+        append_rows(self.folder, [{"model": model_name, "image": sample.name, "attack": event.attack,
+                                   "label": entry["label"], "label_correct": entry["label_correct"],
+                                   "psnr": psnr_for_csv(entry["psnr"]), "ssim": entry["ssim"],
+                                   "seconds": entry["seconds"]}])
+        self.done.add((model_name, sample.name, event.attack))
+        self.results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        write_json(self.folder / "results.json", self.results)
+        print(f"{model_name:9s} {sample.name:18s} {DISPLAY[event.attack]:9s}  PSNR {format_psnr(entry['psnr'], 2):>9s}  "
+              f"SSIM {entry['ssim']:.3f}  label {entry['label']}{'' if entry['label_correct'] else ' (wrong)'}  "
+              f"{entry['seconds']:6.1f} s", flush=True)
 
 
 def sweep(cfg: Config, argv: list[str], models: dict[str, Net], samples: list[Sample], folder: Path) -> None:
     """Every (model, image) of this shard, every attack not yet recorded in the folder."""
-    results = environment(cfg, argv)
+    results = run_metadata(cfg, argv)
     if cfg.resume and (folder / "results.json").exists():
         old = json.loads((folder / "results.json").read_text())
         results = old | {"resumed": old.get("resumed", []) + [results["command"]]}
-    done = {(r["model"], r["image"], r["attack"]) for r in read_rows(folder)}
-    runs = {(r["model"], r["image"]): r for r in results["runs"]}
+    if cfg.resume:
+        drop_partial_row(folder)
+    recorder = Recorder(folder, results)
+    settings = AttackSettings.of(cfg)
     k, n = cfg.shard
-    items = [(name, sample) for name in models for sample in samples][k::n]
-
-    def save(run: dict, attack: str) -> None:
-        entry = run["attacks"][attack]
-        append_rows(folder, [{"model": run["model"], "image": run["image"], "attack": attack,
-                              "label": entry["label"], "label_correct": entry["label_correct"],
-                              "psnr": csv_float(entry["psnr"]), "ssim": entry["ssim"],
-                              "seconds": entry["seconds"]}])
-        results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-        write_json(folder / "results.json", results)
-
-    for name, sample in progress(items, "sweep") if len(items) > 1 else items:
-        todo = [a for a in cfg.attacks if (name, sample.name, a) not in done]
-        if todo:
-            if (name, sample.name) not in runs:
-                runs[name, sample.name] = {}
-                results["runs"].append(runs[name, sample.name])
-            attack_image(cfg, name, models[name], sample, folder, todo, runs[name, sample.name], save)
-    finish(folder, results["runs"])
+    pairs = [(name, sample) for name in models for sample in samples][k::n]
+    for name, sample in progress(pairs, "sweep") if len(pairs) > 1 else pairs:
+        todo = recorder.todo(name, sample, cfg.attacks)
+        if not todo:
+            continue
+        analysed = "rank_deficiency" in recorder.runs.get((name, sample.name), {})
+        for event in experiment(models[name], sample, todo, settings, cfg.seed, cfg.device, analysed):
+            recorder.record(name, sample, event)
+    write_figure_and_summary(folder, results["runs"])
 
 
-def csv_float(value: float | None) -> str:
-    return "inf" if value is None else repr(value)  # None: an exact (infinite-PSNR) reconstruction
-
-
-def finish(folder: Path, runs: list[dict]) -> None:
+def write_figure_and_summary(folder: Path, runs: list[dict]) -> None:
     """The figure (first rows of a sweep) and the summary tables, printed."""
     shown = [r for r in runs if r.get("attacks")][:FIGURE_ROWS]
     if shown:
@@ -1125,49 +1325,12 @@ def merge(folders: list[str], output: str) -> None:
                 runs.append(run)
     append_rows(merged, rows)
     write_json(merged / "results.json", header | {"merged": [str(f) for f in folders], "runs": runs})
-    finish(merged, runs)
-
-
-def analyse(cfg: Config, models: dict[str, Net], samples: list[Sample]) -> None:
-    """Rank deficiency per layer and the security index, without running an attack.
-
-    One table per (model, image); over several images, the security index per model
-    (mean and range): the paper's architecture comparison.
-    """
-    table = []
-    for name, model in models.items():
-        indices = []
-        for sample in samples:
-            grads = client_gradient(model, sample.x.to(cfg.device), sample.label)
-            _, deficiency = recursive_reconstruction(model, grads, verbose=cfg.verbose)
-            indices.append(security_index(deficiency))
-            print(f"{name} on {sample.name}: security index {indices[-1]}")
-            print(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
-            for layer, r in enumerate(deficiency):
-                shape, n = model.shapes[layer], math.prod(model.shapes[layer])
-                equations = math.prod(model.shapes[layer + 1]) + model.layers[layer].weight.numel()
-                print(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
-        table.append((name, np.mean(indices), min(indices), max(indices)))
-    if len(samples) > 1:
-        print(f"\nsecurity index over {len(samples)} images")
-        print("| model | mean | min | max |\n|---|---|---|---|")
-        for name, mean, lo, hi in table:
-            print(f"| {name} | {mean:.1f} | {lo} | {hi} |")
-
-
-def list_models() -> None:
-    for name, arch in MODELS.items():
-        convs = "; ".join(f"conv {i}->{o} k{k} s{s} p{p}" for i, o, k, s, p in arch.convs)
-        print(f"{name:9s} {convs}; fc  | {arch.acts}{' | conv bias' if arch.bias else ''}")
+    write_figure_and_summary(merged, runs)
 
 
 # =============================================================================
-# Main
+# Command line and main
 # =============================================================================
-
-ITERATION_HELP = {"dlg_iters": "L-BFGS steps of DLG and iDLG", "cosine_iters": "Adam steps of Cosine+TV",
-                  "hybrid_iters": "N: hybrid Adam steps (4N at layer 1, N//2 above)",
-                  "hybrid_iters_first": "N0: hybrid Adam steps at layer 0, the image"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -1182,46 +1345,73 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def iterations(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"an iteration count cannot be negative: {value}")
-    return value
+CLI_ONLY = ("flag", "also", "convert", "preset", "default_cli")  # setting() keys argparse doesn't take
+
+
+def add_setting(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """The flag of one Config field, from its metadata (setting())."""
+    meta = f.metadata
+    flags = [meta.get("flag", "--" + f.name.replace("_", "-"))] + ([meta["also"]] if "also" in meta else [])
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    kwargs = {k: v for k, v in meta.items() if k not in CLI_ONLY}
+    if isinstance(default, bool):
+        parser.add_argument(*flags, dest=f.name, action="store_true", **kwargs)
+    else:  # an iteration count left out is the preset's (make_config)
+        parser.add_argument(*flags, dest=f.name, default=None if meta.get("preset") else
+                            meta.get("default_cli", default), **kwargs)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="hybrid.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    add = p.add_argument
-    add("--model", nargs="+", default=["cnn4_c2"], metavar="NAME", help="target models (--list-models)")
-    add("--index", nargs="+", default=["3"], metavar="I",
-        help="CIFAR-10 training images, or positions in the bundled list with --source samples; "
-             "ranges such as 0-99 or 0-9,20,31")
-    add("--source", choices=["cifar10", "samples"], default="cifar10",
-        help="CIFAR-10 (falls back to the bundled photographs offline) or scikit-image's photographs")
-    add("--image", nargs="+", default=[], metavar="PATH", help="attack these RGB image files (or folders of them)")
-    add("--label", type=int, default=0, help="class of the --image files (0-9)")
-    add("--attacks", nargs="+", choices=list(ATTACKS), default=list(ATTACKS_ORDER), metavar="NAME",
-        help=f"attacks to run, from {' '.join(ATTACKS_ORDER)}")
-    for name, text in ITERATION_HELP.items():
-        add(f"--{name.replace('_', '-')}", type=iterations, default=None, metavar="N",
-            help=f"{text} (paper: {PAPER_ITERS[name]}; --quick: {QUICK_ITERS[name]})")
-    add("--quick", action="store_true", help="smoke-test iteration counts")
-    add("--compile", action="store_true",
-        help="hybrid: torch.compile its objective and gradient (steps about 40%% faster; compiling "
-             "takes up to 20 s per layer on a CPU the first time, a few seconds from the disk cache)")
-    add("--true-label", action="store_true", help="hand the true label to every attack (ablation)")
-    add("--seed", type=int, default=10, help="seed set before every attack")
-    add("--model-seed", type=int, default=10, help="seed set before building a model (published: 10)")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA where available")
-    add("--output", default=OUTPUT_PATH, metavar="DIR", help="each run writes a new folder here")
-    add("--data", default=DATA_PATH, metavar="DIR", help="CIFAR-10 folder (downloaded if missing)")
-    add("--analyse", action="store_true", help="print rank deficiencies and security index; no attack")
-    add("--shard", metavar="K/N", help="run every N-th (model, image) from the K-th (SLURM job arrays)")
-    add("--resume", metavar="RUN_FOLDER", help="complete this run folder, skipping what it holds")
-    add("--merge", nargs="+", metavar="FOLDER", help="combine the run folders of shards into one summary")
-    add("--list-models", action="store_true", help="list the models and exit")
-    add("-v", "--verbose", action="store_true", help="per-layer details")
+    for f in dataclasses.fields(Config):
+        add_setting(p, f)
+    p.add_argument("--quick", action="store_true", help="smoke-test iteration counts")
+    p.add_argument("--merge", nargs="+", metavar="FOLDER", help="combine the run folders of shards into one summary")
+    p.add_argument("--list-models", action="store_true", help="list the models and exit")
     return p.parse_args(argv)
+
+
+def parse_indices(tokens: list[str | int]) -> list[int]:
+    """'3', '0-99', '0-9,20,31' (several tokens allowed) -> indices, in order, once each."""
+    out = []
+    for token in ",".join(map(str, tokens)).split(","):
+        first, dash, last = token.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise UserError(f"--index: '{token.strip()}' is not an index or a range such as 0-99") from None
+        if hi < lo:
+            raise UserError(f"--index: the range '{token.strip()}' is empty")
+        out.extend(range(lo, hi + 1))
+    return list(dict.fromkeys(out))
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise UserError(f"--shard {text}: expected K/N with 0 <= K < N, e.g. 3/16")
+    return int(k), int(n)
+
+
+def check_label(label: int) -> int:
+    if not 0 <= label < 10:
+        raise UserError(f"--label {label} is not a CIFAR-10 class (0-9)")
+    return label
+
+
+def resolve_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible here (see CUDA_VISIBLE_DEVICES)")
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def check_resume(folder: str | None) -> str | None:
+    if folder is not None and not Path(folder).is_dir():
+        raise UserError(f"--resume {folder}: no such run folder")
+    return folder
 
 
 def check_compiler(device: str) -> None:
@@ -1233,25 +1423,24 @@ def check_compiler(device: str) -> None:
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    """Resolve the command line into a Config: iteration counts, device, checks."""
-    if not 0 <= args.label < 10:
-        raise UserError(f"--label {args.label} is not a CIFAR-10 class (0-9)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible here (see CUDA_VISIBLE_DEVICES)")
-    if args.resume and not Path(args.resume).is_dir():
-        raise UserError(f"--resume {args.resume}: no such run folder")
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if args.compile:
-        check_compiler(device)
-    iters = {k: v if getattr(args, k) is None else getattr(args, k)
-             for k, v in (QUICK_ITERS if args.quick else PAPER_ITERS).items()}
-    return Config(models=list(dict.fromkeys(args.model)), indices=parse_indices(args.index),
-                  source=args.source, images=args.image, label=args.label,
-                  attacks=[a for a in ATTACKS_ORDER if a in args.attacks], quick=args.quick,
-                  true_label=args.true_label, seed=args.seed, model_seed=args.model_seed,
-                  device=device, output=args.output, data=args.data, analyse=args.analyse,
-                  verbose=args.verbose, compile=args.compile, shard=parse_shard(args.shard),
-                  resume=args.resume, **iters)
+    """Resolve the command line into a Config: presets, conversions and checks."""
+    values = {}
+    for f in dataclasses.fields(Config):
+        value = getattr(args, f.name)
+        if f.metadata.get("preset") and value is None:
+            value = (QUICK_ITERS if args.quick else PAPER_ITERS)[f.name]
+        convert = f.metadata.get("convert")
+        values[f.name] = convert(value) if convert else value
+    cfg = Config(**values)
+    if cfg.compile:
+        check_compiler(cfg.device)
+    return cfg
+
+
+def list_models() -> None:
+    for name, arch in MODELS.items():
+        convs = "; ".join(f"conv {i}->{o} k{k} s{s} p{p}" for i, o, k, s, p in arch.convs)
+        print(f"{name:9s} {convs}; fc  | {arch.acts}{' | conv bias' if arch.bias else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1271,7 +1460,7 @@ def main(argv: list[str] | None = None) -> int:
         models = {name: build_model(name, cfg.model_seed).to(cfg.device) for name in cfg.models}
         samples = load_images(cfg)
         if cfg.analyse:
-            analyse(cfg, models, samples)
+            analyse(models, samples, cfg.device)
             return 0
         folder = Path(cfg.resume) if cfg.resume else \
             new_run_folder(cfg.output, cfg.models[0] if len(cfg.models) == 1 else "grid")

@@ -25,3 +25,8 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """python hybrid.py ARGS as a user runs it."""
     return subprocess.run([sys.executable, str(ROOT / "hybrid.py"), *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs and long optimisations; "
+                            "pytest -m 'not slow' skips them for a sub-minute inner loop")

@@ -1,8 +1,9 @@
-"""The attacks of SPEC 6 on small models with small iteration counts."""
+"""The attacks on small models with small iteration counts, and the experiment that runs them."""
 import dataclasses
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 import hybrid as H
 from conftest import run_script
 
-QUICK = H.Config(**H.QUICK_ITERS)
+QUICK = H.AttackSettings.of(H.Config(**H.QUICK_ITERS))
 
 
 def true_system(model, x, label, layer):
@@ -66,52 +67,53 @@ def test_functional_objective_is_the_autograd_one(name, layer, chelsea):
     model = H.build_model(name)
     grads, system, x = near_the_true_input(model, chelsea, layer)
     weights = (1.0, 1.0, 0.1)
-    eager = H.hybrid_gradient(model, system, grads, chelsea.label, weights, compile=False)(x)
-    functional = torch.func.grad_and_value(H.hybrid_objective, argnums=2)(
-        model, system, x.detach(), grads, torch.tensor([chelsea.label]), weights, True)
+    eager = H.hybrid_grad_and_value(model, system, grads, chelsea.label, weights, compile=False)(x)
+    functional = torch.func.grad_and_value(H.functional_hybrid_objective, argnums=2)(
+        model, system, x.detach(), grads, torch.tensor([chelsea.label]), weights)
     assert_same_value_and_gradient(eager, functional)
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
                     reason="torch.compile needs a C++ compiler on the CPU")
+@pytest.mark.slow
 def test_compiled_hybrid_gradient_is_autograds(samples):
     """--compile: torch.func + torch.compile give the double backward's value and gradient,
     also on a second image and label of the same shapes (nothing of the first is baked in)."""
     model = H.build_model("cnn3_c1")
     for sample in samples[3], samples[0]:
         grads, system, x = near_the_true_input(model, sample, 1)
-        eager, compiled = (H.hybrid_gradient(model, system, grads, sample.label, (1.0, 1.0, 0.1), compile=c)(x)
+        eager, compiled = (H.hybrid_grad_and_value(model, system, grads, sample.label, (1.0, 1.0, 0.1), compile=c)(x)
                            for c in (False, True))
         assert_same_value_and_gradient(eager, compiled)
 
 
 def test_hybrid_schedule_is_the_papers_table():
-    cfg = H.Config()
-    assert H.hybrid_schedule(0, cfg) == (1.0, 1.0, 0.05, 10000)
-    assert H.hybrid_schedule(1, cfg) == (1.0, 1.0, 0.1, 8000)
-    assert H.hybrid_schedule(2, cfg) == (10.0, 0.1, 1.0, 1000)
-    assert H.hybrid_schedule(5, cfg) == (10.0, 0.1, 1.0, 1000)
+    settings = H.AttackSettings.of(H.Config())  # the defaults are the paper's iteration counts
+    assert H.hybrid_schedule(0, settings) == (1.0, 1.0, 0.05, 10000)
+    assert H.hybrid_schedule(1, settings) == (1.0, 1.0, 0.1, 8000)
+    assert H.hybrid_schedule(2, settings) == (10.0, 0.1, 1.0, 1000)
+    assert H.hybrid_schedule(5, settings) == (10.0, 0.1, 1.0, 1000)
 
 
-def run(name, attack, sample, cfg=QUICK):
+def run(name, attack, sample, settings=QUICK):
     model = H.build_model(name)
     grads = H.client_gradient(model, sample.x, sample.label)
-    H.seed_everything(cfg.seed)
-    result = H.ATTACKS[attack](model, grads, H.recover_label(grads), cfg)
+    H.seed_everything(H.PUBLISHED_SEED)
+    result = H.ATTACKS[attack](model, grads, H.recover_label(grads), settings)
     return result, H.score(H.to_image(sample.x), H.to_image(result.x))
 
 
 def test_hybrid_beats_rgap_where_rgap_is_not_exact(chelsea):
-    cfg = dataclasses.replace(QUICK, hybrid_iters_first=300)
-    _, rgap = run("cnn2_c2", "rgap", chelsea, cfg)
-    hybrid_result, hybrid = run("cnn2_c2", "hybrid", chelsea, cfg)
+    settings = dataclasses.replace(QUICK, hybrid_iters_first=300)
+    _, rgap = run("cnn2_c2", "rgap", chelsea, settings)
+    hybrid_result, hybrid = run("cnn2_c2", "hybrid", chelsea, settings)
     assert hybrid["psnr"] > rgap["psnr"] + 1
     assert hybrid_result.info["rank_deficiency"] == [-1470]
 
 
 def test_hybrid_stays_exact_enough_on_a_full_rank_model(chelsea):
-    cfg = dataclasses.replace(QUICK, hybrid_iters_first=300)
-    _, hybrid = run("cnn2_c1", "hybrid", chelsea, cfg)
+    settings = dataclasses.replace(QUICK, hybrid_iters_first=300)
+    _, hybrid = run("cnn2_c1", "hybrid", chelsea, settings)
     assert hybrid["psnr"] > 25
 
 
@@ -119,8 +121,8 @@ def test_hybrid_stays_exact_enough_on_a_full_rank_model(chelsea):
 def test_optimisation_attacks_lower_their_objective(attack, chelsea):
     # L-BFGS at lr 1 without line search (as DLG has it) can jump uphill and stay
     # there on a saturated tanh; on cnn4_c2 its first steps descend.
-    cfg = dataclasses.replace(QUICK, dlg_iters=5, cosine_iters=50)
-    result, metrics = run("cnn4_c2", attack, chelsea, cfg)
+    settings = dataclasses.replace(QUICK, dlg_iters=5, cosine_iters=50)
+    result, metrics = run("cnn4_c2", attack, chelsea, settings)
     assert result.x.shape == (1, 3, 32, 32) and torch.isfinite(result.x).all()
     assert result.info["objective_end"] < result.info["objective_start"]
     assert np.isfinite(metrics["psnr"]) and np.isfinite(metrics["ssim"])
@@ -128,49 +130,98 @@ def test_optimisation_attacks_lower_their_objective(attack, chelsea):
         assert result.label == chelsea.label
 
 
-def test_true_label_is_handed_to_every_attack(chelsea):
+TINY = dataclasses.replace(QUICK, dlg_iters=2, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
+
+
+def answers(model, sample, attacks, settings=TINY, seed=H.PUBLISHED_SEED):
+    """attack -> its Answer, through the experiment as the script runs it (no seeding here)."""
+    events = H.experiment(model, sample, attacks, settings, seed, "cpu")
+    return {e.attack: e for e in events if isinstance(e, H.Answer)}
+
+
+def test_true_label_is_handed_to_every_attack(chelsea, monkeypatch):
+    """With --true-label every attack gets the client's label, else the recovered one;
+    recover_label is made to be wrong here so that the two differ."""
     model = H.build_model("cnn2_c4")
-    grads = H.client_gradient(model, chelsea.x, 7)  # the client trains the cat as class 7
-    cfg = dataclasses.replace(QUICK, true_label=True, dlg_iters=2)
-    H.seed_everything(cfg.seed)
-    assert H.attack_dlg(model, grads, 7, cfg).label == 7  # DLG optimises the image only
+    wrong = (chelsea.label + 1) % 10
+    monkeypatch.setattr(H, "recover_label", lambda grads: wrong)
+    given = answers(model, chelsea, list(H.ATTACKS), dataclasses.replace(TINY, true_label=True))
+    assert {a: e.entry["label"] for a, e in given.items()} == dict.fromkeys(H.ATTACKS, chelsea.label)
+    recovered = answers(model, chelsea, ["rgap", "idlg", "cosine", "hybrid"])
+    assert {e.entry["label"] for e in recovered.values()} == {wrong}
 
 
-def test_attacks_never_see_the_private_image(chelsea):
+def test_attacks_see_the_image_only_through_the_gradient(chelsea, samples, monkeypatch):
+    """The threat model: attacks take (model, gradient, label, settings), and the
+    experiment hands them nothing else of the client's. Two different private images
+    behind one and the same shared gradient must give the same reconstructions."""
     for name, attack in H.ATTACKS.items():
-        params = list(inspect.signature(attack).parameters)
-        assert params == ["model", "grads", "label", "cfg"], name
+        assert list(inspect.signature(attack).parameters) == ["model", "grads", "label", "settings"], name
     model = H.build_model("cnn2_c4")
-    x = chelsea.x.clone()
-    grads = H.client_gradient(model, x, chelsea.label)
-    cfg = dataclasses.replace(QUICK, dlg_iters=2, cosine_iters=10, hybrid_iters_first=10)
-
-    def everything():
-        out = []
-        for attack in H.ATTACKS.values():
-            H.seed_everything(cfg.seed)
-            out.append(attack(model, grads, 3, cfg).x)
-        return out
-
-    before = everything()
-    x.copy_(torch.rand_like(x) - 0.5)  # the client's image is overwritten with noise
-    for a, b in zip(before, everything()):
-        assert torch.equal(a, b)
+    shared = H.client_gradient(model, chelsea.x, chelsea.label)
+    monkeypatch.setattr(H, "client_gradient", lambda model, x, label: shared)
+    other = H.Sample(chelsea.name, samples[0].x, chelsea.label)  # another image, the same label
+    first, second = answers(model, chelsea, list(H.ATTACKS)), answers(model, other, list(H.ATTACKS))
+    for attack in H.ATTACKS:
+        assert np.array_equal(first[attack].recon, second[attack].recon), attack
+    assert first["rgap"].entry["psnr"] != second["rgap"].entry["psnr"]  # the scores do see the image
 
 
 def test_every_attack_is_reseeded(chelsea):
-    """Any subset in any order gives the same numbers."""
+    """Any subset of the attacks, in any order, gives the same numbers: the experiment
+    reseeds before each attack (the test seeds nothing, and disturbs the generators)."""
     model = H.build_model("cnn2_c4")
-    grads = H.client_gradient(model, chelsea.x, chelsea.label)
-    cfg = dataclasses.replace(QUICK, dlg_iters=2, cosine_iters=10)
-    results = {}
-    for order in (["dlg", "cosine"], ["cosine", "dlg"]):
-        for name in order:
-            H.seed_everything(cfg.seed)
-            results.setdefault(name, []).append(H.ATTACKS[name](model, grads, 3, cfg).x)
-    assert all(torch.equal(*pair) for pair in results.values())
+    runs = []
+    for order in (["dlg", "cosine", "hybrid"], ["cosine", "hybrid", "dlg"], ["hybrid"], ["cosine"]):
+        torch.randn(7), np.random.rand(3)  # whatever came before must not matter
+        runs.append(answers(model, chelsea, order))
+    for attack in ("dlg", "cosine", "hybrid"):
+        recons = [run[attack].recon for run in runs if attack in run]
+        assert len(recons) >= 2 and all(np.array_equal(recons[0], r) for r in recons[1:]), attack
+    assert not np.array_equal(runs[0]["dlg"].recon, runs[0]["cosine"].recon)
 
 
+def test_the_seed_is_the_runs(chelsea):
+    """--seed changes the attacks that start from noise: the reseeding uses it."""
+    model = H.build_model("cnn2_c4")
+    a, b = answers(model, chelsea, ["cosine"], seed=10), answers(model, chelsea, ["cosine"], seed=11)
+    assert not np.array_equal(a["cosine"].recon, b["cosine"].recon)
+
+
+SAMPLE_OUTPUT = json.loads((Path(__file__).resolve().parents[1] / "assets" / "sample_output.json").read_text())
+
+
+def committed(model, image, attack):
+    (run_,) = [r for r in SAMPLE_OUTPUT["runs"] if (r["model"], r["image"]) == (model, image)]
+    return run_["attacks"][attack]
+
+
+@pytest.mark.parametrize("model,position", [("cnn2_c2", 3), ("cnn2_c2", 0), ("cnn4_c1", 3),
+                                            pytest.param("cnn4_c2", 3, marks=pytest.mark.slow)])
+def test_rgap_remakes_the_committed_sample_output(model, position, samples):
+    """assets/sample_output.json was made at paper settings by assets/make_sample_output.sh;
+    R-GAP has no iterations, so its numbers must come back exactly (to float rounding)."""
+    sample = samples[position]
+    result, metrics = run(model, "rgap", sample)
+    expected = committed(model, sample.name, "rgap")
+    assert metrics["psnr"] == pytest.approx(expected["psnr"], abs=0.01)
+    assert metrics["ssim"] == pytest.approx(expected["ssim"], abs=1e-4)
+    assert result.info["security_index"] == [r for r in SAMPLE_OUTPUT["runs"]
+                                             if (r["model"], r["image"]) == (model, sample.name)][0]["security_index"]
+
+
+@pytest.mark.slow
+def test_hybrid_remakes_the_committed_sample_output(chelsea):
+    """The hybrid on cnn2_c2 at paper settings (10000 Adam steps on the image): a smooth,
+    non-chaotic optimisation, so its PSNR comes back to 0.05 dB."""
+    settings = H.AttackSettings.of(H.Config())
+    _, metrics = run("cnn2_c2", "hybrid", chelsea, settings)
+    expected = committed("cnn2_c2", chelsea.name, "hybrid")
+    assert metrics["psnr"] == pytest.approx(expected["psnr"], abs=0.05)
+    assert metrics["ssim"] == pytest.approx(expected["ssim"], abs=1e-3)
+
+
+@pytest.mark.slow
 def test_all_five_attacks_end_to_end(tmp_path):
     out = run_script("--quick", "--source", "samples", "--output", str(tmp_path))
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,4 @@
-"""The linear algebra of SPEC 5, each piece against an independent computation."""
+"""The linear systems of the recursion, each piece against an independent computation."""
 import itertools
 
 import numpy as np

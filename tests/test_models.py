@@ -1,4 +1,4 @@
-"""The model zoo (SPEC 3), the client (SPEC 4) and label recovery (SPEC 6)."""
+"""The model zoo, the client's gradient and label recovery."""
 import math
 
 import pytest

@@ -1,15 +1,13 @@
 """Sweeps: index ranges, rows as they land, summaries, resume after a kill, shards."""
 import csv
-import signal
-import subprocess
-import sys
-import time
+import json
+import shutil
 
 import numpy as np
 import pytest
 
 import hybrid as H
-from conftest import ROOT, run_script
+from conftest import run_script
 
 SWEEP = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn2_c4", "--index", "0,3",
          "--attacks", "rgap", "idlg", "hybrid"]
@@ -60,6 +58,7 @@ def test_bad_shard():
     assert out.returncode == 2 and "--shard 2/2" in out.stderr
 
 
+@pytest.mark.slow
 def test_sweep_writes_a_row_per_item_and_a_true_summary(full_sweep):
     rows = rows_of(full_sweep)
     assert len(rows) == 2 * 2 * 3
@@ -80,29 +79,45 @@ def test_sweep_writes_a_row_per_item_and_a_true_summary(full_sweep):
     assert (full_sweep / "comparison.png").exists()
 
 
-def test_killed_sweep_resumes_to_the_same_rows(full_sweep, tmp_path):
-    slow = ["--hybrid-iters-first", "400"]  # so that the kill lands mid-way
-    proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid.py"), *SWEEP, *slow, "--output", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        csvs = list(tmp_path.glob("*/results.csv"))
-        if csvs and len(csvs[0].read_text().splitlines()) >= 3:  # header + 2 rows
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (folder,) = list(tmp_path.iterdir())
-    assert 2 <= len(rows_of(folder)) < 12  # it was interrupted mid-way
-    out = run_script(*SWEEP, *slow, "--output", str(tmp_path), "--resume", str(folder))
+def killed_copy(folder, dst, n_rows):
+    """`folder` as a kill during its (n_rows+1)-th row would leave it: n_rows whole rows
+    and half a line in results.csv, those attacks alone in results.json, no figure."""
+    shutil.copytree(folder, dst, ignore=shutil.ignore_patterns("comparison.png", "summary.*"))
+    lines = (folder / "results.csv").read_text().splitlines(keepends=True)
+    (dst / "results.csv").write_text("".join(lines[: 1 + n_rows]) + lines[1 + n_rows][:15])
+    kept = {tuple(r[k] for k in KEY) for r in rows_of(folder)[:n_rows]}
+    results = json.loads((folder / "results.json").read_text())
+    for run in results["runs"]:
+        run["attacks"] = {a: e for a, e in run["attacks"].items() if (run["model"], run["image"], a) in kept}
+    (dst / "results.json").write_text(json.dumps(results))
+    return dst
+
+
+@pytest.mark.slow
+def test_read_rows_skips_a_cut_line_and_resume_drops_it(full_sweep, tmp_path):
+    folder = killed_copy(full_sweep, tmp_path / "killed", 5)
+    before = (folder / "results.csv").read_text()
+    assert len(H.read_rows(folder)) == 5 and (folder / "results.csv").read_text() == before  # reading writes nothing
+    H.drop_partial_row(folder)
+    assert (folder / "results.csv").read_text() == before[: before.rfind("\n") + 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_rows", [2, 7])
+def test_killed_sweep_resumes_to_the_same_rows(full_sweep, tmp_path, n_rows):
+    folder = killed_copy(full_sweep, tmp_path / "killed", n_rows)
+    out = run_script(*SWEEP, "--output", str(tmp_path), "--resume", str(folder))
     assert out.returncode == 0, out.stderr
-    assert list(tmp_path.iterdir()) == [folder]  # resumed in place
+    assert sorted(tmp_path.iterdir()) == [folder]  # resumed in place
     rows = rows_of(folder)
-    assert len(rows) == 12 and len({tuple(r[k] for k in KEY) for r in rows}) == 12
-    reference = [r for r in rows_of(full_sweep) if r["attack"] != "hybrid"]
-    assert comparable([r for r in rows if r["attack"] != "hybrid"]) == comparable(reference)
+    assert len(rows) == 12 and comparable(rows) == comparable(rows_of(full_sweep))
+    assert rows[:n_rows] == rows_of(full_sweep)[:n_rows]  # what it had finished, untouched
+    results = json.loads((folder / "results.json").read_text())
+    assert sum(len(run["attacks"]) for run in results["runs"]) == 12
+    assert len(results["resumed"]) == 1 and (folder / "comparison.png").exists()
 
 
+@pytest.mark.slow
 def test_shards_cover_every_item_once_and_merge_to_the_same_summary(full_sweep, tmp_path):
     for shard in ("0/2", "1/2"):
         out = run_script(*SWEEP, "--output", str(tmp_path / "shards"), "--shard", shard)

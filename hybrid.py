@@ -64,14 +64,18 @@ import importlib.util
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import resource
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -81,6 +85,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -116,6 +121,23 @@ def iterations(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"an iteration count cannot be negative: {value}")
     return value
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {value}")
+    return value
+
+
+def jobs_value(text: str) -> int:
+    """N worker processes, or 'auto': one per core this process may run on."""
+    if text == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        return positive(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto': '{text}'") from None
 
 
 def seed_value(text: str) -> int:
@@ -167,6 +189,11 @@ class Config:
                                      metavar="K/N", default_cli=None, convert=lambda t: parse_shard(t))
     resume: str | None = setting(None, "complete this run folder, skipping what it holds",
                                  metavar="RUN_FOLDER", convert=lambda d: check_resume(d))
+    jobs: int = setting(1, "worker processes, each attacking one (model, image) at a time; 'auto': one "
+                        "per core this process may use", type=jobs_value, metavar="N|auto")
+    threads: int = setting(1, "threads per process for torch and the BLAS libraries; 1 keeps runs side by "
+                           "side from fighting over cores, more halves the least-squares solves when "
+                           "cores are idle", type=positive, metavar="T")
     verbose: bool = setting(False, "per-layer details", flag="-v", also="--verbose")
 
 
@@ -191,6 +218,16 @@ def seed_everything(seed: int) -> None:
     """The one seeding helper: models are built and every attack starts after it."""
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+def configure_torch(device: str, threads: int) -> None:
+    """Per process: `threads` threads for torch and the BLAS libraries (measured in the README:
+    batch-1 attack loops gain nothing from a second thread, and two processes of two threads
+    on two cores run 1.6-4x slower than two of one); PyTorch's own CPU convolutions."""
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)  # OpenBLAS of numpy and scipy (the pivoted QR of the solves)
+    if device == "cpu":  # oneDNN's convolutions lose to PyTorch's own on the batch-1
+        torch.backends.mkldnn.enabled = False  # double backward (README: 25% per step)
 
 
 def progress(steps: int | Iterable, desc: str) -> tqdm:
@@ -1264,11 +1301,41 @@ class Recorder:
                                    "psnr": psnr_for_csv(entry["psnr"]), "ssim": entry["ssim"],
                                    "seconds": entry["seconds"]}])
         self.done.add((model_name, sample.name, event.attack))
-        self.results["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        self.results["peak_memory_mb"] = max(resource.getrusage(who).ru_maxrss // 1024  # workers, once ended
+                                             for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
         write_json(self.folder / "results.json", self.results)
         print(f"{model_name:9s} {sample.name:18s} {DISPLAY[event.attack]:9s}  PSNR {format_psnr(entry['psnr'], 2):>9s}  "
               f"SSIM {entry['ssim']:.3f}  label {entry['label']}{'' if entry['label_correct'] else ' (wrong)'}  "
               f"{entry['seconds']:6.1f} s", flush=True)
+
+
+class Pair(NamedTuple):
+    """One (model, image) of a sweep, with what is left to do on it."""
+
+    model: str
+    sample: Sample
+    attacks: list[str]  # the attacks not yet recorded
+    analysed: bool  # the run holds its rank analysis already
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.model, self.sample.name
+
+
+def pending_pairs(cfg: Config, samples: list[Sample], recorder: Recorder) -> list[Pair]:
+    """This shard's (model, image) pairs, every N-th from the K-th, less what the folder holds."""
+    k, n = cfg.shard
+    pairs = []
+    for name, sample in [(name, sample) for name in cfg.models for sample in samples][k::n]:
+        todo = recorder.todo(name, sample, cfg.attacks)
+        if todo:
+            pairs.append(Pair(name, sample, todo, "rank_deficiency" in recorder.runs.get((name, sample.name), {})))
+    return pairs
+
+
+def run_pair(cfg: Config, pair: Pair, model: Net | None = None) -> Iterator[RankAnalysis | Answer]:
+    model = build_model(pair.model, cfg.model_seed).to(cfg.device) if model is None else model
+    return experiment(model, pair.sample, pair.attacks, AttackSettings.of(cfg), cfg.seed, cfg.device, pair.analysed)
 
 
 def sweep(cfg: Config, argv: list[str], models: dict[str, Net], samples: list[Sample], folder: Path) -> None:
@@ -1280,17 +1347,100 @@ def sweep(cfg: Config, argv: list[str], models: dict[str, Net], samples: list[Sa
     if cfg.resume:
         drop_partial_row(folder)
     recorder = Recorder(folder, results)
-    settings = AttackSettings.of(cfg)
-    k, n = cfg.shard
-    pairs = [(name, sample) for name in models for sample in samples][k::n]
-    for name, sample in progress(pairs, "sweep") if len(pairs) > 1 else pairs:
-        todo = recorder.todo(name, sample, cfg.attacks)
-        if not todo:
-            continue
-        analysed = "rank_deficiency" in recorder.runs.get((name, sample.name), {})
-        for event in experiment(models[name], sample, todo, settings, cfg.seed, cfg.device, analysed):
-            recorder.record(name, sample, event)
+    pairs = pending_pairs(cfg, samples, recorder)
+    record = lambda pair, events: [recorder.record(pair.model, pair.sample, e) for e in events]  # noqa: E731
+    if cfg.jobs == 1:
+        for pair in progress(pairs, "sweep") if len(pairs) > 1 else pairs:
+            record(pair, run_pair(cfg, pair, models[pair.model]))
+        failed = {}
+    else:
+        failed = run_in_workers(cfg, pairs, record)
     write_figure_and_summary(folder, results["runs"])
+    if failed:
+        raise PairsFailed("; ".join(f"{m} on {i}: {why}" for (m, i), why in failed.items()))
+
+
+class PairsFailed(Exception):
+    """Pairs of a sweep that a worker could not finish: the rest is recorded; --resume retries them."""
+
+
+# -- --jobs N: pairs in worker processes; the parent alone writes the folder --------------
+# concurrent.futures with spawned workers, each of --threads threads. A pair's numbers
+# cannot depend on the worker that ran it: every attack is reseeded (experiment).
+
+_started = None  # in a worker: the queue on which it announces each pair it starts (unbuffered)
+
+
+def start_worker(cfg: Config, started: multiprocessing.SimpleQueue) -> None:
+    global _started
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
+    _started = started
+    configure_torch(cfg.device, cfg.threads)
+
+
+def worker_pair(cfg: Config, pair: Pair) -> list[RankAnalysis | Answer]:
+    _started.put(pair.key)
+    return list(run_pair(cfg, pair))
+
+
+def run_in_workers(cfg: Config, pairs: list[Pair], record: Callable) -> dict[tuple[str, str], str]:
+    """The pairs in cfg.jobs workers, each recorded by the parent as it comes back.
+
+    A worker that dies (killed, out of memory) breaks concurrent.futures' pool and every
+    pair then in flight; those run again one at a time, so that only a pair that kills
+    its worker on its own is lost. Returns the pairs lost, with the reason.
+    """
+    failed, queue, suspects = {}, list(pairs), []
+    while queue or suspects:
+        if suspects:
+            in_flight, not_started = run_batch(cfg, [suspects.pop(0)], 1, record, failed)
+            failed |= {p.key: "its worker died (killed, or out of memory?)" for p in in_flight + not_started}
+        else:
+            suspects, queue = run_batch(cfg, queue, cfg.jobs, record, failed)
+            if queue and not suspects:  # a worker died before it could say which pair it ran
+                suspects, queue = queue, []
+    return failed
+
+
+def run_batch(cfg: Config, pairs: list[Pair], jobs: int, record: Callable,
+              failed: dict) -> tuple[list[Pair], list[Pair]]:
+    """Run pairs in a pool of `jobs` workers until all are back or a worker dies; then
+    return the pairs in flight and those not started (both empty if none died)."""
+    started = multiprocessing.get_context("spawn").SimpleQueue()  # put() is written at once
+    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), start_worker, (cfg, started))
+    futures, running, finished = {pool.submit(worker_pair, cfg, p): p for p in pairs}, set(), set()
+    bar = progress(len(pairs), "pairs")
+    try:
+        while futures.keys() - finished:
+            done, _ = wait(futures.keys() - finished, timeout=2, return_when=FIRST_COMPLETED)
+            while not started.empty():
+                running.add(started.get())
+            for future in done:
+                pair = futures[future]
+                try:
+                    record(pair, future.result())
+                except BrokenProcessPool:
+                    return ([p for f, p in futures.items() if f not in finished and p.key in running],
+                            [p for f, p in futures.items() if f not in finished and p.key not in running])
+                except Exception as e:  # a bug on one pair: the others go on
+                    failed[pair.key] = f"{type(e).__name__}: {e}"
+                finished.add(future)
+                bar.update()
+            bar.set_postfix_str(", ".join(f"{m} {i}" for m, i in sorted(running - {futures[f].key for f in finished})))
+        pool.shutdown()
+        return [], []
+    finally:
+        stop_workers(pool)
+        started.close()
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Workers end with the pool; on Ctrl-C or a failure they are stopped, not awaited."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # private, but no public way before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
 
 
 def write_figure_and_summary(folder: Path, runs: list[dict]) -> None:
@@ -1454,8 +1604,7 @@ def main(argv: list[str] | None = None) -> int:
             merge(args.merge, args.output)
             return 0
         cfg = make_config(args)
-        if cfg.device == "cpu":  # oneDNN's convolutions lose to PyTorch's own on batch-1
-            torch.backends.mkldnn.enabled = False  # double backward (README: 25% per step)
+        configure_torch(cfg.device, cfg.threads)
         # models first: an unknown name fails before any download
         models = {name: build_model(name, cfg.model_seed).to(cfg.device) for name in cfg.models}
         samples = load_images(cfg)
@@ -1464,12 +1613,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         folder = Path(cfg.resume) if cfg.resume else \
             new_run_folder(cfg.output, cfg.models[0] if len(cfg.models) == 1 else "grid")
+        print(f"run folder: {folder}", flush=True)
         sweep(cfg, argv, models, samples, folder)
     except UserError as e:
         print(f"hybrid.py: error: {e}", file=sys.stderr)
         return 2
+    except PairsFailed as e:
+        print(f"hybrid.py: not finished, the rest is recorded: {e}; --resume {folder} retries them", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted: run the same command with --resume RUN_FOLDER to finish", file=sys.stderr)
+        where = f"--resume {folder}" if "folder" in locals() else "--resume RUN_FOLDER"
+        print(f"interrupted: run the same command with {where} to finish", file=sys.stderr)
         return 130
     return 0
 

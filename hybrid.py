@@ -23,11 +23,15 @@ Examples:
     python hybrid.py --model cnn4_c2 --index 0-99 --quick --shard 0/4   # a quarter of a sweep
     python hybrid.py --model cnn4_c2 --index 0-99 --compile   # a sweep, the hybrid compiled once
     python hybrid.py --merge output/*_cnn4_c2                          # its shards, summarised
+    python hybrid.py --model all --source samples --index 0-4 --attacks rgap hybrid --jobs auto
+                                                       # does the security index predict leakage?
+    python hybrid.py --model 'cnn3_*' --train-steps 500 --attacks rgap hybrid   # on trained weights
 
 How the file reads: the settings; then the paper's experiment in the order it flows
-(data, models, the client's gradient, the linear systems, R-GAP, the hybrid, the
-baselines, metrics, the experiment on one (model, image), the figure); then the
-machinery of long runs (folders, resume, shards, merge) and the command line.
+(data, models and their weights, the client's gradient, the linear systems, R-GAP, the
+hybrid, the baselines, metrics, the experiment on one (model, image) and the analysis
+of the security index, the figures); then the machinery of long runs (folders, resume,
+shards, merge, worker processes) and the command line.
 
 Where this departs from the published code, and why:
 
@@ -59,6 +63,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fnmatch
 import functools
 import importlib.util
 import json
@@ -74,6 +79,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -157,8 +163,9 @@ def preset(name: str, help: str) -> dataclasses.Field:
 class Config:
     """The resolved settings of a run; results.json records them."""
 
-    models: list[str] = setting(["cnn4_c2"], "target models (--list-models)", flag="--model", nargs="+",
-                                metavar="NAME", convert=lambda names: list(dict.fromkeys(names)))
+    models: list[str] = setting(["cnn4_c2"], "target models (--list-models); 'all' for the whole zoo, or "
+                                "shell patterns such as 'cnn3_*'", flag="--model", nargs="+", metavar="NAME",
+                                convert=lambda names: expand_models(names))
     indices: list[int] = setting([3], "CIFAR-10 training images, or positions in the bundled list with "
                                  "--source samples; ranges such as 0-99 or 0-9,20,31", flag="--index",
                                  nargs="+", metavar="I", type=str, convert=lambda t: parse_indices(t))
@@ -174,6 +181,10 @@ class Config:
     cosine_iters: int = preset("cosine_iters", "Adam steps of Cosine+TV")
     hybrid_iters: int = preset("hybrid_iters", "N: hybrid Adam steps (4N at layer 1, N//2 above)")
     hybrid_iters_first: int = preset("hybrid_iters_first", "N0: hybrid Adam steps at layer 0, the image")
+    train_steps: int = setting(0, "train the model first: SGD steps on mini-batches of 32 training images "
+                               "that never include the attacked one (0: the published initialisation)",
+                               type=iterations, metavar="K")
+    train_lr: float = setting(0.01, "learning rate of that SGD", type=float, metavar="LR")
     compile: bool = setting(False, "hybrid: torch.compile its objective and gradient (steps about 40%% "
                             "faster; compiling takes up to 20 s per layer on a CPU the first time, a few "
                             "seconds from the disk cache)")
@@ -472,6 +483,83 @@ def layer_params(model: Net, grads: list[torch.Tensor], layer: int) -> list[torc
     """The entries of a per-parameter list (e.g. the shared gradient) that belong to a layer."""
     start = sum(len(list(m.parameters())) for m in model.layers[:layer])
     return grads[start : start + len(list(model.layers[layer].parameters()))]
+
+
+# =============================================================================
+# Weights: as published (random initialisation), or trained first
+# =============================================================================
+# The threat model takes the weights "from random initialisation or pre-training". With
+# --train-steps K the model first takes K SGD steps on mini-batches of 32 images that are
+# never the attacked one: CIFAR-10's other training images, or, offline (and for --image
+# files), random crops of the bundled photographs other than the attacked one.
+
+TRAIN_BATCH = 32
+CROP_POOL = 2048  # crops made once per set of photographs; batches are drawn from them
+
+
+@functools.cache
+def photograph_crops(exclude: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """CROP_POOL random crops (a square of 30-100% of the shorter side, anywhere, flipped
+    half the time) of the bundled photographs other than `exclude`, resized to 32x32 with
+    anti-aliasing, in model space; their labels; and which photographs they come from."""
+    import skimage.data
+
+    g = torch.Generator().manual_seed(seed)
+    sources = [(name, torch.as_tensor(load(skimage.data)).permute(2, 0, 1)[None] / 255.0, label)
+               for name, load, label in SAMPLES if name != exclude]
+    xs, ys = [], []
+    for i in torch.randint(len(sources), (CROP_POOL,), generator=g).tolist():
+        _, photo, label = sources[i]
+        h, w = photo.shape[-2:]
+        side = int(min(h, w) * (0.3 + 0.7 * torch.rand(1, generator=g).item()))
+        top, left = (int(torch.randint(n - side + 1, (1,), generator=g)) for n in (h, w))
+        crop = F.interpolate(photo[..., top : top + side, left : left + side], size=(32, 32),
+                             mode="bilinear", antialias=True, align_corners=False)
+        xs.append(crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop)
+        ys.append(label)
+    return torch.cat(xs) - 0.5, torch.tensor(ys), " ".join(name for name, _, _ in sources)
+
+
+def training_data(sample: Sample, seed: int, data_root: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Images, labels and a description of the training set for a model attacked on `sample`."""
+    source, _, key = sample.name.partition(":")
+    if source == "cifar10":
+        import torchvision
+
+        data = torchvision.datasets.CIFAR10(root=data_root, train=True, download=False)
+        keep = np.arange(len(data.data)) != int(key)  # every training image but the attacked one
+        x = torch.as_tensor(data.data[keep]).permute(0, 3, 1, 2)  # uint8 until batched
+        return x, torch.as_tensor(data.targets)[keep], f"CIFAR-10 training set less image {key}"
+    x, y, names = photograph_crops(key if source == "samples" else "", seed)
+    return x, y, f"{CROP_POOL} crops of the bundled photographs {names}"
+
+
+def train(model: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, seed: int) -> float:
+    """`steps` SGD steps on random mini-batches of (x, y), seeded; the last batch's loss."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    device = next(model.parameters()).device
+    loss = torch.tensor(float("nan"))
+    for _ in progress(steps, "training"):
+        batch = torch.randint(len(x), (TRAIN_BATCH,), generator=g)
+        xb = x[batch] / 255.0 - 0.5 if x.dtype == torch.uint8 else x[batch]  # as to_model_space
+        loss = F.cross_entropy(model(xb.to(device)), y[batch].to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def prepare_model(cfg: Config, name: str, sample: Sample) -> tuple[Net, dict | None]:
+    """The model the client holds when it computes its gradient on `sample`, and what
+    training it had (None: the published initialisation)."""
+    model = build_model(name, cfg.model_seed).to(cfg.device)
+    if cfg.train_steps == 0:
+        return model, None
+    x, y, data = training_data(sample, cfg.model_seed, cfg.data)
+    loss = train(model, x, y, cfg.train_steps, cfg.train_lr, cfg.model_seed)
+    return model, {"steps": cfg.train_steps, "lr": cfg.train_lr, "batch": TRAIN_BATCH, "seed": cfg.model_seed,
+                   "data": data, "final_loss": loss}
 
 
 # =============================================================================
@@ -1035,8 +1123,14 @@ def format_psnr(psnr: float | None, digits: int = 1) -> str:
 
 
 # =============================================================================
-# The experiment on one (model, image), and the analysis without attacks
+# The experiment on one (model, image), and the analysis of the security index
 # =============================================================================
+
+
+class Training(NamedTuple):
+    """How the model of one (model, image) was trained before the client's gradient."""
+
+    info: dict  # steps, lr, batch, seed, data, final_loss
 
 
 class RankAnalysis(NamedTuple):
@@ -1084,17 +1178,18 @@ def experiment(model: Net, sample: Sample, attacks: list[str], settings: AttackS
         yield answer
 
 
-def analyse(models: dict[str, Net], samples: list[Sample], device: str) -> None:
+def analyse(cfg: Config, samples: list[Sample]) -> None:
     """Rank deficiency per layer and the security index, without running an attack.
 
     One table per (model, image); over several images, the security index per model
     (mean and range): the paper's architecture comparison.
     """
     table = []
-    for name, model in models.items():
+    for name in cfg.models:
         indices = []
         for sample in samples:
-            deficiency = rank_deficiency(model, client_gradient(model, sample.x.to(device), sample.label))
+            model, _ = prepare_model(cfg, name, sample)
+            deficiency = rank_deficiency(model, client_gradient(model, sample.x.to(cfg.device), sample.label))
             indices.append(security_index(deficiency))
             print(f"{name} on {sample.name}: security index {indices[-1]}")
             print(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
@@ -1110,8 +1205,62 @@ def analyse(models: dict[str, Net], samples: list[Sample], device: str) -> None:
             print(f"| {name} | {mean:.1f} | {lo} | {hi} |")
 
 
+def index_by_model(rows: list[dict]) -> dict[str, list[float]]:
+    """model -> its security index on each of its images (every results.csv row carries its
+    pair's index)."""
+    per_image: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.get("security_index") not in (None, ""):
+            per_image.setdefault(r["model"], {})[r["image"]] = float(r["security_index"])
+    return {model: list(values.values()) for model, values in per_image.items()}
+
+
+def rank_correlation(x: list[float], y: list[float]) -> dict:
+    """Spearman's rho and Kendall's tau (scipy.stats) with their p-values; null where undefined."""
+    from scipy import stats
+
+    out = {"n": len(x), "spearman_rho": None, "spearman_p": None, "kendall_tau": None, "kendall_p": None}
+    if len(x) < 3:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input leaves them undefined (NaN): null
+        values = (*stats.spearmanr(x, y), *stats.kendalltau(x, y))
+    return out | {k: float(v) if np.isfinite(v) else None for k, v in zip(list(out)[1:], values)}
+
+
+def index_correlations(rows: list[dict]) -> dict:
+    """Does the security index predict leakage? Per attack, rank correlations of the index
+    with PSNR over models (each model's mean index and mean PSNR over its images) and over
+    every (model, image) point. The index is <= 0, so leakage that grows as it rises
+    toward 0 gives a positive correlation."""
+    out = {}
+    for attack in ATTACKS_ORDER:
+        points = [r for r in rows if r["attack"] == attack and r.get("security_index") not in (None, "")]
+        by_model: dict[str, list[dict]] = {}
+        for r in points:
+            by_model.setdefault(r["model"], []).append(r)
+        if points:
+            mean = lambda group, key: float(np.mean([float(r[key]) for r in group]))  # noqa: E731
+            out[attack] = {
+                "models": rank_correlation([mean(g, "security_index") for g in by_model.values()],
+                                           [mean(g, "psnr") for g in by_model.values()]),
+                "pairs": rank_correlation([float(r["security_index"]) for r in points],
+                                          [float(r["psnr"]) for r in points])}
+    return out
+
+
+def correlation_table(correlations: dict) -> str:
+    lines = ["| attack | over | n | Spearman's rho (p) | Kendall's tau (p) |", "|---|---|---|---|---|"]
+    show = lambda v, p: "n/a" if v is None else f"{v:+.3f} ({p:.2g})"  # noqa: E731
+    for attack, over in correlations.items():
+        for what, c in over.items():
+            lines.append(f"| {DISPLAY[attack]} | {what} | {c['n']} | {show(c['spearman_rho'], c['spearman_p'])} | "
+                         f"{show(c['kendall_tau'], c['kendall_p'])} |")
+    return "\n".join(lines) + "\n"
+
+
 # =============================================================================
-# The figure
+# The figures
 # =============================================================================
 
 
@@ -1138,13 +1287,62 @@ def plot_comparison(runs: list[dict], folder: Path, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+PSNR_CAP = 50.0  # the study figure's PSNR axis; above it (R-GAP's exact answers) a triangle at the top
+
+
+def dodge(index: dict[str, float]) -> dict[str, float]:
+    """x positions: each model at its index, models of equal index spread a little apart
+    (linearly near 0, in proportion further out, as the symmetric-log axis shows them)."""
+    groups: dict[float, list[str]] = {}
+    for model, value in sorted(index.items(), key=lambda kv: kv[0]):
+        groups.setdefault(value, []).append(model)
+    x = {}
+    for value, models in groups.items():
+        for j, model in enumerate(models):
+            offset = j - (len(models) - 1) / 2
+            x[model] = value + 0.25 * offset if abs(value) < 1 else value * 10 ** (0.03 * offset)
+    return x
+
+
+def plot_index_vs_quality(rows: list[dict], path: Path) -> None:
+    """The study figure: each model's security index (x) against each attack's mean PSNR
+    and SSIM over the model's images, +- their standard deviation."""
+    from matplotlib.figure import Figure
+
+    summary, index = summarise(rows), {m: float(np.mean(v)) for m, v in index_by_model(rows).items()}
+    x = dodge(index)
+    fig = Figure(figsize=(max(10, 0.4 * len(index)), 9), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, metric, name in zip(axes, ("psnr", "ssim"), ("PSNR (dB)", "SSIM")):
+        for i, attack in enumerate(a for a in ATTACKS_ORDER if any(e["attack"] == a for e in summary)):
+            points = [e for e in summary if e["attack"] == attack and e["model"] in x]
+            mean = np.array([e[f"{metric}_mean"] for e in points])
+            capped = mean > PSNR_CAP if metric == "psnr" else np.zeros(len(points), bool)
+            xs = np.array([x[e["model"]] for e in points])
+            ax.errorbar(xs[~capped], mean[~capped], np.array([e[f"{metric}_std"] for e in points])[~capped],
+                        fmt="o", ms=4, capsize=2, color=f"C{i}", alpha=0.85, label=DISPLAY[attack])
+            ax.plot(xs[capped], np.full(capped.sum(), PSNR_CAP), "^", color=f"C{i}", ms=6)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(top=PSNR_CAP + 2)
+    axes[0].set_xscale("symlog", linthresh=1)
+    for model, position in x.items():
+        axes[0].annotate(model, (position, 1.01), xycoords=("data", "axes fraction"), rotation=90,
+                         fontsize=7, ha="center", va="bottom")
+    axes[0].legend(loc="upper left", fontsize=8, title=f"mean over images (triangles: above {PSNR_CAP:.0f} dB)",
+                   title_fontsize=8)
+    axes[1].set_xlabel("security index (symmetric-log axis; 0: every layer determined, more negative: "
+                       "more of the input left free)")
+    fig.savefig(path, dpi=130)
+
+
 # =============================================================================
 # Running experiments: folders, rows as they land, resume, shards, merge
 # =============================================================================
 # Nothing below is the paper: it runs the experiment above over grids of models and
 # images, for hours, and keeps what it finished.
 
-CSV_COLUMNS = ["model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds"]
+CSV_COLUMNS = ["model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds", "security_index"]
 FIGURE_ROWS = 8  # a sweep's figure shows its first few (model, image) rows
 
 
@@ -1207,14 +1405,18 @@ def psnr_for_csv(value: float | None) -> str:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (model, attack): mean, std (n-1), median of PSNR and SSIM, label accuracy, seconds."""
+    """Per (model, attack): the model's security index over its images (mean, min, max);
+    mean, std (n-1), median of PSNR and SSIM; label accuracy; seconds."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["attack"]), []).append(row)
     order = {a: i for i, a in enumerate(ATTACKS_ORDER)}
+    index = index_by_model(rows)
     out = []
     for (model, attack), group in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         entry = {"model": model, "attack": attack, "n": len(group)}
+        if model in index:
+            entry |= {"index_mean": np.mean(index[model]), "index_min": min(index[model]), "index_max": max(index[model])}
         for metric in ("psnr", "ssim"):
             values = np.array([float(r[metric]) for r in group])
             entry |= {f"{metric}_mean": values.mean(), f"{metric}_std": values.std(ddof=1) if len(values) > 1 else 0.0,
@@ -1225,23 +1427,26 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_summary(folder: Path, rows: list[dict]) -> str:
-    """summary.csv and summary.md; returns the markdown table."""
+def write_summary(folder: Path, rows: list[dict], correlations: dict) -> str:
+    """summary.csv and summary.md (with the index's correlations); returns the markdown."""
     summary = summarise(rows)
     if not summary:
         return ""
     with (folder / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, list(summary[0]))
+        writer = csv.DictWriter(f, list(dict.fromkeys(k for e in summary for k in e)))
         writer.writeheader()
         writer.writerows(summary)
-    lines = ["| model | attack | n | PSNR mean ± std | PSNR median | SSIM mean ± std | SSIM median | label acc. | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {e['model']} | {DISPLAY[e['attack']]} | {e['n']} | {e['psnr_mean']:.2f} ± {e['psnr_std']:.2f} | "
-              f"{e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± {e['ssim_std']:.3f} | {e['ssim_median']:.3f} | "
-              f"{e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |" for e in summary]
-    table = "\n".join(lines) + "\n"
-    (folder / "summary.md").write_text(table)
-    return table
+    index = lambda e: f"{e['index_mean']:.0f} [{e['index_min']:.0f}, {e['index_max']:.0f}]" if "index_mean" in e else ""  # noqa: E731
+    lines = ["| model | security index mean [min, max] | attack | n | PSNR mean ± std | PSNR median | "
+             "SSIM mean ± std | SSIM median | label acc. | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['model']} | {index(e)} | {DISPLAY[e['attack']]} | {e['n']} | {e['psnr_mean']:.2f} ± "
+              f"{e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± {e['ssim_std']:.3f} | "
+              f"{e['ssim_median']:.3f} | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |" for e in summary]
+    text = "\n".join(lines) + "\n"
+    if len(index_by_model(rows)) >= 3:
+        text += "\nSecurity index against PSNR, rank correlations\n\n" + correlation_table(correlations)
+    (folder / "summary.md").write_text(text)
+    return text
 
 
 def run_metadata(cfg: Config, argv: list[str]) -> dict:
@@ -1288,9 +1493,12 @@ class Recorder:
             self.results["runs"].append(self.runs[model_name, sample.name])
         return self.runs[model_name, sample.name]
 
-    def record(self, model_name: str, sample: Sample, event: RankAnalysis | Answer) -> None:
+    def record(self, model_name: str, sample: Sample, event: Training | RankAnalysis | Answer) -> None:
         run = self.run(model_name, sample)
-        if isinstance(event, RankAnalysis):  # written with the attack that follows it
+        if isinstance(event, Training):  # this and the analysis are written with the first attack
+            run["training"] = event.info
+            return
+        if isinstance(event, RankAnalysis):
             run["rank_deficiency"], run["security_index"] = event.deficiency, security_index(event.deficiency)
             return
         npy = f"{file_stem(model_name, sample)}_{event.attack}.npy"
@@ -1299,7 +1507,7 @@ class Recorder:
         append_rows(self.folder, [{"model": model_name, "image": sample.name, "attack": event.attack,
                                    "label": entry["label"], "label_correct": entry["label_correct"],
                                    "psnr": psnr_for_csv(entry["psnr"]), "ssim": entry["ssim"],
-                                   "seconds": entry["seconds"]}])
+                                   "seconds": entry["seconds"], "security_index": run["security_index"]}])
         self.done.add((model_name, sample.name, event.attack))
         self.results["peak_memory_mb"] = max(resource.getrusage(who).ru_maxrss // 1024  # workers, once ended
                                              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
@@ -1333,12 +1541,16 @@ def pending_pairs(cfg: Config, samples: list[Sample], recorder: Recorder) -> lis
     return pairs
 
 
-def run_pair(cfg: Config, pair: Pair, model: Net | None = None) -> Iterator[RankAnalysis | Answer]:
-    model = build_model(pair.model, cfg.model_seed).to(cfg.device) if model is None else model
-    return experiment(model, pair.sample, pair.attacks, AttackSettings.of(cfg), cfg.seed, cfg.device, pair.analysed)
+def run_pair(cfg: Config, pair: Pair) -> Iterator[Training | RankAnalysis | Answer]:
+    """The model as the client holds it (trained first with --train-steps), then the experiment."""
+    model, training = prepare_model(cfg, pair.model, pair.sample)
+    if training is not None:
+        yield Training(training)
+    yield from experiment(model, pair.sample, pair.attacks, AttackSettings.of(cfg), cfg.seed, cfg.device,
+                          pair.analysed)
 
 
-def sweep(cfg: Config, argv: list[str], models: dict[str, Net], samples: list[Sample], folder: Path) -> None:
+def sweep(cfg: Config, argv: list[str], samples: list[Sample], folder: Path) -> None:
     """Every (model, image) of this shard, every attack not yet recorded in the folder."""
     results = run_metadata(cfg, argv)
     if cfg.resume and (folder / "results.json").exists():
@@ -1351,11 +1563,11 @@ def sweep(cfg: Config, argv: list[str], models: dict[str, Net], samples: list[Sa
     record = lambda pair, events: [recorder.record(pair.model, pair.sample, e) for e in events]  # noqa: E731
     if cfg.jobs == 1:
         for pair in progress(pairs, "sweep") if len(pairs) > 1 else pairs:
-            record(pair, run_pair(cfg, pair, models[pair.model]))
+            record(pair, run_pair(cfg, pair))
         failed = {}
     else:
         failed = run_in_workers(cfg, pairs, record)
-    write_figure_and_summary(folder, results["runs"])
+    write_figure_and_summary(folder, results)
     if failed:
         raise PairsFailed("; ".join(f"{m} on {i}: {why}" for (m, i), why in failed.items()))
 
@@ -1443,12 +1655,18 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
             process.terminate()
 
 
-def write_figure_and_summary(folder: Path, runs: list[dict]) -> None:
-    """The figure (first rows of a sweep) and the summary tables, printed."""
-    shown = [r for r in runs if r.get("attacks")][:FIGURE_ROWS]
+def write_figure_and_summary(folder: Path, results: dict) -> None:
+    """The figures (the first rows of a sweep; the index against quality for 3 or more
+    models), the summary tables and the index's correlations, printed and in results.json."""
+    shown = [r for r in results["runs"] if r.get("attacks")][:FIGURE_ROWS]
     if shown:
         plot_comparison(shown, folder, folder / "comparison.png")
-    print(write_summary(folder, read_rows(folder)), end="")
+    rows = read_rows(folder)
+    results["correlations"] = index_correlations(rows)
+    write_json(folder / "results.json", results)
+    if len(index_by_model(rows)) >= 3:
+        plot_index_vs_quality(rows, folder / "index_vs_quality.png")
+    print(write_summary(folder, rows, results["correlations"]), end="")
     print(f"results: {folder}")
 
 
@@ -1474,8 +1692,7 @@ def merge(folders: list[str], output: str) -> None:
                         entry["npy"] = os.path.relpath(src / entry["npy"], merged)
                 runs.append(run)
     append_rows(merged, rows)
-    write_json(merged / "results.json", header | {"merged": [str(f) for f in folders], "runs": runs})
-    write_figure_and_summary(merged, runs)
+    write_figure_and_summary(merged, header | {"merged": [str(f) for f in folders], "runs": runs})
 
 
 # =============================================================================
@@ -1534,6 +1751,23 @@ def parse_indices(tokens: list[str | int]) -> list[int]:
         if hi < lo:
             raise UserError(f"--index: the range '{token.strip()}' is empty")
         out.extend(range(lo, hi + 1))
+    return list(dict.fromkeys(out))
+
+
+def expand_models(names: list[str]) -> list[str]:
+    """'all' -> every model; a shell pattern (fnmatch) -> the models it matches, in the
+    zoo's order; a name stays. Each model once, in the order given."""
+    out = []
+    for name in names:
+        if name == "all" or any(c in name for c in "*?["):
+            matches = list(MODELS) if name == "all" else [m for m in MODELS if fnmatch.fnmatchcase(m, name)]
+            if not matches:
+                raise UserError(f"--model '{name}' matches no model (--list-models lists the {len(MODELS)} models)")
+            out += matches
+        elif name not in MODELS:
+            raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
+        else:
+            out.append(name)
     return list(dict.fromkeys(out))
 
 
@@ -1605,16 +1839,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = make_config(args)
         configure_torch(cfg.device, cfg.threads)
-        # models first: an unknown name fails before any download
-        models = {name: build_model(name, cfg.model_seed).to(cfg.device) for name in cfg.models}
-        samples = load_images(cfg)
+        samples = load_images(cfg)  # after make_config, so that an unknown model fails before any download
         if cfg.analyse:
-            analyse(models, samples, cfg.device)
+            analyse(cfg, samples)
             return 0
         folder = Path(cfg.resume) if cfg.resume else \
             new_run_folder(cfg.output, cfg.models[0] if len(cfg.models) == 1 else "grid")
         print(f"run folder: {folder}", flush=True)
-        sweep(cfg, argv, models, samples, folder)
+        sweep(cfg, argv, samples, folder)
     except UserError as e:
         print(f"hybrid.py: error: {e}", file=sys.stderr)
         return 2

@@ -75,7 +75,10 @@ def test_sweep_writes_a_row_per_item_and_a_true_summary(full_sweep):
         assert float(entry["psnr_std"]) == pytest.approx(np.std(psnr, ddof=1))
         assert float(entry["ssim_mean"]) == pytest.approx(np.mean([float(r["ssim"]) for r in group]))
         assert float(entry["label_accuracy"]) == np.mean([r["label_correct"] == "True" for r in group])
-    assert "| cnn2_c4 | Hybrid | 2 |" in (full_sweep / "summary.md").read_text()
+        indices = {(r["image"], int(r["security_index"])) for r in group}  # one per image
+        assert float(entry["index_mean"]) == pytest.approx(np.mean([i for _, i in indices]))
+    index = int(next(r["security_index"] for r in rows if r["model"] == "cnn2_c4"))
+    assert f"| cnn2_c4 | {index} [{index}, {index}] | Hybrid | 2 |" in (full_sweep / "summary.md").read_text()
     assert (full_sweep / "comparison.png").exists()
 
 

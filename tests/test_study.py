@@ -1,0 +1,144 @@
+"""The study: does the security index predict leakage? Model groups, the index beside the
+quality, its rank correlations, the study figure, and trained weights."""
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import hybrid as H
+from conftest import run_script
+
+
+def test_all_and_patterns_expand_in_the_zoos_order():
+    assert H.expand_models(["all"]) == list(H.MODELS) and len(H.MODELS) == 35
+    family = H.expand_models(["cnn3_*"])
+    assert family[:2] == ["cnn3_c1", "cnn3_c2"] and all(m.startswith("cnn3_") for m in family)
+    assert len(family) == sum(m.startswith("cnn3_") for m in H.MODELS)
+    assert H.expand_models(["cnn4_c2", "cnn4_c[12]", "lenet"]) == ["cnn4_c2", "cnn4_c1", "lenet"]
+    with pytest.raises(H.UserError, match="matches no model"):
+        H.expand_models(["cnn9_*"])
+    with pytest.raises(H.UserError, match="unknown model 'cnn9'"):
+        H.expand_models(["cnn9"])
+
+
+def test_a_pattern_that_matches_nothing_is_one_line():
+    out = run_script("--model", "vgg*", "--source", "samples")
+    assert out.returncode == 2 and "--model 'vgg*' matches no model" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def table(spec):
+    """results.csv rows from {model: {image: (index, {attack: psnr})}}."""
+    return [{"model": m, "image": i, "attack": a, "label": "3", "label_correct": "True", "psnr": str(p),
+             "ssim": "0.5", "seconds": "1.0", "security_index": str(index)}
+            for m, images in spec.items() for i, (index, psnrs) in images.items() for a, p in psnrs.items()]
+
+
+STUDY = {
+    "a": {"x": (0, {"rgap": 90.0, "hybrid": 30.0}), "y": (0, {"rgap": 80.0, "hybrid": 28.0})},
+    "b": {"x": (-10, {"rgap": 20.0, "hybrid": 25.0}), "y": (-30, {"rgap": 18.0, "hybrid": 21.0})},
+    "c": {"x": (-500, {"rgap": 15.0, "hybrid": 22.0}), "y": (-700, {"rgap": 13.0, "hybrid": 17.0})},
+    "d": {"x": (-6000, {"rgap": 12.0, "hybrid": 24.0}), "y": (-6400, {"rgap": 11.0, "hybrid": 19.0})},
+}
+
+
+def test_the_index_is_aggregated_per_model_over_its_images():
+    summary = H.summarise(table(STUDY))
+    b_rgap = next(e for e in summary if (e["model"], e["attack"]) == ("b", "rgap"))
+    assert (b_rgap["index_mean"], b_rgap["index_min"], b_rgap["index_max"]) == (-20, -30, -10)
+    assert b_rgap["psnr_mean"] == 19.0 and b_rgap["n"] == 2
+    assert {e["index_mean"] for e in summary if e["model"] == "d"} == {-6200}
+
+
+def test_correlations_are_scipys_on_each_models_own_numbers():
+    corr = H.index_correlations(table(STUDY))
+    index = [0, -20, -600, -6200]
+    hybrid = [29.0, 23.0, 19.5, 21.5]
+    rho, p = stats.spearmanr(index, hybrid)
+    tau, q = stats.kendalltau(index, hybrid)
+    assert corr["hybrid"]["models"] == pytest.approx(
+        {"n": 4, "spearman_rho": rho, "spearman_p": p, "kendall_tau": tau, "kendall_p": q})
+    points = [(i, p) for m in STUDY.values() for i, ps in m.values() for a, p in ps.items() if a == "rgap"]
+    assert corr["rgap"]["pairs"]["spearman_rho"] == pytest.approx(stats.spearmanr(*zip(*points))[0])
+    assert corr["rgap"]["pairs"]["n"] == 8 and corr["rgap"]["models"]["spearman_rho"] == pytest.approx(1.0)
+
+
+def test_the_join_pairs_each_models_index_with_its_own_psnr():
+    rows = table(STUDY)
+    before = H.index_correlations(rows)
+    random.Random(0).shuffle(rows)
+    shuffled = H.index_correlations(rows)  # the order of rows does not matter
+    for attack in before:
+        for over in ("models", "pairs"):
+            assert shuffled[attack][over] == pytest.approx(before[attack][over])
+    swapped = json.loads(json.dumps(STUDY))
+    swapped["a"], swapped["d"] = ({i: (STUDY["d"][i][0], v[1]) for i, v in STUDY["a"].items()},
+                                  {i: (STUDY["a"][i][0], v[1]) for i, v in STUDY["d"].items()})
+    after = H.index_correlations(table(swapped))
+    assert after["rgap"]["models"]["spearman_rho"] != pytest.approx(before["rgap"]["models"]["spearman_rho"])
+
+
+def test_the_study_figure_is_written_for_three_models_or_more(tmp_path):
+    for n_models in (2, 3):
+        folder = tmp_path / str(n_models)
+        folder.mkdir()
+        H.append_rows(folder, table(dict(list(STUDY.items())[:n_models])))
+        H.write_figure_and_summary(folder, {"runs": []})
+        assert (folder / "index_vs_quality.png").exists() == (n_models >= 3)
+        results = json.loads((folder / "results.json").read_text())
+        assert results["correlations"]["hybrid"]["models"]["n"] == n_models
+        assert ("rank correlations" in (folder / "summary.md").read_text()) == (n_models >= 3)
+
+
+CFG = H.Config(device="cpu", train_steps=0)
+
+
+def test_no_training_leaves_the_published_initialisation(chelsea):
+    model, training = H.prepare_model(CFG, "cnn3_c1", chelsea)
+    assert training is None
+    for p, q in zip(model.parameters(), H.build_model("cnn3_c1").parameters()):
+        assert torch.equal(p, q)
+
+
+def test_training_changes_the_weights_the_same_way_every_time(chelsea):
+    cfg = dataclasses.replace(CFG, train_steps=5)
+    (first, info), (again, _) = H.prepare_model(cfg, "cnn3_c1", chelsea), H.prepare_model(cfg, "cnn3_c1", chelsea)
+    published = H.build_model("cnn3_c1")
+    for p, q, r in zip(first.parameters(), again.parameters(), published.parameters()):
+        assert torch.equal(p, q) and not torch.equal(p, r)
+    assert info["steps"] == 5 and info["lr"] == 0.01 and np.isfinite(info["final_loss"])
+    assert "chelsea" not in info["data"] and "astronaut" in info["data"]
+
+
+def test_the_attacked_photograph_is_not_in_the_training_data(monkeypatch):
+    """chelsea is made pure red; crops excluding it hold no pure-red image, crops that
+    may include it do (so the check can fail)."""
+    red = np.zeros((60, 80, 3), np.uint8)
+    red[..., 0] = 255
+    samples = [(n, (lambda d: red) if n == "chelsea" else load, lab) for n, load, lab in H.SAMPLES]
+    monkeypatch.setattr(H, "SAMPLES", samples)
+    H.photograph_crops.cache_clear()
+    try:
+        pure_red = lambda x: ((x[:, 0] > 0.49) & (x[:, 1:] < -0.49).all(1)).flatten(1).all(1)  # noqa: E731
+        assert not pure_red(H.photograph_crops("chelsea", 10)[0]).any()
+        assert pure_red(H.photograph_crops("astronaut", 10)[0]).any()
+    finally:
+        H.photograph_crops.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_trained_run_records_its_training(tmp_path):
+    out = run_script("--quick", "--source", "samples", "--model", "cnn2_c4", "--attacks", "rgap",
+                     "--train-steps", "20", "--output", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    (folder,) = list(tmp_path.iterdir())
+    results = json.loads((folder / "results.json").read_text())
+    assert results["config"]["train_steps"] == 20
+    (run_,) = results["runs"]
+    assert run_["training"]["steps"] == 20 and "chelsea" not in run_["training"]["data"]
+    rows = (folder / "results.csv").read_text().splitlines()
+    assert rows[0].endswith("security_index") and rows[1].endswith(str(run_["security_index"]))

@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fcntl
 import fnmatch
 import functools
 import importlib.util
@@ -1550,14 +1551,49 @@ def run_pair(cfg: Config, pair: Pair) -> Iterator[Training | RankAnalysis | Answ
                           pair.analysed)
 
 
+# Settings that leave a run's numbers as they are: a resumed run may change these alone.
+RESUMABLE = {"output", "data", "resume", "jobs", "threads", "verbose", "compile", "device"}
+
+
+def open_run(cfg: Config, argv: list[str], folder: Path) -> dict:
+    """results.json's content: a new run's, written at once (so that a folder records its
+    config and shard from the start), or, with --resume, the folder's own, once it is
+    known to hold the same experiment."""
+    results = run_metadata(cfg, argv)
+    if not cfg.resume:
+        write_json(folder / "results.json", results)
+        return results
+    try:
+        old = json.loads((folder / "results.json").read_text())
+        before = dict(old["config"])
+    except FileNotFoundError:
+        raise UserError(f"--resume {folder}: not a run folder (it holds no results.json)") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"--resume {folder}: its results.json is not one that hybrid.py wrote") from None
+    now = json.loads(json.dumps(results["config"]))  # tuples as JSON has them
+    differ = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE and before.get(k) != v]
+    if differ:
+        raise UserError(f"--resume {folder}: it holds another experiment ({'; '.join(differ)}); "
+                        f"its command was: {old.get('command')}")
+    drop_partial_row(folder)
+    return old | {"resumed": old.get("resumed", []) + [results["command"]]}
+
+
+def lock_folder(folder: Path) -> object:
+    """An exclusive lock on the run folder, held while the run writes it: two runs (two
+    --resume of one folder) never append to one results.csv."""
+    handle = (folder / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UserError(f"{folder} is being written by another run (its .lock is held)") from None
+    return handle
+
+
 def sweep(cfg: Config, argv: list[str], samples: list[Sample], folder: Path) -> None:
     """Every (model, image) of this shard, every attack not yet recorded in the folder."""
-    results = run_metadata(cfg, argv)
-    if cfg.resume and (folder / "results.json").exists():
-        old = json.loads((folder / "results.json").read_text())
-        results = old | {"resumed": old.get("resumed", []) + [results["command"]]}
-    if cfg.resume:
-        drop_partial_row(folder)
+    lock = lock_folder(folder)  # noqa: F841 (held until the sweep returns)
+    results = open_run(cfg, argv, folder)
     recorder = Recorder(folder, results)
     pairs = pending_pairs(cfg, samples, recorder)
     record = lambda pair, events: [recorder.record(pair.model, pair.sample, e) for e in events]  # noqa: E731

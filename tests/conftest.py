@@ -30,3 +30,12 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs and long optimisations; "
                             "pytest -m 'not slow' skips them for a sub-minute inner loop")
+
+
+def fresh_run(tmp_path_factory, name: str, *args: str) -> Path:
+    """python hybrid.py ARGS into a new output folder; returns its one run folder."""
+    out = tmp_path_factory.mktemp(name)
+    result = run_script(*args, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    (folder,) = list(out.iterdir())
+    return folder

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import hybrid as H
-from conftest import ROOT, run_script
+from conftest import ROOT, fresh_run, run_script
 
 GRID = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn3_c4", "--index", "0,3",
         "--attacks", "rgap", "dlg", "idlg", "cosine", "hybrid"]
@@ -36,11 +36,7 @@ def entries(folder):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("jobs1")
-    result = run_script(*GRID, "--output", str(out))
-    assert result.returncode == 0, result.stderr
-    (folder,) = list(out.iterdir())
-    return folder
+    return fresh_run(tmp_path_factory, "jobs1", *GRID)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import hybrid as H
-from conftest import run_script
+from conftest import fresh_run, run_script
 
 SWEEP = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn2_c4", "--index", "0,3",
          "--attacks", "rgap", "idlg", "hybrid"]
@@ -26,11 +26,7 @@ def comparable(rows):
 
 @pytest.fixture(scope="module")
 def full_sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("full")
-    result = run_script(*SWEEP, "--output", str(out))
-    assert result.returncode == 0, result.stderr
-    (folder,) = list(out.iterdir())
-    return folder
+    return fresh_run(tmp_path_factory, "full", *SWEEP)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -147,3 +143,50 @@ def test_image_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(H.UserError, match="no image files"):
         H.image_files([str(tmp_path / "empty")])
+
+
+QUICK_RUN = ["--quick", "--source", "samples", "--model", "cnn2_c0", "--attacks", "rgap"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return fresh_run(tmp_path_factory, "quick", *QUICK_RUN)
+
+
+@pytest.mark.parametrize("change,says", [
+    (["--seed", "11"], "seed 10 -> 11"),
+    (["--model", "cnn2_c4"], "models ['cnn2_c0'] -> ['cnn2_c4']"),
+    (["--attacks", "rgap", "hybrid"], "attacks ['rgap'] -> ['rgap', 'hybrid']"),
+    (["--shard", "1/2"], "shard [0, 1] -> [1, 2]"),
+])
+def test_resume_refuses_another_experiment(quick_run, change, says):
+    before = {p.name: p.read_bytes() for p in quick_run.iterdir()}
+    out = run_script(*QUICK_RUN, *change, "--resume", str(quick_run))
+    assert out.returncode == 2 and "it holds another experiment" in out.stderr and says in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in quick_run.iterdir()} == before  # nothing touched
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(quick_run, tmp_path):
+    for folder, says in [(quick_run.parent, "not a run folder"), (tmp_path, "not a run folder")]:
+        out = run_script(*QUICK_RUN, "--resume", str(folder))
+        assert out.returncode == 2 and says in out.stderr, out.stderr
+    (tmp_path / "results.json").write_text("{not json")
+    out = run_script(*QUICK_RUN, "--resume", str(tmp_path))
+    assert out.returncode == 2 and "not one that hybrid.py wrote" in out.stderr
+
+
+def test_resume_accepts_settings_that_leave_the_numbers(quick_run):
+    rows = rows_of(quick_run)
+    out = run_script(*QUICK_RUN, "--threads", "2", "--jobs", "2", "--resume", str(quick_run))
+    assert out.returncode == 0, out.stderr
+    assert rows_of(quick_run) == rows  # it was done: nothing added
+
+
+def test_a_second_run_on_a_locked_folder_is_refused(quick_run, capsys):
+    lock = H.lock_folder(quick_run)  # as a first resume holds it
+    try:
+        assert H.main([*QUICK_RUN, "--resume", str(quick_run)]) == 2
+        assert "is being written by another run" in capsys.readouterr().err
+    finally:
+        lock.close()

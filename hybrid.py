@@ -1292,17 +1292,40 @@ PSNR_CAP = 50.0  # the study figure's PSNR axis; above it (R-GAP's exact answers
 
 
 def dodge(index: dict[str, float]) -> dict[str, float]:
-    """x positions: each model at its index, models of equal index spread a little apart
-    (linearly near 0, in proportion further out, as the symmetric-log axis shows them)."""
+    """x positions: each model at its index, models of equal index spread a little apart,
+    toward more negative values (linearly near 0, in proportion further out, as the
+    symmetric-log axis shows them)."""
     groups: dict[float, list[str]] = {}
     for model, value in sorted(index.items(), key=lambda kv: kv[0]):
         groups.setdefault(value, []).append(model)
     x = {}
     for value, models in groups.items():
         for j, model in enumerate(models):
-            offset = j - (len(models) - 1) / 2
-            x[model] = value + 0.25 * offset if abs(value) < 1 else value * 10 ** (0.03 * offset)
+            x[model] = value - 0.8 * j / max(1, len(models) - 1) if abs(value) < 1 else value * 10 ** (0.02 * j)
     return x
+
+
+def spread_labels(positions: list[float], gap: float) -> list[float]:
+    """Label positions (axes fraction, sorted) near `positions`, at least `gap` apart."""
+    out = list(positions)
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + gap)
+    if out and out[-1] > 1:
+        out[-1] = 1
+        for i in range(len(out) - 2, -1, -1):
+            out[i] = min(out[i], out[i + 1] - gap)
+    return out
+
+
+def label_models(ax: object, x: dict[str, float]) -> None:
+    """Model names along the top of the axes, spread apart, each with a line to its x."""
+    to_fraction = ax.transAxes.inverted().transform
+    at = sorted((to_fraction(ax.transData.transform((v, 0)))[0], m) for m, v in x.items())
+    gap = min(1 / max(len(at), 1), 0.022)
+    for (point, model), label in zip(at, spread_labels([p for p, _ in at], gap)):
+        ax.annotate(model, (point, 1.0), xytext=(label, 1.07), xycoords="axes fraction",
+                    textcoords="axes fraction", rotation=90, fontsize=7, ha="center", va="bottom",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
 
 
 def plot_index_vs_quality(rows: list[dict], path: Path) -> None:
@@ -1327,9 +1350,8 @@ def plot_index_vs_quality(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylim(top=PSNR_CAP + 2)
     axes[0].set_xscale("symlog", linthresh=1)
-    for model, position in x.items():
-        axes[0].annotate(model, (position, 1.01), xycoords=("data", "axes fraction"), rotation=90,
-                         fontsize=7, ha="center", va="bottom")
+    axes[0].set_xlim(min(x.values()) * 1.3 - 1, 0.5)
+    label_models(axes[0], x)
     axes[0].legend(loc="upper left", fontsize=8, title=f"mean over images (triangles: above {PSNR_CAP:.0f} dB)",
                    title_fontsize=8)
     axes[1].set_xlabel("security index (symmetric-log axis; 0: every layer determined, more negative: "

@@ -1573,6 +1573,19 @@ def run_pair(cfg: Config, pair: Pair) -> Iterator[Training | RankAnalysis | Answ
                           pair.analysed)
 
 
+def read_run(folder: Path, flag: str) -> dict:
+    """A run folder's results.json, or one line saying why it is not one."""
+    try:
+        results = json.loads((folder / "results.json").read_text())
+        if not isinstance(results.get("config"), dict) or not isinstance(results.get("runs"), list):
+            raise ValueError
+        return results
+    except FileNotFoundError:
+        raise UserError(f"{flag} {folder}: not a run folder (it holds no results.json)") from None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{flag} {folder}: its results.json is not one that hybrid.py wrote") from None
+
+
 # Settings that leave a run's numbers as they are: a resumed run may change these alone.
 RESUMABLE = {"output", "data", "resume", "jobs", "threads", "verbose", "compile", "device"}
 
@@ -1585,13 +1598,8 @@ def open_run(cfg: Config, argv: list[str], folder: Path) -> dict:
     if not cfg.resume:
         write_json(folder / "results.json", results)
         return results
-    try:
-        old = json.loads((folder / "results.json").read_text())
-        before = dict(old["config"])
-    except FileNotFoundError:
-        raise UserError(f"--resume {folder}: not a run folder (it holds no results.json)") from None
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"--resume {folder}: its results.json is not one that hybrid.py wrote") from None
+    old = read_run(folder, "--resume")
+    before = old["config"]
     now = json.loads(json.dumps(results["config"]))  # tuples as JSON has them
     differ = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE and before.get(k) != v]
     if differ:
@@ -1729,28 +1737,36 @@ def write_figure_and_summary(folder: Path, results: dict) -> None:
 
 
 def merge(folders: list[str], output: str) -> None:
-    """Shard folders -> one new folder with every row once, the runs and the summary."""
-    for src in map(Path, folders):
-        if not (src / "results.csv").exists():
-            raise UserError(f"--merge: {src} holds no results.csv")
-    rows, runs, seen, header = [], [], set(), {}
+    """Shard folders -> one new folder with every row once, the runs and the summary.
+
+    A folder given twice counts once; folders must hold one experiment (their configs may
+    differ only in the shard and in what leaves numbers alone); a shard left with no work
+    adds nothing. Everything is checked before the new folder is made.
+    """
+    sources = list(dict.fromkeys(Path(f).resolve() for f in folders))
+    shards = [read_run(src, "--merge") for src in sources]
+    base = shards[0]["config"]
+    for src, shard in zip(sources[1:], shards[1:]):
+        differ = [k for k in base if k not in RESUMABLE | {"shard"} and shard["config"].get(k) != base[k]]
+        if differ:
+            raise UserError(f"--merge: {src} holds another experiment than {sources[0]} (its {', '.join(differ)})")
     merged = new_run_folder(output, "merged")
-    for src in map(Path, folders):
+    rows, seen, runs = [], set(), {}
+    for src, shard in zip(sources, shards):
         for row in read_rows(src):
-            key = (row["model"], row["image"], row["attack"])
-            if key not in seen:
-                seen.add(key)
+            if (row["model"], row["image"], row["attack"]) not in seen:
+                seen.add((row["model"], row["image"], row["attack"]))
                 rows.append(row)
-        if (src / "results.json").exists():
-            shard = json.loads((src / "results.json").read_text())
-            header = header or {k: v for k, v in shard.items() if k != "runs"}  # config, versions
-            for run in shard["runs"]:
-                for entry in [run.get("target", {}), *run.get("attacks", {}).values()]:
-                    if "npy" in entry:  # keep the arrays where they are
-                        entry["npy"] = os.path.relpath(src / entry["npy"], merged)
-                runs.append(run)
+        for run in shard["runs"]:
+            for entry in [run.get("target", {}), *run.get("attacks", {}).values()]:
+                if "npy" in entry:  # keep the arrays where they are
+                    entry["npy"] = os.path.relpath(src / entry["npy"], merged)
+            kept = runs.setdefault((run["model"], run["image"]), run)  # overlapping folders: each pair once
+            kept.setdefault("attacks", {}).update({a: e for a, e in run.get("attacks", {}).items()
+                                                   if a not in kept["attacks"]})
     append_rows(merged, rows)
-    write_figure_and_summary(merged, header | {"merged": [str(f) for f in folders], "runs": runs})
+    header = {k: v for k, v in shards[0].items() if k != "runs"}  # config, versions
+    write_figure_and_summary(merged, header | {"merged": [str(f) for f in sources], "runs": list(runs.values())})
 
 
 # =============================================================================

@@ -190,3 +190,38 @@ def test_a_second_run_on_a_locked_folder_is_refused(quick_run, capsys):
         assert "is being written by another run" in capsys.readouterr().err
     finally:
         lock.close()
+
+
+def test_merge_counts_a_folder_given_twice_once(quick_run, tmp_path):
+    out = run_script("--merge", str(quick_run), str(quick_run) + "/", "--output", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    (merged,) = list(tmp_path.iterdir())
+    assert rows_of(merged) == rows_of(quick_run)
+    assert len(json.loads((merged / "results.json").read_text())["runs"]) == 1
+
+
+def test_merge_takes_a_shard_left_without_work(quick_run, tmp_path):
+    out = run_script(*QUICK_RUN, "--shard", "3/4", "--output", str(tmp_path / "empty"))
+    assert out.returncode == 0, out.stderr
+    (empty,) = list((tmp_path / "empty").iterdir())
+    assert not (empty / "results.csv").exists() and json.loads((empty / "results.json").read_text())["config"]
+    # the same experiment but for the shard: cnn2_c0 on chelsea is shard 0/4's only pair
+    first = run_script(*QUICK_RUN, "--shard", "0/4", "--output", str(tmp_path / "first"))
+    assert first.returncode == 0, first.stderr
+    (shard0,) = list((tmp_path / "first").iterdir())
+    out = run_script("--merge", str(shard0), str(empty), "--output", str(tmp_path / "merged"))
+    assert out.returncode == 0, out.stderr
+    (merged,) = list((tmp_path / "merged").iterdir())
+    assert comparable(rows_of(merged)) == comparable(rows_of(quick_run))
+
+
+def test_merge_refuses_other_experiments_and_foreign_folders(quick_run, full_sweep, tmp_path):
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "results.json").write_text('["not", "a run"]')
+    for folders, says in [([quick_run, full_sweep], "holds another experiment"),
+                          ([quick_run, tmp_path / "foreign"], "not one that hybrid.py wrote"),
+                          ([quick_run, tmp_path / "nothing"], "not a run folder")]:
+        out = run_script("--merge", *map(str, folders), "--output", str(tmp_path / "out"))
+        assert out.returncode == 2 and says in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # no folder left

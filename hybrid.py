@@ -22,7 +22,7 @@ Examples:
     python hybrid.py --image cat.png --label 3 --model cnn2_c1 --attacks rgap
     python hybrid.py --model cnn4_c2 --index 0-99 --quick --shard 0/4   # a quarter of a sweep
     python hybrid.py --model cnn4_c2 --index 0-99 --compile   # a sweep, the hybrid compiled once
-    python hybrid.py --merge output/*_cnn4_c2                          # its shards, summarised
+    python hybrid.py --merge output/*_cnn4_c2*                         # its shards, summarised
     python hybrid.py --model all --source samples --index 0-4 --attacks rgap hybrid --jobs auto
                                                        # does the security index predict leakage?
     python hybrid.py --model 'cnn3_*' --train-steps 500 --attacks rgap hybrid   # on trained weights
@@ -1442,8 +1442,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             entry |= {"index_mean": np.mean(index[model]), "index_min": min(index[model]), "index_max": max(index[model])}
         for metric in ("psnr", "ssim"):
             values = np.array([float(r[metric]) for r in group])
-            entry |= {f"{metric}_mean": values.mean(), f"{metric}_std": values.std(ddof=1) if len(values) > 1 else 0.0,
-                      f"{metric}_median": float(np.median(values))}
+            with np.errstate(invalid="ignore"):  # exact reconstructions: infinite PSNR, its std undefined
+                entry |= {f"{metric}_mean": values.mean(), f"{metric}_median": float(np.median(values)),
+                          f"{metric}_std": values.std(ddof=1) if len(values) > 1 else 0.0}
         entry["label_accuracy"] = np.mean([r["label_correct"] in (True, "True") for r in group])
         entry["seconds_mean"] = np.mean([float(r["seconds"]) for r in group])
         out.append({k: float(v) if isinstance(v, np.floating) else v for k, v in entry.items()})

@@ -24,7 +24,8 @@ def test_rgap_end_to_end(tmp_path):
     out = run_script("--quick", "--source", "samples", "--attacks", "rgap", "--output", str(tmp_path))
     assert out.returncode == 0, out.stderr
     folder = run_folder(tmp_path)
-    assert str(folder) in out.stdout
+    assert out.stdout.startswith(f"run folder: {folder}\n")  # said when the run starts
+    assert str(folder) in out.stdout.splitlines()[-1]  # and at the end
     results = load_results(folder)
     assert {"config", "versions", "device", "command", "runs"} <= set(results)
     assert results["device"] == "cpu" and results["config"]["models"] == ["cnn4_c2"]
@@ -79,6 +80,10 @@ def test_list_models():
     (["--device", "cuda"], "--device cuda"),
     (["--label", "12", "--image", "x.png"], "--label 12"),
     (["--attacks", "magic"], "invalid choice: 'magic'"),
+    (["--seed", "-1"], "a seed must be in 0..2^32-1: -1"),
+    (["--model-seed", "4294967296"], "a seed must be in 0..2^32-1"),
+    (["--threads", "0"], "must be 1 or more"),
+    (["--train-steps", "-3"], "cannot be negative"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, names):
     out = run_script("--source", "samples", *args)
@@ -110,3 +115,18 @@ def test_unreadable_image_file(tmp_path):
     out = run_script("--image", str(bad), "--attacks", "rgap", "--output", str(tmp_path))
     assert out.returncode == 2 and "cannot read image" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_an_exact_reconstruction_is_shown_as_exact(tmp_path, chelsea):
+    """Infinite PSNR is null in results.json and "inf" in results.csv: the figure, the
+    summary and the printed line must take it."""
+    target = H.to_image(chelsea.x).astype(np.float32)
+    np.save(tmp_path / "t.npy", target)
+    run = {"model": "cnn2_c1", "image": chelsea.name, "label": 3, "target": {"npy": "t.npy"},
+           "attacks": {"rgap": {"psnr": None, "ssim": 1.0, "npy": "t.npy"}}}
+    H.plot_comparison([run], tmp_path, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    row = {"model": "cnn2_c1", "image": chelsea.name, "attack": "rgap", "label": "3", "label_correct": "True",
+           "psnr": H.psnr_for_csv(None), "ssim": "1.0", "seconds": "1", "security_index": "0"}
+    assert "| inf ± " in H.write_summary(tmp_path, [row, dict(row, image="other")], {})
+    assert H.format_psnr(None) == "exact" and H.format_psnr(float("inf")) == "exact"

@@ -521,16 +521,22 @@ def photograph_crops(exclude: str, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(xs) - 0.5, torch.tensor(ys), " ".join(name for name, _, _ in sources)
 
 
+@functools.cache
+def cifar10_train(root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10's training images (N, 3, 32, 32, uint8 until batched) and labels, read once a process."""
+    import torchvision
+
+    data = torchvision.datasets.CIFAR10(root=root, train=True, download=False)
+    return torch.as_tensor(data.data).permute(0, 3, 1, 2), torch.as_tensor(data.targets)
+
+
 def training_data(sample: Sample, seed: int, data_root: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Images, labels and a description of the training set for a model attacked on `sample`."""
     source, _, key = sample.name.partition(":")
     if source == "cifar10":
-        import torchvision
-
-        data = torchvision.datasets.CIFAR10(root=data_root, train=True, download=False)
-        keep = np.arange(len(data.data)) != int(key)  # every training image but the attacked one
-        x = torch.as_tensor(data.data[keep]).permute(0, 3, 1, 2)  # uint8 until batched
-        return x, torch.as_tensor(data.targets)[keep], f"CIFAR-10 training set less image {key}"
+        x, y = cifar10_train(data_root)
+        keep = torch.arange(len(x)) != int(key)  # every training image but the attacked one
+        return x[keep], y[keep], f"CIFAR-10 training set less image {key}"
     x, y, names = photograph_crops(key if source == "samples" else "", seed)
     return x, y, f"{CROP_POOL} crops of the bundled photographs {names}"
 
@@ -1591,6 +1597,11 @@ def read_run(folder: Path, flag: str) -> dict:
 RESUMABLE = {"output", "data", "resume", "jobs", "threads", "verbose", "compile", "device"}
 
 
+def config_differences(before: dict, now: dict, may_differ: set[str]) -> list[str]:
+    """'name old -> new' for each setting, outside `may_differ`, where two configs disagree."""
+    return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in may_differ and before.get(k) != v]
+
+
 def open_run(cfg: Config, argv: list[str], folder: Path) -> dict:
     """results.json's content: a new run's, written at once (so that a folder records its
     config and shard from the start), or, with --resume, the folder's own, once it is
@@ -1602,7 +1613,7 @@ def open_run(cfg: Config, argv: list[str], folder: Path) -> dict:
     old = read_run(folder, "--resume")
     before = old["config"]
     now = json.loads(json.dumps(results["config"]))  # tuples as JSON has them
-    differ = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE and before.get(k) != v]
+    differ = config_differences(before, now, RESUMABLE)
     if differ:
         raise UserError(f"--resume {folder}: it holds another experiment ({'; '.join(differ)}); "
                         f"its command was: {old.get('command')}")
@@ -1748,9 +1759,9 @@ def merge(folders: list[str], output: str) -> None:
     shards = [read_run(src, "--merge") for src in sources]
     base = shards[0]["config"]
     for src, shard in zip(sources[1:], shards[1:]):
-        differ = [k for k in base if k not in RESUMABLE | {"shard"} and shard["config"].get(k) != base[k]]
+        differ = config_differences(base, shard["config"], RESUMABLE | {"shard"})
         if differ:
-            raise UserError(f"--merge: {src} holds another experiment than {sources[0]} (its {', '.join(differ)})")
+            raise UserError(f"--merge: {src} holds another experiment than {sources[0]} ({'; '.join(differ)})")
     merged = new_run_folder(output, "merged")
     rows, seen, runs = [], set(), {}
     for src, shard in zip(sources, shards):

@@ -66,6 +66,7 @@ import dataclasses
 import fcntl
 import fnmatch
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -73,6 +74,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -182,6 +184,9 @@ class Config:
     cosine_iters: int = preset("cosine_iters", "Adam steps of Cosine+TV")
     hybrid_iters: int = preset("hybrid_iters", "N: hybrid Adam steps (4N at layer 1, N//2 above)")
     hybrid_iters_first: int = preset("hybrid_iters_first", "N0: hybrid Adam steps at layer 0, the image")
+    restarts: int = setting(1, "DLG, iDLG, Cosine+TV: starts from different random images, keeping the one "
+                            "with the lowest final objective of its own (1: the paper's single run)",
+                            type=positive, metavar="R")
     train_steps: int = setting(0, "train the model first: SGD steps on mini-batches of 32 training images "
                                "that never include the attacked one (0: the published initialisation)",
                                type=iterations, metavar="K")
@@ -217,6 +222,7 @@ class AttackSettings:
     cosine_iters: int
     hybrid_iters: int
     hybrid_iters_first: int
+    restarts: int
     true_label: bool
     compile: bool
     verbose: bool
@@ -337,17 +343,46 @@ def load_cifar10(indices: list[int], root: str) -> list[Sample] | None:
 
 
 def load_files(paths: list[str], label: int) -> list[Sample]:
-    from PIL import Image, UnidentifiedImageError
-
-    out = []
+    """The user's image files; the same image (the same bytes) given twice counts once."""
+    out = {}
     for p in paths:
         try:
-            with Image.open(p) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise UserError(f"cannot read image {p}: {e}") from None
-        out.append(Sample(f"file:{Path(p).name}", to_model_space(square_32(rgb)), label))
-    return out
+            with open(p, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            rgb = read_image(p)
+        except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise UserError(f"cannot read image {printable(p, 200)}: {printable(str(e), 200)}") from None
+        name = f"file:{printable(Path(p).name, 60)}@{digest[:10]}"
+        out.setdefault(name, Sample(name, to_model_space(square_32(rgb)), label))
+    return list(out.values())
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` with what cannot be shown on one line (control characters, line separators,
+    the bytes of a name that is not UTF-8) as '?', cut to `limit` characters."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file as HWC pixels at its own range: uint8 for 8-bit files (any mode that
+    Pillow turns into RGB), floats in [0, 1] for 16-bit and floating-point grayscale,
+    which Pillow's conversion to RGB would clip to white or black."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # PNG's 16 bits
+            gray = np.asarray(im, dtype=np.float64) / 65535
+        elif im.mode == "F":
+            gray = np.asarray(im, dtype=np.float64)
+            if not (np.isfinite(gray).all() and gray.min() >= 0 and gray.max() <= 1):
+                raise ValueError(f"its floating-point pixels span [{gray.min():.4g}, {gray.max():.4g}], "
+                                 "not [0, 1]")
+        elif im.mode == "I":
+            raise ValueError("32-bit integer pixels have no known white level; save it with 8 or 16 bits")
+        else:
+            return np.asarray(im.convert("RGB"))
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -889,8 +924,26 @@ def dummy_gradient(model: Net, output: torch.Tensor, target: torch.Tensor, start
 
 
 def objective_info(first: list[float], last: float) -> dict:
-    """The attack's own objective before and after: results.json reports both."""
-    return {"objective_start": first[0] if first else last, "objective_end": last}
+    """The attack's own objective before and after: results.json reports both (null
+    where it left the finite numbers)."""
+    return {"objective_start": inf_to_none(first[0] if first else last), "objective_end": inf_to_none(last)}
+
+
+def best_start(start: Callable[[], AttackResult], restarts: int) -> AttackResult:
+    """`restarts` runs of an attack from random images, one after another from the
+    attack's seed (the first is the paper's single run), keeping the one whose own final
+    objective is lowest: an attacker can compute that without the image (breaching's
+    `restarts`). DLG's L-BFGS is chaotic (README), so one start is a lottery ticket.
+    A start whose objective left the finite numbers ranks last."""
+    starts = [start() for _ in range(restarts)]
+    if restarts == 1:
+        return starts[0]
+    ends = [math.inf if s.info["objective_end"] is None else s.info["objective_end"] for s in starts]
+    kept = int(np.argmin(ends))
+    starts[kept].info |= {"kept": kept, "starts": [{"objective_start": s.info["objective_start"],
+                                                    "objective_end": s.info["objective_end"],
+                                                    "label": s.label} for s in starts]}
+    return starts[kept]
 
 
 # =============================================================================
@@ -1063,18 +1116,23 @@ def lbfgs_attack(model: Net, grads: list[torch.Tensor], label: int | None, steps
 def attack_dlg(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
     """DLG (Zhu et al., NeurIPS 2019): image and soft label jointly, 300 steps in the paper;
     with --true-label the label is given instead."""
-    return lbfgs_attack(model, grads, label if settings.true_label else None, settings.dlg_iters, "dlg")
+    label = label if settings.true_label else None
+    return best_start(lambda: lbfgs_attack(model, grads, label, settings.dlg_iters, "dlg"), settings.restarts)
 
 
 def attack_idlg(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
     """iDLG (Zhao et al., 2020): the label from the last bias gradient (recover_label,
     unless --true-label), then DLG on the image alone."""
-    return lbfgs_attack(model, grads, label, settings.dlg_iters, "idlg")
+    return best_start(lambda: lbfgs_attack(model, grads, label, settings.dlg_iters, "idlg"), settings.restarts)
 
 
 def attack_cosine(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
     """Cosine+TV (Geiping et al., NeurIPS 2020) as the published code configured it:
     image ~ N(0, 1), Adam lr 1e-3, 4800 steps in the paper."""
+    return best_start(lambda: cosine_start(model, grads, label, settings.cosine_iters), settings.restarts)
+
+
+def cosine_start(model: Net, grads: list[torch.Tensor], label: int, steps: int) -> AttackResult:
     device = grads[0].device
     x = torch.randn(1, 3, 32, 32, device=device, requires_grad=True)
     target = torch.tensor([label], device=device)
@@ -1082,7 +1140,7 @@ def attack_cosine(model: Net, grads: list[torch.Tensor], label: int, settings: A
     opt = torch.optim.Adam([x], lr=1e-3)
     objective = lambda: cosine_distance(dummy_gradient(model, model(x), target), grads) + tv_weight * total_variation(x)  # noqa: E731
     first = objective().item()
-    bar = progress(settings.cosine_iters, "cosine")
+    bar = progress(steps, "cosine")
     for step in bar:
         loss = objective()
         (x.grad,) = torch.autograd.grad(loss, [x])
@@ -1497,7 +1555,10 @@ def run_metadata(cfg: Config, argv: list[str]) -> dict:
 
 
 def file_stem(model_name: str, sample: Sample) -> str:
-    return f"{model_name}_{sample.name.replace(':', '-').replace('.', '_')}"
+    """Where a pair's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9'.
+    Letters, digits, '-' and '_' only; distinct images keep distinct stems (a file's name
+    ends in its hash)."""
+    return f"{model_name}_{re.sub('[^A-Za-z0-9_-]', '_', sample.name.replace(':', '-', 1))}"
 
 
 class Recorder:
@@ -1598,7 +1659,9 @@ RESUMABLE = {"output", "data", "resume", "jobs", "threads", "verbose", "compile"
 
 
 def config_differences(before: dict, now: dict, may_differ: set[str]) -> list[str]:
-    """'name old -> new' for each setting, outside `may_differ`, where two configs disagree."""
+    """'name old -> new' for each setting, outside `may_differ`, where two configs disagree.
+    A setting newer than the `before` run counts as its default there."""
+    before = json.loads(json.dumps(dataclasses.asdict(Config()))) | before  # tuples as JSON has them
     return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in may_differ and before.get(k) != v]
 
 

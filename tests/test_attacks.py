@@ -139,6 +139,38 @@ def answers(model, sample, attacks, settings=TINY, seed=H.PUBLISHED_SEED):
     return {e.attack: e for e in events if isinstance(e, H.Answer)}
 
 
+def own_objective(attack, model, grads, result):
+    """The attack's own objective at its answer, computed here from the answer alone."""
+    x = result.x.clone().requires_grad_()
+    if attack == "cosine":
+        target = torch.tensor([result.label])
+        return (H.cosine_distance(H.dummy_gradient(model, model(x), target), grads)
+                + 0.01 * len(grads) * H.total_variation(x)).item()
+    return H.squared_distance(H.dummy_gradient(model, model(x), torch.tensor([result.label])), grads).item()
+
+
+@pytest.mark.parametrize("attack", ["idlg", "cosine", "dlg"])
+def test_restarts_keep_the_start_with_the_lowest_own_objective(attack, chelsea):
+    """--restarts R: R different starts, the first of them the single run's, the one kept
+    the lowest final objective (recomputed here from the kept image), every start recorded."""
+    model = H.build_model("cnn2_c4")
+    grads = H.client_gradient(model, chelsea.x, chelsea.label)
+    H.seed_everything(10)
+    single = H.ATTACKS[attack](model, grads, chelsea.label, TINY)
+    H.seed_everything(10)
+    best = H.ATTACKS[attack](model, grads, chelsea.label, dataclasses.replace(TINY, restarts=4))
+    starts = best.info["starts"]
+    assert len(starts) == 4 and len({s["objective_start"] for s in starts}) == 4  # four different starts
+    assert starts[0]["objective_end"] == single.info["objective_end"]  # the first is the paper's run
+    ends = [s["objective_end"] for s in starts]
+    assert best.info["kept"] == ends.index(min(ends)) and best.info["objective_end"] == min(ends)
+    if attack == "dlg":  # its objective has the soft label, which the result does not carry
+        assert best.label == starts[best.info["kept"]]["label"]
+    else:
+        assert own_objective(attack, model, grads, best) == pytest.approx(min(ends), rel=1e-4)
+    assert "starts" not in single.info  # one start: the results look as they always did
+
+
 def test_true_label_is_handed_to_every_attack(chelsea, monkeypatch):
     """With --true-label every attack gets the client's label, else the recovered one;
     recover_label is made to be wrong here so that the two differ."""

@@ -1,0 +1,118 @@
+"""The user's image files: one name per image however it is spelled, pixels at their
+true range, and hostile files and names refused in one line or taken whole."""
+import csv
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hybrid as H
+from conftest import run_script
+
+RUN = ["--quick", "--model", "cnn2_c0", "--attacks", "rgap"]
+
+
+def write_png(path, value, size=(40, 50)):
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_two_files_with_one_name_are_two_images(tmp_path):
+    """dirA/x.png and dirB/x.png: two names, two stems, two runs, each with its own pixels."""
+    for folder, value in (("dirA", 30), ("dirB", 200)):
+        (tmp_path / folder).mkdir()
+        write_png(tmp_path / folder / "x.png", value)
+    out = run_script("--image", str(tmp_path / "dirA" / "x.png"), str(tmp_path / "dirB" / "x.png"), *RUN,
+                     "--output", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    (folder,) = list((tmp_path / "out").iterdir())
+    runs = json.loads((folder / "results.json").read_text())["runs"]
+    assert len(runs) == 2 and len({r["image"] for r in runs}) == 2
+    assert all(r["image"].startswith("file:x.png@") for r in runs)
+    targets = [np.load(folder / r["target"]["npy"]) for r in runs]
+    assert [round(float(t.mean()) * 255) for t in targets] == [30, 200]  # each run holds its own image
+    with (folder / "results.csv").open() as f:
+        assert sorted(r["image"] for r in csv.DictReader(f)) == sorted(r["image"] for r in runs)
+
+
+def test_one_file_given_several_ways_is_one_image(tmp_path, monkeypatch):
+    path = write_png(tmp_path / "x.png", 90)
+    monkeypatch.chdir(tmp_path)
+    spellings = [str(path), "x.png", "./x.png", str(tmp_path / "." / "x.png"), str(tmp_path)]
+    (sample,) = H.load_files(H.image_files(spellings), 2)
+    (again,) = H.load_files(["x.png"], 2)
+    assert sample.name == again.name  # stable: a resumed run finds it again
+
+
+def test_names_that_differ_only_in_punctuation_keep_apart(tmp_path):
+    """'a.png' and 'a_png' used to share the stem 'a_png' and so their .npy files."""
+    a = write_png(tmp_path / "a.png", 10)
+    b = tmp_path / "a_png"
+    write_png(tmp_path / "b.png", 250).rename(b)
+    samples = H.load_files([str(a), str(b)], 0)
+    stems = {H.file_stem("cnn2_c0", s) for s in samples}
+    assert len(samples) == 2 and len(stems) == 2
+    assert all(set(stem) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for stem in stems)
+
+
+def twins(tmp_path):
+    """An 8-bit grayscale gradient and the same pixels stored in 16 bits and as floats."""
+    gray8 = np.add.outer(np.arange(48), np.arange(40)).astype(np.uint8) * 2
+    Image.fromarray(gray8).save(tmp_path / "gray8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # 255 * 257 = 65535
+    Image.fromarray((gray8 / 255).astype(np.float32)).save(tmp_path / "gray.tif")
+    return [tmp_path / n for n in ("gray8.png", "gray16.png", "gray.tif")]
+
+
+def test_16_bit_and_float_images_read_as_their_8_bit_twin(tmp_path):
+    eight, sixteen, floats = H.load_files([str(p) for p in twins(tmp_path)], 0)
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I;16")  # the case Pillow's RGB clips
+    assert 0.1 < eight.x.mean() + 0.5 < 0.9  # a mid-grey picture, not white or black
+    torch_close = lambda a, b: float((a - b).abs().max()) < 1e-6  # noqa: E731
+    assert torch_close(sixteen.x, eight.x) and torch_close(floats.x, eight.x)
+
+
+def test_images_without_a_known_range_are_refused_in_one_line(tmp_path):
+    Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(tmp_path / "hdr.tif")
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "int32.tif")
+    for name, says in (("hdr.tif", "not [0, 1]"), ("int32.tif", "no known white level")):
+        out = run_script("--image", str(tmp_path / name), *RUN, "--output", str(tmp_path / "out"))
+        assert out.returncode == 2 and says in out.stderr and "cannot read image" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def png_header_claiming(width, height):
+    """A PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda data: struct.pack(">I", len(data) - 4) + data + struct.pack(">I", zlib.crc32(data))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(ihdr) + chunk(b"IDAT" + zlib.compress(b"\0" * 8)) + chunk(b"IEND")
+
+
+def test_a_decompression_bomb_is_one_line(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_header_claiming(100_000, 100_000))
+    out = run_script("--image", str(tmp_path / "bomb.png"), *RUN, "--output", str(tmp_path / "out"))
+    assert out.returncode == 2 and "cannot read image" in out.stderr and "decompression bomb" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_odd_file_names_run_and_stay_on_one_line(tmp_path):
+    """A name that is not UTF-8, names with a newline or a line separator, a 250-byte name:
+    each attacked, shown on one line, stored under a short stem."""
+    names = [os.fsdecode(b"caf\xe9.png"), "two\nlines.png", "sep\u2028arator.png", "x" * 246 + ".png"]
+    for i, name in enumerate(names):
+        write_png(tmp_path / name, 40 * i + 20)
+    out = run_script("--image", *[str(tmp_path / n) for n in names], *RUN, "--output", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    (folder,) = list((tmp_path / "out").iterdir())
+    with (folder / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and len({r["image"] for r in rows}) == 4
+    assert all(r["image"].isprintable() and len(r["image"]) < 80 for r in rows)
+    assert all(len(p.name) < 120 for p in folder.iterdir())
+    assert len(json.loads((folder / "results.json").read_text())["runs"]) == 4

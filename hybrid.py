@@ -67,6 +67,7 @@ import fcntl
 import fnmatch
 import functools
 import hashlib
+import io
 import importlib.util
 import json
 import logging
@@ -248,6 +249,17 @@ def configure_torch(device: str, threads: int) -> None:
         torch.backends.mkldnn.enabled = False  # double backward (README: 25% per step)
 
 
+def say(text: str = "", end: str = "\n") -> None:
+    """A line for the user on stdout, above any progress bar, flushed. A reader that goes
+    away (`| head -1`) does not stop the run: the rest goes nowhere, and stderr says so."""
+    try:
+        tqdm.write(text, end=end)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit too
+        print("hybrid.py: stdout was closed; the run goes on and writes its folder as usual", file=sys.stderr)
+
+
 def progress(steps: int | Iterable, desc: str) -> tqdm:
     """A progress bar where stderr is a terminal (tqdm's disable=None), silent in logs."""
     steps = range(steps) if isinstance(steps, int) else steps
@@ -316,6 +328,9 @@ def load_samples(indices: list[int]) -> list[Sample]:
         name, load, label = SAMPLES[i]
         out.append(Sample(f"samples:{name}", to_model_space(square_32(load(skimage.data))), label))
     return out
+
+
+CIFAR10_TRAIN = 50_000  # images in CIFAR-10's training set: no --index reaches beyond
 
 
 def load_cifar10(indices: list[int], root: str) -> list[Sample] | None:
@@ -861,7 +876,7 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
         if correct is not None:
             a_hat = correct(system, a_hat).double().cpu()
         if verbose:
-            tqdm.write(f"  layer {layer}: {U.shape[0]} equations, {U.shape[1]} unknowns, "
+            say(f"  layer {layer}: {U.shape[0]} equations, {U.shape[1]} unknowns, "
                        f"rank {rank}, deficiency {deficiency[layer]}")
     return a_hat.float(), deficiency
 
@@ -1256,18 +1271,18 @@ def analyse(cfg: Config, samples: list[Sample]) -> None:
             model, _ = prepare_model(cfg, name, sample)
             deficiency = rank_deficiency(model, client_gradient(model, sample.x.to(cfg.device), sample.label))
             indices.append(security_index(deficiency))
-            print(f"{name} on {sample.name}: security index {indices[-1]}")
-            print(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
+            say(f"{name} on {sample.name}: security index {indices[-1]}")
+            say(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
             for layer, r in enumerate(deficiency):
                 shape, n = model.shapes[layer], math.prod(model.shapes[layer])
                 equations = math.prod(model.shapes[layer + 1]) + model.layers[layer].weight.numel()
-                print(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
+                say(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
         table.append((name, np.mean(indices), min(indices), max(indices)))
     if len(samples) > 1:
-        print(f"\nsecurity index over {len(samples)} images")
-        print("| model | mean | min | max |\n|---|---|---|---|")
+        say(f"\nsecurity index over {len(samples)} images")
+        say("| model | mean | min | max |\n|---|---|---|---|")
         for name, mean, lo, hi in table:
-            print(f"| {name} | {mean:.1f} | {lo} | {hi} |")
+            say(f"| {name} | {mean:.1f} | {lo} | {hi} |")
 
 
 def index_by_model(rows: list[dict]) -> dict[str, list[float]]:
@@ -1450,39 +1465,49 @@ def new_run_folder(output: str, name: str) -> Path:
     raise UserError(f"cannot find a new run folder name in {output}")
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomic: a reader (or a crash) never sees half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+def write_atomic(path: Path, text: str) -> None:
+    """A reader, a kill or a full disk never leaves half a file: the old one stays until
+    the new one is whole on disk."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def read_rows(folder: Path) -> list[dict]:
-    """results.csv as dicts, without a last line that a kill cut short."""
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=1, allow_nan=False))
+
+
+def csv_row(run: dict, attack: str) -> dict:
+    """results.csv's row of one attack on one (model, image), from its results.json entry."""
+    e = run["attacks"][attack]
+    return {"model": run["model"], "image": run["image"], "attack": attack, "label": e["label"],
+            "label_correct": e["label_correct"], "psnr": psnr_for_csv(e["psnr"]), "ssim": e["ssim"],
+            "seconds": e["seconds"], "security_index": run.get("security_index")}
+
+
+def result_rows(results: dict) -> list[dict]:
+    """Every attack results.json holds, as results.csv's rows."""
+    return [csv_row(run, attack) for run in results["runs"] for attack in run.get("attacks", {})]
+
+
+def csv_text(rows: list[dict], header: bool = True) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def append_row(folder: Path, row: dict) -> None:
+    """One whole row, on disk before the next attack starts (for `tail -f`); the file is
+    rewritten from results.json on resume and at the end (write_figure_and_summary)."""
     path = folder / "results.csv"
-    if not path.exists():
-        return []
-    text = path.read_text()
-    return list(csv.DictReader(text[: text.rfind("\n") + 1].splitlines()))
-
-
-def drop_partial_row(folder: Path) -> None:
-    """Cut a last line that a kill left unfinished, so that rows appended next stay whole."""
-    path = folder / "results.csv"
-    text = path.read_text() if path.exists() else ""
-    if text and not text.endswith("\n"):
-        path.write_text(text[: text.rfind("\n") + 1])
-
-
-def append_rows(folder: Path, rows: list[dict]) -> None:
-    """Whole rows, flushed to disk before the next item starts."""
-    path = folder / "results.csv"
-    new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+        f.write(csv_text([row], header=f.tell() == 0))
         f.flush()
         os.fsync(f.fileno())
 
@@ -1562,14 +1587,17 @@ def file_stem(model_name: str, sample: Sample) -> str:
 
 
 class Recorder:
-    """A run folder, written as results land: per attack a row of results.csv, the
-    pair's entry in results.json (rewritten atomically) and the reconstruction's .npy.
-    `done` (what results.csv holds) is what a resumed run skips."""
+    """A run folder, written as results land: per attack the reconstruction's .npy, then
+    the pair's entry in results.json (rewritten atomically), then a row of results.csv.
+    results.json is the record: what it holds is done (a resumed run skips it), and
+    results.csv is its table, rebuilt from it on resume and at the end. A kill between two
+    writes costs the attack in flight at most, and never leaves the two disagreeing after
+    a resume."""
 
     def __init__(self, folder: Path, results: dict):
         self.folder, self.results = folder, results
         self.runs = {(r["model"], r["image"]): r for r in results["runs"]}
-        self.done = {(r["model"], r["image"], r["attack"]) for r in read_rows(folder)}
+        self.done = {(r["model"], r["image"], a) for r in results["runs"] for a in r.get("attacks", {})}
 
     def todo(self, model_name: str, sample: Sample, attacks: list[str]) -> list[str]:
         return [a for a in attacks if (model_name, sample.name, a) not in self.done]
@@ -1595,17 +1623,14 @@ class Recorder:
         npy = f"{file_stem(model_name, sample)}_{event.attack}.npy"
         np.save(self.folder / npy, event.recon.astype(np.float32))
         entry = run.setdefault("attacks", {})[event.attack] = event.entry | {"npy": npy}
-        append_rows(self.folder, [{"model": model_name, "image": sample.name, "attack": event.attack,
-                                   "label": entry["label"], "label_correct": entry["label_correct"],
-                                   "psnr": psnr_for_csv(entry["psnr"]), "ssim": entry["ssim"],
-                                   "seconds": entry["seconds"], "security_index": run["security_index"]}])
-        self.done.add((model_name, sample.name, event.attack))
         self.results["peak_memory_mb"] = max(resource.getrusage(who).ru_maxrss // 1024  # workers, once ended
                                              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        write_json(self.folder / "results.json", self.results)
-        print(f"{model_name:9s} {sample.name:18s} {DISPLAY[event.attack]:9s}  PSNR {format_psnr(entry['psnr'], 2):>9s}  "
-              f"SSIM {entry['ssim']:.3f}  label {entry['label']}{'' if entry['label_correct'] else ' (wrong)'}  "
-              f"{entry['seconds']:6.1f} s", flush=True)
+        write_json(self.folder / "results.json", self.results)  # from here on, the attack is done
+        self.done.add((model_name, sample.name, event.attack))
+        append_row(self.folder, csv_row(run, event.attack))
+        say(f"{model_name:9s} {sample.name:18s} {DISPLAY[event.attack]:9s}  PSNR {format_psnr(entry['psnr'], 2):>9s}  "
+            f"SSIM {entry['ssim']:.3f}  label {entry['label']}{'' if entry['label_correct'] else ' (wrong)'}  "
+            f"{entry['seconds']:6.1f} s")
 
 
 class Pair(NamedTuple):
@@ -1680,7 +1705,7 @@ def open_run(cfg: Config, argv: list[str], folder: Path) -> dict:
     if differ:
         raise UserError(f"--resume {folder}: it holds another experiment ({'; '.join(differ)}); "
                         f"its command was: {old.get('command')}")
-    drop_partial_row(folder)
+    write_atomic(folder / "results.csv", csv_text(result_rows(old)))  # the table of the record, whole
     return old | {"resumed": old.get("resumed", []) + [results["command"]]}
 
 
@@ -1771,12 +1796,14 @@ def run_batch(cfg: Config, pairs: list[Pair], jobs: int, record: Callable,
             for future in done:
                 pair = futures[future]
                 try:
-                    record(pair, future.result())
+                    events = future.result()
                 except BrokenProcessPool:
                     return ([p for f, p in futures.items() if f not in finished and p.key in running],
                             [p for f, p in futures.items() if f not in finished and p.key not in running])
                 except Exception as e:  # a bug on one pair: the others go on
                     failed[pair.key] = f"{type(e).__name__}: {e}"
+                else:
+                    record(pair, events)  # the parent's own errors (a full disk) stop the run
                 finished.add(future)
                 bar.update()
             bar.set_postfix_str(", ".join(f"{m} {i}" for m, i in sorted(running - {futures[f].key for f in finished})))
@@ -1802,13 +1829,14 @@ def write_figure_and_summary(folder: Path, results: dict) -> None:
     shown = [r for r in results["runs"] if r.get("attacks")][:FIGURE_ROWS]
     if shown:
         plot_comparison(shown, folder, folder / "comparison.png")
-    rows = read_rows(folder)
+    rows = result_rows(results)
     results["correlations"] = index_correlations(rows)
     write_json(folder / "results.json", results)
+    write_atomic(folder / "results.csv", csv_text(rows))
     if len(index_by_model(rows)) >= 3:
         plot_index_vs_quality(rows, folder / "index_vs_quality.png")
-    print(write_summary(folder, rows, results["correlations"]), end="")
-    print(f"results: {folder}")
+    say(write_summary(folder, rows, results["correlations"]), end="")
+    say(f"results: {folder}")
 
 
 def merge(folders: list[str], output: str) -> None:
@@ -1826,12 +1854,8 @@ def merge(folders: list[str], output: str) -> None:
         if differ:
             raise UserError(f"--merge: {src} holds another experiment than {sources[0]} ({'; '.join(differ)})")
     merged = new_run_folder(output, "merged")
-    rows, seen, runs = [], set(), {}
+    runs = {}
     for src, shard in zip(sources, shards):
-        for row in read_rows(src):
-            if (row["model"], row["image"], row["attack"]) not in seen:
-                seen.add((row["model"], row["image"], row["attack"]))
-                rows.append(row)
         for run in shard["runs"]:
             for entry in [run.get("target", {}), *run.get("attacks", {}).values()]:
                 if "npy" in entry:  # keep the arrays where they are
@@ -1839,7 +1863,6 @@ def merge(folders: list[str], output: str) -> None:
             kept = runs.setdefault((run["model"], run["image"]), run)  # overlapping folders: each pair once
             kept.setdefault("attacks", {}).update({a: e for a, e in run.get("attacks", {}).items()
                                                    if a not in kept["attacks"]})
-    append_rows(merged, rows)
     header = {k: v for k, v in shards[0].items() if k != "runs"}  # config, versions
     write_figure_and_summary(merged, header | {"merged": [str(f) for f in sources], "runs": list(runs.values())})
 
@@ -1899,6 +1922,8 @@ def parse_indices(tokens: list[str | int]) -> list[int]:
             raise UserError(f"--index: '{token.strip()}' is not an index or a range such as 0-99") from None
         if hi < lo:
             raise UserError(f"--index: the range '{token.strip()}' is empty")
+        if hi >= CIFAR10_TRAIN:  # checked before a range the size of the request is made
+            raise UserError(f"--index {hi} is out of range: CIFAR-10 has training images 0-{CIFAR10_TRAIN - 1}")
         out.extend(range(lo, hi + 1))
     return list(dict.fromkeys(out))
 
@@ -1973,7 +1998,7 @@ def make_config(args: argparse.Namespace) -> Config:
 def list_models() -> None:
     for name, arch in MODELS.items():
         convs = "; ".join(f"conv {i}->{o} k{k} s{s} p{p}" for i, o, k, s, p in arch.convs)
-        print(f"{name:9s} {convs}; fc  | {arch.acts}{' | conv bias' if arch.bias else ''}")
+        say(f"{name:9s} {convs}; fc  | {arch.acts}{' | conv bias' if arch.bias else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1994,7 +2019,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         folder = Path(cfg.resume) if cfg.resume else \
             new_run_folder(cfg.output, cfg.models[0] if len(cfg.models) == 1 else "grid")
-        print(f"run folder: {folder}", flush=True)
+        say(f"run folder: {folder}")
         sweep(cfg, argv, samples, folder)
     except UserError as e:
         print(f"hybrid.py: error: {e}", file=sys.stderr)
@@ -2006,6 +2031,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f"--resume {folder}" if "folder" in locals() else "--resume RUN_FOLDER"
         print(f"interrupted: run the same command with {where} to finish", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a folder taken away: what was recorded stays
+        where = f"; what it finished is in {folder}: the same command with --resume {folder} completes it" \
+            if "folder" in locals() and (folder / "results.json").exists() else ""
+        print(f"hybrid.py: stopped: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}{where}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

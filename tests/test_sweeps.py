@@ -19,6 +19,11 @@ def rows_of(folder):
         return list(csv.DictReader(f))
 
 
+def attack_lines(stdout):
+    """How many attacks a run reported finishing."""
+    return sum("  SSIM " in line for line in stdout.splitlines())
+
+
 def comparable(rows):
     """Everything but the timing, which differs run to run."""
     return sorted(tuple(r[c] for c in H.CSV_COLUMNS if c != "seconds") for r in rows)
@@ -37,7 +42,8 @@ def test_index_ranges(text, expected):
     assert H.parse_indices(text) == expected
 
 
-@pytest.mark.parametrize("text", [["a"], ["3-1"], ["-2"], ["1-"], ["1,,2"]])
+@pytest.mark.parametrize("text", [["a"], ["3-1"], ["-2"], ["1-"], ["1,,2"], ["50000"], ["0-100000000000000"],
+                                  ["9" * 5000]])
 def test_bad_index_ranges(text):
     with pytest.raises(H.UserError, match="--index"):
         H.parse_indices(text)
@@ -93,12 +99,18 @@ def killed_copy(folder, dst, n_rows):
 
 
 @pytest.mark.slow
-def test_read_rows_skips_a_cut_line_and_resume_drops_it(full_sweep, tmp_path):
-    folder = killed_copy(full_sweep, tmp_path / "killed", 5)
-    before = (folder / "results.csv").read_text()
-    assert len(H.read_rows(folder)) == 5 and (folder / "results.csv").read_text() == before  # reading writes nothing
-    H.drop_partial_row(folder)
-    assert (folder / "results.csv").read_text() == before[: before.rfind("\n") + 1]
+@pytest.mark.parametrize("damage", [b"", b"model,image\n\xff\xfe garbage, \"unclosed\n", None])
+def test_resume_rebuilds_results_csv_from_results_json(full_sweep, tmp_path, damage):
+    """results.json is the record; results.csv (emptied, garbage, or gone) is rebuilt from it."""
+    folder = killed_copy(full_sweep, tmp_path / "killed", 7)
+    if damage is None:
+        (folder / "results.csv").unlink()
+    else:
+        (folder / "results.csv").write_bytes(damage)
+    out = run_script(*SWEEP, "--output", str(tmp_path), "--resume", str(folder))
+    assert out.returncode == 0, out.stderr
+    assert len(rows_of(folder)) == 12 and comparable(rows_of(folder)) == comparable(rows_of(full_sweep))
+    assert attack_lines(out.stdout) == 12 - 7  # the 7 recorded attacks were not run again
 
 
 @pytest.mark.slow
@@ -205,7 +217,7 @@ def test_merge_takes_a_shard_left_without_work(quick_run, tmp_path):
     out = run_script(*QUICK_RUN, "--shard", "3/4", "--output", str(tmp_path / "empty"))
     assert out.returncode == 0, out.stderr
     (empty,) = list((tmp_path / "empty").iterdir())
-    assert not (empty / "results.csv").exists() and json.loads((empty / "results.json").read_text())["config"]
+    assert rows_of(empty) == [] and json.loads((empty / "results.json").read_text())["config"]
     # the same experiment but for the shard: cnn2_c0 on chelsea is shard 0/4's only pair
     first = run_script(*QUICK_RUN, "--shard", "0/4", "--output", str(tmp_path / "first"))
     assert first.returncode == 0, first.stderr

@@ -1,0 +1,122 @@
+"""A run killed, or finding its disk full, at each of its writes; a run whose stdout is
+closed. Each time: nothing it finished is lost, results.json and results.csv agree once
+it is resumed, and what stops it says so in one line."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import hybrid as H
+from conftest import ROOT, fresh_run
+
+RUN = ["--quick", "--source", "samples", "--model", "cnn2_c0", "--index", "0,3", "--attacks", "rgap", "idlg"]
+N_ATTACKS = 4
+
+# Loaded into the run by PYTHONPATH: at the N-th opening for writing of a path that ends
+# in SUFFIX, the process is SIGKILLed ("kill") or the open fails as on a full disk ("full").
+SITE = '''
+import errno, os, signal, sys
+_suffix, _nth, _how = os.environ["FAULT_AT"].rsplit(":", 2)
+_seen = 0
+
+def _hook(event, args):
+    global _seen
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode, flags = args[1], args[2] or 0
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or flags & (os.O_WRONLY | os.O_RDWR)
+        if writes and os.fsdecode(args[0]).endswith(_suffix):
+            _seen += 1
+            if _seen == int(_nth):
+                if _how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise OSError(errno.ENOSPC, "No space left on device", os.fsdecode(args[0]))
+
+sys.addaudithook(_hook)
+'''
+
+
+def rows_of(folder):
+    with (folder / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def comparable(rows):
+    return sorted(tuple(r[c] for c in H.CSV_COLUMNS if c != "seconds") for r in rows)
+
+
+def recorded(folder):
+    """(model, image, attack) -> its results.json entry."""
+    runs = json.loads((folder / "results.json").read_text())["runs"]
+    return {(r["model"], r["image"], a): e for r in runs for a, e in r.get("attacks", {}).items()}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    return fresh_run(tmp_path_factory, "clean", *RUN)
+
+
+def run_with_fault(tmp_path, fault, *args):
+    (tmp_path / "site").mkdir(exist_ok=True)
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITE)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), FAULT_AT=fault)
+    return subprocess.run([sys.executable, str(ROOT / "hybrid.py"), *RUN, *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def resume(folder):
+    return subprocess.run([sys.executable, str(ROOT / "hybrid.py"), *RUN, "--resume", str(folder)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def check_resumes_to_the_clean_run(folder, clean):
+    before = recorded(folder)
+    out = resume(folder)
+    assert out.returncode == 0, out.stderr
+    after = recorded(folder)
+    assert all(after[k] == e for k, e in before.items())  # what it had finished, untouched
+    assert sum("  SSIM " in line for line in out.stdout.splitlines()) == N_ATTACKS - len(before)  # and not redone
+    assert comparable(rows_of(folder)) == comparable(rows_of(clean))  # the two records agree, and are complete
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [
+    "results.csv:2:kill",  # after the 2nd attack's results.json, before its row: the point between the two
+    "results.json.tmp:3:kill",  # after the 2nd attack's .npy, before its results.json
+    "idlg.npy:1:kill",  # during an attack's recording
+])
+def test_a_kill_at_any_write_loses_nothing_finished(tmp_path, clean, fault):
+    out = run_with_fault(tmp_path, fault, "--output", str(tmp_path / "out"))
+    assert out.returncode == -9, out.stderr
+    (folder,) = list((tmp_path / "out").iterdir())
+    done = recorded(folder)
+    rows = {(r["model"], r["image"], r["attack"]) for r in rows_of(folder)} if (folder / "results.csv").exists() else set()
+    assert rows <= set(done) and len(done) - len(rows) <= 1  # the table lags the record by the attack in flight
+    check_resumes_to_the_clean_run(folder, clean)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["results.json.tmp:3:full", "cnn2_c0_samples-chelsea_rgap.npy:1:full",
+                                   "results.csv:3:full", "comparison.png:1:full", "summary.md:1:full"])
+def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(tmp_path, clean, fault):
+    out = run_with_fault(tmp_path, fault, "--output", str(tmp_path / "out"))
+    (folder,) = list((tmp_path / "out").iterdir())
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    (line,) = [l for l in out.stderr.splitlines() if l.strip()]
+    assert line.startswith("hybrid.py: stopped: No space left on device") and f"--resume {folder}" in line
+    check_resumes_to_the_clean_run(folder, clean)
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_does_not_stop_the_run(tmp_path, clean):
+    """`python hybrid.py | head -1`: the reader goes away; the run goes on to the end."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid.py"), *RUN, "--output", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the run has written a line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert "stdout was closed" in err and "Traceback" not in err and "Exception ignored" not in err
+    (folder,) = list(tmp_path.iterdir())
+    assert comparable(rows_of(folder)) == comparable(rows_of(clean)) and len(recorded(folder)) == N_ATTACKS

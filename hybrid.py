@@ -1666,11 +1666,21 @@ def run_pair(cfg: Config, pair: Pair) -> Iterator[Training | RankAnalysis | Answ
                           pair.analysed)
 
 
+def runs_are_ours(runs: object) -> bool:
+    """results.json's runs, as Recorder writes them (what resume, merge and the summary read)."""
+    entry = {"psnr", "ssim", "seconds", "label", "label_correct"}
+    return isinstance(runs, list) and all(
+        isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("image"), str)
+        and isinstance(r.get("attacks", {}), dict)
+        and all(a in ATTACKS and isinstance(e, dict) and entry <= e.keys() for a, e in r.get("attacks", {}).items())
+        for r in runs)
+
+
 def read_run(folder: Path, flag: str) -> dict:
     """A run folder's results.json, or one line saying why it is not one."""
     try:
         results = json.loads((folder / "results.json").read_text())
-        if not isinstance(results.get("config"), dict) or not isinstance(results.get("runs"), list):
+        if not isinstance(results.get("config"), dict) or not runs_are_ours(results.get("runs")):
             raise ValueError
         return results
     except FileNotFoundError:

@@ -184,9 +184,13 @@ def test_resume_refuses_a_folder_that_is_not_a_run(quick_run, tmp_path):
     for folder, says in [(quick_run.parent, "not a run folder"), (tmp_path, "not a run folder")]:
         out = run_script(*QUICK_RUN, "--resume", str(folder))
         assert out.returncode == 2 and says in out.stderr, out.stderr
-    (tmp_path / "results.json").write_text("{not json")
-    out = run_script(*QUICK_RUN, "--resume", str(tmp_path))
-    assert out.returncode == 2 and "not one that hybrid.py wrote" in out.stderr
+    results = json.loads((quick_run / "results.json").read_text())
+    for foreign in ["{not json", "\udcff", json.dumps(results | {"runs": [{"model": 1}]}),
+                    json.dumps(results | {"runs": [{"model": "a", "image": "b", "attacks": {"rgap": {}}}]})]:
+        (tmp_path / "results.json").write_text(foreign, errors="surrogateescape")
+        out = run_script(*QUICK_RUN, "--resume", str(tmp_path))
+        assert out.returncode == 2 and "not one that hybrid.py wrote" in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_resume_accepts_settings_that_leave_the_numbers(quick_run):

@@ -26,6 +26,7 @@ Examples:
     python hybrid.py --model all --source samples --index 0-4 --attacks rgap hybrid --jobs auto
                                                        # does the security index predict leakage?
     python hybrid.py --model 'cnn3_*' --train-steps 500 --attacks rgap hybrid   # on trained weights
+    python hybrid.py --attacks dlg idlg --restarts 4   # the baselines, each the best of 4 starts
 
 How the file reads: the settings; then the paper's experiment in the order it flows
 (data, models and their weights, the client's gradient, the linear systems, R-GAP, the
@@ -2013,6 +2014,8 @@ def list_models() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):  # a path that is not UTF-8 prints escaped, not as a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = parse_args(argv)
     if args.list_models:
         list_models()

@@ -107,9 +107,11 @@ def test_odd_file_names_run_and_stay_on_one_line(tmp_path):
     names = [os.fsdecode(b"caf\xe9.png"), "two\nlines.png", "sep\u2028arator.png", "x" * 246 + ".png"]
     for i, name in enumerate(names):
         write_png(tmp_path / name, 40 * i + 20)
-    out = run_script("--image", *[str(tmp_path / n) for n in names], *RUN, "--output", str(tmp_path / "out"))
+    output = tmp_path / os.fsdecode(b"r\xe9sultats")  # the run folder's path is not UTF-8 either
+    out = run_script("--image", *[str(tmp_path / n) for n in names], *RUN, "--output", str(output))
     assert out.returncode == 0, out.stderr
-    (folder,) = list((tmp_path / "out").iterdir())
+    (folder,) = list(output.iterdir())
+    assert out.stdout.startswith("run folder: ") and "Traceback" not in out.stderr
     with (folder / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and len({r["image"] for r in rows}) == 4

@@ -358,21 +358,6 @@ def load_cifar10(indices: list[int], root: str) -> list[Sample] | None:
     return out
 
 
-def load_files(paths: list[str], label: int) -> list[Sample]:
-    """The user's image files; the same image (the same bytes) given twice counts once."""
-    out = {}
-    for p in paths:
-        try:
-            with open(p, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            rgb = read_image(p)
-        except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError...
-            raise UserError(f"cannot read image {printable(p, 200)}: {printable(str(e), 200)}") from None
-        name = f"file:{printable(Path(p).name, 60)}@{digest[:10]}"
-        out.setdefault(name, Sample(name, to_model_space(square_32(rgb)), label))
-    return list(out.values())
-
-
 def printable(text: str, limit: int) -> str:
     """`text` with what cannot be shown on one line (control characters, line separators,
     the bytes of a name that is not UTF-8) as '?', cut to `limit` characters."""
@@ -399,6 +384,20 @@ def read_image(path: str) -> np.ndarray:
         else:
             return np.asarray(im.convert("RGB"))
     return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def load_files(paths: list[str], label: int) -> list[Sample]:
+    """The user's image files; the same image (the same bytes) given twice counts once."""
+    out = {}
+    for p in paths:
+        try:
+            digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            rgb = read_image(p)
+        except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise UserError(f"cannot read image {printable(p, 200)}: {printable(str(e), 200)}") from None
+        name = f"file:{printable(Path(p).name, 60)}@{digest[:10]}"
+        out.setdefault(name, Sample(name, to_model_space(square_32(rgb)), label))
+    return list(out.values())
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -878,7 +877,7 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
             a_hat = correct(system, a_hat).double().cpu()
         if verbose:
             say(f"  layer {layer}: {U.shape[0]} equations, {U.shape[1]} unknowns, "
-                       f"rank {rank}, deficiency {deficiency[layer]}")
+                f"rank {rank}, deficiency {deficiency[layer]}")
     return a_hat.float(), deficiency
 
 

@@ -2034,7 +2034,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"run folder: {folder}")
         sweep(cfg, argv, samples, folder)
     except UserError as e:
-        print(f"hybrid.py: error: {e}", file=sys.stderr)
+        print(f"hybrid.py: error: {printable(str(e), 4000)}", file=sys.stderr)  # one line, whatever a path holds
         return 2
     except PairsFailed as e:
         print(f"hybrid.py: not finished, the rest is recorded: {e}; --resume {folder} retries them", file=sys.stderr)

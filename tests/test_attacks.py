@@ -119,12 +119,13 @@ def test_hybrid_stays_exact_enough_on_a_full_rank_model(chelsea):
 
 @pytest.mark.parametrize("attack", ["dlg", "idlg", "cosine"])
 def test_optimisation_attacks_lower_their_objective(attack, chelsea):
-    # L-BFGS at lr 1 without line search (as DLG has it) can jump uphill and stay
-    # there on a saturated tanh; on cnn4_c2 its first steps descend.
-    settings = dataclasses.replace(QUICK, dlg_iters=5, cosine_iters=50)
+    """L-BFGS at lr 1 without a line search (as DLG has it) is chaotic: one start may jump
+    uphill on one CPU and not on another. So the claim is over four starts: the best
+    final objective is below every starting one."""
+    settings = dataclasses.replace(QUICK, dlg_iters=5, cosine_iters=50, restarts=4)
     result, metrics = run("cnn4_c2", attack, chelsea, settings)
     assert result.x.shape == (1, 3, 32, 32) and torch.isfinite(result.x).all()
-    assert result.info["objective_end"] < result.info["objective_start"]
+    assert result.info["objective_end"] < min(s["objective_start"] for s in result.info["starts"])
     assert np.isfinite(metrics["psnr"]) and np.isfinite(metrics["ssim"])
     if attack in ("idlg", "cosine"):
         assert result.label == chelsea.label

@@ -84,6 +84,8 @@ def test_list_models():
     (["--model-seed", "4294967296"], "a seed must be in 0..2^32-1"),
     (["--threads", "0"], "must be 1 or more"),
     (["--train-steps", "-3"], "cannot be negative"),
+    (["--resume", "/no/such\nfolder\u2028here"], "--resume /no/such?folder?here: no such run folder"),
+    (["--restarts", "0"], "must be 1 or more"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, names):
     out = run_script("--source", "samples", *args)

@@ -1700,7 +1700,7 @@ def config_differences(before: dict, now: dict, may_differ: set[str]) -> list[st
     return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in may_differ and before.get(k) != v]
 
 
-def open_run(cfg: Config, argv: list[str], folder: Path) -> dict:
+def open_run(cfg: Config, argv: list[str], folder: Path, samples: list[Sample]) -> dict:
     """results.json's content: a new run's, written at once (so that a folder records its
     config and shard from the start), or, with --resume, the folder's own, once it is
     known to hold the same experiment."""
@@ -1715,6 +1715,11 @@ def open_run(cfg: Config, argv: list[str], folder: Path) -> dict:
     if differ:
         raise UserError(f"--resume {folder}: it holds another experiment ({'; '.join(differ)}); "
                         f"its command was: {old.get('command')}")
+    pairs = {(name, sample.name) for name in cfg.models for sample in samples}
+    strangers = [f"{r['model']} on {r['image']}" for r in old["runs"] if (r["model"], r["image"]) not in pairs]
+    if strangers:  # the same command, other images: a file changed since (its hash), or an older hybrid.py's names
+        raise UserError(f"--resume {folder}: it holds images that this command does not ({', '.join(strangers[:3])}"
+                        f"{', ...' if len(strangers) > 3 else ''}); was an image file changed since?")
     write_atomic(folder / "results.csv", csv_text(result_rows(old)))  # the table of the record, whole
     return old | {"resumed": old.get("resumed", []) + [results["command"]]}
 
@@ -1733,7 +1738,7 @@ def lock_folder(folder: Path) -> object:
 def sweep(cfg: Config, argv: list[str], samples: list[Sample], folder: Path) -> None:
     """Every (model, image) of this shard, every attack not yet recorded in the folder."""
     lock = lock_folder(folder)  # noqa: F841 (held until the sweep returns)
-    results = open_run(cfg, argv, folder)
+    results = open_run(cfg, argv, folder, samples)
     recorder = Recorder(folder, results)
     pairs = pending_pairs(cfg, samples, recorder)
     record = lambda pair, events: [recorder.record(pair.model, pair.sample, e) for e in events]  # noqa: E731

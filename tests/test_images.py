@@ -118,3 +118,17 @@ def test_odd_file_names_run_and_stay_on_one_line(tmp_path):
     assert all(r["image"].isprintable() and len(r["image"]) < 80 for r in rows)
     assert all(len(p.name) < 120 for p in folder.iterdir())
     assert len(json.loads((folder / "results.json").read_text())["runs"]) == 4
+
+
+def test_resume_refuses_a_folder_whose_image_file_has_changed(tmp_path):
+    """The same command, but x.png now holds another picture: resuming would mix the two."""
+    path = write_png(tmp_path / "x.png", 30)
+    args = ["--image", str(path), *RUN, "--output", str(tmp_path / "out")]
+    assert run_script(*args).returncode == 0
+    (folder,) = list((tmp_path / "out").iterdir())
+    write_png(path, 31)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    out = run_script(*args, "--resume", str(folder))
+    assert out.returncode == 2 and "was an image file changed since?" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing touched

@@ -214,6 +214,15 @@ def test_merge_counts_a_folder_given_twice_once(quick_run, tmp_path):
     assert out.returncode == 0, out.stderr
     (merged,) = list(tmp_path.iterdir())
     assert rows_of(merged) == rows_of(quick_run)
+
+
+def test_merge_reads_the_record_not_a_damaged_table(quick_run, tmp_path):
+    damaged = shutil.copytree(quick_run, tmp_path / "damaged")
+    (damaged / "results.csv").write_bytes(b"\xff\xfe,,\n\"")
+    out = run_script("--merge", str(damaged), "--output", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    (merged,) = list((tmp_path / "out").iterdir())
+    assert rows_of(merged) == rows_of(quick_run)
     assert len(json.loads((merged / "results.json").read_text())["runs"]) == 1
 
 

@@ -1724,33 +1724,50 @@ def open_run(cfg: Config, argv: list[str], folder: Path, samples: list[Sample]) 
     return old | {"resumed": old.get("resumed", []) + [results["command"]]}
 
 
-def lock_folder(folder: Path) -> object:
-    """An exclusive lock on the run folder, held while the run writes it: two runs (two
-    --resume of one folder) never append to one results.csv."""
+def lock_folder(folder: Path) -> io.TextIOWrapper:
+    """An exclusive lock on the run folder, held while the run writes it (until the
+    returned file is closed): two runs (two --resume of one folder) never write one folder."""
     handle = (folder / ".lock").open("w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        handle.close()
         raise UserError(f"{folder} is being written by another run (its .lock is held)") from None
     return handle
 
 
 def sweep(cfg: Config, argv: list[str], samples: list[Sample], folder: Path) -> None:
     """Every (model, image) of this shard, every attack not yet recorded in the folder."""
-    lock = lock_folder(folder)  # noqa: F841 (held until the sweep returns)
-    results = open_run(cfg, argv, folder, samples)
-    recorder = Recorder(folder, results)
-    pairs = pending_pairs(cfg, samples, recorder)
-    record = lambda pair, events: [recorder.record(pair.model, pair.sample, e) for e in events]  # noqa: E731
-    if cfg.jobs == 1:
-        for pair in progress(pairs, "sweep") if len(pairs) > 1 else pairs:
-            record(pair, run_pair(cfg, pair))
-        failed = {}
-    else:
-        failed = run_in_workers(cfg, pairs, record)
-    write_figure_and_summary(folder, results)
+    if cfg.resume:
+        read_run(folder, "--resume")  # a folder that is not a run is refused before a .lock is made in it
+    with lock_folder(folder):  # released however the sweep ends, not when an exception's frames are collected
+        results = open_run(cfg, argv, folder, samples)
+        recorder = Recorder(folder, results)
+        pairs = pending_pairs(cfg, samples, recorder)
+        record = lambda pair, events: [recorder.record(pair.model, pair.sample, e) for e in events]  # noqa: E731
+        failed = run_here(cfg, pairs, record) if cfg.jobs == 1 else run_in_workers(cfg, pairs, record)
+        write_figure_and_summary(folder, results)
     if failed:
         raise PairsFailed("; ".join(f"{m} on {i}: {why}" for (m, i), why in failed.items()))
+
+
+def run_here(cfg: Config, pairs: list[Pair], record: Callable) -> dict[tuple[str, str], str]:
+    """The pairs one after another in this process, each attack recorded as it finishes.
+    As in the workers, an error in a pair's computation costs that pair alone (returned
+    with the reason); the recording's own errors (a full disk) stop the run."""
+    failed = {}
+    for pair in progress(pairs, "sweep") if len(pairs) > 1 else pairs:
+        events = run_pair(cfg, pair)
+        while True:
+            try:
+                event = next(events)
+            except StopIteration:
+                break
+            except Exception as e:
+                failed[pair.key] = f"{type(e).__name__}: {e}"
+                break
+            record(pair, [event])
+    return failed
 
 
 class PairsFailed(Exception):

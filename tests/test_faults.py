@@ -2,6 +2,7 @@
 closed. Each time: nothing it finished is lost, results.json and results.csv agree once
 it is resumed, and what stops it says so in one line."""
 import csv
+import gc
 import json
 import os
 import subprocess
@@ -120,3 +121,32 @@ def test_a_closed_stdout_does_not_stop_the_run(tmp_path, clean):
     assert "stdout was closed" in err and "Traceback" not in err and "Exception ignored" not in err
     (folder,) = list(tmp_path.iterdir())
     assert comparable(rows_of(folder)) == comparable(rows_of(clean)) and len(recorded(folder)) == N_ATTACKS
+
+
+def test_an_error_in_one_pair_costs_that_pair_alone_and_frees_the_folder(tmp_path, monkeypatch, capsys):
+    """One process (--jobs 1), as in the workers: a pair whose attack raises is reported and
+    left for --resume; the others are recorded; the folder's lock is free after main returns,
+    even while the collector is off (it once lived as long as the exception's frames)."""
+    idlg, calls = H.ATTACKS["idlg"], []
+
+    def failing_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a bug on this pair")
+        return idlg(*args)
+
+    monkeypatch.setitem(H.ATTACKS, "idlg", failing_once)
+    gc.disable()
+    try:
+        assert H.main([*RUN, "--output", str(tmp_path)]) == 1
+        (folder,) = list(tmp_path.iterdir())
+        H.lock_folder(folder).close()  # free
+    finally:
+        gc.enable()
+    err = capsys.readouterr().err
+    assert "cnn2_c0 on samples:astronaut: ValueError: a bug on this pair" in err and f"--resume {folder}" in err
+    assert sorted(k[1:] for k in recorded(folder)) == [("samples:astronaut", "rgap"), ("samples:chelsea", "idlg"),
+                                                       ("samples:chelsea", "rgap")]
+    monkeypatch.undo()
+    assert H.main([*RUN, "--output", str(tmp_path), "--resume", str(folder)]) == 0
+    assert len(recorded(folder)) == N_ATTACKS

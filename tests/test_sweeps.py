@@ -182,8 +182,10 @@ def test_resume_refuses_another_experiment(quick_run, change, says):
 
 def test_resume_refuses_a_folder_that_is_not_a_run(quick_run, tmp_path):
     for folder, says in [(quick_run.parent, "not a run folder"), (tmp_path, "not a run folder")]:
+        before = sorted(folder.iterdir())
         out = run_script(*QUICK_RUN, "--resume", str(folder))
         assert out.returncode == 2 and says in out.stderr, out.stderr
+        assert sorted(folder.iterdir()) == before  # not even a .lock left in it
     results = json.loads((quick_run / "results.json").read_text())
     for foreign in ["{not json", "\udcff", json.dumps(results | {"runs": [{"model": 1}]}),
                     json.dumps(results | {"runs": [{"model": "a", "image": "b", "attacks": {"rgap": {}}}]})]:

@@ -21,6 +21,7 @@ def write_png(path, value, size=(40, 50)):
     return path
 
 
+@pytest.mark.slow
 def test_two_files_with_one_name_are_two_images(tmp_path):
     """dirA/x.png and dirB/x.png: two names, two stems, two runs, each with its own pixels."""
     for folder, value in (("dirA", 30), ("dirB", 200)):
@@ -76,6 +77,7 @@ def test_16_bit_and_float_images_read_as_their_8_bit_twin(tmp_path):
     assert torch_close(sixteen.x, eight.x) and torch_close(floats.x, eight.x)
 
 
+@pytest.mark.slow
 def test_images_without_a_known_range_are_refused_in_one_line(tmp_path):
     Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(tmp_path / "hdr.tif")
     Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "int32.tif")
@@ -93,6 +95,7 @@ def png_header_claiming(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(ihdr) + chunk(b"IDAT" + zlib.compress(b"\0" * 8)) + chunk(b"IEND")
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_is_one_line(tmp_path):
     (tmp_path / "bomb.png").write_bytes(png_header_claiming(100_000, 100_000))
     out = run_script("--image", str(tmp_path / "bomb.png"), *RUN, "--output", str(tmp_path / "out"))
@@ -120,6 +123,7 @@ def test_odd_file_names_run_and_stay_on_one_line(tmp_path):
     assert len(json.loads((folder / "results.json").read_text())["runs"]) == 4
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_folder_whose_image_file_has_changed(tmp_path):
     """The same command, but x.png now holds another picture: resuming would mix the two."""
     path = write_png(tmp_path / "x.png", 30)

@@ -166,6 +166,7 @@ def quick_run(tmp_path_factory):
     return fresh_run(tmp_path_factory, "quick", *QUICK_RUN)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,says", [
     (["--seed", "11"], "seed 10 -> 11"),
     (["--model", "cnn2_c4"], "models ['cnn2_c0'] -> ['cnn2_c4']"),
@@ -180,12 +181,17 @@ def test_resume_refuses_another_experiment(quick_run, change, says):
     assert {p.name: p.read_bytes() for p in quick_run.iterdir()} == before  # nothing touched
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_folder_that_is_not_a_run(quick_run, tmp_path):
     for folder, says in [(quick_run.parent, "not a run folder"), (tmp_path, "not a run folder")]:
         before = sorted(folder.iterdir())
         out = run_script(*QUICK_RUN, "--resume", str(folder))
         assert out.returncode == 2 and says in out.stderr, out.stderr
         assert sorted(folder.iterdir()) == before  # not even a .lock left in it
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_results_json_that_hybrid_py_did_not_write(quick_run, tmp_path):
     results = json.loads((quick_run / "results.json").read_text())
     for foreign in ["{not json", "\udcff", json.dumps(results | {"runs": [{"model": 1}]}),
                     json.dumps(results | {"runs": [{"model": "a", "image": "b", "attacks": {"rgap": {}}}]})]:
@@ -195,6 +201,7 @@ def test_resume_refuses_a_folder_that_is_not_a_run(quick_run, tmp_path):
         assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_resume_accepts_settings_that_leave_the_numbers(quick_run):
     rows = rows_of(quick_run)
     out = run_script(*QUICK_RUN, "--threads", "2", "--jobs", "2", "--resume", str(quick_run))
@@ -211,6 +218,7 @@ def test_a_second_run_on_a_locked_folder_is_refused(quick_run, capsys):
         lock.close()
 
 
+@pytest.mark.slow
 def test_merge_counts_a_folder_given_twice_once(quick_run, tmp_path):
     out = run_script("--merge", str(quick_run), str(quick_run) + "/", "--output", str(tmp_path))
     assert out.returncode == 0, out.stderr
@@ -218,6 +226,7 @@ def test_merge_counts_a_folder_given_twice_once(quick_run, tmp_path):
     assert rows_of(merged) == rows_of(quick_run)
 
 
+@pytest.mark.slow
 def test_merge_reads_the_record_not_a_damaged_table(quick_run, tmp_path):
     damaged = shutil.copytree(quick_run, tmp_path / "damaged")
     (damaged / "results.csv").write_bytes(b"\xff\xfe,,\n\"")
@@ -228,6 +237,7 @@ def test_merge_reads_the_record_not_a_damaged_table(quick_run, tmp_path):
     assert len(json.loads((merged / "results.json").read_text())["runs"]) == 1
 
 
+@pytest.mark.slow
 def test_merge_takes_a_shard_left_without_work(quick_run, tmp_path):
     out = run_script(*QUICK_RUN, "--shard", "3/4", "--output", str(tmp_path / "empty"))
     assert out.returncode == 0, out.stderr
@@ -243,6 +253,7 @@ def test_merge_takes_a_shard_left_without_work(quick_run, tmp_path):
     assert comparable(rows_of(merged)) == comparable(rows_of(quick_run))
 
 
+@pytest.mark.slow
 def test_merge_refuses_other_experiments_and_foreign_folders(quick_run, full_sweep, tmp_path):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "results.json").write_text('["not", "a run"]')

@@ -2059,7 +2059,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hybrid.py: error: {printable(str(e), 4000)}", file=sys.stderr)  # one line, whatever a path holds
         return 2
     except PairsFailed as e:
-        print(f"hybrid.py: not finished, the rest is recorded: {e}; --resume {folder} retries them", file=sys.stderr)
+        print(f"hybrid.py: not finished, the rest is recorded: {printable(str(e), 4000)}; --resume {folder} "
+              "retries them", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         where = f"--resume {folder}" if "folder" in locals() else "--resume RUN_FOLDER"

@@ -365,13 +365,13 @@ def printable(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(file: str | io.BytesIO) -> np.ndarray:
     """An image file as HWC pixels at its own range: uint8 for 8-bit files (any mode that
     Pillow turns into RGB), floats in [0, 1] for 16-bit and floating-point grayscale,
     which Pillow's conversion to RGB would clip to white or black."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(file) as im:
         if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # PNG's 16 bits
             gray = np.asarray(im, dtype=np.float64) / 65535
         elif im.mode == "F":
@@ -391,8 +391,8 @@ def load_files(paths: list[str], label: int) -> list[Sample]:
     out = {}
     for p in paths:
         try:
-            digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-            rgb = read_image(p)
+            data = Path(p).read_bytes()  # read once: hashed, then decoded
+            digest, rgb = hashlib.sha256(data).hexdigest(), read_image(io.BytesIO(data))
         except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError...
             raise UserError(f"cannot read image {printable(p, 200)}: {printable(str(e), 200)}") from None
         name = f"file:{printable(Path(p).name, 60)}@{digest[:10]}"
@@ -1596,11 +1596,11 @@ class Recorder:
 
     def __init__(self, folder: Path, results: dict):
         self.folder, self.results = folder, results
-        self.runs = {(r["model"], r["image"]): r for r in results["runs"]}
-        self.done = {(r["model"], r["image"], a) for r in results["runs"] for a in r.get("attacks", {})}
+        self.runs = {(r["model"], r["image"]): r for r in results["runs"]}  # results["runs"], by pair
 
     def todo(self, model_name: str, sample: Sample, attacks: list[str]) -> list[str]:
-        return [a for a in attacks if (model_name, sample.name, a) not in self.done]
+        done = self.runs.get((model_name, sample.name), {}).get("attacks", {})
+        return [a for a in attacks if a not in done]
 
     def run(self, model_name: str, sample: Sample) -> dict:
         """The pair's entry in results.json, made (with the target's .npy) the first time."""
@@ -1626,7 +1626,6 @@ class Recorder:
         self.results["peak_memory_mb"] = max(resource.getrusage(who).ru_maxrss // 1024  # workers, once ended
                                              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
         write_json(self.folder / "results.json", self.results)  # from here on, the attack is done
-        self.done.add((model_name, sample.name, event.attack))
         append_row(self.folder, csv_row(run, event.attack))
         say(f"{model_name:9s} {sample.name:18s} {DISPLAY[event.attack]:9s}  PSNR {format_psnr(entry['psnr'], 2):>9s}  "
             f"SSIM {entry['ssim']:.3f}  label {entry['label']}{'' if entry['label_correct'] else ' (wrong)'}  "
@@ -1646,11 +1645,16 @@ class Pair(NamedTuple):
         return self.model, self.sample.name
 
 
+def grid(cfg: Config, samples: list[Sample]) -> list[tuple[str, Sample]]:
+    """Every (model, image) of the experiment: every model against every image."""
+    return [(name, sample) for name in cfg.models for sample in samples]
+
+
 def pending_pairs(cfg: Config, samples: list[Sample], recorder: Recorder) -> list[Pair]:
     """This shard's (model, image) pairs, every N-th from the K-th, less what the folder holds."""
     k, n = cfg.shard
     pairs = []
-    for name, sample in [(name, sample) for name in cfg.models for sample in samples][k::n]:
+    for name, sample in grid(cfg, samples)[k::n]:
         todo = recorder.todo(name, sample, cfg.attacks)
         if todo:
             pairs.append(Pair(name, sample, todo, "rank_deficiency" in recorder.runs.get((name, sample.name), {})))
@@ -1696,7 +1700,8 @@ RESUMABLE = {"output", "data", "resume", "jobs", "threads", "verbose", "compile"
 def config_differences(before: dict, now: dict, may_differ: set[str]) -> list[str]:
     """'name old -> new' for each setting, outside `may_differ`, where two configs disagree.
     A setting newer than the `before` run counts as its default there."""
-    before = json.loads(json.dumps(dataclasses.asdict(Config()))) | before  # tuples as JSON has them
+    as_json = lambda config: json.loads(json.dumps(config))  # noqa: E731 (tuples as results.json has them)
+    before, now = as_json(dataclasses.asdict(Config())) | before, as_json(now)
     return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in may_differ and before.get(k) != v]
 
 
@@ -1709,13 +1714,11 @@ def open_run(cfg: Config, argv: list[str], folder: Path, samples: list[Sample]) 
         write_json(folder / "results.json", results)
         return results
     old = read_run(folder, "--resume")
-    before = old["config"]
-    now = json.loads(json.dumps(results["config"]))  # tuples as JSON has them
-    differ = config_differences(before, now, RESUMABLE)
+    differ = config_differences(old["config"], results["config"], RESUMABLE)
     if differ:
         raise UserError(f"--resume {folder}: it holds another experiment ({'; '.join(differ)}); "
                         f"its command was: {old.get('command')}")
-    pairs = {(name, sample.name) for name in cfg.models for sample in samples}
+    pairs = {(name, sample.name) for name, sample in grid(cfg, samples)}
     strangers = [f"{r['model']} on {r['image']}" for r in old["runs"] if (r["model"], r["image"]) not in pairs]
     if strangers:  # the same command, other images: a file changed since (its hash), or an older hybrid.py's names
         raise UserError(f"--resume {folder}: it holds images that this command does not ({', '.join(strangers[:3])}"

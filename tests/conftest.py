@@ -1,4 +1,6 @@
-"""Shared fixtures. The tests import hybrid.py from the repository root."""
+"""Shared fixtures and helpers. The tests import hybrid.py from the repository root."""
+import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +23,42 @@ def samples() -> list[H.Sample]:
     return H.load_samples(list(range(len(H.SAMPLES))))
 
 
-def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """python hybrid.py ARGS as a user runs it."""
     return subprocess.run([sys.executable, str(ROOT / "hybrid.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def rows_of(folder: Path) -> list[dict]:
+    with (folder / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def comparable(rows: list[dict]) -> list[tuple]:
+    """Rows as sets of values, everything but the timing, which differs run to run."""
+    return sorted(tuple(r[c] for c in H.CSV_COLUMNS if c != "seconds") for r in rows)
+
+
+# The start of a sitecustomize.py that audits a run (and its workers): the path an audit
+# event opens for writing, or None.
+OPENED_FOR_WRITING = '''
+import os, sys
+
+def _opened_for_writing(event, args):
+    if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return None
+    mode, flags = args[1], args[2] or 0
+    writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or flags & (os.O_WRONLY | os.O_RDWR)
+    return os.fsdecode(args[0]) if writes else None
+'''
+
+
+def audited(tmp_path: Path, hook: str, **env: str) -> dict:
+    """An environment in which python loads OPENED_FOR_WRITING + `hook` at start-up."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(OPENED_FOR_WRITING + hook)
+    return dict(os.environ, PYTHONPATH=str(site), **env)
 
 
 def pytest_configure(config):

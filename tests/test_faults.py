@@ -1,51 +1,38 @@
 """A run killed, or finding its disk full, at each of its writes; a run whose stdout is
 closed. Each time: nothing it finished is lost, results.json and results.csv agree once
 it is resumed, and what stops it says so in one line."""
-import csv
 import gc
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 import hybrid as H
-from conftest import ROOT, fresh_run
+from conftest import ROOT, audited, comparable, fresh_run, rows_of, run_script
 
 RUN = ["--quick", "--source", "samples", "--model", "cnn2_c0", "--index", "0,3", "--attacks", "rgap", "idlg"]
 N_ATTACKS = 4
 
-# Loaded into the run by PYTHONPATH: at the N-th opening for writing of a path that ends
-# in SUFFIX, the process is SIGKILLed ("kill") or the open fails as on a full disk ("full").
-SITE = '''
-import errno, os, signal, sys
+# At the N-th opening for writing of a path that ends in SUFFIX (FAULT_AT=SUFFIX:N:HOW),
+# the process is SIGKILLed ("kill") or the open fails as on a full disk ("full").
+HOOK = '''
+import errno, signal
 _suffix, _nth, _how = os.environ["FAULT_AT"].rsplit(":", 2)
 _seen = 0
 
 def _hook(event, args):
     global _seen
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        mode, flags = args[1], args[2] or 0
-        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or flags & (os.O_WRONLY | os.O_RDWR)
-        if writes and os.fsdecode(args[0]).endswith(_suffix):
-            _seen += 1
-            if _seen == int(_nth):
-                if _how == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise OSError(errno.ENOSPC, "No space left on device", os.fsdecode(args[0]))
+    path = _opened_for_writing(event, args)
+    if path and path.endswith(_suffix):
+        _seen += 1
+        if _seen == int(_nth):
+            if _how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
 
 sys.addaudithook(_hook)
 '''
-
-
-def rows_of(folder):
-    with (folder / "results.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
-def comparable(rows):
-    return sorted(tuple(r[c] for c in H.CSV_COLUMNS if c != "seconds") for r in rows)
 
 
 def recorded(folder):
@@ -60,16 +47,11 @@ def clean(tmp_path_factory):
 
 
 def run_with_fault(tmp_path, fault, *args):
-    (tmp_path / "site").mkdir(exist_ok=True)
-    (tmp_path / "site" / "sitecustomize.py").write_text(SITE)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), FAULT_AT=fault)
-    return subprocess.run([sys.executable, str(ROOT / "hybrid.py"), *RUN, *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_script(*RUN, *args, env=audited(tmp_path, HOOK, FAULT_AT=fault))
 
 
 def resume(folder):
-    return subprocess.run([sys.executable, str(ROOT / "hybrid.py"), *RUN, "--resume", str(folder)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_script(*RUN, "--resume", str(folder))
 
 
 def check_resumes_to_the_clean_run(folder, clean):

@@ -1,6 +1,5 @@
 """The user's image files: one name per image however it is spelled, pixels at their
 true range, and hostile files and names refused in one line or taken whole."""
-import csv
 import json
 import os
 import struct
@@ -11,7 +10,7 @@ import pytest
 from PIL import Image
 
 import hybrid as H
-from conftest import run_script
+from conftest import rows_of, run_script
 
 RUN = ["--quick", "--model", "cnn2_c0", "--attacks", "rgap"]
 
@@ -36,8 +35,7 @@ def test_two_files_with_one_name_are_two_images(tmp_path):
     assert all(r["image"].startswith("file:x.png@") for r in runs)
     targets = [np.load(folder / r["target"]["npy"]) for r in runs]
     assert [round(float(t.mean()) * 255) for t in targets] == [30, 200]  # each run holds its own image
-    with (folder / "results.csv").open() as f:
-        assert sorted(r["image"] for r in csv.DictReader(f)) == sorted(r["image"] for r in runs)
+    assert sorted(r["image"] for r in rows_of(folder)) == sorted(r["image"] for r in runs)
 
 
 def test_one_file_given_several_ways_is_one_image(tmp_path, monkeypatch):
@@ -115,8 +113,7 @@ def test_odd_file_names_run_and_stay_on_one_line(tmp_path):
     assert out.returncode == 0, out.stderr
     (folder,) = list(output.iterdir())
     assert out.stdout.startswith("run folder: ") and "Traceback" not in out.stderr
-    with (folder / "results.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    rows = rows_of(folder)
     assert len(rows) == 4 and len({r["image"] for r in rows}) == 4
     assert all(r["image"].isprintable() and len(r["image"]) < 80 for r in rows)
     assert all(len(p.name) < 120 for p in folder.iterdir())

@@ -1,29 +1,17 @@
 """--jobs: pairs in worker processes, the same numbers as one process, the parent alone
 writing the folder, and a worker's death costing no more than its own pair."""
-import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import hybrid as H
-from conftest import ROOT, fresh_run, run_script
+from conftest import audited, comparable, fresh_run, rows_of, run_script
 
 GRID = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn3_c4", "--index", "0,3",
         "--attacks", "rgap", "dlg", "idlg", "cosine", "hybrid"]
-
-
-def rows_of(folder):
-    with (folder / "results.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
-def without_seconds(rows):
-    return sorted(tuple(v for k, v in r.items() if k != "seconds") for r in rows)
 
 
 def entries(folder):
@@ -44,7 +32,7 @@ def test_two_jobs_give_the_numbers_of_one(one_process, tmp_path):
     out = run_script(*GRID, "--jobs", "2", "--output", str(tmp_path))
     assert out.returncode == 0, out.stderr
     (folder,) = list(tmp_path.iterdir())
-    assert without_seconds(rows_of(folder)) == without_seconds(rows_of(one_process))
+    assert comparable(rows_of(folder)) == comparable(rows_of(one_process))
     expected, got = entries(one_process), entries(folder)
     assert got.keys() == expected.keys() and len(got) == 2 * 2 * 5
     for key, (entry, array) in expected.items():  # attack by attack: every number and pixel
@@ -69,25 +57,23 @@ def test_a_dying_worker_loses_only_its_pair_and_resume_completes(one_process, tm
     assert "cnn2_c0 on samples:astronaut: its worker died" in err and "cnn2_c0 on samples:chelsea" in err
     (folder,) = list(tmp_path.iterdir())
     expected = [r for r in rows_of(one_process)]
-    assert without_seconds(rows_of(folder)) == without_seconds([r for r in expected if r["model"] == "cnn3_c4"])
+    assert comparable(rows_of(folder)) == comparable([r for r in expected if r["model"] == "cnn3_c4"])
     monkeypatch.undo()
     out = run_script(*GRID, "--jobs", "2", "--output", str(tmp_path), "--resume", str(folder))
     assert out.returncode == 0, out.stderr
-    assert without_seconds(rows_of(folder)) == without_seconds(expected)
+    assert comparable(rows_of(folder)) == comparable(expected)
 
 
-SITE = '''
-import os, sys
+# Each process logs to OPEN_LOG/<pid> that it started, then each path under WATCH it opens for writing.
+HOOK = '''
 _log = os.open(os.path.join(os.environ["OPEN_LOG"], str(os.getpid())), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 os.write(_log, b"started\\n")
 _watch = os.environ["WATCH"]
 
 def _hook(event, args):
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        mode, flags = args[1], args[2] or 0
-        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or flags & (os.O_WRONLY | os.O_RDWR)
-        if writes and os.path.abspath(os.fsdecode(args[0])).startswith(_watch):
-            os.write(_log, os.fsencode(os.fsdecode(args[0])) + b"\\n")
+    path = _opened_for_writing(event, args)
+    if path and os.path.abspath(path).startswith(_watch):
+        os.write(_log, os.fsencode(path) + b"\\n")
 
 sys.addaudithook(_hook)
 '''
@@ -95,14 +81,9 @@ sys.addaudithook(_hook)
 
 @pytest.mark.slow
 def test_only_the_parent_writes_the_results(tmp_path):
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SITE)
     (tmp_path / "log").mkdir()
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), OPEN_LOG=str(tmp_path / "log"),
-               WATCH=str(tmp_path / "out"))
-    proc = subprocess.run([sys.executable, str(ROOT / "hybrid.py"), *GRID[:-4], "--jobs", "2",
-                           "--output", str(tmp_path / "out")], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    env = audited(tmp_path, HOOK, OPEN_LOG=str(tmp_path / "log"), WATCH=str(tmp_path / "out"))
+    proc = run_script(*GRID[:-4], "--jobs", "2", "--output", str(tmp_path / "out"), env=env)
     assert proc.returncode == 0, proc.stderr
     logs = {int(p.name): p.read_text().splitlines() for p in (tmp_path / "log").iterdir()}
     writers = {pid for pid, lines in logs.items() if lines[1:]}

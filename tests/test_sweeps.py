@@ -7,26 +7,16 @@ import numpy as np
 import pytest
 
 import hybrid as H
-from conftest import fresh_run, run_script
+from conftest import comparable, fresh_run, rows_of, run_script
 
 SWEEP = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn2_c4", "--index", "0,3",
          "--attacks", "rgap", "idlg", "hybrid"]
 KEY = ("model", "image", "attack")
 
 
-def rows_of(folder):
-    with (folder / "results.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
 def attack_lines(stdout):
     """How many attacks a run reported finishing."""
     return sum("  SSIM " in line for line in stdout.splitlines())
-
-
-def comparable(rows):
-    """Everything but the timing, which differs run to run."""
-    return sorted(tuple(r[c] for c in H.CSV_COLUMNS if c != "seconds") for r in rows)
 
 
 @pytest.fixture(scope="module")

@@ -20,76 +20,44 @@ Examples:
     python hybrid.py --model cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2 --index 3 7   # the paper's grid
     python hybrid.py --analyse --model cnn3_c1 cnn4_c2 # rank deficiency + security index only
     python hybrid.py --image cat.png --label 3 --model cnn2_c1 --attacks rgap
-    python hybrid.py --model cnn4_c2 --index 0-99 --quick --shard 0/4   # a quarter of a sweep
-    python hybrid.py --model cnn4_c2 --index 0-99 --compile   # a sweep, the hybrid compiled once
-    python hybrid.py --merge output/*_cnn4_c2*                         # its shards, summarised
+    python hybrid.py --attacks dlg idlg --restarts 4   # the baselines, each the best of 4 starts
     python hybrid.py --model all --source samples --index 0-4 --attacks rgap hybrid --jobs auto
                                                        # does the security index predict leakage?
     python hybrid.py --model 'cnn3_*' --train-steps 500 --attacks rgap hybrid   # on trained weights
-    python hybrid.py --attacks dlg idlg --restarts 4   # the baselines, each the best of 4 starts
+    python hybrid.py --model cnn4_c2 --index 0-99 --quick --shard 0/4   # a quarter of a sweep
+    python hybrid.py --merge output/*_cnn4_c2*         # its shards, summarised
 
-How the file reads: the settings; then the paper's experiment in the order it flows
-(data, models and their weights, the client's gradient, the linear systems, R-GAP, the
-hybrid, the baselines, metrics, the experiment on one (model, image) and the analysis
-of the security index, the figures); then the machinery of long runs (folders, resume,
-shards, merge, worker processes) and the command line.
-
-Where this departs from the published code, and why:
-
-1. PSNR uses data range 1 on [0, 1] images. The published code used 20*log10(255)
-   on [0, 1] images, which adds 48.13 dB to every number.
-2. Rank is computed in float64 with numpy's default relative tolerance. The published
-   code used an absolute tolerance of 1e-10 on float32 matrices and so counted rounding
-   noise as rank.
-3. One factorisation per layer gives both the rank and the minimum-norm solution (the
-   published code computed four dense SVDs per layer); the matrices are built by
-   unfolding an index image, not row by row in Python.
-4. The fully connected layer is inverted by least squares over all rows
-   (a = gW^T gb / gb^T gb) instead of dividing one row by one entry.
-5. Inverse activations and derivatives use the slope of the actual leaky-ReLU module
-   (the published code assumed 0.01 everywhere, wrong for cnn6d), and a convolution's
-   bias is subtracted before its linear system is solved.
-6. The label is recovered from the gradient (iDLG rule) for every attack; the
-   published code handed the true label to some of them. --true-label restores that.
-7. The fc input size is derived from the shapes (the published code hard-coded it
-   and got cnn3_c5 wrong).
-8. The hybrid's quadratic term ||Ux - V||^2 is evaluated from one im2col of x, shared
-   with the layer's forward (U is never formed in the loop); the published code
-   deep-copied U at every Adam step.
-9. DLG and iDLG (L-BFGS at lr 1, no line search) sometimes leave the finite numbers;
-   they then stop and return the last finite iterate rather than NaN.
+This file is the paper, in the order its data flows: data, models and their weights,
+the client's gradient, the linear systems and R-GAP's recursion, the hybrid, the
+baselines, metrics, the experiment on one (model, image), the analysis of the security
+index, the figures, and a short main. The machinery of long runs (run folders, the
+record, resume, shards, worker processes, merge) is sweeps.py, which knows nothing of
+the paper. Where this departs from the published code, and why: README.md, "Where this
+departs from the published code".
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import fcntl
 import fnmatch
 import functools
 import hashlib
-import io
 import importlib.util
-import json
+import io
 import logging
 import math
-import multiprocessing
 import os
 import platform
 import re
-import resource
 import shlex
 import shutil
-import signal
 import socket
 import sys
 import time
 import warnings
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -97,7 +65,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
+
+import sweeps
+from sweeps import UserError, printable, progress, say
 
 # -----------------------------------------------------------------------------
 # Paths users edit (the command line overrides both)
@@ -105,133 +75,45 @@ OUTPUT_PATH = "output"  # each run writes a new folder under here
 DATA_PATH = "data"  # CIFAR-10 lives (or is downloaded) here
 # -----------------------------------------------------------------------------
 
-# =============================================================================
-# Config: every setting once, with its default and its --help; the CLI is built from it
-# =============================================================================
-
 ATTACKS_ORDER = ("rgap", "dlg", "idlg", "cosine", "hybrid")  # the figure's column order
-# Iteration counts: the published code's (the paper's experiments), and a smoke test's.
-PAPER_ITERS = dict(dlg_iters=300, cosine_iters=4800, hybrid_iters=2000, hybrid_iters_first=10000)
-QUICK_ITERS = dict(dlg_iters=5, cosine_iters=100, hybrid_iters=20, hybrid_iters_first=100)
 PUBLISHED_SEED = 10  # the published code set torch's and numpy's seeds to 10
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit status 2."""
-
-
-def setting(default: object, help: str, **cli: object) -> dataclasses.Field:
-    """A Config field: its default, its --help text and how the command line reads it
-    (argparse keywords, plus `flag` for another name and `convert` for the parsed value)."""
-    default_kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(**default_kw, metadata={"help": help, **cli})
-
-
-def iterations(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"an iteration count cannot be negative: {value}")
-    return value
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more: {value}")
-    return value
-
-
-def jobs_value(text: str) -> int:
-    """N worker processes, or 'auto': one per core this process may run on."""
-    if text == "auto":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        return positive(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto': '{text}'") from None
-
-
-def seed_value(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:  # what numpy.random.seed accepts
-        raise argparse.ArgumentTypeError(f"a seed must be in 0..2^32-1: {value}")
-    return value
-
-
-def preset(name: str, help: str) -> dataclasses.Field:
-    """An iteration count: the paper's by default, --quick's with --quick, or given."""
-    return setting(PAPER_ITERS[name], f"{help} (paper: {PAPER_ITERS[name]}; --quick: {QUICK_ITERS[name]})",
-                   type=iterations, metavar="N", preset=True)
-
-
-@dataclass
-class Config:
-    """The resolved settings of a run; results.json records them."""
-
-    models: list[str] = setting(["cnn4_c2"], "target models (--list-models); 'all' for the whole zoo, or "
-                                "shell patterns such as 'cnn3_*'", flag="--model", nargs="+", metavar="NAME",
-                                convert=lambda names: expand_models(names))
-    indices: list[int] = setting([3], "CIFAR-10 training images, or positions in the bundled list with "
-                                 "--source samples; ranges such as 0-99 or 0-9,20,31", flag="--index",
-                                 nargs="+", metavar="I", type=str, convert=lambda t: parse_indices(t))
-    source: str = setting("cifar10", "CIFAR-10 (falls back to the bundled photographs offline) or "
-                          "scikit-image's photographs", choices=["cifar10", "samples"])
-    images: list[str] = setting([], "attack these RGB image files (or folders of them)", flag="--image",
-                                nargs="+", metavar="PATH")
-    label: int = setting(0, "class of the --image files (0-9)", type=int, convert=lambda k: check_label(k))
-    attacks: list[str] = setting(list(ATTACKS_ORDER), f"attacks to run, from {' '.join(ATTACKS_ORDER)}",
-                                 nargs="+", choices=list(ATTACKS_ORDER), metavar="NAME",
-                                 convert=lambda names: [a for a in ATTACKS_ORDER if a in names])
-    dlg_iters: int = preset("dlg_iters", "L-BFGS steps of DLG and iDLG")
-    cosine_iters: int = preset("cosine_iters", "Adam steps of Cosine+TV")
-    hybrid_iters: int = preset("hybrid_iters", "N: hybrid Adam steps (4N at layer 1, N//2 above)")
-    hybrid_iters_first: int = preset("hybrid_iters_first", "N0: hybrid Adam steps at layer 0, the image")
-    restarts: int = setting(1, "DLG, iDLG, Cosine+TV: starts from different random images, keeping the one "
-                            "with the lowest final objective of its own (1: the paper's single run)",
-                            type=positive, metavar="R")
-    train_steps: int = setting(0, "train the model first: SGD steps on mini-batches of 32 training images "
-                               "that never include the attacked one (0: the published initialisation)",
-                               type=iterations, metavar="K")
-    train_lr: float = setting(0.01, "learning rate of that SGD", type=float, metavar="LR")
-    compile: bool = setting(False, "hybrid: torch.compile its objective and gradient (steps about 40%% "
-                            "faster; compiling takes up to 20 s per layer on a CPU the first time, a few "
-                            "seconds from the disk cache)")
-    true_label: bool = setting(False, "hand the true label to every attack (ablation)")
-    seed: int = setting(PUBLISHED_SEED, "seed set before every attack", type=seed_value)
-    model_seed: int = setting(PUBLISHED_SEED, "seed set before building a model (published: 10)", type=seed_value)
-    device: str = setting("auto", "auto: CUDA where available", choices=["auto", "cpu", "cuda"],
-                          convert=lambda d: resolve_device(d))
-    output: str = setting(OUTPUT_PATH, "each run writes a new folder here", metavar="DIR")
-    data: str = setting(DATA_PATH, "CIFAR-10 folder (downloaded if missing)", metavar="DIR")
-    analyse: bool = setting(False, "print rank deficiencies and security index; no attack")
-    shard: tuple[int, int] = setting((0, 1), "run every N-th (model, image) from the K-th (SLURM job arrays)",
-                                     metavar="K/N", default_cli=None, convert=lambda t: parse_shard(t))
-    resume: str | None = setting(None, "complete this run folder, skipping what it holds",
-                                 metavar="RUN_FOLDER", convert=lambda d: check_resume(d))
-    jobs: int = setting(1, "worker processes, each attacking one (model, image) at a time; 'auto': one "
-                        "per core this process may use", type=jobs_value, metavar="N|auto")
-    threads: int = setting(1, "threads per process for torch and the BLAS libraries; 1 keeps runs side by "
-                           "side from fighting over cores, more halves the least-squares solves when "
-                           "cores are idle", type=positive, metavar="T")
-    verbose: bool = setting(False, "per-layer details", flag="-v", also="--verbose")
 
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """What the attacks read of the Config (attack functions see nothing else)."""
+    """The method's settings: all that the attacks read. The defaults are the published
+    code's (the paper's experiments); --quick takes QUICK's iteration counts."""
 
-    dlg_iters: int
-    cosine_iters: int
-    hybrid_iters: int
-    hybrid_iters_first: int
-    restarts: int
-    true_label: bool
-    compile: bool
-    verbose: bool
+    dlg_iters: int = 300  # L-BFGS steps of DLG and iDLG
+    cosine_iters: int = 4800  # Adam steps of Cosine+TV
+    hybrid_iters: int = 2000  # N, the hybrid schedule's base: 4N Adam steps at layer 1, N // 2 above
+    hybrid_iters_first: int = 10000  # N0: the hybrid's Adam steps at layer 0, the image
+    restarts: int = 1  # DLG, iDLG, Cosine+TV: starts from random images, the best kept (1: the paper's)
+    true_label: bool = False  # hand the client's label to every attack (ablation)
+    compile: bool = False  # the hybrid's objective through torch.compile (same numbers, faster steps)
+    verbose: bool = False  # per-layer details
 
-    @classmethod
-    def of(cls, cfg: Config) -> AttackSettings:
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+QUICK = dict(dlg_iters=5, cosine_iters=100, hybrid_iters=20, hybrid_iters_first=100)  # a smoke test's
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What is attacked, and the model the client holds. With AttackSettings and
+    sweeps.RunSettings, results.json records it as its `config`."""
+
+    models: list[str] = field(default_factory=lambda: ["cnn4_c2"])  # --model
+    indices: list[int] = field(default_factory=lambda: [3])  # --index: CIFAR-10 images, or photographs
+    source: str = "cifar10"  # or "samples": scikit-image's sample photographs (skimage.data)
+    images: list[str] = field(default_factory=list)  # --image: the user's files, instead of a source
+    label: int = 0  # the class of the --image files
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS_ORDER))
+    seed: int = PUBLISHED_SEED  # set before every attack
+    model_seed: int = PUBLISHED_SEED  # set before a model's layers are built
+    train_steps: int = 0  # SGD steps before the client's gradient (0: the published initialisation)
+    train_lr: float = 0.01
+    device: str = "cpu"
+    data: str = DATA_PATH  # where CIFAR-10 is, or is downloaded to
 
 
 def seed_everything(seed: int) -> None:
@@ -241,50 +123,24 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_torch(device: str, threads: int) -> None:
-    """Per process: `threads` threads for torch and the BLAS libraries (measured in the README:
-    batch-1 attack loops gain nothing from a second thread, and two processes of two threads
-    on two cores run 1.6-4x slower than two of one); PyTorch's own CPU convolutions."""
+    """Per process: `threads` threads for torch and the BLAS libraries (docs/performance.md:
+    batch-1 attack loops gain nothing from a second thread, and two processes of two
+    threads on two cores run 1.6-4x slower than two of one); PyTorch's own CPU convolutions."""
     torch.set_num_threads(threads)
     threadpool_limits(threads)  # OpenBLAS of numpy and scipy (the pivoted QR of the solves)
     if device == "cpu":  # oneDNN's convolutions lose to PyTorch's own on the batch-1
-        torch.backends.mkldnn.enabled = False  # double backward (README: 25% per step)
-
-
-def say(text: str = "", end: str = "\n") -> None:
-    """A line for the user on stdout, above any progress bar, flushed. A reader that goes
-    away (`| head -1`) does not stop the run: the rest goes nowhere, and stderr says so."""
-    try:
-        tqdm.write(text, end=end)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit too
-        print("hybrid.py: stdout was closed; the run goes on and writes its folder as usual", file=sys.stderr)
-
-
-def progress(steps: int | Iterable, desc: str) -> tqdm:
-    """A progress bar where stderr is a terminal (tqdm's disable=None), silent in logs."""
-    steps = range(steps) if isinstance(steps, int) else steps
-    return tqdm(steps, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+        torch.backends.mkldnn.enabled = False  # double backward (docs/performance.md: 25% per step)
 
 
 # =============================================================================
 # Data: CIFAR-10, or photographs bundled with scikit-image, or the user's files
 # =============================================================================
 
-# Photographs bundled with scikit-image, used where CIFAR-10 is not available.
-# (name, loader, label): the label is the nearest CIFAR-10 class where there is one
-# (cat 3, airplane 0, automobile 1); any class is a valid training label otherwise.
-SAMPLES = [
-    ("astronaut", lambda d: d.astronaut(), 4),
-    ("coffee", lambda d: d.coffee(), 5),
-    ("rocket", lambda d: d.rocket(), 0),
-    ("chelsea", lambda d: d.chelsea(), 3),  # position 3, like CIFAR-10 index 3
-    ("motorcycle", lambda d: d.stereo_motorcycle()[0], 1),
-]
 
+class PrivateImage(NamedTuple):
+    """An image the client trains on, with its label: what the attacks try to recover."""
 
-class Sample(NamedTuple):
-    name: str  # e.g. "cifar10:3", "samples:chelsea", "file:cat.png"
+    name: str  # e.g. "cifar10:3", "samples:chelsea", "file:cat.png@3fa2b1c0d9"
     x: torch.Tensor  # (1, 3, 32, 32), values in [-0.5, 0.5] (ToTensor() - 0.5)
     label: int
 
@@ -306,35 +162,10 @@ def to_image(x: torch.Tensor) -> np.ndarray:
     return (x.detach().double().cpu()[0].permute(1, 2, 0).numpy() + 0.5).clip(0, 1)
 
 
-def square_32(rgb: np.ndarray) -> np.ndarray:
-    """Centre-crop to a square, resize to 32x32 with anti-aliasing; 32x32 stays exact."""
-    from skimage.transform import resize
-
-    if rgb.shape[:2] == (32, 32):
-        return rgb
-    h, w = rgb.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    crop = rgb[top : top + s, left : left + s]
-    return resize(crop, (32, 32), anti_aliasing=True, preserve_range=False)
-
-
-def load_samples(indices: list[int]) -> list[Sample]:
-    import skimage.data
-
-    out = []
-    for i in indices:
-        if not 0 <= i < len(SAMPLES):
-            raise UserError(f"--index {i} is out of range: the bundled photographs are 0-{len(SAMPLES) - 1}")
-        name, load, label = SAMPLES[i]
-        out.append(Sample(f"samples:{name}", to_model_space(square_32(load(skimage.data))), label))
-    return out
-
-
 CIFAR10_TRAIN = 50_000  # images in CIFAR-10's training set: no --index reaches beyond
 
 
-def load_cifar10(indices: list[int], root: str) -> list[Sample] | None:
+def load_cifar10(indices: list[int], root: str) -> list[PrivateImage] | None:
     """CIFAR-10 training images, downloading if needed; None where that is impossible."""
     import torchvision
 
@@ -354,15 +185,45 @@ def load_cifar10(indices: list[int], root: str) -> list[Sample] | None:
         if not 0 <= i < len(data):
             raise UserError(f"--index {i} is out of range: CIFAR-10 has training images 0-{len(data) - 1}")
         img, label = data[i]
-        out.append(Sample(f"cifar10:{i}", to_model_space(np.asarray(img)), int(label)))
+        out.append(PrivateImage(f"cifar10:{i}", to_model_space(np.asarray(img)), int(label)))
     return out
 
 
-def printable(text: str, limit: int) -> str:
-    """`text` with what cannot be shown on one line (control characters, line separators,
-    the bytes of a name that is not UTF-8) as '?', cut to `limit` characters."""
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+# scikit-image's sample photographs (skimage.data), used where CIFAR-10 is not available
+# (--source samples). (name, loader, label): the label is the nearest CIFAR-10 class where
+# there is one (cat 3, airplane 0, automobile 1); any class is a valid training label otherwise.
+PHOTOGRAPHS = [
+    ("astronaut", lambda d: d.astronaut(), 4),
+    ("coffee", lambda d: d.coffee(), 5),
+    ("rocket", lambda d: d.rocket(), 0),
+    ("chelsea", lambda d: d.chelsea(), 3),  # position 3, like CIFAR-10 index 3
+    ("motorcycle", lambda d: d.stereo_motorcycle()[0], 1),
+]
+
+
+def square_32(rgb: np.ndarray) -> np.ndarray:
+    """Centre-crop to a square, resize to 32x32 with anti-aliasing; 32x32 stays exact."""
+    from skimage.transform import resize
+
+    if rgb.shape[:2] == (32, 32):
+        return rgb
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = rgb[top : top + s, left : left + s]
+    return resize(crop, (32, 32), anti_aliasing=True, preserve_range=False)
+
+
+def load_photographs(indices: list[int]) -> list[PrivateImage]:
+    import skimage.data
+
+    out = []
+    for i in indices:
+        if not 0 <= i < len(PHOTOGRAPHS):
+            raise UserError(f"--index {i} is out of range: the bundled photographs are 0-{len(PHOTOGRAPHS) - 1}")
+        name, load, label = PHOTOGRAPHS[i]
+        out.append(PrivateImage(f"samples:{name}", to_model_space(square_32(load(skimage.data))), label))
+    return out
 
 
 def read_image(file: str | io.BytesIO) -> np.ndarray:
@@ -386,8 +247,10 @@ def read_image(file: str | io.BytesIO) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
-def load_files(paths: list[str], label: int) -> list[Sample]:
-    """The user's image files; the same image (the same bytes) given twice counts once."""
+def load_files(paths: list[str], label: int) -> list[PrivateImage]:
+    """The user's image files; the same image (the same bytes) given twice counts once.
+    Each is named by its file name and a hash of its bytes: two files of one name are
+    two images, and a resumed run finds its images however their paths are spelled."""
     out = {}
     for p in paths:
         try:
@@ -396,7 +259,7 @@ def load_files(paths: list[str], label: int) -> list[Sample]:
         except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError...
             raise UserError(f"cannot read image {printable(p, 200)}: {printable(str(e), 200)}") from None
         name = f"file:{printable(Path(p).name, 60)}@{digest[:10]}"
-        out.setdefault(name, Sample(name, to_model_space(square_32(rgb)), label))
+        out.setdefault(name, PrivateImage(name, to_model_space(square_32(rgb)), label))
     return list(out.values())
 
 
@@ -417,14 +280,14 @@ def image_files(paths: list[str]) -> list[str]:
     return out
 
 
-def load_images(cfg: Config) -> list[Sample]:
-    if cfg.images:
-        return load_files(image_files(cfg.images), cfg.label)
-    if cfg.source == "cifar10":
-        samples = load_cifar10(cfg.indices, cfg.data)
-        if samples is not None:
-            return samples
-    return load_samples(cfg.indices)
+def load_images(exp: Experiment) -> list[PrivateImage]:
+    if exp.images:
+        return load_files(image_files(exp.images), exp.label)
+    if exp.source == "cifar10":
+        images = load_cifar10(exp.indices, exp.data)
+        if images is not None:
+            return images
+    return load_photographs(exp.indices)
 
 
 # =============================================================================
@@ -530,10 +393,15 @@ def build_model(name: str, seed: int = PUBLISHED_SEED) -> Net:
     return Net(layers, acts, shapes)
 
 
-def layer_params(model: Net, grads: list[torch.Tensor], layer: int) -> list[torch.Tensor]:
-    """The entries of a per-parameter list (e.g. the shared gradient) that belong to a layer."""
-    start = sum(len(list(m.parameters())) for m in model.layers[:layer])
-    return grads[start : start + len(list(model.layers[layer].parameters()))]
+def by_layer(model: Net, grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """A per-parameter list (the shared gradient) split by layer: [[gW_0 (, gb_0)], ..., [gW_fc, gb_fc]]."""
+    entries = iter(grads)
+    return [[next(entries) for _ in layer.parameters()] for layer in model.layers]
+
+
+def gradients_from(model: Net, grads: list[torch.Tensor], layer: int) -> list[torch.Tensor]:
+    """The shared gradient of the parameters of layers `layer`..L-1, in the model's order."""
+    return [g for per_layer in by_layer(model, grads)[layer:] for g in per_layer]
 
 
 # =============================================================================
@@ -557,7 +425,7 @@ def photograph_crops(exclude: str, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
     g = torch.Generator().manual_seed(seed)
     sources = [(name, torch.as_tensor(load(skimage.data)).permute(2, 0, 1)[None] / 255.0, label)
-               for name, load, label in SAMPLES if name != exclude]
+               for name, load, label in PHOTOGRAPHS if name != exclude]
     xs, ys = [], []
     for i in torch.randint(len(sources), (CROP_POOL,), generator=g).tolist():
         _, photo, label = sources[i]
@@ -580,9 +448,9 @@ def cifar10_train(root: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(data.data).permute(0, 3, 1, 2), torch.as_tensor(data.targets)
 
 
-def training_data(sample: Sample, seed: int, data_root: str) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Images, labels and a description of the training set for a model attacked on `sample`."""
-    source, _, key = sample.name.partition(":")
+def training_data(image: PrivateImage, seed: int, data_root: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Images, labels and a description of the training set for a model attacked on `image`."""
+    source, _, key = image.name.partition(":")
     if source == "cifar10":
         x, y = cifar10_train(data_root)
         keep = torch.arange(len(x)) != int(key)  # every training image but the attacked one
@@ -607,15 +475,15 @@ def train(model: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, s
     return loss.item()
 
 
-def prepare_model(cfg: Config, name: str, sample: Sample) -> tuple[Net, dict | None]:
-    """The model the client holds when it computes its gradient on `sample`, and what
+def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net, dict | None]:
+    """The model the client holds when it computes its gradient on `image`, and what
     training it had (None: the published initialisation)."""
-    model = build_model(name, cfg.model_seed).to(cfg.device)
-    if cfg.train_steps == 0:
+    model = build_model(name, exp.model_seed).to(exp.device)
+    if exp.train_steps == 0:
         return model, None
-    x, y, data = training_data(sample, cfg.model_seed, cfg.data)
-    loss = train(model, x, y, cfg.train_steps, cfg.train_lr, cfg.model_seed)
-    return model, {"steps": cfg.train_steps, "lr": cfg.train_lr, "batch": TRAIN_BATCH, "seed": cfg.model_seed,
+    x, y, data = training_data(image, exp.model_seed, exp.data)
+    loss = train(model, x, y, exp.train_steps, exp.train_lr, exp.model_seed)
+    return model, {"steps": exp.train_steps, "lr": exp.train_lr, "batch": TRAIN_BATCH, "seed": exp.model_seed,
                    "data": data, "final_loss": loss}
 
 
@@ -633,6 +501,7 @@ def client_gradient(model: Net, x: torch.Tensor, label: int) -> list[torch.Tenso
 def recover_label(grads: list[torch.Tensor]) -> int:
     """iDLG rule (Zhao et al., 2020): the only negative entry of the last layer's bias gradient."""
     return int(grads[-1].argmin())
+
 
 
 # =============================================================================
@@ -759,7 +628,7 @@ def solve_min_norm(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, int]
     orientation first reduces the problem to a k x k triangular factor with U's
     singular values (k = min(m, n)); a certified full-rank factor is solved directly,
     any other by `min_norm_square`. Both give numpy.linalg.lstsq's rank and solution
-    (tests) in about half its time (README, benchmark).
+    (tests) in about half its time (docs/performance.md).
     """
     m, n = U.shape
     k, tall = min(m, n), m >= n
@@ -811,16 +680,20 @@ class LayerSystem:
     """Both sets of linear equations on the input x of convolution `layer` (step 2 above)."""
 
     layer: int
-    z: torch.Tensor  # target of the forward constraints: z_l - b_l, shape (1, C_out, H, W)
+    z_minus_b: torch.Tensor  # what M x must equal: z_l - b_l, shape (1, C_out, H, W)
     delta: torch.Tensor  # dL/dz_l, same shape
-    g_w: torch.Tensor  # the shared weight gradient of the layer
+    g_w: torch.Tensor  # the shared weight gradient of the layer: what G(delta) x must equal
+
+    def to(self, dtype: torch.dtype, device: str | torch.device) -> LayerSystem:
+        return LayerSystem(self.layer, *(t.to(dtype=dtype, device=device) for t in
+                                         (self.z_minus_b, self.delta, self.g_w)))
 
     def matrices(self, model: Net) -> tuple[torch.Tensor, torch.Tensor]:
         """U = [M; G] and V = [z - b; gW], dense float64 on the CPU."""
         conv, shape = model.layers[self.layer], model.shapes[self.layer]
         idx = patch_index(conv, shape)
         U = torch.cat([conv_matrix(conv, shape, idx), grad_matrix(conv, shape, self.delta, idx)])
-        V = torch.cat([self.z.flatten(), self.g_w.flatten()]).double().cpu()
+        V = torch.cat([self.z_minus_b.flatten(), self.g_w.flatten()]).double().cpu()
         return U, V
 
     def forward_and_residual(self, model: Net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -832,9 +705,9 @@ class LayerSystem:
         """
         conv = model.layers[self.layer]
         cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]  # (C_in k k, P)
-        z = (conv.weight.flatten(1) @ cols).view_as(self.z)
+        z = (conv.weight.flatten(1) @ cols).view_as(self.z_minus_b)
         weight_grad = self.delta.reshape(conv.out_channels, -1) @ cols.T  # (C_out, C_in*k*k)
-        residual = (z - self.z).square().sum() + (weight_grad - self.g_w.flatten(1)).square().sum()
+        residual = (z - self.z_minus_b).square().sum() + (weight_grad - self.g_w.flatten(1)).square().sum()
         return (z if conv.bias is None else z + conv.bias.view(1, -1, 1, 1)), residual
 
 
@@ -845,13 +718,12 @@ def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tenso
     c, h, w = model.shapes[layer + 1]
     z = inverse_activation(act, a_hat.reshape(1, c, h, w))
     delta = dl_da.reshape(1, c, h, w) * activation_derivative(act, z)
-    g = layer_params(model, grads, layer)
     if conv.bias is not None:  # the forward constraints hold for z - b
         z = z - conv.bias.detach().double().cpu().view(1, -1, 1, 1)
-    return LayerSystem(layer, z, delta, g[0].double())
+    return LayerSystem(layer, z, delta, by_layer(model, grads)[layer][0].double())
 
 
-Corrector = Callable[[LayerSystem, torch.Tensor], torch.Tensor]
+Corrector = Callable[[LayerSystem, torch.Tensor], torch.Tensor]  # (system, x_hat) -> the x passed down
 
 
 def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Corrector | None = None,
@@ -860,18 +732,18 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
 
     Returns the image estimate (1, 3, 32, 32) and each convolution's rank deficiency
     (layer 0 first). `correct` (the hybrid's gradient matching) may replace each
-    least-squares solution before it is passed down.
+    least-squares solution before it is passed down (gradient_matching).
     """
     n_layers = len(model.layers)
     grads = [g.detach().double().cpu() for g in grads]  # the recursion runs in float64 on the CPU
-    a_hat, dl_da = invert_fc(model.layers[-1], *layer_params(model, grads, n_layers - 1))
+    a_hat, dl_da = invert_fc(model.layers[-1], *by_layer(model, grads)[-1])
     deficiency = [0] * (n_layers - 1)
     for layer in progress(range(n_layers - 2, -1, -1), "layers"):
         system = layer_system(model, layer, a_hat, dl_da, grads)
         U, V = system.matrices(model)
         x_hat, rank = solve_min_norm(U, V)
         deficiency[layer] = rank - U.shape[1]
-        dl_da = U[: system.z.numel()].T @ system.delta.flatten()  # dL/da_{l-1} = M^T delta
+        dl_da = U[: system.z_minus_b.numel()].T @ system.delta.flatten()  # dL/da_{l-1} = M^T delta
         a_hat = x_hat.view(1, *model.shapes[layer])
         if correct is not None:
             a_hat = correct(system, a_hat).double().cpu()
@@ -896,6 +768,7 @@ def security_index(deficiency: list[int]) -> int:
 def rank_deficiency(model: Net, grads: list[torch.Tensor]) -> list[int]:
     """Each convolution's rank deficiency (layer 0 first), from R-GAP's recursion alone."""
     return recursive_reconstruction(model, grads)[1]
+
 
 
 # =============================================================================
@@ -948,7 +821,7 @@ def best_start(start: Callable[[], AttackResult], restarts: int) -> AttackResult
     """`restarts` runs of an attack from random images, one after another from the
     attack's seed (the first is the paper's single run), keeping the one whose own final
     objective is lowest: an attacker can compute that without the image (breaching's
-    `restarts`). DLG's L-BFGS is chaotic (README), so one start is a lottery ticket.
+    `restarts`). DLG's L-BFGS is chaotic (docs/attacks.md), so one start is a lottery ticket.
     A start whose objective left the finite numbers ranks last."""
     starts = [start() for _ in range(restarts)]
     if restarts == 1:
@@ -1001,64 +874,70 @@ def hybrid_schedule(layer: int, settings: AttackSettings) -> tuple[float, float,
     return 10.0, 0.1, 1.0, settings.hybrid_iters // 2
 
 
-def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, grads: list[torch.Tensor],
+def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, shared: list[torch.Tensor],
                      target: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
-    """The paper's J(x) at layer l = system.layer; `target` is the label as a (1,) tensor.
-
-    `system` holds tensors of x's dtype and device. Layer l's forward is shared between
-    the residual ||Ux - V||^2 and f_{l:}(x).
+    """The paper's J(x) at layer l = system.layer. `shared` is the shared gradient of
+    layers l..L-1 (gradients_from), `target` the label as a (1,) tensor, and `system`
+    holds tensors of x's dtype and device. Layer l's forward is shared between the
+    residual ||Ux - V||^2 and f_{l:}(x).
     """
     w_cos, w_tv, w_sq = weights
     z, residual = system.forward_and_residual(model, x)
     output = model(model.acts[system.layer](z), system.layer + 1)  # f_{l:}(x)
-    dummy = dummy_gradient(model, output, target, system.layer)
-    shared = grads[len(grads) - len(dummy):]  # g_p of the same parameters, layers l..L-1
+    dummy = dummy_gradient(model, output, target, system.layer)  # grad_p CE(f_{l:}(x), y), p in layers l..
     return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
 
 
 GradAndValue = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (dJ/dx, J)
 
 
-def hybrid_grad_and_value(model: Net, system: LayerSystem, grads: list[torch.Tensor], label: int,
+def hybrid_grad_and_value(model: Net, system: LayerSystem, shared: list[torch.Tensor], label: int,
                           weights: tuple[float, float, float], compile: bool) -> GradAndValue:
     """x -> (dJ/dx, J): a double backward through autograd, or with --compile the
     torch.func form of J, traced and compiled once per layer shape (see below)."""
-    target = torch.tensor([label], device=system.z.device)
+    target = torch.tensor([label], device=system.z_minus_b.device)
     if compile:
-        return lambda x: compiled_grad_and_value()(model, system, x.detach(), grads, target, weights)
+        return lambda x: compiled_grad_and_value()(model, system, x.detach(), shared, target, weights)
 
     def eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        objective = hybrid_objective(model, system, x, grads, target, weights)
+        objective = hybrid_objective(model, system, x, shared, target, weights)
         return torch.autograd.grad(objective, [x])[0], objective
     return eager
 
 
-def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+def gradient_matching(model: Net, system: LayerSystem, x_hat: torch.Tensor, *, grads: list[torch.Tensor],
+                      label: int, settings: AttackSettings) -> torch.Tensor:
+    """The hybrid's correction of convolution l's least-squares solution x_hat: Adam
+    (lr 1e-3, PyTorch's defaults) from a float32 copy of x_hat on J(x), with the weights
+    and the number of steps of hybrid_schedule for layer l."""
     device = grads[0].device
+    *weights, steps = hybrid_schedule(system.layer, settings)
+    system = system.to(torch.float32, device)
+    shared = gradients_from(model, grads, system.layer)  # g_p, p in layers l..L-1
+    grad_and_value = hybrid_grad_and_value(model, system, shared, label, tuple(weights), settings.compile)
+    x = x_hat.float().to(device).requires_grad_()
+    opt = torch.optim.Adam([x], lr=1e-3)
+    bar = progress(steps, f"hybrid layer {system.layer}")
+    for step in bar:
+        x.grad, objective = grad_and_value(x)
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(J=f"{objective.item():.4g}")
+    return x.detach()
 
-    def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
-        *weights, steps = hybrid_schedule(system.layer, settings)
-        system = LayerSystem(system.layer, *(t.float().to(device) for t in
-                                             (system.z, system.delta, system.g_w)))
-        x = x_hat.float().to(device).requires_grad_()  # Adam on a float32 copy of x_hat
-        opt = torch.optim.Adam([x], lr=1e-3)
-        grad_and_value = hybrid_grad_and_value(model, system, grads, label, tuple(weights), settings.compile)
-        bar = progress(steps, f"hybrid layer {system.layer}")
-        for step in bar:
-            x.grad, objective = grad_and_value(x)
-            opt.step()
-            if step % 100 == 0:
-                bar.set_postfix(J=f"{objective.item():.4g}")
-        return x.detach()
 
+def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+    """R-GAP's recursion with each convolution's least-squares solution corrected by
+    gradient matching before it is passed down (the paper's hybrid)."""
+    correct = functools.partial(gradient_matching, model, grads=grads, label=label, settings=settings)
     x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose)
-    return AttackResult(x.to(device), label, {"rank_deficiency": deficiency})
+    return AttackResult(x.to(grads[0].device), label, {"rank_deficiency": deficiency})
 
 
 # -- --compile: the same J through torch.func, the form torch.compile can trace ------------
 # Dynamo cannot trace autograd's double backward; J written with torch.func (the dummy
 # gradient by functional_call and a nested grad) can be, with its gradient in x. On a CPU
-# the compiled step takes 40-60% of the eager one's time (README, Performance).
+# the compiled step takes 40-60% of the eager one's time (docs/performance.md).
 
 
 def functional_dummy_gradient(model: Net, x: torch.Tensor, target: torch.Tensor, start: int) -> list[torch.Tensor]:
@@ -1069,14 +948,13 @@ def functional_dummy_gradient(model: Net, x: torch.Tensor, target: torch.Tensor,
     return list(torch.func.grad(loss)(params).values())
 
 
-def functional_hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, grads: list[torch.Tensor],
+def functional_hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, shared: list[torch.Tensor],
                                 target: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
     """hybrid_objective, equal in value; layer l's convolution runs a second time inside
     functional_call, as the weight's gradient must be taken through it."""
     w_cos, w_tv, w_sq = weights
     _, residual = system.forward_and_residual(model, x)
     dummy = functional_dummy_gradient(model, x, target, system.layer)
-    shared = grads[len(grads) - len(dummy):]
     return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
 
 
@@ -1201,7 +1079,6 @@ def inf_to_none(value: float) -> float | None:
 def format_psnr(psnr: float | None, digits: int = 1) -> str:
     return "exact" if psnr is None or math.isinf(psnr) else f"{psnr:.{digits}f} dB"
 
-
 # =============================================================================
 # The experiment on one (model, image), and the analysis of the security index
 # =============================================================================
@@ -1227,59 +1104,56 @@ class Answer(NamedTuple):
     recon: np.ndarray  # the reconstruction, HWC in [0, 1]
 
 
-def score_answer(name: str, result: AttackResult, seconds: float, sample: Sample) -> Answer:
+def score_answer(name: str, result: AttackResult, seconds: float, image: PrivateImage) -> Answer:
     recon = to_image(result.x)
-    metrics = score(to_image(sample.x), recon)
+    metrics = score(to_image(image.x), recon)
     entry = {"psnr": inf_to_none(metrics["psnr"]), "ssim": metrics["ssim"], "seconds": round(seconds, 3),
-             "label": result.label, "label_correct": result.label == sample.label, **result.info}
+             "label": result.label, "label_correct": result.label == image.label, **result.info}
     return Answer(name, entry, recon)
 
 
-def experiment(model: Net, sample: Sample, attacks: list[str], settings: AttackSettings, seed: int,
-               device: str, analysed: bool = False) -> Iterator[RankAnalysis | Answer]:
+def experiment(model: Net, image: PrivateImage, attacks: list[str], settings: AttackSettings, seed: int,
+               device: str) -> Iterator[Answer]:
     """The paper's experiment on one (model, image): the client shares its gradient, and
-    each attack answers from the gradient alone.
-
-    Yields the pair's RankAnalysis first, unless `analysed` (the run holds it already): it
-    comes from R-GAP's recursion, R-GAP's own run where R-GAP is among the attacks and the
-    recursion alone otherwise. Then each attack's Answer, as it finishes.
-    """
-    grads = client_gradient(model, sample.x.to(device), sample.label)
-    label = sample.label if settings.true_label else recover_label(grads)
-    if not analysed and "rgap" not in attacks:
-        yield RankAnalysis(rank_deficiency(model, grads))
+    each attack answers from the gradient alone, reseeded first. Yields each attack's
+    Answer as it finishes (R-GAP's carries the rank deficiencies of its recursion)."""
+    grads = client_gradient(model, image.x.to(device), image.label)
+    label = image.label if settings.true_label else recover_label(grads)
     for name in attacks:
         seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
         start = time.perf_counter()
         result = ATTACKS[name](model, grads, label, settings)
-        answer = score_answer(name, result, time.perf_counter() - start, sample)
-        if name == "rgap" and not analysed:
-            yield RankAnalysis(result.info["rank_deficiency"])
-        yield answer
+        yield score_answer(name, result, time.perf_counter() - start, image)
 
 
-def analyse(cfg: Config, samples: list[Sample]) -> None:
+def rank_analysis(model: Net, image: PrivateImage, device: str) -> RankAnalysis:
+    """Each convolution's rank deficiency for the client's gradient on `image`: R-GAP's
+    recursion alone, no attack."""
+    return RankAnalysis(rank_deficiency(model, client_gradient(model, image.x.to(device), image.label)))
+
+
+def analyse(exp: Experiment, images: list[PrivateImage]) -> None:
     """Rank deficiency per layer and the security index, without running an attack.
 
     One table per (model, image); over several images, the security index per model
     (mean and range): the paper's architecture comparison.
     """
     table = []
-    for name in cfg.models:
+    for name in exp.models:
         indices = []
-        for sample in samples:
-            model, _ = prepare_model(cfg, name, sample)
-            deficiency = rank_deficiency(model, client_gradient(model, sample.x.to(cfg.device), sample.label))
+        for image in images:
+            model, _ = prepare_model(exp, name, image)
+            deficiency = rank_analysis(model, image, exp.device).deficiency
             indices.append(security_index(deficiency))
-            say(f"{name} on {sample.name}: security index {indices[-1]}")
+            say(f"{name} on {image.name}: security index {indices[-1]}")
             say(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
             for layer, r in enumerate(deficiency):
                 shape, n = model.shapes[layer], math.prod(model.shapes[layer])
                 equations = math.prod(model.shapes[layer + 1]) + model.layers[layer].weight.numel()
                 say(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
         table.append((name, np.mean(indices), min(indices), max(indices)))
-    if len(samples) > 1:
-        say(f"\nsecurity index over {len(samples)} images")
+    if len(images) > 1:
+        say(f"\nsecurity index over {len(images)} images")
         say("| model | mean | min | max |\n|---|---|---|---|")
         for name, mean, lo, hi in table:
             say(f"| {name} | {mean:.1f} | {lo} | {hi} |")
@@ -1438,82 +1312,36 @@ def plot_index_vs_quality(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
-# =============================================================================
-# Running experiments: folders, rows as they land, resume, shards, merge
-# =============================================================================
-# Nothing below is the paper: it runs the experiment above over grids of models and
-# images, for hours, and keeps what it finished.
 
-CSV_COLUMNS = ["model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds", "security_index"]
+
+# =============================================================================
+# Sweeps of the experiment: the record's rows, the summaries, and what sweeps.py is handed
+# =============================================================================
+
+CSV_COLUMNS = ("model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds", "security_index")
 FIGURE_ROWS = 8  # a sweep's figure shows its first few (model, image) rows
 
 
-def new_run_folder(output: str, name: str) -> Path:
-    """OUTPUT/<time>_<name>[-k]: always a new folder, never an earlier run's."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    try:
-        Path(output).mkdir(parents=True, exist_ok=True)
-        for k in range(1000):
-            folder = Path(output) / (f"{stamp}_{name}" + (f"-{k}" if k else ""))
-            try:
-                folder.mkdir()
-                return folder
-            except FileExistsError:
-                continue
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {output}: {e.strerror or e}") from None
-    raise UserError(f"cannot find a new run folder name in {output}")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A reader, a kill or a full disk never leaves half a file: the old one stays until
-    the new one is whole on disk."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=1, allow_nan=False))
-
-
-def csv_row(run: dict, attack: str) -> dict:
-    """results.csv's row of one attack on one (model, image), from its results.json entry."""
-    e = run["attacks"][attack]
-    return {"model": run["model"], "image": run["image"], "attack": attack, "label": e["label"],
+def csv_row(entry: dict, attack: str) -> dict:
+    """results.csv's row of one attack on one (model, image), from the pair's results.json entry."""
+    e = entry["attacks"][attack]
+    return {"model": entry["model"], "image": entry["image"], "attack": attack, "label": e["label"],
             "label_correct": e["label_correct"], "psnr": psnr_for_csv(e["psnr"]), "ssim": e["ssim"],
-            "seconds": e["seconds"], "security_index": run.get("security_index")}
-
-
-def result_rows(results: dict) -> list[dict]:
-    """Every attack results.json holds, as results.csv's rows."""
-    return [csv_row(run, attack) for run in results["runs"] for attack in run.get("attacks", {})]
-
-
-def csv_text(rows: list[dict], header: bool = True) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def append_row(folder: Path, row: dict) -> None:
-    """One whole row, on disk before the next attack starts (for `tail -f`); the file is
-    rewritten from results.json on resume and at the end (write_figure_and_summary)."""
-    path = folder / "results.csv"
-    with path.open("a", newline="") as f:
-        f.write(csv_text([row], header=f.tell() == 0))
-        f.flush()
-        os.fsync(f.fileno())
+            "seconds": e["seconds"], "security_index": entry.get("security_index")}
 
 
 def psnr_for_csv(value: float | None) -> str:
     return "inf" if value is None else repr(value)  # None: an exact (infinite-PSNR) reconstruction
+
+
+def is_entry(entry: object) -> bool:
+    """A pair's entry of results.json's runs as record_event writes it (what resume, merge
+    and the summaries read)."""
+    scored = {"psnr", "ssim", "seconds", "label", "label_correct"}
+    return (isinstance(entry, dict) and isinstance(entry.get("model"), str) and isinstance(entry.get("image"), str)
+            and isinstance(entry.get("attacks", {}), dict)
+            and all(a in ATTACKS and isinstance(e, dict) and scored <= e.keys()
+                    for a, e in entry.get("attacks", {}).items()))
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -1545,10 +1373,7 @@ def write_summary(folder: Path, rows: list[dict], correlations: dict) -> str:
     summary = summarise(rows)
     if not summary:
         return ""
-    with (folder / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, list(dict.fromkeys(k for e in summary for k in e)))
-        writer.writeheader()
-        writer.writerows(summary)
+    sweeps.write_atomic(folder / "summary.csv", sweeps.csv_text(summary, dict.fromkeys(k for e in summary for k in e)))
     index = lambda e: f"{e['index_mean']:.0f} [{e['index_min']:.0f}, {e['index_max']:.0f}]" if "index_mean" in e else ""  # noqa: E731
     lines = ["| model | security index mean [min, max] | attack | n | PSNR mean ± std | PSNR median | "
              "SSIM mean ± std | SSIM median | label acc. | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -1558,397 +1383,193 @@ def write_summary(folder: Path, rows: list[dict], correlations: dict) -> str:
     text = "\n".join(lines) + "\n"
     if len(index_by_model(rows)) >= 3:
         text += "\nSecurity index against PSNR, rank correlations\n\n" + correlation_table(correlations)
-    (folder / "summary.md").write_text(text)
+    sweeps.write_atomic(folder / "summary.md", text)
     return text
 
 
-def run_metadata(cfg: Config, argv: list[str]) -> dict:
-    """results.json's header: the config, library versions, device and command line."""
-    import matplotlib
-    import skimage
-    import torchvision
-
-    name = torch.cuda.get_device_name() if cfg.device == "cuda" else \
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {"config": dataclasses.asdict(cfg),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "numpy": np.__version__,
-                         "scipy": scipy.__version__, "scikit-image": skimage.__version__,
-                         "matplotlib": matplotlib.__version__},
-            "device": cfg.device, "device_name": name,
-            "command": shlex.join(["python", "hybrid.py", *argv]), "runs": []}
-
-
-def file_stem(model_name: str, sample: Sample) -> str:
-    """Where a pair's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9'.
-    Letters, digits, '-' and '_' only; distinct images keep distinct stems (a file's name
-    ends in its hash)."""
-    return f"{model_name}_{re.sub('[^A-Za-z0-9_-]', '_', sample.name.replace(':', '-', 1))}"
-
-
-class Recorder:
-    """A run folder, written as results land: per attack the reconstruction's .npy, then
-    the pair's entry in results.json (rewritten atomically), then a row of results.csv.
-    results.json is the record: what it holds is done (a resumed run skips it), and
-    results.csv is its table, rebuilt from it on resume and at the end. A kill between two
-    writes costs the attack in flight at most, and never leaves the two disagreeing after
-    a resume."""
-
-    def __init__(self, folder: Path, results: dict):
-        self.folder, self.results = folder, results
-        self.runs = {(r["model"], r["image"]): r for r in results["runs"]}  # results["runs"], by pair
-
-    def todo(self, model_name: str, sample: Sample, attacks: list[str]) -> list[str]:
-        done = self.runs.get((model_name, sample.name), {}).get("attacks", {})
-        return [a for a in attacks if a not in done]
-
-    def run(self, model_name: str, sample: Sample) -> dict:
-        """The pair's entry in results.json, made (with the target's .npy) the first time."""
-        if (model_name, sample.name) not in self.runs:
-            npy = f"{file_stem(model_name, sample)}_target.npy"
-            np.save(self.folder / npy, to_image(sample.x).astype(np.float32))
-            self.runs[model_name, sample.name] = {"model": model_name, "image": sample.name,
-                                                  "label": sample.label, "target": {"npy": npy}}
-            self.results["runs"].append(self.runs[model_name, sample.name])
-        return self.runs[model_name, sample.name]
-
-    def record(self, model_name: str, sample: Sample, event: Training | RankAnalysis | Answer) -> None:
-        run = self.run(model_name, sample)
-        if isinstance(event, Training):  # this and the analysis are written with the first attack
-            run["training"] = event.info
-            return
-        if isinstance(event, RankAnalysis):
-            run["rank_deficiency"], run["security_index"] = event.deficiency, security_index(event.deficiency)
-            return
-        npy = f"{file_stem(model_name, sample)}_{event.attack}.npy"
-        np.save(self.folder / npy, event.recon.astype(np.float32))
-        entry = run.setdefault("attacks", {})[event.attack] = event.entry | {"npy": npy}
-        self.results["peak_memory_mb"] = max(resource.getrusage(who).ru_maxrss // 1024  # workers, once ended
-                                             for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        write_json(self.folder / "results.json", self.results)  # from here on, the attack is done
-        append_row(self.folder, csv_row(run, event.attack))
-        say(f"{model_name:9s} {sample.name:18s} {DISPLAY[event.attack]:9s}  PSNR {format_psnr(entry['psnr'], 2):>9s}  "
-            f"SSIM {entry['ssim']:.3f}  label {entry['label']}{'' if entry['label_correct'] else ' (wrong)'}  "
-            f"{entry['seconds']:6.1f} s")
+def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
+    """The figures (the first rows of a sweep; the index against quality for 3 or more
+    models), the summary tables and the index's correlations, printed and in results.json."""
+    shown = [e for e in folder.results["runs"] if e.get("attacks")][:FIGURE_ROWS]
+    if shown:
+        plot_comparison(shown, folder.path, folder.path / "comparison.png")
+    rows = folder.rows()
+    folder.results["correlations"] = index_correlations(rows)
+    folder.save()
+    if len(index_by_model(rows)) >= 3:
+        plot_index_vs_quality(rows, folder.path / "index_vs_quality.png")
+    say(write_summary(folder.path, rows, folder.results["correlations"]), end="")
+    say(f"results: {folder.path}")
 
 
 class Pair(NamedTuple):
     """One (model, image) of a sweep, with what is left to do on it."""
 
     model: str
-    sample: Sample
+    image: PrivateImage
     attacks: list[str]  # the attacks not yet recorded
-    analysed: bool  # the run holds its rank analysis already
+    ranks_known: bool  # its entry holds the rank deficiencies already
 
     @property
     def key(self) -> tuple[str, str]:
-        return self.model, self.sample.name
+        return self.model, self.image.name
 
 
-def grid(cfg: Config, samples: list[Sample]) -> list[tuple[str, Sample]]:
-    """Every (model, image) of the experiment: every model against every image."""
-    return [(name, sample) for name in cfg.models for sample in samples]
+def left_to_do(pair: Pair, entry: dict | None) -> Pair | None:
+    """The pair less what its entry of the record holds; None when nothing is left."""
+    done = (entry or {}).get("attacks", {})
+    todo = [a for a in pair.attacks if a not in done]
+    return pair._replace(attacks=todo, ranks_known="rank_deficiency" in (entry or {})) if todo else None
 
 
-def pending_pairs(cfg: Config, samples: list[Sample], recorder: Recorder) -> list[Pair]:
-    """This shard's (model, image) pairs, every N-th from the K-th, less what the folder holds."""
-    k, n = cfg.shard
-    pairs = []
-    for name, sample in grid(cfg, samples)[k::n]:
-        todo = recorder.todo(name, sample, cfg.attacks)
-        if todo:
-            pairs.append(Pair(name, sample, todo, "rank_deficiency" in recorder.runs.get((name, sample.name), {})))
-    return pairs
-
-
-def run_pair(cfg: Config, pair: Pair) -> Iterator[Training | RankAnalysis | Answer]:
-    """The model as the client holds it (trained first with --train-steps), then the experiment."""
-    model, training = prepare_model(cfg, pair.model, pair.sample)
+def attack_pair(exp: Experiment, settings: AttackSettings, pair: Pair) -> Iterator[Training | RankAnalysis | Answer]:
+    """The model as the client holds it (trained first with --train-steps), its rank
+    deficiencies where the record lacks them and R-GAP will not give them, then the
+    experiment."""
+    model, training = prepare_model(exp, pair.model, pair.image)
     if training is not None:
         yield Training(training)
-    yield from experiment(model, pair.sample, pair.attacks, AttackSettings.of(cfg), cfg.seed, cfg.device,
-                          pair.analysed)
+    if not pair.ranks_known and "rgap" not in pair.attacks:
+        yield rank_analysis(model, pair.image, exp.device)
+    yield from experiment(model, pair.image, pair.attacks, settings, exp.seed, exp.device)
 
 
-def runs_are_ours(runs: object) -> bool:
-    """results.json's runs, as Recorder writes them (what resume, merge and the summary read)."""
-    entry = {"psnr", "ssim", "seconds", "label", "label_correct"}
-    return isinstance(runs, list) and all(
-        isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("image"), str)
-        and isinstance(r.get("attacks", {}), dict)
-        and all(a in ATTACKS and isinstance(e, dict) and entry <= e.keys() for a, e in r.get("attacks", {}).items())
-        for r in runs)
+def file_stem(model_name: str, image: PrivateImage) -> str:
+    """Where a pair's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9'.
+    Letters, digits, '-' and '_' only; distinct images keep distinct stems (a file's name
+    ends in its hash)."""
+    return f"{model_name}_{re.sub('[^A-Za-z0-9_-]', '_', image.name.replace(':', '-', 1))}"
 
 
-def read_run(folder: Path, flag: str) -> dict:
-    """A run folder's results.json, or one line saying why it is not one."""
-    try:
-        results = json.loads((folder / "results.json").read_text())
-        if not isinstance(results.get("config"), dict) or not runs_are_ours(results.get("runs")):
-            raise ValueError
-        return results
-    except FileNotFoundError:
-        raise UserError(f"{flag} {folder}: not a run folder (it holds no results.json)") from None
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        raise UserError(f"{flag} {folder}: its results.json is not one that hybrid.py wrote") from None
+def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAnalysis | Answer) -> None:
+    """Write what the experiment on a pair yields into its entry: per attack, the
+    reconstruction's .npy, then the record, then the row and the printed line. The
+    training and the ranks go to disk with the next attack."""
+    stem = file_stem(pair.model, pair.image)
+    entry = folder.entry(pair.key) or folder.add(
+        {"model": pair.model, "image": pair.image.name, "label": pair.image.label,
+         "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(pair.image.x).astype(np.float32))}})
+    if isinstance(event, Training):
+        entry["training"] = event.info
+        return
+    if isinstance(event, RankAnalysis) or (event.attack == "rgap" and "rank_deficiency" not in entry):
+        deficiency = event.deficiency if isinstance(event, RankAnalysis) else event.entry["rank_deficiency"]
+        entry["rank_deficiency"], entry["security_index"] = deficiency, security_index(deficiency)
+    if isinstance(event, RankAnalysis):
+        return
+    npy = folder.save_array(f"{stem}_{event.attack}.npy", event.recon.astype(np.float32))
+    e = entry.setdefault("attacks", {})[event.attack] = event.entry | {"npy": npy}
+    folder.finished(entry, event.attack)
+    say(f"{pair.model:9s} {pair.image.name:18s} {DISPLAY[event.attack]:9s}  PSNR {format_psnr(e['psnr'], 2):>9s}  "
+        f"SSIM {e['ssim']:.3f}  label {e['label']}{'' if e['label_correct'] else ' (wrong)'}  {e['seconds']:6.1f} s")
 
 
-# Settings that leave a run's numbers as they are: a resumed run may change these alone.
-RESUMABLE = {"output", "data", "resume", "jobs", "threads", "verbose", "compile", "device"}
+def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings) -> dict:
+    """results.json's `config`: every setting of the run, one flat dict."""
+    return dataclasses.asdict(exp) | dataclasses.asdict(settings) | dataclasses.asdict(run)
 
 
-def config_differences(before: dict, now: dict, may_differ: set[str]) -> list[str]:
-    """'name old -> new' for each setting, outside `may_differ`, where two configs disagree.
-    A setting newer than the `before` run counts as its default there."""
-    as_json = lambda config: json.loads(json.dumps(config))  # noqa: E731 (tuples as results.json has them)
-    before, now = as_json(dataclasses.asdict(Config())) | before, as_json(now)
-    return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in may_differ and before.get(k) != v]
+RECORD = sweeps.Record(
+    key=("model", "image"), parts="attacks", columns=CSV_COLUMNS, row=csv_row, is_entry=is_entry,
+    defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
+    may_differ=frozenset({"data", "verbose", "compile", "device"}), program="hybrid.py")  # none changes a number
 
 
-def open_run(cfg: Config, argv: list[str], folder: Path, samples: list[Sample]) -> dict:
-    """results.json's content: a new run's, written at once (so that a folder records its
-    config and shard from the start), or, with --resume, the folder's own, once it is
-    known to hold the same experiment."""
-    results = run_metadata(cfg, argv)
-    if not cfg.resume:
-        write_json(folder / "results.json", results)
-        return results
-    old = read_run(folder, "--resume")
-    differ = config_differences(old["config"], results["config"], RESUMABLE)
-    if differ:
-        raise UserError(f"--resume {folder}: it holds another experiment ({'; '.join(differ)}); "
-                        f"its command was: {old.get('command')}")
-    pairs = {(name, sample.name) for name, sample in grid(cfg, samples)}
-    strangers = [f"{r['model']} on {r['image']}" for r in old["runs"] if (r["model"], r["image"]) not in pairs]
-    if strangers:  # the same command, other images: a file changed since (its hash), or an older hybrid.py's names
-        raise UserError(f"--resume {folder}: it holds images that this command does not ({', '.join(strangers[:3])}"
-                        f"{', ...' if len(strangers) > 3 else ''}); was an image file changed since?")
-    write_atomic(folder / "results.csv", csv_text(result_rows(old)))  # the table of the record, whole
-    return old | {"resumed": old.get("resumed", []) + [results["command"]]}
+def run_metadata(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings, argv: list[str]) -> dict:
+    """results.json's header: the config, library versions, device and command line."""
+    import matplotlib
+    import skimage
+    import torchvision
+
+    name = torch.cuda.get_device_name() if exp.device == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"config": flat_config(exp, settings, run),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__,
+                         "scipy": scipy.__version__, "scikit-image": skimage.__version__,
+                         "matplotlib": matplotlib.__version__},
+            "device": exp.device, "device_name": name, "command": shlex.join(["python", "hybrid.py", *argv])}
 
 
-def lock_folder(folder: Path) -> io.TextIOWrapper:
-    """An exclusive lock on the run folder, held while the run writes it (until the
-    returned file is closed): two runs (two --resume of one folder) never write one folder."""
-    handle = (folder / ".lock").open("w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise UserError(f"{folder} is being written by another run (its .lock is held)") from None
-    return handle
-
-
-def sweep(cfg: Config, argv: list[str], samples: list[Sample], folder: Path) -> None:
-    """Every (model, image) of this shard, every attack not yet recorded in the folder."""
-    if cfg.resume:
-        read_run(folder, "--resume")  # a folder that is not a run is refused before a .lock is made in it
-    with lock_folder(folder):  # released however the sweep ends, not when an exception's frames are collected
-        results = open_run(cfg, argv, folder, samples)
-        recorder = Recorder(folder, results)
-        pairs = pending_pairs(cfg, samples, recorder)
-        record = lambda pair, events: [recorder.record(pair.model, pair.sample, e) for e in events]  # noqa: E731
-        failed = run_here(cfg, pairs, record) if cfg.jobs == 1 else run_in_workers(cfg, pairs, record)
-        write_figure_and_summary(folder, results)
-    if failed:
-        raise PairsFailed("; ".join(f"{m} on {i}: {why}" for (m, i), why in failed.items()))
-
-
-def run_here(cfg: Config, pairs: list[Pair], record: Callable) -> dict[tuple[str, str], str]:
-    """The pairs one after another in this process, each attack recorded as it finishes.
-    As in the workers, an error in a pair's computation costs that pair alone (returned
-    with the reason); the recording's own errors (a full disk) stop the run."""
-    failed = {}
-    for pair in progress(pairs, "sweep") if len(pairs) > 1 else pairs:
-        events = run_pair(cfg, pair)
-        while True:
-            try:
-                event = next(events)
-            except StopIteration:
-                break
-            except Exception as e:
-                failed[pair.key] = f"{type(e).__name__}: {e}"
-                break
-            record(pair, [event])
-    return failed
-
-
-class PairsFailed(Exception):
-    """Pairs of a sweep that a worker could not finish: the rest is recorded; --resume retries them."""
-
-
-# -- --jobs N: pairs in worker processes; the parent alone writes the folder --------------
-# concurrent.futures with spawned workers, each of --threads threads. A pair's numbers
-# cannot depend on the worker that ran it: every attack is reseeded (experiment).
-
-_started = None  # in a worker: the queue on which it announces each pair it starts (unbuffered)
-
-
-def start_worker(cfg: Config, started: multiprocessing.SimpleQueue) -> None:
-    global _started
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
-    _started = started
-    configure_torch(cfg.device, cfg.threads)
-
-
-def worker_pair(cfg: Config, pair: Pair) -> list[RankAnalysis | Answer]:
-    _started.put(pair.key)
-    return list(run_pair(cfg, pair))
-
-
-def run_in_workers(cfg: Config, pairs: list[Pair], record: Callable) -> dict[tuple[str, str], str]:
-    """The pairs in cfg.jobs workers, each recorded by the parent as it comes back.
-
-    A worker that dies (killed, out of memory) breaks concurrent.futures' pool and every
-    pair then in flight; those run again one at a time, so that only a pair that kills
-    its worker on its own is lost. Returns the pairs lost, with the reason.
-    """
-    failed, queue, suspects = {}, list(pairs), []
-    while queue or suspects:
-        if suspects:
-            in_flight, not_started = run_batch(cfg, [suspects.pop(0)], 1, record, failed)
-            failed |= {p.key: "its worker died (killed, or out of memory?)" for p in in_flight + not_started}
-        else:
-            suspects, queue = run_batch(cfg, queue, cfg.jobs, record, failed)
-            if queue and not suspects:  # a worker died before it could say which pair it ran
-                suspects, queue = queue, []
-    return failed
-
-
-def run_batch(cfg: Config, pairs: list[Pair], jobs: int, record: Callable,
-              failed: dict) -> tuple[list[Pair], list[Pair]]:
-    """Run pairs in a pool of `jobs` workers until all are back or a worker dies; then
-    return the pairs in flight and those not started (both empty if none died)."""
-    started = multiprocessing.get_context("spawn").SimpleQueue()  # put() is written at once
-    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), start_worker, (cfg, started))
-    futures, running, finished = {pool.submit(worker_pair, cfg, p): p for p in pairs}, set(), set()
-    bar = progress(len(pairs), "pairs")
-    try:
-        while futures.keys() - finished:
-            done, _ = wait(futures.keys() - finished, timeout=2, return_when=FIRST_COMPLETED)
-            while not started.empty():
-                running.add(started.get())
-            for future in done:
-                pair = futures[future]
-                try:
-                    events = future.result()
-                except BrokenProcessPool:
-                    return ([p for f, p in futures.items() if f not in finished and p.key in running],
-                            [p for f, p in futures.items() if f not in finished and p.key not in running])
-                except Exception as e:  # a bug on one pair: the others go on
-                    failed[pair.key] = f"{type(e).__name__}: {e}"
-                else:
-                    record(pair, events)  # the parent's own errors (a full disk) stop the run
-                finished.add(future)
-                bar.update()
-            bar.set_postfix_str(", ".join(f"{m} {i}" for m, i in sorted(running - {futures[f].key for f in finished})))
-        pool.shutdown()
-        return [], []
-    finally:
-        stop_workers(pool)
-        started.close()
-
-
-def stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Workers end with the pool; on Ctrl-C or a failure they are stopped, not awaited."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())  # private, but no public way before 3.14
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-
-
-def write_figure_and_summary(folder: Path, results: dict) -> None:
-    """The figures (the first rows of a sweep; the index against quality for 3 or more
-    models), the summary tables and the index's correlations, printed and in results.json."""
-    shown = [r for r in results["runs"] if r.get("attacks")][:FIGURE_ROWS]
-    if shown:
-        plot_comparison(shown, folder, folder / "comparison.png")
-    rows = result_rows(results)
-    results["correlations"] = index_correlations(rows)
-    write_json(folder / "results.json", results)
-    write_atomic(folder / "results.csv", csv_text(rows))
-    if len(index_by_model(rows)) >= 3:
-        plot_index_vs_quality(rows, folder / "index_vs_quality.png")
-    say(write_summary(folder, rows, results["correlations"]), end="")
-    say(f"results: {folder}")
-
-
-def merge(folders: list[str], output: str) -> None:
-    """Shard folders -> one new folder with every row once, the runs and the summary.
-
-    A folder given twice counts once; folders must hold one experiment (their configs may
-    differ only in the shard and in what leaves numbers alone); a shard left with no work
-    adds nothing. Everything is checked before the new folder is made.
-    """
-    sources = list(dict.fromkeys(Path(f).resolve() for f in folders))
-    shards = [read_run(src, "--merge") for src in sources]
-    base = shards[0]["config"]
-    for src, shard in zip(sources[1:], shards[1:]):
-        differ = config_differences(base, shard["config"], RESUMABLE | {"shard"})
-        if differ:
-            raise UserError(f"--merge: {src} holds another experiment than {sources[0]} ({'; '.join(differ)})")
-    merged = new_run_folder(output, "merged")
-    runs = {}
-    for src, shard in zip(sources, shards):
-        for run in shard["runs"]:
-            for entry in [run.get("target", {}), *run.get("attacks", {}).values()]:
-                if "npy" in entry:  # keep the arrays where they are
-                    entry["npy"] = os.path.relpath(src / entry["npy"], merged)
-            kept = runs.setdefault((run["model"], run["image"]), run)  # overlapping folders: each pair once
-            kept.setdefault("attacks", {}).update({a: e for a, e in run.get("attacks", {}).items()
-                                                   if a not in kept["attacks"]})
-    header = {k: v for k, v in shards[0].items() if k != "runs"}  # config, versions
-    write_figure_and_summary(merged, header | {"merged": [str(f) for f in sources], "runs": list(runs.values())})
+def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings, argv: list[str],
+                images: list[PrivateImage]) -> sweeps.Sweep:
+    """The experiment over every model against every image, as sweeps.run takes it."""
+    pairs = [Pair(name, image, exp.attacks, False) for name in exp.models for image in images]
+    return sweeps.Sweep(RECORD, run_metadata(exp, settings, run, argv), pairs, left_to_do,
+                        functools.partial(attack_pair, exp, settings), record_event, write_figures_and_summary,
+                        functools.partial(configure_torch, exp.device, run.threads))
 
 
 # =============================================================================
-# Command line and main
+# The command line: every flag in one block, then the checks that need more than one value
 # =============================================================================
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> None:  # one line, exit 2, in main's words (argparse prints usage too)
+        raise UserError(message)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:  # no "(default: None)"
-        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
+def seed_value(text: str) -> int:
+    value = sweeps.count(0, "a seed")(text)
+    if value >= 2**32:  # what numpy.random.seed accepts
+        raise argparse.ArgumentTypeError(f"a seed must be in 0..2^32-1, not {value}")
+    return value
 
 
-CLI_ONLY = ("flag", "also", "convert", "preset", "default_cli")  # setting() keys argparse doesn't take
-
-
-def add_setting(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
-    """The flag of one Config field, from its metadata (setting())."""
-    meta = f.metadata
-    flags = [meta.get("flag", "--" + f.name.replace("_", "-"))] + ([meta["also"]] if "also" in meta else [])
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    kwargs = {k: v for k, v in meta.items() if k not in CLI_ONLY}
-    if isinstance(default, bool):
-        parser.add_argument(*flags, dest=f.name, action="store_true", **kwargs)
-    else:  # an iteration count left out is the preset's (make_config)
-        parser.add_argument(*flags, dest=f.name, default=None if meta.get("preset") else
-                            meta.get("default_cli", default), **kwargs)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(prog="hybrid.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    for f in dataclasses.fields(Config):
-        add_setting(p, f)
-    p.add_argument("--quick", action="store_true", help="smoke-test iteration counts")
-    p.add_argument("--merge", nargs="+", metavar="FOLDER", help="combine the run folders of shards into one summary")
-    p.add_argument("--list-models", action="store_true", help="list the models and exit")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    paper, exp = AttackSettings(), Experiment()
+    p = Parser(prog="hybrid.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what is attacked")
+    g.add_argument("--model", dest="models", action="extend", nargs="+", metavar="NAME",
+                   help=f"target models (default {exp.models[0]}; --list-models); 'all', or shell patterns such as 'cnn3_*'")
+    g.add_argument("--index", dest="indices", action="extend", nargs="+", metavar="I",
+                   help="CIFAR-10 training images (default 3), or positions in the bundled photographs with "
+                        "--source samples; ranges such as 0-99 or 0-9,20,31")
+    g.add_argument("--source", choices=["cifar10", "samples"], default=exp.source,
+                   help="CIFAR-10 (the photographs where it is out of reach), or scikit-image's sample photographs")
+    g.add_argument("--image", dest="images", action="extend", nargs="+", metavar="PATH",
+                   help="attack these image files (or the image files in these folders) instead")
+    g.add_argument("--label", type=sweeps.count(0, "--label"), default=exp.label, metavar="K",
+                   help="the class of the --image files (0-9; default 0)")
+    g.add_argument("--train-steps", type=sweeps.count(0, "--train-steps"), default=exp.train_steps, metavar="K",
+                   help="train the model first: K SGD steps on mini-batches of 32 images that never include "
+                        "the attacked one (default 0: the published initialisation)")
+    g.add_argument("--train-lr", type=float, default=exp.train_lr, metavar="LR", help="that SGD's learning rate")
+    g.add_argument("--model-seed", type=seed_value, default=exp.model_seed, metavar="S",
+                   help="seed set before a model's layers are built (default: the published code's 10)")
+    g.add_argument("--data", default=DATA_PATH, metavar="DIR", help="where CIFAR-10 is, or is downloaded to")
+    a = p.add_argument_group("the attacks (defaults: the paper's settings)")
+    a.add_argument("--attacks", action="extend", nargs="+", choices=ATTACKS_ORDER, metavar="NAME",
+                   help=f"from {' '.join(ATTACKS_ORDER)} (default: all)")
+    for name, what in [("dlg_iters", "L-BFGS steps of DLG and iDLG"), ("cosine_iters", "Adam steps of Cosine+TV"),
+                       ("hybrid_iters", "hybrid: N, with 4N Adam steps at layer 1 and N // 2 above"),
+                       ("hybrid_iters_first", "hybrid: N0, its Adam steps at layer 0, the image")]:
+        a.add_argument("--" + name.replace("_", "-"), type=sweeps.count(0, "--" + name.replace("_", "-")),
+                       metavar="N", help=f"{what} (paper: {getattr(paper, name)}; --quick: {QUICK[name]})")
+    a.add_argument("--quick", action="store_true", help="smoke-test iteration counts; flags given still win")
+    a.add_argument("--restarts", type=sweeps.count(1, "--restarts"), default=paper.restarts, metavar="R",
+                   help="DLG, iDLG, Cosine+TV: R starts from random images, keeping the one with the lowest "
+                        "final objective of its own (default 1: the paper's single run)")
+    a.add_argument("--true-label", action="store_true", help="hand the true label to every attack (ablation)")
+    a.add_argument("--seed", type=seed_value, default=exp.seed, metavar="S", help="seed set before every attack")
+    a.add_argument("--compile", action="store_true",
+                   help="hybrid: torch.compile its objective and gradient (the same numbers; steps about 40%% "
+                        "faster, compiling up to 20 s per layer on a CPU the first time)")
+    a.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA where available")
+    o = p.add_argument_group("what to do instead of attacking")
+    o.add_argument("--analyse", action="store_true", help="print rank deficiencies and the security index")
+    o.add_argument("--list-models", action="store_true", help="list the models")
+    o.add_argument("-v", "--verbose", action="store_true", help="per-layer details")
+    sweeps.add_arguments(p, OUTPUT_PATH)
     return p.parse_args(argv)
 
 
-def parse_indices(tokens: list[str | int]) -> list[int]:
+def parse_indices(tokens: list[str]) -> list[int]:
     """'3', '0-99', '0-9,20,31' (several tokens allowed) -> indices, in order, once each."""
     out = []
-    for token in ",".join(map(str, tokens)).split(","):
+    for token in ",".join(tokens).split(","):
         first, dash, last = token.strip().partition("-")
         try:
             lo = int(first)
@@ -1980,31 +1601,10 @@ def expand_models(names: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def parse_shard(text: str | None) -> tuple[int, int]:
-    if text is None:
-        return 0, 1
-    k, slash, n = text.partition("/")
-    if not (slash and k.isdigit() and n.isdigit() and int(k) < int(n)):
-        raise UserError(f"--shard {text}: expected K/N with 0 <= K < N, e.g. 3/16")
-    return int(k), int(n)
-
-
-def check_label(label: int) -> int:
-    if not 0 <= label < 10:
-        raise UserError(f"--label {label} is not a CIFAR-10 class (0-9)")
-    return label
-
-
 def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible here (see CUDA_VISIBLE_DEVICES)")
     return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def check_resume(folder: str | None) -> str | None:
-    if folder is not None and not Path(folder).is_dir():
-        raise UserError(f"--resume {folder}: no such run folder")
-    return folder
 
 
 def check_compiler(device: str) -> None:
@@ -2015,19 +1615,23 @@ def check_compiler(device: str) -> None:
         raise UserError("--compile needs Triton on CUDA (pip install triton); run without --compile")
 
 
-def make_config(args: argparse.Namespace) -> Config:
-    """Resolve the command line into a Config: presets, conversions and checks."""
-    values = {}
-    for f in dataclasses.fields(Config):
-        value = getattr(args, f.name)
-        if f.metadata.get("preset") and value is None:
-            value = (QUICK_ITERS if args.quick else PAPER_ITERS)[f.name]
-        convert = f.metadata.get("convert")
-        values[f.name] = convert(value) if convert else value
-    cfg = Config(**values)
-    if cfg.compile:
-        check_compiler(cfg.device)
-    return cfg
+def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings, sweeps.RunSettings]:
+    """The command line as the three kinds of setting, every value checked."""
+    if args.label > 9:
+        raise UserError(f"--label {args.label} is not a CIFAR-10 class (0-9)")
+    iters = {name: QUICK[name] if args.quick else getattr(AttackSettings(), name) for name in QUICK}
+    iters |= {name: getattr(args, name) for name in QUICK if getattr(args, name) is not None}
+    settings = AttackSettings(**iters, restarts=args.restarts, true_label=args.true_label, compile=args.compile,
+                              verbose=args.verbose)
+    attacks = args.attacks or ATTACKS_ORDER
+    exp = Experiment(models=expand_models(args.models or Experiment().models),
+                     indices=parse_indices(args.indices or ["3"]), source=args.source, images=args.images or [],
+                     label=args.label, attacks=[a for a in ATTACKS_ORDER if a in attacks], seed=args.seed,
+                     model_seed=args.model_seed, train_steps=args.train_steps, train_lr=args.train_lr,
+                     device=resolve_device(args.device), data=args.data)
+    if settings.compile:
+        check_compiler(exp.device)
+    return exp, settings, sweeps.run_settings(args)
 
 
 def list_models() -> None:
@@ -2040,41 +1644,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if hasattr(sys.stdout, "reconfigure"):  # a path that is not UTF-8 prints escaped, not as a crash
         sys.stdout.reconfigure(errors="backslashreplace")
-    args = parse_args(argv)
-    if args.list_models:
-        list_models()
-        return 0
+    folder = None
     try:
-        if args.merge:
-            merge(args.merge, args.output)
-            return 0
-        cfg = make_config(args)
-        configure_torch(cfg.device, cfg.threads)
-        samples = load_images(cfg)  # after make_config, so that an unknown model fails before any download
-        if cfg.analyse:
-            analyse(cfg, samples)
-            return 0
-        folder = Path(cfg.resume) if cfg.resume else \
-            new_run_folder(cfg.output, cfg.models[0] if len(cfg.models) == 1 else "grid")
-        say(f"run folder: {folder}")
-        sweep(cfg, argv, samples, folder)
-    except UserError as e:
-        print(f"hybrid.py: error: {printable(str(e), 4000)}", file=sys.stderr)  # one line, whatever a path holds
-        return 2
-    except PairsFailed as e:
-        print(f"hybrid.py: not finished, the rest is recorded: {printable(str(e), 4000)}; --resume {folder} "
-              "retries them", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        where = f"--resume {folder}" if "folder" in locals() else "--resume RUN_FOLDER"
-        print(f"interrupted: run the same command with {where} to finish", file=sys.stderr)
-        return 130
-    except OSError as e:  # a full disk, a folder taken away: what was recorded stays
-        where = f"; what it finished is in {folder}: the same command with --resume {folder} completes it" \
-            if "folder" in locals() and (folder / "results.json").exists() else ""
-        print(f"hybrid.py: stopped: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}{where}",
-              file=sys.stderr)
-        return 1
+        args = parse_args(argv)
+        if args.list_models:
+            list_models()
+        elif args.merge:
+            sweeps.merge(args.merge, RECORD, args.output, write_figures_and_summary)
+        else:
+            exp, settings, run = settings_from(args)
+            configure_torch(exp.device, run.threads)
+            images = load_images(exp)  # after the settings, so that an unknown model fails before any download
+            if args.analyse:
+                analyse(exp, images)
+                return 0
+            folder = Path(run.resume) if run.resume else \
+                sweeps.new_run_folder(run.output, exp.models[0] if len(exp.models) == 1 else "grid")
+            say(f"run folder: {folder}")
+            sweeps.run(paper_sweep(exp, settings, run, argv, images), run, folder)
+    except (UserError, sweeps.UnitsFailed, KeyboardInterrupt, OSError) as e:
+        return sweeps.stopped(e, folder, "hybrid.py")
     return 0
 
 

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -13,14 +15,32 @@ sys.path.insert(0, str(ROOT))
 import hybrid as H  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def chelsea() -> H.Sample:
-    return H.load_samples([3])[0]
+@pytest.fixture(autouse=True)
+def threads_as_they_were():
+    """main() sets its process's thread counts (configure_torch); a test that calls it in
+    process must not leave the rest of the suite on one thread."""
+    torch_threads, blas = torch.get_num_threads(), {i["user_api"]: i["num_threads"] for i in threadpool_info()}
+    yield
+    torch.set_num_threads(torch_threads)
+    threadpool_limits(blas)
 
 
 @pytest.fixture(scope="session")
-def samples() -> list[H.Sample]:
-    return H.load_samples(list(range(len(H.SAMPLES))))
+def chelsea() -> H.PrivateImage:
+    return H.load_photographs([3])[0]
+
+
+@pytest.fixture(scope="session")
+def photographs() -> list[H.PrivateImage]:
+    return H.load_photographs(list(range(len(H.PHOTOGRAPHS))))
+
+
+@pytest.fixture(scope="session")
+def cnn2_c2_rgap(chelsea):
+    """cnn2_c2 on chelsea: the model, the shared gradient, R-GAP's image and deficiencies."""
+    model = H.build_model("cnn2_c2")
+    grads = H.client_gradient(model, chelsea.x, chelsea.label)
+    return model, grads, *H.recursive_reconstruction(model, grads)
 
 
 def run_script(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:

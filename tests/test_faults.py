@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import hybrid as H
+import sweeps
 from conftest import ROOT, audited, comparable, fresh_run, rows_of, run_script
 
 RUN = ["--quick", "--source", "samples", "--model", "cnn2_c0", "--index", "0,3", "--attacks", "rgap", "idlg"]
@@ -82,7 +83,7 @@ def test_a_kill_at_any_write_loses_nothing_finished(tmp_path, clean, fault):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["results.json.tmp:3:full", "cnn2_c0_samples-chelsea_rgap.npy:1:full",
-                                   "results.csv:3:full", "comparison.png:1:full", "summary.md:1:full"])
+                                   "results.csv:3:full", "comparison.png:1:full", "summary.md.tmp:1:full"])
 def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(tmp_path, clean, fault):
     out = run_with_fault(tmp_path, fault, "--output", str(tmp_path / "out"))
     (folder,) = list((tmp_path / "out").iterdir())
@@ -122,7 +123,7 @@ def test_an_error_in_one_pair_costs_that_pair_alone_and_frees_the_folder(tmp_pat
     try:
         assert H.main([*RUN, "--output", str(tmp_path)]) == 1
         (folder,) = list(tmp_path.iterdir())
-        H.lock_folder(folder).close()  # free
+        sweeps.lock_folder(folder).close()  # free
     finally:
         gc.enable()
     err = capsys.readouterr().err

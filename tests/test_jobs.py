@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import hybrid as H
+import sweeps
 from conftest import audited, comparable, fresh_run, rows_of, run_script
 
 GRID = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn3_c4", "--index", "0,3",
@@ -42,16 +43,16 @@ def test_two_jobs_give_the_numbers_of_one(one_process, tmp_path):
     assert all("security_index" in r for r in runs) and (folder / "comparison.png").exists()
 
 
-def crash_on_cnn2_c0(cfg, pair):
+def crash_on_cnn2_c0(work, pair):
     """A worker that dies (as under the OOM killer) on every cnn2_c0 pair."""
     if pair.model == "cnn2_c0":
         os.kill(os.getpid(), signal.SIGKILL)
-    return H.worker_pair(cfg, pair)
+    return sweeps.work_in_worker(work, pair)
 
 
 @pytest.mark.slow
 def test_a_dying_worker_loses_only_its_pair_and_resume_completes(one_process, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(H, "worker_pair", crash_on_cnn2_c0)  # submitted by reference: workers import it
+    monkeypatch.setattr(sweeps, "work_in_worker", crash_on_cnn2_c0)  # submitted by reference: workers import it
     assert H.main([*GRID, "--jobs", "2", "--output", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "cnn2_c0 on samples:astronaut: its worker died" in err and "cnn2_c0 on samples:chelsea" in err
@@ -94,12 +95,21 @@ def test_only_the_parent_writes_the_results(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "x", "1.5"])
-def test_bad_jobs_is_one_line(value):
-    out = run_script("--source", "samples", "--jobs", value)
-    assert out.returncode == 2 and "--jobs" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+def test_bad_jobs_is_one_line(value, capsys):
+    assert H.main(["--source", "samples", "--jobs", value]) == 2
+    err = capsys.readouterr().err
+    assert f"argument --jobs: expected a number of workers (1 or more) or 'auto', not '{value}'" in err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_jobs_auto_is_the_usable_cores():
-    assert H.jobs_value("auto") == len(os.sched_getaffinity(0))
-    assert H.jobs_value("3") == 3
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux's affinity masks")
+def test_jobs_auto_is_one_on_a_process_allowed_one_core():
+    """--jobs auto counts the cores this process may run on (a scheduler's allocation),
+    not the machine's: allowed one core, it starts one worker."""
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert sweeps.jobs_value("auto") == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert sweeps.jobs_value("3") == 3

@@ -55,8 +55,8 @@ def test_client_gradient_is_the_cross_entropy_gradient(chelsea):
 
 
 @pytest.mark.parametrize("name", ["cnn2_c1", "cnn2_c11", "cnn3_c12", "cnn4_c2", "lenet"])
-def test_label_recovery_is_right(name, samples):
+def test_label_recovery_is_right(name, photographs):
     model = H.build_model(name)
-    for sample in samples:
+    for sample in photographs:
         for label in {sample.label, (sample.label + 5) % 10}:  # its own label and another
             assert H.recover_label(H.client_gradient(model, sample.x, label)) == label

@@ -10,6 +10,7 @@ import torch
 from scipy import stats
 
 import hybrid as H
+import sweeps
 from conftest import run_script
 
 
@@ -25,10 +26,10 @@ def test_all_and_patterns_expand_in_the_zoos_order():
         H.expand_models(["cnn9"])
 
 
-def test_a_pattern_that_matches_nothing_is_one_line():
-    out = run_script("--model", "vgg*", "--source", "samples")
-    assert out.returncode == 2 and "--model 'vgg*' matches no model" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+def test_a_pattern_that_matches_nothing_is_one_line(capsys):
+    assert H.main(["--model", "vgg*", "--source", "samples"]) == 2
+    err = capsys.readouterr().err
+    assert "--model 'vgg*' matches no model" in err and len(err.strip().splitlines()) == 1
 
 
 def table(spec):
@@ -94,14 +95,15 @@ def test_the_study_figure_is_written_for_three_models_or_more(tmp_path, monkeypa
     for n_models in (2, 3):
         folder = tmp_path / str(n_models)
         folder.mkdir()
-        H.write_figure_and_summary(folder, {"runs": runs_of(dict(list(STUDY.items())[:n_models]))})
+        H.write_figures_and_summary(sweeps.RunFolder(folder, {"runs": runs_of(dict(list(STUDY.items())[:n_models]))},
+                                                      H.RECORD))
         assert (folder / "index_vs_quality.png").exists() == (n_models >= 3)
         results = json.loads((folder / "results.json").read_text())
         assert results["correlations"]["hybrid"]["models"]["n"] == n_models
         assert ("rank correlations" in (folder / "summary.md").read_text()) == (n_models >= 3)
 
 
-CFG = H.Config(device="cpu", train_steps=0)
+CFG = H.Experiment(device="cpu")
 
 
 def test_no_training_leaves_the_published_initialisation(chelsea):
@@ -126,8 +128,9 @@ def test_the_attacked_photograph_is_not_in_the_training_data(monkeypatch):
     may include it do (so the check can fail)."""
     red = np.zeros((60, 80, 3), np.uint8)
     red[..., 0] = 255
-    samples = [(n, (lambda d: red) if n == "chelsea" else load, lab) for n, load, lab in H.SAMPLES]
-    monkeypatch.setattr(H, "SAMPLES", samples)
+    samples = [(n, (lambda d: red) if n == "chelsea" else load, lab) for n, load, lab in H.PHOTOGRAPHS]
+    monkeypatch.setattr(H, "PHOTOGRAPHS", samples)
+    monkeypatch.setattr(H, "CROP_POOL", 256)  # about 50 of them from each photograph
     H.photograph_crops.cache_clear()
     try:
         pure_red = lambda x: ((x[:, 0] > 0.49) & (x[:, 1:] < -0.49).all(1)).flatten(1).all(1)  # noqa: E731

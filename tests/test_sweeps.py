@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import hybrid as H
+import sweeps
 from conftest import comparable, fresh_run, rows_of, run_script
 
 SWEEP = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn2_c4", "--index", "0,3",
@@ -39,15 +40,16 @@ def test_bad_index_ranges(text):
         H.parse_indices(text)
 
 
-def test_bad_index_range_on_the_command_line():
-    out = run_script("--source", "samples", "--index", "9-3")
-    assert out.returncode == 2 and "--index: the range '9-3' is empty" in out.stderr
-    assert len(out.stderr.splitlines()) == 1
+def test_bad_index_range_on_the_command_line(capsys):
+    assert H.main(["--source", "samples", "--index", "9-3"]) == 2
+    err = capsys.readouterr().err
+    assert "--index: the range '9-3' is empty" in err and len(err.splitlines()) == 1
 
 
-def test_bad_shard():
-    out = run_script("--shard", "2/2")
-    assert out.returncode == 2 and "--shard 2/2" in out.stderr
+@pytest.mark.parametrize("text", ["2/2", "1", "a/3", "1/0", "²/³"])
+def test_bad_shard(text, capsys):
+    assert H.main(["--shard", text]) == 2
+    assert f"argument --shard: '{text}': expected K/N" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -199,10 +201,12 @@ def test_resume_accepts_settings_that_leave_the_numbers(quick_run):
     assert rows_of(quick_run) == rows  # it was done: nothing added
 
 
-def test_a_second_run_on_a_locked_folder_is_refused(quick_run, capsys):
-    lock = H.lock_folder(quick_run)  # as a first resume holds it
+def test_a_second_run_on_a_locked_folder_is_refused(tmp_path, capsys):
+    assert H.main([*QUICK_RUN, "--output", str(tmp_path)]) == 0
+    (folder,) = list(tmp_path.iterdir())
+    lock = sweeps.lock_folder(folder)  # as a first resume holds it
     try:
-        assert H.main([*QUICK_RUN, "--resume", str(quick_run)]) == 2
+        assert H.main([*QUICK_RUN, "--resume", str(folder)]) == 2
         assert "is being written by another run" in capsys.readouterr().err
     finally:
         lock.close()

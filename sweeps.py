@@ -1,0 +1,542 @@
+"""The machinery of long runs: run folders, the record, resume, shards, worker processes, merge.
+
+hybrid.py runs its experiment on one (model, image) at a time; this module runs such
+units over a grid for hours and keeps what finished. It knows nothing of the paper and
+imports nothing from hybrid.py: it is handed a `Sweep` (the units, the function that
+works on one, the one that writes what that yields) and a `Record` (how results.json
+keys and tables its entries).
+
+A run folder holds:
+
+    results.json  the record: a header (config, versions, command) and one entry per
+                  unit, rewritten atomically after each finished part (an attack, for
+                  hybrid.py). What it holds is done.
+    results.csv   its table, one row per finished part: appended as parts finish (for
+                  `tail -f`), rebuilt from the record on resume and at the end.
+    *.npy         the arrays that entries name.
+    .lock         held (flock) while a run writes the folder.
+
+Each part is written in one order: its arrays, then results.json, then its row. A kill
+at any point costs the part in flight at most, and a resume makes the table whole.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import io
+import json
+import multiprocessing
+import os
+import re
+import resource
+import signal
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit status 2."""
+
+
+class UnitsFailed(Exception):
+    """Units of a sweep that could not be finished: the rest is recorded; --resume retries them."""
+
+
+# =============================================================================
+# Output for the user: lines above the progress bars
+# =============================================================================
+
+
+def say(text: str = "", end: str = "\n") -> None:
+    """A line for the user on stdout, above any progress bar, flushed. A reader that goes
+    away (`| head -1`) does not stop the run: the rest goes nowhere, and stderr says so."""
+    try:
+        tqdm.write(text, end=end)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit too
+        print("stdout was closed; the run goes on and writes its folder as usual", file=sys.stderr)
+
+
+def progress(steps: int | Iterable, desc: str) -> tqdm:
+    """A progress bar where stderr is a terminal (tqdm's disable=None), silent in logs."""
+    steps = range(steps) if isinstance(steps, int) else steps
+    return tqdm(steps, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` with what cannot be shown on one line (control characters, line separators,
+    the bytes of a name that is not UTF-8) as '?', cut to `limit` characters."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# =============================================================================
+# The run's settings: how a sweep runs, never what it computes
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    output: str = "output"  # each run writes a new folder here
+    resume: str | None = None  # or: complete this run folder
+    shard: tuple[int, int] = (0, 1)  # (K, N): every N-th unit from the K-th
+    jobs: int = 1  # worker processes
+    threads: int = 1  # threads per process (torch and BLAS)
+
+
+# Settings that leave a run's numbers as they are: a resumed run (and the shards of a merge)
+# may differ in these. The experiment adds its own (record.may_differ).
+RUN_ONLY = frozenset({"output", "resume", "jobs", "threads"})
+
+
+def count(low: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `low`, refused in words that name `what`."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, not '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{what} must be {low} or more, not {value}")
+        return value
+    return convert
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def jobs_value(text: str) -> int:
+    """N worker processes, or 'auto': one per core this process may run on."""
+    if text == "auto":
+        return usable_cores()
+    try:
+        return count(1, "a number of workers")(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers (1 or more) or 'auto', not '{text}'") from None
+
+
+def shard_value(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"([0-9]+)/([0-9]+)", text)  # ASCII digits: str.isdigit takes '²', which int() refuses
+    if not (match and int(match[1]) < int(match[2])):
+        raise argparse.ArgumentTypeError(f"'{text}': expected K/N with 0 <= K < N, e.g. 3/16")
+    return int(match[1]), int(match[2])
+
+
+def add_arguments(parser: argparse.ArgumentParser, output: str) -> None:
+    """The run's flags, in their own group of the --help."""
+    g = parser.add_argument_group("long runs (none of these changes a number)")
+    g.add_argument("--output", default=output, metavar="DIR", help="each run writes a new folder here")
+    g.add_argument("--resume", metavar="RUN_FOLDER", help="complete this run folder, skipping what it holds")
+    g.add_argument("--shard", type=shard_value, default=(0, 1), metavar="K/N",
+                   help="run every N-th (model, image) from the K-th (SLURM job arrays)")
+    g.add_argument("--merge", nargs="+", metavar="FOLDER", help="combine the run folders of shards into one")
+    g.add_argument("--jobs", type=jobs_value, default=1, metavar="N|auto",
+                   help="worker processes, each on one (model, image) at a time; 'auto': one per usable core")
+    g.add_argument("--threads", type=count(1, "--threads"), default=1, metavar="T",
+                   help="threads per process for torch and the BLAS libraries; 1 keeps processes side by "
+                        "side from fighting over cores")
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    if args.resume is not None and not Path(args.resume).is_dir():
+        raise UserError(f"--resume {args.resume}: no such run folder")
+    return RunSettings(args.output, args.resume, args.shard, args.jobs, args.threads)
+
+
+# =============================================================================
+# What a sweep is handed
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class Record:
+    """How results.json is laid out: for the run that writes it, and the resume and the
+    merge that read it."""
+
+    key: tuple[str, ...]  # the fields of an entry that name its unit, e.g. ("model", "image")
+    parts: str  # the field of an entry that holds its finished parts, e.g. "attacks"
+    columns: tuple[str, ...]  # results.csv's
+    row: Callable[[dict, str], dict]  # (entry, part) -> its row of results.csv
+    is_entry: Callable[[object], bool]  # an entry as the program writes them
+    defaults: dict  # the config of a run given no flags: a setting newer than a folder counts as this
+    may_differ: frozenset[str]  # config keys besides RUN_ONLY that leave numbers alone
+    program: str  # what writes such folders, for messages: "hybrid.py"
+
+
+@dataclass
+class Sweep:
+    """An experiment over a grid, as the machinery sees it."""
+
+    record: Record
+    header: dict  # results.json's header: config, versions, device, command
+    units: list  # every unit of the experiment, in order; each has .key, a tuple of str
+    left: Callable[[object, dict | None], object | None]  # (unit, its entry) -> what is left of it, or None
+    work: Callable[[object], Iterator]  # unit -> its events; picklable: it runs in workers too
+    write: Callable[[RunFolder, object, object], None]  # (folder, unit, event), in this process alone
+    finish: Callable[[RunFolder], None]  # figures and summaries, at the end of every run and merge
+    init_worker: Callable[[], None] = lambda: None  # e.g. the thread settings
+
+
+def describe(key: tuple) -> str:
+    return " on ".join(map(str, key))
+
+
+# =============================================================================
+# Run folders and the record
+# =============================================================================
+
+
+def new_run_folder(output: str, name: str) -> Path:
+    """OUTPUT/<time>_<name>[-k]: always a new folder, never an earlier run's."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        for k in range(1000):
+            folder = Path(output) / (f"{stamp}_{name}" + (f"-{k}" if k else ""))
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {output}: {e.strerror or e}") from None
+    raise UserError(f"cannot find a new run folder name in {output}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A reader, a kill or a full disk never leaves half a file: the old one stays until
+    the new one is whole on disk."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=1, allow_nan=False))
+
+
+def csv_text(rows: list[dict], columns: Iterable[str], header: bool = True) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, list(columns), lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+class RunFolder:
+    """A run folder and its record, as it is written."""
+
+    def __init__(self, path: Path, results: dict, record: Record):
+        self.path, self.results, self.record = path, results, record
+        self.entries = {self.key_of(e): e for e in results["runs"]}  # results["runs"], by unit
+
+    def key_of(self, entry: dict) -> tuple:
+        return tuple(entry[f] for f in self.record.key)
+
+    def entry(self, key: tuple) -> dict | None:
+        return self.entries.get(key)
+
+    def add(self, entry: dict) -> dict:
+        """A new unit's entry; on disk with its first finished part."""
+        self.results["runs"].append(entry)
+        self.entries[self.key_of(entry)] = entry
+        return entry
+
+    def save_array(self, name: str, array: np.ndarray) -> str:
+        np.save(self.path / name, array)
+        return name
+
+    def finished(self, entry: dict, part: str) -> None:
+        """A part of `entry` is done: the record first (from then on it is done), then its row."""
+        self.results["peak_memory_mb"] = max(resource.getrusage(who).ru_maxrss // 1024  # workers, once ended
+                                             for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        self.save()
+        with (self.path / "results.csv").open("a", newline="", encoding="utf-8") as f:
+            f.write(csv_text([self.record.row(entry, part)], self.record.columns, header=f.tell() == 0))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save(self) -> None:
+        write_json(self.path / "results.json", self.results)
+
+    def rows(self) -> list[dict]:
+        """Every finished part the record holds, as results.csv's rows."""
+        return rows_of(self.results, self.record)
+
+    def write_table(self) -> None:
+        write_atomic(self.path / "results.csv", csv_text(self.rows(), self.record.columns))
+
+    def write_text(self, name: str, text: str) -> None:
+        write_atomic(self.path / name, text)
+
+
+def rows_of(results: dict, record: Record) -> list[dict]:
+    return [record.row(entry, part) for entry in results["runs"] for part in entry.get(record.parts, {})]
+
+
+def read_results(folder: Path, flag: str, record: Record) -> dict:
+    """A run folder's results.json, or one line saying why it is not one."""
+    try:
+        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+        runs = results.get("runs")
+        if not (isinstance(results.get("config"), dict) and isinstance(runs, list)
+                and all(record.is_entry(e) for e in runs)):
+            raise ValueError
+        return results
+    except FileNotFoundError:
+        raise UserError(f"{flag} {folder}: not a run folder (it holds no results.json)") from None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{flag} {folder}: its results.json is not one that {record.program} wrote") from None
+
+
+def config_differences(before: dict, now: dict, record: Record, also: frozenset = frozenset()) -> list[str]:
+    """'name old -> new' for each setting that can change a number where two configs
+    disagree. A setting newer than the `before` run counts as its default there."""
+    as_json = lambda config: json.loads(json.dumps(config))  # noqa: E731 (tuples as results.json has them)
+    before, now = as_json(record.defaults) | before, as_json(now)
+    same = RUN_ONLY | record.may_differ | also
+    return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in same and before.get(k) != v]
+
+
+def open_folder(sweep: Sweep, path: Path, resume: bool) -> RunFolder:
+    """A new run's folder, its header written at once (so that it records its config and
+    shard from the start); or, with --resume, the folder's own record, once it is known
+    to hold the same experiment, with its table rebuilt."""
+    if not resume:
+        write_json(path / "results.json", sweep.header | {"runs": []})
+        return RunFolder(path, sweep.header | {"runs": []}, sweep.record)
+    old = read_results(path, "--resume", sweep.record)
+    differ = config_differences(old["config"], sweep.header["config"], sweep.record)
+    if differ:
+        raise UserError(f"--resume {path}: it holds another experiment ({'; '.join(differ)}); "
+                        f"its command was: {old.get('command')}")
+    folder = RunFolder(path, old | {"resumed": old.get("resumed", []) + [sweep.header["command"]]}, sweep.record)
+    units = {unit.key for unit in sweep.units}
+    strangers = [describe(key) for key in folder.entries if key not in units]
+    if strangers:  # the same command, other inputs: a file changed since (its hash), or an older program's names
+        raise UserError(f"--resume {path}: it holds inputs that this command does not name ({', '.join(strangers[:3])}"
+                        f"{', ...' if len(strangers) > 3 else ''}); was an image file changed since?")
+    folder.write_table()
+    return folder
+
+
+def lock_folder(folder: Path) -> io.TextIOWrapper:
+    """An exclusive lock on the run folder, held while the run writes it (until the
+    returned file is closed): two runs (two --resume of one folder) never write one folder."""
+    handle = (folder / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(f"{folder} is being written by another run (its .lock is held)") from None
+    return handle
+
+
+# =============================================================================
+# A sweep: this shard's units, less what the folder holds, here or in workers
+# =============================================================================
+
+
+def run(sweep: Sweep, settings: RunSettings, path: Path) -> None:
+    """Every unit of this shard, every part not yet recorded in the folder; then the
+    experiment's figures and summaries. Raises UnitsFailed naming the units it lost."""
+    if settings.resume:
+        read_results(path, "--resume", sweep.record)  # a folder that is not a run gets no .lock
+    with lock_folder(path):  # released however the sweep ends, not when an exception's frames are collected
+        folder = open_folder(sweep, path, bool(settings.resume))
+        k, n = settings.shard
+        units = [left for unit in sweep.units[k::n] if (left := sweep.left(unit, folder.entry(unit.key)))]
+        record = lambda unit, events: [sweep.write(folder, unit, e) for e in events]  # noqa: E731
+        if settings.jobs == 1:
+            failed = in_this_process(units, sweep.work, record)
+        else:
+            failed = in_workers(units, sweep.work, record, settings.jobs, sweep.init_worker)
+        folder.write_table()
+        sweep.finish(folder)
+    if failed:
+        raise UnitsFailed("; ".join(f"{describe(key)}: {why}" for key, why in failed.items()))
+
+
+def in_this_process(units: list, work: Callable, record: Callable) -> dict[tuple, str]:
+    """The units one after another, each event recorded as it comes. As in the workers,
+    an error in a unit's work costs that unit alone (returned with the reason); the
+    recording's own errors (a full disk) stop the run."""
+    failed = {}
+    for unit in progress(units, "sweep") if len(units) > 1 else units:
+        events = work(unit)
+        while True:  # not a for loop: an error of `record` must not be taken for the unit's
+            try:
+                event = next(events)
+            except StopIteration:
+                break
+            except Exception as e:
+                failed[unit.key] = f"{type(e).__name__}: {e}"
+                break
+            record(unit, [event])
+    return failed
+
+
+# -- --jobs N: units in worker processes; the parent alone writes the folder ---------------
+# concurrent.futures with spawned workers. A unit's numbers must not depend on the worker
+# that ran it (hybrid.py reseeds every attack).
+
+_started = None  # in a worker: the queue on which it announces each unit it starts (unbuffered)
+
+
+def start_worker(init: Callable[[], None], started: multiprocessing.SimpleQueue) -> None:
+    global _started
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
+    _started = started
+    init()
+
+
+def work_in_worker(work: Callable, unit: object) -> list:
+    _started.put(unit.key)
+    return list(work(unit))
+
+
+def in_workers(units: list, work: Callable, record: Callable, jobs: int,
+               init: Callable[[], None]) -> dict[tuple, str]:
+    """The units in `jobs` workers, each recorded by the parent as it comes back.
+
+    A worker that dies (killed, out of memory) breaks concurrent.futures' pool and every
+    unit then in flight; those run again one at a time, so that only a unit that kills
+    its worker on its own is lost. Returns the units lost, with the reason.
+    """
+    failed, queue, suspects = {}, list(units), []
+    while queue or suspects:
+        if suspects:
+            in_flight, not_started = one_pool([suspects.pop(0)], work, record, 1, init, failed)
+            failed |= {u.key: "its worker died (killed, or out of memory?)" for u in in_flight + not_started}
+        else:
+            suspects, queue = one_pool(queue, work, record, jobs, init, failed)
+            if queue and not suspects:  # a worker died before it could say which unit it ran
+                suspects, queue = queue, []
+    return failed
+
+
+def one_pool(units: list, work: Callable, record: Callable, jobs: int, init: Callable[[], None],
+             failed: dict) -> tuple[list, list]:
+    """Run units in a pool of `jobs` workers until all are back or a worker dies; then
+    return the units in flight and those not started (both empty if none died)."""
+    spawn = multiprocessing.get_context("spawn")
+    started = spawn.SimpleQueue()  # put() is written at once
+    pool = ProcessPoolExecutor(jobs, spawn, start_worker, (init, started))
+    futures, running, finished = {pool.submit(work_in_worker, work, u): u for u in units}, set(), set()
+    bar = progress(len(units), "pairs")
+    try:
+        while futures.keys() - finished:
+            done, _ = wait(futures.keys() - finished, timeout=2, return_when=FIRST_COMPLETED)
+            while not started.empty():
+                running.add(started.get())
+            for future in done:
+                unit = futures[future]
+                try:
+                    events = future.result()
+                except BrokenProcessPool:
+                    return ([u for f, u in futures.items() if f not in finished and u.key in running],
+                            [u for f, u in futures.items() if f not in finished and u.key not in running])
+                except Exception as e:  # a bug on one unit: the others go on
+                    failed[unit.key] = f"{type(e).__name__}: {e}"
+                else:
+                    record(unit, events)  # the parent's own errors (a full disk) stop the run
+                finished.add(future)
+                bar.update()
+            bar.set_postfix_str(", ".join(" ".join(k) for k in sorted(running - {futures[f].key for f in finished})))
+        pool.shutdown()
+        return [], []
+    finally:
+        stop_workers(pool)
+        started.close()
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Workers end with the pool; on Ctrl-C or a failure they are stopped, not awaited."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # private, but no public way before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+
+
+# =============================================================================
+# Merge: the folders of shards, one record
+# =============================================================================
+
+
+def merge(folders: list[str], record: Record, output: str, finish: Callable[[RunFolder], None]) -> Path:
+    """Shard folders -> one new folder with every part once, and the experiment's summary.
+
+    A folder given twice counts once; the folders must hold one experiment (their configs
+    may differ in the shard and in what leaves numbers alone); a shard left with no work
+    adds nothing. Everything is checked before the new folder is made; arrays stay where
+    they are, named relative to the new folder.
+    """
+    sources = list(dict.fromkeys(Path(f).resolve() for f in folders))
+    shards = [read_results(src, "--merge", record) for src in sources]
+    base = shards[0]["config"]
+    for src, shard in zip(sources[1:], shards[1:]):
+        differ = config_differences(base, shard["config"], record, frozenset({"shard"}))
+        if differ:
+            raise UserError(f"--merge: {src} holds another experiment than {sources[0]} ({'; '.join(differ)})")
+    path = new_run_folder(output, "merged")
+    entries: dict[tuple, dict] = {}
+    for src, shard in zip(sources, shards):
+        for entry in shard["runs"]:
+            for part in [entry.get("target", {}), *entry.get(record.parts, {}).values()]:
+                if "npy" in part:
+                    part["npy"] = os.path.relpath(src / part["npy"], path)
+            kept = entries.setdefault(tuple(entry[f] for f in record.key), entry)  # overlapping folders: once
+            kept.setdefault(record.parts, {}).update(
+                {p: e for p, e in entry.get(record.parts, {}).items() if p not in kept[record.parts]})
+    header = {k: v for k, v in shards[0].items() if k != "runs"}  # config, versions
+    folder = RunFolder(path, header | {"merged": [str(s) for s in sources], "runs": list(entries.values())}, record)
+    folder.save()
+    folder.write_table()
+    finish(folder)
+    return path
+
+
+# =============================================================================
+# How a run that stopped says so
+# =============================================================================
+
+
+def stopped(error: BaseException, folder: Path | None, name: str) -> int:
+    """One line on stderr for what stopped a run, and its exit status: 2 for the user's
+    mistakes, 1 for units lost or a full disk, 130 for Ctrl-C. What finished stays, and
+    the line names the folder that --resume completes. `name`: the program's."""
+    resumable = folder is not None and (folder / "results.json").exists()
+    if isinstance(error, UserError):
+        print(f"{name}: error: {printable(str(error), 4000)}", file=sys.stderr)  # one line, whatever a path holds
+        return 2
+    if isinstance(error, UnitsFailed):
+        print(f"{name}: not finished, the rest is recorded: {printable(str(error), 4000)}; "
+              f"--resume {folder} retries them", file=sys.stderr)
+        return 1
+    if isinstance(error, KeyboardInterrupt):
+        where = f"--resume {folder}" if resumable else "--resume RUN_FOLDER"
+        print(f"interrupted: run the same command with {where} to finish", file=sys.stderr)
+        return 130
+    if isinstance(error, OSError):  # a full disk, a folder taken away: what was recorded stays
+        where = f"; what it finished is in {folder}: the same command with --resume {folder} completes it" \
+            if resumable else ""
+        print(f"{name}: stopped: {error.strerror or error}{f' ({error.filename})' if error.filename else ''}{where}",
+              file=sys.stderr)
+        return 1
+    raise error

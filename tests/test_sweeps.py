@@ -161,7 +161,7 @@ def quick_run(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("change,says", [
     (["--seed", "11"], "seed 10 -> 11"),
-    (["--model", "cnn2_c4"], "models ['cnn2_c0'] -> ['cnn2_c4']"),
+    (["--model", "cnn2_c4"], "models ['cnn2_c0'] -> ['cnn2_c0', 'cnn2_c4']"),  # a repeated flag adds
     (["--attacks", "rgap", "hybrid"], "attacks ['rgap'] -> ['rgap', 'hybrid']"),
     (["--shard", "1/2"], "shard [0, 1] -> [1, 2]"),
 ])

@@ -51,23 +51,29 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import socket
+import stat
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
-import numpy as np
-import scipy.linalg
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
+try:  # torch takes seconds to load: a Ctrl-C meanwhile ends quietly, as it does later
+    import numpy as np
+    import scipy.linalg
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from threadpoolctl import threadpool_limits
 
-import sweeps
-from sweeps import UserError, printable, progress, say
+    import sweeps
+    from sweeps import UserError, printable, progress, say, warn
+except KeyboardInterrupt:
+    raise SystemExit(130) from None
 
 # -----------------------------------------------------------------------------
 # Paths users edit (the command line overrides both)
@@ -226,13 +232,21 @@ def load_photographs(indices: list[int]) -> list[PrivateImage]:
     return out
 
 
+LARGE = 1024  # a shorter side above this is first shrunk by Pillow (a box filter), to at least this
+
+
 def read_image(file: str | io.BytesIO) -> np.ndarray:
     """An image file as HWC pixels at its own range: uint8 for 8-bit files (any mode that
     Pillow turns into RGB), floats in [0, 1] for 16-bit and floating-point grayscale,
-    which Pillow's conversion to RGB would clip to white or black."""
-    from PIL import Image
+    which Pillow's conversion to RGB would clip to white or black. Turned upright by its
+    EXIF orientation (a phone's portrait); a large one shrunk first by an integer factor
+    (skimage's anti-aliased resize of a 6000x6000 image takes over a minute)."""
+    from PIL import Image, ImageOps
 
-    with Image.open(file) as im:
+    with Image.open(file) as original:
+        im = ImageOps.exif_transpose(original)
+        if min(im.size) >= 2 * LARGE and im.mode in ("L", "RGB", "RGBA", "P", "CMYK", "I;16", "I", "F"):
+            im = (im if im.mode not in ("P", "CMYK") else im.convert("RGB")).reduce(min(im.size) // LARGE)
         if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):  # PNG's 16 bits
             gray = np.asarray(im, dtype=np.float64) / 65535
         elif im.mode == "F":
@@ -247,17 +261,43 @@ def read_image(file: str | io.BytesIO) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
+MAX_FILE = 1 << 30  # bytes: larger files are refused before they are read
+
+
+def read_regular_file(path: str) -> bytes:
+    """A regular file's bytes. A FIFO would block for ever and a device (/dev/zero) read
+    until memory runs out: opened without blocking and refused unless regular."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file (a FIFO, a device or a socket)")
+        if info.st_size > MAX_FILE:
+            raise ValueError(f"{info.st_size / 2**30:.1f} GiB, larger than any image this reads ({MAX_FILE >> 30} GiB)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def load_files(paths: list[str], label: int) -> list[PrivateImage]:
     """The user's image files; the same image (the same bytes) given twice counts once.
     Each is named by its file name and a hash of its bytes: two files of one name are
     two images, and a resumed run finds its images however their paths are spelled."""
+    from PIL import UnidentifiedImageError
+
     out = {}
     for p in paths:
         try:
-            data = Path(p).read_bytes()  # read once: hashed, then decoded
+            data = read_regular_file(p)  # read once: hashed, then decoded
+            if len(data) > 32 << 20:
+                say(f"reading {printable(p, 200)} ({len(data) >> 20} MB) and shrinking it to 32x32")
             digest, rgb = hashlib.sha256(data).hexdigest(), read_image(io.BytesIO(data))
+        except UnidentifiedImageError:  # its message names the BytesIO, not the file
+            raise UserError(f"cannot read image {printable(p, 200)}: not an image file Pillow knows") from None
         except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError...
-            raise UserError(f"cannot read image {printable(p, 200)}: {printable(str(e), 200)}") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise UserError(f"cannot read image {printable(p, 200)}: {printable(why, 200)}") from None
         name = f"file:{printable(Path(p).name, 60)}@{digest[:10]}"
         out.setdefault(name, PrivateImage(name, to_model_space(square_32(rgb)), label))
     return list(out.values())
@@ -267,11 +307,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def image_files(paths: list[str]) -> list[str]:
-    """Files as given; a folder stands for its image files, sorted by name."""
+    """Files as given; a folder stands for its regular image files, sorted by name (a FIFO
+    or a device in it is skipped, with a warning: a folder may hold what a user did not put
+    there; a path given by name is read, or refused)."""
     out = []
     for path in map(Path, paths):
         if path.is_dir():
-            files = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            named = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            for f in named:
+                if not f.is_file():
+                    warn(f"{printable(str(f), 200)} is not a regular file; skipped")
+            files = [str(f) for f in named if f.is_file()]
             if not files:
                 raise UserError(f"no image files in folder {path}")
             out += files
@@ -455,8 +501,16 @@ def training_data(image: PrivateImage, seed: int, data_root: str) -> tuple[torch
         x, y = cifar10_train(data_root)
         keep = torch.arange(len(x)) != int(key)  # every training image but the attacked one
         return x[keep], y[keep], f"CIFAR-10 training set less image {key}"
-    x, y, names = photograph_crops(key if source == "samples" else "", seed)
+    x, y, names = photograph_crops(key if source == "samples" else bundled_twin(image), seed)
     return x, y, f"{CROP_POOL} crops of the bundled photographs {names}"
+
+
+def bundled_twin(image: PrivateImage) -> str:
+    """The bundled photograph that `image` is (an --image file of skimage's chelsea, say),
+    after the same crop and resize: within 2/255 at every pixel; "" where there is none."""
+    twins = [name for (name, _, _), photo in zip(PHOTOGRAPHS, load_photographs(list(range(len(PHOTOGRAPHS)))))
+             if float((photo.x - image.x).abs().max()) <= 2 / 255]
+    return twins[0] if twins else ""
 
 
 def train(model: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, seed: int) -> float:
@@ -483,8 +537,9 @@ def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net,
         return model, None
     x, y, data = training_data(image, exp.model_seed, exp.data)
     loss = train(model, x, y, exp.train_steps, exp.train_lr, exp.model_seed)
+    diverged = not (math.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters()))
     return model, {"steps": exp.train_steps, "lr": exp.train_lr, "batch": TRAIN_BATCH, "seed": exp.model_seed,
-                   "data": data, "final_loss": loss}
+                   "data": data, "final_loss": loss if math.isfinite(loss) else None, "diverged": diverged}
 
 
 # =============================================================================
@@ -1087,7 +1142,14 @@ def format_psnr(psnr: float | None, digits: int = 1) -> str:
 class Training(NamedTuple):
     """How the model of one (model, image) was trained before the client's gradient."""
 
-    info: dict  # steps, lr, batch, seed, data, final_loss
+    info: dict  # steps, lr, batch, seed, data, final_loss, diverged
+
+
+class Skipped(NamedTuple):
+    """Attacks that have nothing to attack on one (model, image), and why."""
+
+    attacks: list[str]
+    why: str
 
 
 class RankAnalysis(NamedTuple):
@@ -1132,18 +1194,38 @@ def rank_analysis(model: Net, image: PrivateImage, device: str) -> RankAnalysis:
     return RankAnalysis(rank_deficiency(model, client_gradient(model, image.x.to(device), image.label)))
 
 
-def analyse(exp: Experiment, images: list[PrivateImage]) -> None:
+def nothing_to_attack(model: Net, image: PrivateImage, device: str) -> str | None:
+    """Why the client's gradient on `image` cannot be attacked (a model whose training
+    diverged shares NaNs), or None: every linear system and every objective would be NaN."""
+    if all(torch.isfinite(g).all() for g in client_gradient(model, image.x.to(device), image.label)):
+        return None
+    weights = all(torch.isfinite(p).all() for p in model.parameters())
+    return "the client's gradient is not finite" + ("" if weights else " (the model's weights are not: its training diverged)")
+
+
+def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
     """Rank deficiency per layer and the security index, without running an attack.
 
     One table per (model, image); over several images, the security index per model
-    (mean and range): the paper's architecture comparison.
+    (mean and range): the paper's architecture comparison. A pair that cannot be analysed
+    (a gradient that is not finite, memory that runs out) is one line on stderr, and the
+    exit status is 1; the others are analysed.
     """
-    table = []
+    table, failed = [], 0
     for name in exp.models:
         indices = []
         for image in images:
             model, _ = prepare_model(exp, name, image)
-            deficiency = rank_analysis(model, image, exp.device).deficiency
+            why = nothing_to_attack(model, image, exp.device)
+            if why is None:
+                try:
+                    deficiency = rank_analysis(model, image, exp.device).deficiency
+                except Exception as e:  # as a sweep's pair: this one is lost, the rest go on
+                    why = sweeps.reason(e)
+            if why is not None:
+                print(f"hybrid.py: {name} on {image.name}: {why}", file=sys.stderr)
+                failed += 1
+                continue
             indices.append(security_index(deficiency))
             say(f"{name} on {image.name}: security index {indices[-1]}")
             say(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
@@ -1151,12 +1233,14 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> None:
                 shape, n = model.shapes[layer], math.prod(model.shapes[layer])
                 equations = math.prod(model.shapes[layer + 1]) + model.layers[layer].weight.numel()
                 say(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
-        table.append((name, np.mean(indices), min(indices), max(indices)))
-    if len(images) > 1:
+        if indices:
+            table.append((name, np.mean(indices), min(indices), max(indices)))
+    if len(images) > 1 and table:
         say(f"\nsecurity index over {len(images)} images")
         say("| model | mean | min | max |\n|---|---|---|---|")
         for name, mean, lo, hi in table:
             say(f"| {name} | {mean:.1f} | {lo} | {hi} |")
+    return 1 if failed else 0
 
 
 def index_by_model(rows: list[dict]) -> dict[str, list[float]]:
@@ -1368,11 +1452,13 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_summary(folder: Path, rows: list[dict], correlations: dict) -> str:
-    """summary.csv and summary.md (with the index's correlations); returns the markdown."""
+def write_summary(folder: Path, rows: list[dict], correlations: dict, notes: str = "") -> str:
+    """summary.csv and summary.md (with the index's correlations, then `notes`); returns the markdown."""
     summary = summarise(rows)
     if not summary:
-        return ""
+        if notes:
+            sweeps.write_atomic(folder / "summary.md", notes.lstrip())
+        return notes
     sweeps.write_atomic(folder / "summary.csv", sweeps.csv_text(summary, dict.fromkeys(k for e in summary for k in e)))
     index = lambda e: f"{e['index_mean']:.0f} [{e['index_min']:.0f}, {e['index_max']:.0f}]" if "index_mean" in e else ""  # noqa: E731
     lines = ["| model | security index mean [min, max] | attack | n | PSNR mean ± std | PSNR median | "
@@ -1383,13 +1469,15 @@ def write_summary(folder: Path, rows: list[dict], correlations: dict) -> str:
     text = "\n".join(lines) + "\n"
     if len(index_by_model(rows)) >= 3:
         text += "\nSecurity index against PSNR, rank correlations\n\n" + correlation_table(correlations)
+    text += notes
     sweeps.write_atomic(folder / "summary.md", text)
     return text
 
 
 def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
     """The figures (the first rows of a sweep; the index against quality for 3 or more
-    models), the summary tables and the index's correlations, printed and in results.json."""
+    models), the summary tables and the index's correlations, printed and in results.json;
+    what a partial merge lacks, and what was skipped, said at the end of summary.md."""
     shown = [e for e in folder.results["runs"] if e.get("attacks")][:FIGURE_ROWS]
     if shown:
         plot_comparison(shown, folder.path, folder.path / "comparison.png")
@@ -1398,7 +1486,12 @@ def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
     folder.save()
     if len(index_by_model(rows)) >= 3:
         plot_index_vs_quality(rows, folder.path / "index_vs_quality.png")
-    say(write_summary(folder.path, rows, folder.results["correlations"]), end="")
+    notes = [f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "
+             f"{'; '.join(' on '.join(k) for k in missing)}\n" for missing in [folder.results.get("missing")] if missing]
+    notes += [f"\nSkipped on {e['model']} on {e['image']}: {', '.join(e['skipped'])} ({next(iter(e['skipped'].values()))})\n"
+              for e in folder.results["runs"] if e.get("skipped")]
+    summary = write_summary(folder.path, rows, folder.results["correlations"], "".join(notes))
+    say(summary, end="")
     say(f"results: {folder.path}")
 
 
@@ -1414,10 +1507,15 @@ class Pair(NamedTuple):
     def key(self) -> tuple[str, str]:
         return self.model, self.image.name
 
+    @property
+    def parts(self) -> list[str]:  # what sweeps.py calls a unit's parts
+        return self.attacks
+
 
 def left_to_do(pair: Pair, entry: dict | None) -> Pair | None:
-    """The pair less what its entry of the record holds; None when nothing is left."""
-    done = (entry or {}).get("attacks", {})
+    """The pair less what its entry of the record holds (attacks done, or skipped: a
+    gradient with nothing to attack stays so); None when nothing is left."""
+    done = (entry or {}).get("attacks", {}).keys() | (entry or {}).get("skipped", {}).keys()
     todo = [a for a in pair.attacks if a not in done]
     return pair._replace(attacks=todo, ranks_known="rank_deficiency" in (entry or {})) if todo else None
 
@@ -1429,6 +1527,10 @@ def attack_pair(exp: Experiment, settings: AttackSettings, pair: Pair) -> Iterat
     model, training = prepare_model(exp, pair.model, pair.image)
     if training is not None:
         yield Training(training)
+    why = nothing_to_attack(model, pair.image, exp.device)
+    if why is not None:
+        yield Skipped(pair.attacks, why)
+        return
     if not pair.ranks_known and "rgap" not in pair.attacks:
         yield rank_analysis(model, pair.image, exp.device)
     yield from experiment(model, pair.image, pair.attacks, settings, exp.seed, exp.device)
@@ -1451,6 +1553,14 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
          "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(pair.image.x).astype(np.float32))}})
     if isinstance(event, Training):
         entry["training"] = event.info
+        if event.info["diverged"]:
+            warn(f"{pair.model} on {pair.image.name}: training diverged (last loss {event.info['final_loss']}); "
+                 "recorded as diverged")
+        return
+    if isinstance(event, Skipped):
+        entry.setdefault("skipped", {}).update(dict.fromkeys(event.attacks, event.why))
+        folder.save()
+        warn(f"{pair.model} on {pair.image.name}: {', '.join(event.attacks)} skipped: {event.why}")
         return
     if isinstance(event, RankAnalysis) or (event.attack == "rgap" and "rank_deficiency" not in entry):
         deficiency = event.deficiency if isinstance(event, RankAnalysis) else event.entry["rank_deficiency"]
@@ -1459,9 +1569,11 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
         return
     npy = folder.save_array(f"{stem}_{event.attack}.npy", event.recon.astype(np.float32))
     e = entry.setdefault("attacks", {})[event.attack] = event.entry | {"npy": npy}
-    folder.finished(entry, event.attack)
+    not_finite = folder.finished(entry, event.attack)
+    ssim = "nan" if not math.isfinite(e["ssim"]) else f"{e['ssim']:.3f}"
     say(f"{pair.model:9s} {pair.image.name:18s} {DISPLAY[event.attack]:9s}  PSNR {format_psnr(e['psnr'], 2):>9s}  "
-        f"SSIM {e['ssim']:.3f}  label {e['label']}{'' if e['label_correct'] else ' (wrong)'}  {e['seconds']:6.1f} s")
+        f"SSIM {ssim}  label {e['label']}{'' if e['label_correct'] else ' (wrong)'}  {e['seconds']:6.1f} s"
+        + (f"  (not finite, recorded as null: {', '.join(not_finite)})" if not_finite else ""))
 
 
 def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings) -> dict:
@@ -1472,7 +1584,9 @@ def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
 RECORD = sweeps.Record(
     key=("model", "image"), parts="attacks", columns=CSV_COLUMNS, row=csv_row, is_entry=is_entry,
     defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
-    may_differ=frozenset({"data", "verbose", "compile", "device"}), program="hybrid.py")  # none changes a number
+    may_differ=frozenset({"data", "verbose", "compile", "device",
+                          "images"}),  # the files' paths: grid.json holds the images themselves, by name and hash
+    program="hybrid.py", units_are="(model, image) pairs")
 
 
 def run_metadata(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings, argv: list[str]) -> dict:
@@ -1495,7 +1609,8 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
                 images: list[PrivateImage]) -> sweeps.Sweep:
     """The experiment over every model against every image, as sweeps.run takes it."""
     pairs = [Pair(name, image, exp.attacks, False) for name in exp.models for image in images]
-    return sweeps.Sweep(RECORD, run_metadata(exp, settings, run, argv), pairs, left_to_do,
+    name = exp.models[0] if len(exp.models) == 1 else "grid"
+    return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), pairs, left_to_do,
                         functools.partial(attack_pair, exp, settings), record_event, write_figures_and_summary,
                         functools.partial(configure_torch, exp.device, run.threads))
 
@@ -1517,53 +1632,107 @@ def seed_value(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    paper, exp = AttackSettings(), Experiment()
-    p = Parser(prog="hybrid.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+def learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"--train-lr must be a positive number, not {text}")
+    return value
+
+
+def build_parser(only_given: bool = False) -> Parser:
+    """Every flag, once. No flag has a default here: the defaults are the dataclasses'
+    (settings_from), so that a parser whose missing flags are left out (only_given) tells
+    which flags a command gave."""
+    paper = AttackSettings()
+    p = Parser(prog="hybrid.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,  # a typo is no other flag
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               argument_default=argparse.SUPPRESS if only_given else None)
     g = p.add_argument_group("what is attacked")
     g.add_argument("--model", dest="models", action="extend", nargs="+", metavar="NAME",
-                   help=f"target models (default {exp.models[0]}; --list-models); 'all', or shell patterns such as 'cnn3_*'")
+                   help="target models (default cnn4_c2; --list-models); 'all', or shell patterns such as 'cnn3_*'")
     g.add_argument("--index", dest="indices", action="extend", nargs="+", metavar="I",
                    help="CIFAR-10 training images (default 3), or positions in the bundled photographs with "
                         "--source samples; ranges such as 0-99 or 0-9,20,31")
-    g.add_argument("--source", choices=["cifar10", "samples"], default=exp.source,
-                   help="CIFAR-10 (the photographs where it is out of reach), or scikit-image's sample photographs")
+    g.add_argument("--source", choices=["cifar10", "samples"],
+                   help="cifar10 (the default; the photographs where it is out of reach), or samples: "
+                        "scikit-image's sample photographs")
     g.add_argument("--image", dest="images", action="extend", nargs="+", metavar="PATH",
                    help="attack these image files (or the image files in these folders) instead")
-    g.add_argument("--label", type=sweeps.count(0, "--label"), default=exp.label, metavar="K",
+    g.add_argument("--label", type=sweeps.count(0, "--label"), metavar="K",
                    help="the class of the --image files (0-9; default 0)")
-    g.add_argument("--train-steps", type=sweeps.count(0, "--train-steps"), default=exp.train_steps, metavar="K",
+    g.add_argument("--train-steps", type=sweeps.count(0, "--train-steps"), metavar="K",
                    help="train the model first: K SGD steps on mini-batches of 32 images that never include "
                         "the attacked one (default 0: the published initialisation)")
-    g.add_argument("--train-lr", type=float, default=exp.train_lr, metavar="LR", help="that SGD's learning rate")
-    g.add_argument("--model-seed", type=seed_value, default=exp.model_seed, metavar="S",
+    g.add_argument("--train-lr", type=learning_rate, metavar="LR", help="that SGD's learning rate (default 0.01)")
+    g.add_argument("--model-seed", type=seed_value, metavar="S",
                    help="seed set before a model's layers are built (default: the published code's 10)")
-    g.add_argument("--data", default=DATA_PATH, metavar="DIR", help="where CIFAR-10 is, or is downloaded to")
+    g.add_argument("--data", metavar="DIR", help=f"where CIFAR-10 is, or is downloaded to (default {DATA_PATH})")
     a = p.add_argument_group("the attacks (defaults: the paper's settings)")
     a.add_argument("--attacks", action="extend", nargs="+", choices=ATTACKS_ORDER, metavar="NAME",
                    help=f"from {' '.join(ATTACKS_ORDER)} (default: all)")
     for name, what in [("dlg_iters", "L-BFGS steps of DLG and iDLG"), ("cosine_iters", "Adam steps of Cosine+TV"),
                        ("hybrid_iters", "hybrid: N, with 4N Adam steps at layer 1 and N // 2 above"),
                        ("hybrid_iters_first", "hybrid: N0, its Adam steps at layer 0, the image")]:
-        a.add_argument("--" + name.replace("_", "-"), type=sweeps.count(0, "--" + name.replace("_", "-")),
-                       metavar="N", help=f"{what} (paper: {getattr(paper, name)}; --quick: {QUICK[name]})")
+        flag = "--" + name.replace("_", "-")
+        a.add_argument(flag, type=sweeps.count(0, flag), metavar="N",
+                       help=f"{what} (paper: {getattr(paper, name)}; --quick: {QUICK[name]})")
     a.add_argument("--quick", action="store_true", help="smoke-test iteration counts; flags given still win")
-    a.add_argument("--restarts", type=sweeps.count(1, "--restarts"), default=paper.restarts, metavar="R",
+    a.add_argument("--restarts", type=sweeps.count(1, "--restarts"), metavar="R",
                    help="DLG, iDLG, Cosine+TV: R starts from random images, keeping the one with the lowest "
                         "final objective of its own (default 1: the paper's single run)")
     a.add_argument("--true-label", action="store_true", help="hand the true label to every attack (ablation)")
-    a.add_argument("--seed", type=seed_value, default=exp.seed, metavar="S", help="seed set before every attack")
+    a.add_argument("--seed", type=seed_value, metavar="S", help="seed set before every attack (default 10)")
     a.add_argument("--compile", action="store_true",
                    help="hybrid: torch.compile its objective and gradient (the same numbers; steps about 40%% "
                         "faster, compiling up to 20 s per layer on a CPU the first time)")
-    a.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA where available")
+    a.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (the default): CUDA where available")
     o = p.add_argument_group("what to do instead of attacking")
     o.add_argument("--analyse", action="store_true", help="print rank deficiencies and the security index")
     o.add_argument("--list-models", action="store_true", help="list the models")
     o.add_argument("-v", "--verbose", action="store_true", help="per-layer details")
     sweeps.add_arguments(p, OUTPUT_PATH)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """The command line, and the settings it gave (for check_combinations)."""
+    return build_parser().parse_args(argv), set(vars(build_parser(only_given=True).parse_args(argv)))
+
+
+FLAGS = {"models": "--model", "indices": "--index", "images": "--image", "verbose": "-v"}  # where dest != flag
+ONLY_ATTACKS = {"attacks", "dlg_iters", "cosine_iters", "hybrid_iters", "hybrid_iters_first", "quick", "restarts",
+                "true_label", "seed", "compile"}
+NEEDS_ATTACK = {"restarts": {"dlg", "idlg", "cosine"}, "dlg_iters": {"dlg", "idlg"}, "cosine_iters": {"cosine"},
+                "hybrid_iters": {"hybrid"}, "hybrid_iters_first": {"hybrid"}, "compile": {"hybrid"}}
+
+
+def check_combinations(args: argparse.Namespace, given: set[str]) -> None:
+    """A flag that would be ignored, or that contradicts another, is one line and exit 2:
+    a setting given must be a setting used (results.json records them all)."""
+    flag = lambda dest: FLAGS.get(dest, "--" + dest.replace("_", "-"))  # noqa: E731
+    ignored = []
+    for mode, keeps in [("merge", {"merge", "output", "partial"}), ("list_models", {"list_models"}),
+                        ("analyse", given - ONLY_ATTACKS - {"resume", "shard", "jobs", "output", "partial"})]:
+        if mode in given:
+            ignored += [(d, f"with {flag(mode)}") for d in sorted(given - keeps)]
+            break
+    if "resume" in given and "merge" in given:
+        ignored.append(("resume", "with --merge"))
+    ignored += [(d, "with --image") for d in ("indices", "source") if d in given and "images" in given]
+    ignored += [(d, f"without {flag(need)}") for d, need in [("label", "images"), ("partial", "merge"),
+                                                               ("train_lr", "train_steps")]
+                if d in given and not getattr(args, need)]
+    attacks = set(args.attacks or ATTACKS_ORDER)
+    for dest, needs in NEEDS_ATTACK.items():
+        if dest in given and not attacks & needs:
+            *others, last = [a for a in ATTACKS_ORDER if a in needs]
+            ignored.append((dest, f"without {', '.join(others) + ' or ' if others else ''}{last}"))
+    if ignored:
+        dest, why = ignored[0]
+        raise UserError(f"{flag(dest)} has no effect {why}")
 
 
 def parse_indices(tokens: list[str]) -> list[int]:
@@ -1616,54 +1785,57 @@ def check_compiler(device: str) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings, sweeps.RunSettings]:
-    """The command line as the three kinds of setting, every value checked."""
-    if args.label > 9:
+    """The command line as the three kinds of setting: the flags given, the dataclasses'
+    defaults for the rest, every value checked."""
+    paper, default = AttackSettings(), Experiment()
+    given = lambda name, fallback: fallback if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+    if given("label", 0) > 9:
         raise UserError(f"--label {args.label} is not a CIFAR-10 class (0-9)")
-    iters = {name: QUICK[name] if args.quick else getattr(AttackSettings(), name) for name in QUICK}
-    iters |= {name: getattr(args, name) for name in QUICK if getattr(args, name) is not None}
-    settings = AttackSettings(**iters, restarts=args.restarts, true_label=args.true_label, compile=args.compile,
-                              verbose=args.verbose)
+    iters = {name: given(name, QUICK[name] if args.quick else getattr(paper, name)) for name in QUICK}
+    settings = AttackSettings(**iters, restarts=given("restarts", paper.restarts), true_label=args.true_label,
+                              compile=args.compile, verbose=args.verbose)
     attacks = args.attacks or ATTACKS_ORDER
-    exp = Experiment(models=expand_models(args.models or Experiment().models),
-                     indices=parse_indices(args.indices or ["3"]), source=args.source, images=args.images or [],
-                     label=args.label, attacks=[a for a in ATTACKS_ORDER if a in attacks], seed=args.seed,
-                     model_seed=args.model_seed, train_steps=args.train_steps, train_lr=args.train_lr,
-                     device=resolve_device(args.device), data=args.data)
+    exp = Experiment(models=expand_models(args.models or default.models),
+                     indices=parse_indices(args.indices or [str(i) for i in default.indices]),
+                     source=given("source", default.source), images=args.images or [],
+                     label=given("label", default.label), attacks=[a for a in ATTACKS_ORDER if a in attacks],
+                     seed=given("seed", default.seed), model_seed=given("model_seed", default.model_seed),
+                     train_steps=given("train_steps", default.train_steps), train_lr=given("train_lr", default.train_lr),
+                     device=resolve_device(given("device", "auto")), data=given("data", default.data))
     if settings.compile:
         check_compiler(exp.device)
-    return exp, settings, sweeps.run_settings(args)
+    return exp, settings, sweeps.run_settings(args, OUTPUT_PATH)
 
 
-def list_models() -> None:
+def list_models() -> int:
     for name, arch in MODELS.items():
         convs = "; ".join(f"conv {i}->{o} k{k} s{s} p{p}" for i, o, k, s, p in arch.convs)
         say(f"{name:9s} {convs}; fc  | {arch.acts}{' | conv bias' if arch.bias else ''}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if hasattr(sys.stdout, "reconfigure"):  # a path that is not UTF-8 prints escaped, not as a crash
         sys.stdout.reconfigure(errors="backslashreplace")
-    folder = None
+    if threading.current_thread() is threading.main_thread():  # a scheduler's time limit stops the run cleanly
+        signal.signal(signal.SIGTERM, sweeps.on_sigterm)
     try:
-        args = parse_args(argv)
+        args, given = parse_args(argv)
+        check_combinations(args, given)
         if args.list_models:
-            list_models()
-        elif args.merge:
-            sweeps.merge(args.merge, RECORD, args.output, write_figures_and_summary)
-        else:
-            exp, settings, run = settings_from(args)
-            configure_torch(exp.device, run.threads)
-            images = load_images(exp)  # after the settings, so that an unknown model fails before any download
-            if args.analyse:
-                analyse(exp, images)
-                return 0
-            folder = Path(run.resume) if run.resume else \
-                sweeps.new_run_folder(run.output, exp.models[0] if len(exp.models) == 1 else "grid")
-            say(f"run folder: {folder}")
-            sweeps.run(paper_sweep(exp, settings, run, argv, images), run, folder)
-    except (UserError, sweeps.UnitsFailed, KeyboardInterrupt, OSError) as e:
-        return sweeps.stopped(e, folder, "hybrid.py")
+            return list_models()
+        if args.merge:
+            sweeps.merge(args.merge, RECORD, args.output or OUTPUT_PATH, write_figures_and_summary, args.partial)
+            return 0
+        exp, settings, run = settings_from(args)
+        configure_torch(exp.device, run.threads)
+        images = load_images(exp)  # after the settings, so that an unknown model fails before any download
+        if args.analyse:
+            return analyse(exp, images)
+        sweeps.run(paper_sweep(exp, settings, run, argv, images), run)
+    except (UserError, sweeps.UnitsFailed, KeyboardInterrupt, sweeps.Terminated, OSError) as e:
+        return sweeps.stopped(e, "hybrid.py")
     return 0
 
 

@@ -13,6 +13,8 @@ A run folder holds:
                   hybrid.py). What it holds is done.
     results.csv   its table, one row per finished part: appended as parts finish (for
                   `tail -f`), rebuilt from the record on resume and at the end.
+    grid.json     every unit of the experiment (all shards) and the parts each needs,
+                  written once when the run starts: what resume and merge check against.
     *.npy         the arrays that entries name.
     .lock         held (flock) while a run writes the folder.
 
@@ -22,16 +24,23 @@ at any point costs the part in flight at most, and a resume makes the table whol
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import fcntl
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
+import ctypes
+import errno
+import math
 import os
 import re
 import resource
+import shutil
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -51,6 +60,23 @@ class UnitsFailed(Exception):
     """Units of a sweep that could not be finished: the rest is recorded; --resume retries them."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's time limit): raised in the main thread, so that the run stops
+    its workers and says how to resume, as after Ctrl-C. Not an Exception: a unit's error
+    handling must not take it for the unit's own."""
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def quiet_interrupts() -> None:
+    """From the first Ctrl-C (or SIGTERM) on, further ones are ignored while the run stops
+    its workers and exits: a second Ctrl-C must not cut the clean-up into a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # =============================================================================
 # Output for the user: lines above the progress bars
 # =============================================================================
@@ -62,9 +88,15 @@ def say(text: str = "", end: str = "\n") -> None:
     try:
         tqdm.write(text, end=end)
         sys.stdout.flush()
-    except BrokenPipeError:
+    except OSError as e:  # a closed pipe, a full device: the run's folder is what matters
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit too
-        print("stdout was closed; the run goes on and writes its folder as usual", file=sys.stderr)
+        why = "was closed" if isinstance(e, BrokenPipeError) else f"cannot be written ({e.strerror or e})"
+        print(f"stdout {why}; the run goes on and writes its folder as usual", file=sys.stderr)
+
+
+def warn(text: str) -> None:
+    """A line on stderr, above any progress bar: something the user should know, not an error."""
+    tqdm.write(f"warning: {text}", file=sys.stderr)
 
 
 def progress(steps: int | Iterable, desc: str) -> tqdm:
@@ -134,24 +166,40 @@ def shard_value(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, output: str) -> None:
-    """The run's flags, in their own group of the --help."""
+    """The run's flags, in their own group of the --help; no defaults here (run_settings)."""
     g = parser.add_argument_group("long runs (none of these changes a number)")
-    g.add_argument("--output", default=output, metavar="DIR", help="each run writes a new folder here")
+    g.add_argument("--output", metavar="DIR", help=f"each run writes a new folder here (default {output})")
     g.add_argument("--resume", metavar="RUN_FOLDER", help="complete this run folder, skipping what it holds")
-    g.add_argument("--shard", type=shard_value, default=(0, 1), metavar="K/N",
+    g.add_argument("--shard", type=shard_value, metavar="K/N",
                    help="run every N-th (model, image) from the K-th (SLURM job arrays)")
     g.add_argument("--merge", nargs="+", metavar="FOLDER", help="combine the run folders of shards into one")
-    g.add_argument("--jobs", type=jobs_value, default=1, metavar="N|auto",
-                   help="worker processes, each on one (model, image) at a time; 'auto': one per usable core")
-    g.add_argument("--threads", type=count(1, "--threads"), default=1, metavar="T",
-                   help="threads per process for torch and the BLAS libraries; 1 keeps processes side by "
-                        "side from fighting over cores")
+    g.add_argument("--partial", action="store_true",
+                   help="with --merge: merge what there is when pairs of the experiment are missing, and say which")
+    g.add_argument("--jobs", type=jobs_value, metavar="N|auto",
+                   help="worker processes, each on one (model, image) at a time (default 1); 'auto': one per "
+                        "usable core")
+    g.add_argument("--threads", type=count(1, "--threads"), metavar="T",
+                   help="threads per process for torch and the BLAS libraries (default 1: processes side by "
+                        "side do not fight over cores)")
 
 
-def run_settings(args: argparse.Namespace) -> RunSettings:
+def run_settings(args: argparse.Namespace, output: str) -> RunSettings:
+    """The run's flags, checked: a resumed folder exists, and threads fit the cores. More
+    threads than usable cores are refused (docs/performance.md: two processes of two threads
+    on two cores run 1.6-4x slower than two of one); more workers x threads than cores are
+    allowed, with a warning (the scheduler may give the run more cores than it asks for)."""
+    default = RunSettings()
+    jobs, threads = args.jobs or default.jobs, args.threads or default.threads
     if args.resume is not None and not Path(args.resume).is_dir():
         raise UserError(f"--resume {args.resume}: no such run folder")
-    return RunSettings(args.output, args.resume, args.shard, args.jobs, args.threads)
+    cores = usable_cores()
+    if threads > cores:
+        raise UserError(f"--threads {threads}: this process may use {cores} cores; more threads than cores "
+                        "make every step slower")
+    if jobs * threads > cores:
+        warn(f"{jobs} workers x {threads} threads on {cores} usable cores: they will fight over them "
+             "(docs/performance.md)")
+    return RunSettings(args.output or output, args.resume, args.shard or default.shard, jobs, threads)
 
 
 # =============================================================================
@@ -172,6 +220,9 @@ class Record:
     defaults: dict  # the config of a run given no flags: a setting newer than a folder counts as this
     may_differ: frozenset[str]  # config keys besides RUN_ONLY that leave numbers alone
     program: str  # what writes such folders, for messages: "hybrid.py"
+    units_are: str  # what a unit is, for messages: "(model, image) pairs"
+    files: str = "npy"  # any dict in an entry names an array of the folder under this key
+    skipped: str = "skipped"  # the field of an entry naming parts that cannot be done, with why
 
 
 @dataclass
@@ -179,8 +230,9 @@ class Sweep:
     """An experiment over a grid, as the machinery sees it."""
 
     record: Record
+    name: str  # the run folder's name, after its time
     header: dict  # results.json's header: config, versions, device, command
-    units: list  # every unit of the experiment, in order; each has .key, a tuple of str
+    units: list  # every unit of the experiment, in order; each has .key (a tuple of str) and .parts
     left: Callable[[object, dict | None], object | None]  # (unit, its entry) -> what is left of it, or None
     work: Callable[[object], Iterator]  # unit -> its events; picklable: it runs in workers too
     write: Callable[[RunFolder, object, object], None]  # (folder, unit, event), in this process alone
@@ -225,8 +277,26 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, indent=1, allow_nan=False))
+def finite_or_null(value: object, where: str = "", replaced: list | None = None) -> object:
+    """`value` with every float that is not finite (JSON has none) as None; the place of
+    each one replaced is appended to `replaced` ('a.b[2]')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if replaced is not None:
+            replaced.append(where)
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v, f"{where}.{k}" if where else str(k), replaced) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v, f"{where}[{i}]", replaced) for i, v in enumerate(value)]
+    return value
+
+
+def write_json(path: Path, data: dict) -> list[str]:
+    """Write `data` as JSON atomically, any number that is not finite as null; returns
+    where such numbers were (an attack's objective that overflowed, a diverged loss)."""
+    replaced: list[str] = []
+    write_atomic(path, json.dumps(finite_or_null(data, "", replaced), indent=1, allow_nan=False))
+    return replaced
 
 
 def csv_text(rows: list[dict], columns: Iterable[str], header: bool = True) -> str:
@@ -261,15 +331,19 @@ class RunFolder:
         np.save(self.path / name, array)
         return name
 
-    def finished(self, entry: dict, part: str) -> None:
-        """A part of `entry` is done: the record first (from then on it is done), then its row."""
+    def finished(self, entry: dict, part: str) -> list[str]:
+        """A part of `entry` is done: the record first (from then on it is done), then its
+        row. Returns the fields of the part that were not finite numbers (recorded as null)."""
         self.results["peak_memory_mb"] = max(resource.getrusage(who).ru_maxrss // 1024  # workers, once ended
                                              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
         self.save()
+        replaced: list[str] = []
+        finite_or_null(entry[self.record.parts][part], "", replaced)
         with (self.path / "results.csv").open("a", newline="", encoding="utf-8") as f:
             f.write(csv_text([self.record.row(entry, part)], self.record.columns, header=f.tell() == 0))
             f.flush()
             os.fsync(f.fileno())
+        return replaced
 
     def save(self) -> None:
         write_json(self.path / "results.json", self.results)
@@ -300,6 +374,8 @@ def read_results(folder: Path, flag: str, record: Record) -> dict:
         return results
     except FileNotFoundError:
         raise UserError(f"{flag} {folder}: not a run folder (it holds no results.json)") from None
+    except NotADirectoryError:
+        raise UserError(f"{flag} {folder}: not a run folder (not a folder)") from None
     except (ValueError, AttributeError, UnicodeDecodeError):
         raise UserError(f"{flag} {folder}: its results.json is not one that {record.program} wrote") from None
 
@@ -313,37 +389,105 @@ def config_differences(before: dict, now: dict, record: Record, also: frozenset 
     return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in same and before.get(k) != v]
 
 
-def open_folder(sweep: Sweep, path: Path, resume: bool) -> RunFolder:
-    """A new run's folder, its header written at once (so that it records its config and
-    shard from the start); or, with --resume, the folder's own record, once it is known
-    to hold the same experiment, with its table rebuilt."""
-    if not resume:
-        write_json(path / "results.json", sweep.header | {"runs": []})
-        return RunFolder(path, sweep.header | {"runs": []}, sweep.record)
+def write_grid(path: Path, units: list) -> None:
+    write_json(path / "grid.json", {"units": [{"key": list(u.key), "parts": list(u.parts)} for u in units]})
+
+
+def read_grid(path: Path) -> dict[tuple, list[str]] | None:
+    """A folder's grid: unit -> the parts it needs; None for a folder made before grids were kept."""
+    try:
+        grid = json.loads((path / "grid.json").read_text(encoding="utf-8"))
+        return {tuple(u["key"]): list(u["parts"]) for u in grid["units"]}
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{path}: its grid.json is damaged") from None
+
+
+def file_damaged(path: Path) -> bool:
+    try:
+        np.load(path)
+        return False
+    except (OSError, ValueError, EOFError):  # gone, truncated, not an array
+        return True
+
+
+def damaged_files(path: Path, entry: dict, record: Record) -> tuple[list[str], dict[str, list[str]]]:
+    """The arrays an entry names that are missing or unreadable: those named outside its
+    parts (the unit's own, e.g. its target), and those of each part."""
+    def names(value: object) -> list[str]:
+        if isinstance(value, dict):
+            own = [value[record.files]] if isinstance(value.get(record.files), str) else []
+            return own + [n for k, v in value.items() if k != record.parts for n in names(v)]
+        return [n for v in value for n in names(v)] if isinstance(value, list) else []
+    own = [n for n in names(entry) if file_damaged(path / n)]
+    parts = {part: bad for part, e in entry.get(record.parts, {}).items()
+             if (bad := [n for n in names(e) if file_damaged(path / n)])}
+    return own, parts
+
+
+def check_resumable(sweep: Sweep, path: Path) -> dict:
+    """The folder's record, once it is known to hold this experiment: the same config in
+    all that can change a number, and the same units (compared by their keys, so that
+    image files spelled from another directory are the same files)."""
     old = read_results(path, "--resume", sweep.record)
     differ = config_differences(old["config"], sweep.header["config"], sweep.record)
     if differ:
         raise UserError(f"--resume {path}: it holds another experiment ({'; '.join(differ)}); "
                         f"its command was: {old.get('command')}")
-    folder = RunFolder(path, old | {"resumed": old.get("resumed", []) + [sweep.header["command"]]}, sweep.record)
-    units = {unit.key for unit in sweep.units}
-    strangers = [describe(key) for key in folder.entries if key not in units]
+    units, recorded = {u.key for u in sweep.units}, read_grid(path)
+    strangers = [describe(key) for key in (recorded or {tuple(e[f] for f in sweep.record.key) for e in old["runs"]})
+                 if key not in units]
     if strangers:  # the same command, other inputs: a file changed since (its hash), or an older program's names
         raise UserError(f"--resume {path}: it holds inputs that this command does not name ({', '.join(strangers[:3])}"
                         f"{', ...' if len(strangers) > 3 else ''}); was an image file changed since?")
+    return old
+
+
+def open_folder(sweep: Sweep, path: Path, resume: bool) -> RunFolder:
+    """A new run's folder, its header and grid written at once (so that it records its
+    config and shard from the start); or, with --resume, the folder's own record, checked
+    again under the lock, with what its damaged arrays held dropped (to be done again)
+    and its table rebuilt."""
+    if not resume:
+        write_grid(path, sweep.units)
+        write_json(path / "results.json", sweep.header | {"runs": []})
+        return RunFolder(path, sweep.header | {"runs": []}, sweep.record)
+    old = check_resumable(sweep, path)
+    folder = RunFolder(path, old | {"resumed": old.get("resumed", []) + [sweep.header["command"]]}, sweep.record)
+    for key, entry in list(folder.entries.items()):
+        own, parts = damaged_files(path, entry, sweep.record)
+        for name in own:
+            warn(f"{name} is missing or damaged: {describe(key)} is done again from the start")
+        for part, names in parts.items():
+            warn(f"{names[0]} is missing or damaged: {part} on {describe(key)} is done again")
+        if own:
+            folder.results["runs"].remove(entry)
+            del folder.entries[key]
+        for part in parts:
+            del entry[sweep.record.parts][part]
+    if read_grid(path) is None:
+        write_grid(path, sweep.units)
+    folder.save()
     folder.write_table()
     return folder
 
 
 def lock_folder(folder: Path) -> io.TextIOWrapper:
-    """An exclusive lock on the run folder, held while the run writes it (until the
-    returned file is closed): two runs (two --resume of one folder) never write one folder."""
-    handle = (folder / ".lock").open("w")
+    """An exclusive lock on the run folder, held while the run writes or a merge reads it
+    (until the returned file is closed): two runs (two --resume of one folder) never write
+    one folder, and a merge never takes half of a running shard."""
+    try:
+        handle = (folder / ".lock").open("a")
+    except OSError as e:  # a read-only file system, a folder not ours: resuming cannot help
+        raise UserError(f"cannot write to run folder {folder}: {e.strerror or e}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         handle.close()
-        raise UserError(f"{folder} is being written by another run (its .lock is held)") from None
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise UserError(f"{folder} is being written by another run (its .lock is held)") from None
+        raise UserError(f"cannot lock run folder {folder}: {e.strerror or e}") from None
     return handle
 
 
@@ -352,24 +496,40 @@ def lock_folder(folder: Path) -> io.TextIOWrapper:
 # =============================================================================
 
 
-def run(sweep: Sweep, settings: RunSettings, path: Path) -> None:
-    """Every unit of this shard, every part not yet recorded in the folder; then the
-    experiment's figures and summaries. Raises UnitsFailed naming the units it lost."""
-    if settings.resume:
-        read_results(path, "--resume", sweep.record)  # a folder that is not a run gets no .lock
-    with lock_folder(path):  # released however the sweep ends, not when an exception's frames are collected
-        folder = open_folder(sweep, path, bool(settings.resume))
-        k, n = settings.shard
-        units = [left for unit in sweep.units[k::n] if (left := sweep.left(unit, folder.entry(unit.key)))]
-        record = lambda unit, events: [sweep.write(folder, unit, e) for e in events]  # noqa: E731
-        if settings.jobs == 1:
-            failed = in_this_process(units, sweep.work, record)
+def run(sweep: Sweep, settings: RunSettings) -> None:
+    """Every unit of this shard, every part not yet recorded in the folder (a new one, or
+    --resume's); then the experiment's figures and summaries. Raises UnitsFailed naming
+    the units it lost. Whatever it raises carries the folder as `run_folder`."""
+    path = Path(settings.resume) if settings.resume else None
+    try:
+        if path is not None:
+            check_resumable(sweep, path)  # before the lock: a refusal says why, whatever the file system
         else:
-            failed = in_workers(units, sweep.work, record, settings.jobs, sweep.init_worker)
-        folder.write_table()
-        sweep.finish(folder)
-    if failed:
-        raise UnitsFailed("; ".join(f"{describe(key)}: {why}" for key, why in failed.items()))
+            path = new_run_folder(settings.output, sweep.name)
+        with lock_folder(path):  # released however the sweep ends, not when an exception's frames are collected
+            folder = open_folder(sweep, path, settings.resume is not None)
+            say(f"run folder: {path}")
+            k, n = settings.shard
+            units = [left for unit in sweep.units[k::n] if (left := sweep.left(unit, folder.entry(unit.key)))]
+            record = lambda unit, events: [sweep.write(folder, unit, e) for e in events]  # noqa: E731
+            if settings.jobs == 1:
+                failed = in_this_process(units, sweep.work, record)
+            else:
+                failed = in_workers(units, sweep.work, record, settings.jobs, sweep.init_worker)
+            folder.write_table()
+            sweep.finish(folder)
+        if failed:
+            raise UnitsFailed("; ".join(f"{describe(key)}: {why}" for key, why in failed.items()))
+    except BaseException as e:
+        e.run_folder = path
+        raise
+
+
+def reason(error: BaseException) -> str:
+    """Why a unit failed, in one phrase."""
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    return f"{type(error).__name__}: {error}"
 
 
 def in_this_process(units: list, work: Callable, record: Callable) -> dict[tuple, str]:
@@ -385,7 +545,7 @@ def in_this_process(units: list, work: Callable, record: Callable) -> dict[tuple
             except StopIteration:
                 break
             except Exception as e:
-                failed[unit.key] = f"{type(e).__name__}: {e}"
+                failed[unit.key] = reason(e)
                 break
             record(unit, [event])
     return failed
@@ -395,18 +555,28 @@ def in_this_process(units: list, work: Callable, record: Callable) -> dict[tuple
 # concurrent.futures with spawned workers. A unit's numbers must not depend on the worker
 # that ran it (hybrid.py reseeds every attack).
 
-_started = None  # in a worker: the queue on which it announces each unit it starts (unbuffered)
+_started = None  # in a worker: the pipe on which it announces each unit it starts
 
 
-def start_worker(init: Callable[[], None], started: multiprocessing.SimpleQueue) -> None:
+def start_worker(init: Callable[[], None], started: multiprocessing.connection.Connection, parent: int) -> None:
+    """A worker's first steps: it ends with its parent, however the parent ends (Linux's
+    PR_SET_PDEATHSIG; a SIGKILLed parent runs no clean-up), and leaves Ctrl-C to it."""
     global _started
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers
+    # tqdm's default lock is a multiprocessing one, registered with the resource tracker; a
+    # worker stopped by the parent never releases it ("leaked semaphore" at exit). A worker
+    # needs no lock across processes for its own bars.
+    tqdm.set_lock(threading.RLock())
     _started = started
     init()
 
 
 def work_in_worker(work: Callable, unit: object) -> list:
-    _started.put(unit.key)
+    _started.send(unit.key)  # a few bytes: one write, whole, among the other workers'
     return list(work(unit))
 
 
@@ -435,15 +605,16 @@ def one_pool(units: list, work: Callable, record: Callable, jobs: int, init: Cal
     """Run units in a pool of `jobs` workers until all are back or a worker dies; then
     return the units in flight and those not started (both empty if none died)."""
     spawn = multiprocessing.get_context("spawn")
-    started = spawn.SimpleQueue()  # put() is written at once
-    pool = ProcessPoolExecutor(jobs, spawn, start_worker, (init, started))
+    # A pipe, not a multiprocessing queue: its semaphores would outlive a Ctrl-C ("leaked semaphore")
+    announced, started = spawn.Pipe(duplex=False)
+    pool = ProcessPoolExecutor(jobs, spawn, start_worker, (init, started, os.getpid()))
     futures, running, finished = {pool.submit(work_in_worker, work, u): u for u in units}, set(), set()
     bar = progress(len(units), "pairs")
     try:
         while futures.keys() - finished:
             done, _ = wait(futures.keys() - finished, timeout=2, return_when=FIRST_COMPLETED)
-            while not started.empty():
-                running.add(started.get())
+            while announced.poll():
+                running.add(announced.recv())
             for future in done:
                 unit = futures[future]
                 try:
@@ -460,18 +631,28 @@ def one_pool(units: list, work: Callable, record: Callable, jobs: int, init: Cal
             bar.set_postfix_str(", ".join(" ".join(k) for k in sorted(running - {futures[f].key for f in finished})))
         pool.shutdown()
         return [], []
+    except BaseException:  # Ctrl-C, SIGTERM, the parent's own error: no second one while the workers stop
+        quiet_interrupts()
+        raise
     finally:
         stop_workers(pool)
+        announced.close()
         started.close()
+        del pool  # this frame outlives the function in a traceback: the pool's queues must not
 
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Workers end with the pool; on Ctrl-C or a failure they are stopped, not awaited."""
+    """Workers end with the pool; on Ctrl-C or a failure they are stopped, not awaited
+    for their units. The pool's own manager thread is then joined, so that its queues (and
+    their semaphores) are released before the process exits, not reported as leaked."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # private, but no public way before 3.14
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
             process.terminate()
+    for process in processes:
+        process.join(timeout=30)
+    pool.shutdown(wait=True)
 
 
 # =============================================================================
@@ -479,37 +660,95 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
 # =============================================================================
 
 
-def merge(folders: list[str], record: Record, output: str, finish: Callable[[RunFolder], None]) -> Path:
+def merge(folders: list[str], record: Record, output: str, finish: Callable[[RunFolder], None],
+          partial: bool = False) -> Path:
     """Shard folders -> one new folder with every part once, and the experiment's summary.
 
     A folder given twice counts once; the folders must hold one experiment (their configs
-    may differ in the shard and in what leaves numbers alone); a shard left with no work
-    adds nothing. Everything is checked before the new folder is made; arrays stay where
-    they are, named relative to the new folder.
+    may differ in the shard and in what leaves numbers alone, their grids not at all), and
+    together every unit of its grid, unless `partial` (the record then lists what is
+    missing). A shard left with no work adds nothing; a folder being written (its lock
+    held) or one whose arrays are damaged is refused. Everything is checked before the new
+    folder is made, which a failure removes again; arrays stay where they are, named
+    relative to the new folder.
     """
     sources = list(dict.fromkeys(Path(f).resolve() for f in folders))
-    shards = [read_results(src, "--merge", record) for src in sources]
+    with contextlib.ExitStack() as locks:
+        shards = []
+        for src in sources:
+            read_results(src, "--merge", record)  # a folder that is not a run gets no .lock
+            locks.enter_context(lock_folder(src))
+            shards.append(read_results(src, "--merge", record))  # as it is under the lock
+        grid = check_mergeable(sources, shards, record, partial)
+        entries: dict[tuple, dict] = {}
+        for src, shard in zip(sources, shards):
+            for entry in shard["runs"]:
+                kept = entries.setdefault(tuple(entry[f] for f in record.key), entry | {"source": src})
+                for field in (record.parts, record.skipped):  # overlapping folders: each part once
+                    kept.setdefault(field, {}).update({p: e for p, e in entry.get(field, {}).items()
+                                                       if p not in kept[field]})
+        done = lambda e: set(e.get(record.parts, {})) | set(e.get(record.skipped, {}))  # noqa: E731
+        missing = [k for k, parts in (grid or {}).items() if k not in entries or not set(parts) <= done(entries[k])]
+        if missing and not partial:
+            raise UserError(f"--merge: {len(missing)} of the experiment's {len(grid)} {record.units_are} are missing "
+                            f"({', '.join(describe(k) for k in missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                            "--partial merges what there is")
+        path = new_run_folder(output, "merged")
+        try:
+            for entry in entries.values():
+                rebase(entry, entry.pop("source"), path, record.files)
+            header = {k: v for k, v in shards[0].items() if k != "runs"}  # config, versions
+            folder = RunFolder(path, header | {"merged": [str(s) for s in sources], "runs": list(entries.values())},
+                               record)
+            if missing:
+                folder.results["missing"] = [list(k) for k in missing]
+            if grid is not None:
+                shutil.copyfile(sources[0] / "grid.json", path / "grid.json")  # a merge can be merged again
+            folder.save()
+            folder.write_table()
+            finish(folder)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)  # it holds nothing of its own: the arrays are the shards'
+            raise
+    return path
+
+
+def check_mergeable(sources: list[Path], shards: list[dict], record: Record, partial: bool) -> dict | None:
+    """The shards' common grid, once they are known to hold one experiment whose arrays
+    are all readable; None where a folder predates grids and `partial` allows that."""
     base = shards[0]["config"]
     for src, shard in zip(sources[1:], shards[1:]):
         differ = config_differences(base, shard["config"], record, frozenset({"shard"}))
         if differ:
             raise UserError(f"--merge: {src} holds another experiment than {sources[0]} ({'; '.join(differ)})")
-    path = new_run_folder(output, "merged")
-    entries: dict[tuple, dict] = {}
+    grids = [read_grid(src) for src in sources]
+    if None in grids and not partial:
+        src = sources[grids.index(None)]
+        raise UserError(f"--merge: {src} holds no grid.json (an older folder), so the merge cannot be checked to be "
+                        "complete; --partial merges what there is")
+    known = [g for g in grids if g is not None]
+    if any(g != known[0] for g in known[1:]):
+        raise UserError(f"--merge: the folders hold different grids of {record.units_are}: not one experiment")
     for src, shard in zip(sources, shards):
         for entry in shard["runs"]:
-            for part in [entry.get("target", {}), *entry.get(record.parts, {}).values()]:
-                if "npy" in part:
-                    part["npy"] = os.path.relpath(src / part["npy"], path)
-            kept = entries.setdefault(tuple(entry[f] for f in record.key), entry)  # overlapping folders: once
-            kept.setdefault(record.parts, {}).update(
-                {p: e for p, e in entry.get(record.parts, {}).items() if p not in kept[record.parts]})
-    header = {k: v for k, v in shards[0].items() if k != "runs"}  # config, versions
-    folder = RunFolder(path, header | {"merged": [str(s) for s in sources], "runs": list(entries.values())}, record)
-    folder.save()
-    folder.write_table()
-    finish(folder)
-    return path
+            own, parts = damaged_files(src, entry, record)
+            bad = own + [n for names in parts.values() for n in names]
+            if bad:
+                raise UserError(f"--merge: {src / bad[0]} is missing or damaged; --resume {src} with its command "
+                                "redoes it")
+    return known[0] if known else None
+
+
+def rebase(value: object, src: Path, path: Path, key: str) -> None:
+    """Every file an entry names (under `key`), from folder `src`, as a path relative to `path`."""
+    if isinstance(value, dict):
+        if isinstance(value.get(key), str):
+            value[key] = os.path.relpath(src / value[key], path)
+        for v in value.values():
+            rebase(v, src, path, key)
+    elif isinstance(value, list):
+        for v in value:
+            rebase(v, src, path, key)
 
 
 # =============================================================================
@@ -517,10 +756,12 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
 # =============================================================================
 
 
-def stopped(error: BaseException, folder: Path | None, name: str) -> int:
+def stopped(error: BaseException, name: str) -> int:
     """One line on stderr for what stopped a run, and its exit status: 2 for the user's
-    mistakes, 1 for units lost or a full disk, 130 for Ctrl-C. What finished stays, and
-    the line names the folder that --resume completes. `name`: the program's."""
+    mistakes, 1 for units lost or a full disk, 130 for Ctrl-C, 143 for SIGTERM. What
+    finished stays, and the line names the folder that --resume completes. `name`: the
+    program's."""
+    folder = getattr(error, "run_folder", None)
     resumable = folder is not None and (folder / "results.json").exists()
     if isinstance(error, UserError):
         print(f"{name}: error: {printable(str(error), 4000)}", file=sys.stderr)  # one line, whatever a path holds
@@ -529,10 +770,14 @@ def stopped(error: BaseException, folder: Path | None, name: str) -> int:
         print(f"{name}: not finished, the rest is recorded: {printable(str(error), 4000)}; "
               f"--resume {folder} retries them", file=sys.stderr)
         return 1
-    if isinstance(error, KeyboardInterrupt):
-        where = f"--resume {folder}" if resumable else "--resume RUN_FOLDER"
-        print(f"interrupted: run the same command with {where} to finish", file=sys.stderr)
-        return 130
+    if isinstance(error, (KeyboardInterrupt, Terminated)):
+        quiet_interrupts()
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else "terminated"
+        if resumable:
+            print(f"{what}: run the same command with --resume {folder} to finish", file=sys.stderr)
+        else:
+            print(f"{what} before a run folder was made: nothing was written", file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else 128 + signal.SIGTERM
     if isinstance(error, OSError):  # a full disk, a folder taken away: what was recorded stays
         where = f"; what it finished is in {folder}: the same command with --resume {folder} completes it" \
             if resumable else ""

@@ -92,7 +92,8 @@ def test_list_models(capsys):
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, names, capsys, tmp_path):
-    assert H.main(["--source", "samples", "--output", str(tmp_path), *args]) == 2
+    source = [] if "--image" in args else ["--source", "samples"]  # --source has no effect with --image
+    assert H.main([*source, "--output", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert names in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

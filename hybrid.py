@@ -169,6 +169,7 @@ def to_image(x: torch.Tensor) -> np.ndarray:
 
 
 CIFAR10_TRAIN = 50_000  # images in CIFAR-10's training set: no --index reaches beyond
+FOOLBOX_IMAGES = 20  # foolbox's wheel ships CIFAR-10's first 20 test images (foolbox/data/cifar10_II_L.png)
 
 
 def load_cifar10(indices: list[int], root: str) -> list[PrivateImage] | None:
@@ -181,8 +182,7 @@ def load_cifar10(indices: list[int], root: str) -> list[PrivateImage] | None:
         data = torchvision.datasets.CIFAR10(root=root, train=True, download=True)
     except (OSError, RuntimeError, ValueError) as e:  # no network, no disk, bad archive
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"CIFAR-10 is not in {root}/ and could not be downloaded ({reason}); "
-              f"using the photographs bundled with scikit-image instead", file=sys.stderr)
+        warn(f"CIFAR-10's training set is not in {root}/ and could not be downloaded ({reason})")
         return None
     finally:
         socket.setdefaulttimeout(old)
@@ -193,6 +193,55 @@ def load_cifar10(indices: list[int], root: str) -> list[PrivateImage] | None:
         img, label = data[i]
         out.append(PrivateImage(f"cifar10:{i}", to_model_space(np.asarray(img)), int(label)))
     return out
+
+
+def foolbox_cifar10_test() -> list[tuple[np.ndarray, int]]:
+    """CIFAR-10's first 20 test images and labels, from the files of the installed foolbox
+    distribution (found by importlib.metadata, without importing foolbox), or a UserError
+    saying what to install."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("foolbox") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("CIFAR-10's test set is neither on disk nor downloadable here, and foolbox, whose wheel "
+                        "ships its first 20 images, is not installed: pip install foolbox") from None
+    found = {}
+    for f in files:
+        match = re.fullmatch(r"cifar10_(\d\d)_(\d)\.png", f.name)
+        if match and f.parent.name == "data":
+            found[int(match[1])] = (np.asarray(read_image(str(f.locate()))), int(match[2]))
+    if sorted(found) != list(range(FOOLBOX_IMAGES)):
+        raise UserError(f"foolbox's wheel should hold CIFAR-10 test images 0-{FOOLBOX_IMAGES - 1}; this one holds "
+                        f"{len(found)} (pip install --force-reinstall foolbox)")
+    return [found[i] for i in range(FOOLBOX_IMAGES)]
+
+
+def load_cifar10_test(indices: list[int], root: str) -> tuple[list[PrivateImage], str]:
+    """CIFAR-10 test images, named cifar10-test:I (never to be taken for training images):
+    the whole test set through torchvision where it is on disk or downloadable, else its
+    first 20 from foolbox's wheel. Returns them and where they came from."""
+    import torchvision
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)
+    try:
+        data = torchvision.datasets.CIFAR10(root=root, train=False, download=True)
+        get, size, where = (lambda i: (np.asarray(data[i][0]), int(data[i][1]))), len(data), "torchvision"
+    except (OSError, RuntimeError, ValueError):  # no network, no disk, bad archive: foolbox's 20
+        shipped = foolbox_cifar10_test()
+        get, size, where = shipped.__getitem__, len(shipped), "foolbox"
+    finally:
+        socket.setdefaulttimeout(old)
+    out = []
+    for i in indices:
+        if not 0 <= i < size:
+            raise UserError(f"--index {i} is out of range: " + ("CIFAR-10 has test images 0-9999" if where == "torchvision"
+                            else f"only CIFAR-10's test images 0-{FOOLBOX_IMAGES - 1} ship without a download "
+                                 "(in foolbox's wheel); the rest needs CIFAR-10 in --data or a network"))
+        rgb, label = get(i)
+        out.append(PrivateImage(f"cifar10-test:{i}", to_model_space(rgb), label))
+    return out, where
 
 
 # scikit-image's sample photographs (skimage.data), used where CIFAR-10 is not available
@@ -326,14 +375,24 @@ def image_files(paths: list[str]) -> list[str]:
     return out
 
 
-def load_images(exp: Experiment) -> list[PrivateImage]:
+def load_images(exp: Experiment) -> tuple[list[PrivateImage], str]:
+    """The images to attack, and the source they actually came from (results.json records
+    it): CIFAR-10's training set (the published code's), its test set, the bundled
+    photographs, or the user's files. Where the training set is out of reach, the same
+    indices of the test set, as foolbox ships them, and the run says so."""
     if exp.images:
-        return load_files(image_files(exp.images), exp.label)
+        return load_files(image_files(exp.images), exp.label), "files"
     if exp.source == "cifar10":
         images = load_cifar10(exp.indices, exp.data)
         if images is not None:
-            return images
-    return load_photographs(exp.indices)
+            return images, "cifar10"
+        images, _ = load_cifar10_test(exp.indices, exp.data)
+        warn(f"attacking CIFAR-10 test image{'s' if len(images) > 1 else ''} "
+             f"{', '.join(i.name for i in images)} instead (its first 20 ship with foolbox)")
+        return images, "cifar10-test"
+    if exp.source == "cifar10-test":
+        return load_cifar10_test(exp.indices, exp.data)[0], "cifar10-test"
+    return load_photographs(exp.indices), "samples"
 
 
 # =============================================================================
@@ -464,14 +523,27 @@ CROP_POOL = 2048  # crops made once per set of photographs; batches are drawn fr
 
 @functools.cache
 def photograph_crops(exclude: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """CROP_POOL random crops (a square of 30-100% of the shorter side, anywhere, flipped
-    half the time) of the bundled photographs other than `exclude`, resized to 32x32 with
-    anti-aliasing, in model space; their labels; and which photographs they come from."""
+    """random_crops of the bundled photographs other than `exclude`, and their names."""
     import skimage.data
 
-    g = torch.Generator().manual_seed(seed)
     sources = [(name, torch.as_tensor(load(skimage.data)).permute(2, 0, 1)[None] / 255.0, label)
                for name, load, label in PHOTOGRAPHS if name != exclude]
+    return *random_crops(sources, seed), " ".join(name for name, _, _ in sources)
+
+
+@functools.cache
+def cifar10_test_crops(exclude: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """random_crops of foolbox's CIFAR-10 test images other than the attacked one."""
+    sources = [(i, torch.as_tensor(rgb).permute(2, 0, 1)[None] / 255.0, label)
+               for i, (rgb, label) in enumerate(foolbox_cifar10_test()) if i != exclude]
+    return random_crops(sources, seed)
+
+
+def random_crops(sources: list[tuple], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROP_POOL random crops (a square of 30-100% of the shorter side, anywhere, flipped
+    half the time) of the (name, (1, 3, H, W) image in [0, 1], label) `sources`, resized to
+    32x32 with anti-aliasing, in model space, and their labels."""
+    g = torch.Generator().manual_seed(seed)
     xs, ys = [], []
     for i in torch.randint(len(sources), (CROP_POOL,), generator=g).tolist():
         _, photo, label = sources[i]
@@ -482,7 +554,7 @@ def photograph_crops(exclude: str, seed: int) -> tuple[torch.Tensor, torch.Tenso
                              mode="bilinear", antialias=True, align_corners=False)
         xs.append(crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop)
         ys.append(label)
-    return torch.cat(xs) - 0.5, torch.tensor(ys), " ".join(name for name, _, _ in sources)
+    return torch.cat(xs) - 0.5, torch.tensor(ys)
 
 
 @functools.cache
@@ -501,6 +573,14 @@ def training_data(image: PrivateImage, seed: int, data_root: str) -> tuple[torch
         x, y = cifar10_train(data_root)
         keep = torch.arange(len(x)) != int(key)  # every training image but the attacked one
         return x[keep], y[keep], f"CIFAR-10 training set less image {key}"
+    if source == "cifar10-test":
+        try:
+            x, y = cifar10_train(data_root)  # the attacked test image is not among them
+            return x, y, "CIFAR-10 training set"
+        except (OSError, RuntimeError):  # offline: the other 19 test images that foolbox ships
+            x, y = cifar10_test_crops(int(key), seed)
+            return x, y, (f"{CROP_POOL} crops of CIFAR-10 test images 0-{FOOLBOX_IMAGES - 1} (foolbox's) "
+                          f"less image {key}")
     x, y, names = photograph_crops(key if source == "samples" else bundled_twin(image), seed)
     return x, y, f"{CROP_POOL} crops of the bundled photographs {names}"
 
@@ -1253,17 +1333,38 @@ def index_by_model(rows: list[dict]) -> dict[str, list[float]]:
     return {model: list(values.values()) for model, values in per_image.items()}
 
 
-def rank_correlation(x: list[float], y: list[float]) -> dict:
-    """Spearman's rho and Kendall's tau (scipy.stats) with their p-values; null where undefined."""
+EXACT_UP_TO = 8  # points: Spearman's p by all n! pairings up to here (40320), scipy's t approximation above
+
+
+def rank_correlation(x: list[float], y: list[float]) -> dict | None:
+    """Spearman's rho and Kendall's tau with two-sided p-values (null where a constant input
+    leaves them undefined); None for fewer than 3 points, where they mean nothing.
+
+    scipy's Spearman p-value is a t approximation that says p = 0 for three points in
+    order; up to EXACT_UP_TO points it comes instead from the exact permutation test (every
+    pairing of the ranks). Kendall's p is scipy's, which is exact for small samples without
+    ties (method='auto')."""
     from scipy import stats
 
-    out = {"n": len(x), "spearman_rho": None, "spearman_p": None, "kendall_tau": None, "kendall_p": None}
     if len(x) < 3:
-        return out
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a constant input leaves them undefined (NaN): null
-        values = (*stats.spearmanr(x, y), *stats.kendalltau(x, y))
-    return out | {k: float(v) if np.isfinite(v) else None for k, v in zip(list(out)[1:], values)}
+        rho, p = stats.spearmanr(x, y)
+        tau, q = stats.kendalltau(x, y)
+        if len(x) <= EXACT_UP_TO and np.isfinite(rho):  # every order of y's ranks against x's
+            x_ranks = stats.rankdata(x)
+            p = stats.permutation_test((stats.rankdata(y),), lambda b, axis=-1: pearson(x_ranks, b, axis),
+                                       vectorized=True, permutation_type="pairings", n_resamples=math.inf).pvalue
+    finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+    return {"n": len(x), "spearman_rho": finite(rho), "spearman_p": finite(p), "kendall_tau": finite(tau),
+            "kendall_p": finite(q)}
+
+
+def pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pearson's correlation along `axis` (of ranks: Spearman's rho), for permutation_test."""
+    a, b = a - a.mean(axis, keepdims=True), b - b.mean(axis, keepdims=True)
+    return (a * b).sum(axis) / np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
 
 
 def index_correlations(rows: list[dict]) -> dict:
@@ -1277,13 +1378,13 @@ def index_correlations(rows: list[dict]) -> dict:
         by_model: dict[str, list[dict]] = {}
         for r in points:
             by_model.setdefault(r["model"], []).append(r)
-        if points:
-            mean = lambda group, key: float(np.mean([float(r[key]) for r in group]))  # noqa: E731
-            out[attack] = {
-                "models": rank_correlation([mean(g, "security_index") for g in by_model.values()],
+        mean = lambda group, key: float(np.mean([float(r[key]) for r in group]))  # noqa: E731
+        over = {"models": rank_correlation([mean(g, "security_index") for g in by_model.values()],
                                            [mean(g, "psnr") for g in by_model.values()]),
                 "pairs": rank_correlation([float(r["security_index"]) for r in points],
                                           [float(r["psnr"]) for r in points])}
+        if any(over.values()):
+            out[attack] = {what: c for what, c in over.items() if c is not None}
     return out
 
 
@@ -1302,15 +1403,19 @@ def correlation_table(correlations: dict) -> str:
 # =============================================================================
 
 
-def plot_comparison(runs: list[dict], folder: Path, path: Path) -> None:
-    """One row per (model, image): Target then each attack, PSNR / SSIM under each."""
+def plot_comparison(runs: list[dict], folder: Path, path: Path) -> object:
+    """One row per (model, image): Target then each attack, PSNR / SSIM under each; as
+    wide as the longest row title needs (a long file name over two columns). Returns the
+    figure."""
     from matplotlib.figure import Figure
 
     columns = ["target"] + [a for a in ATTACKS_ORDER if any(a in run["attacks"] for run in runs)]
-    fig = Figure(figsize=(1.7 * len(columns), 2.35 * len(runs)), layout="constrained")
+    titles = [f"{run['model']}  |  {run['image']}  |  label {run['label']}" for run in runs]
+    width = max(1.7 * len(columns), 0.085 * max(map(len, titles)) + 0.4)  # 10-point text: about 0.08 in a character
+    fig = Figure(figsize=(width, 2.35 * len(runs)), layout="constrained")
     rows = np.atleast_1d(fig.subfigures(len(runs), 1))
-    for row, run in zip(rows, runs):
-        row.suptitle(f"{run['model']}  |  {run['image']}  |  label {run['label']}", fontsize=10)
+    for row, run, title in zip(rows, runs, titles):
+        row.suptitle(title, fontsize=10)
         for ax, name in zip(row.subplots(1, len(columns)), columns):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -1323,6 +1428,7 @@ def plot_comparison(runs: list[dict], folder: Path, path: Path) -> None:
             if name != "target":
                 ax.set_xlabel(f"{format_psnr(entry['psnr'])} / {entry['ssim']:.2f}", fontsize=8)
     fig.savefig(path, dpi=120)
+    return fig
 
 
 PSNR_CAP = 50.0  # the study figure's PSNR axis; above it (R-GAP's exact answers) a triangle at the top
@@ -1656,9 +1762,10 @@ def build_parser(only_given: bool = False) -> Parser:
     g.add_argument("--index", dest="indices", action="extend", nargs="+", metavar="I",
                    help="CIFAR-10 training images (default 3), or positions in the bundled photographs with "
                         "--source samples; ranges such as 0-99 or 0-9,20,31")
-    g.add_argument("--source", choices=["cifar10", "samples"],
-                   help="cifar10 (the default; the photographs where it is out of reach), or samples: "
-                        "scikit-image's sample photographs")
+    g.add_argument("--source", choices=["cifar10", "cifar10-test", "samples"],
+                   help="cifar10: the training set (the default; the test set's first 20 images, which foolbox "
+                        "ships, where it is out of reach); cifar10-test: the test set; samples: scikit-image's "
+                        "sample photographs")
     g.add_argument("--image", dest="images", action="extend", nargs="+", metavar="PATH",
                    help="attack these image files (or the image files in these folders) instead")
     g.add_argument("--label", type=sweeps.count(0, "--label"), metavar="K",
@@ -1830,7 +1937,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         exp, settings, run = settings_from(args)
         configure_torch(exp.device, run.threads)
-        images = load_images(exp)  # after the settings, so that an unknown model fails before any download
+        images, used = load_images(exp)  # after the settings, so that an unknown model fails before any download
+        if not exp.images:  # the record names the source the images came from: a fallback is another experiment
+            exp = dataclasses.replace(exp, source=used)
         if args.analyse:
             return analyse(exp, images)
         sweeps.run(paper_sweep(exp, settings, run, argv, images), run)

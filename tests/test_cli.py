@@ -145,3 +145,18 @@ def test_an_exact_reconstruction_is_shown_as_exact(tmp_path, chelsea):
            "psnr": H.psnr_for_csv(None), "ssim": "1.0", "seconds": "1", "security_index": "0"}
     assert "| inf ± " in H.write_summary(tmp_path, [row, dict(row, image="other")], {})
     assert H.format_psnr(None) == "exact" and H.format_psnr(float("inf")) == "exact"
+
+
+def test_the_comparison_figure_is_as_wide_as_its_titles(tmp_path, chelsea):
+    """One column of reconstructions under a long file name: the row title must fit."""
+    np.save(tmp_path / "t.npy", H.to_image(chelsea.x).astype(np.float32))
+    name = "file:" + "my_face_photographed_at_the_seaside" + "@2bdeb236c4"
+    run = {"model": "cnn2_c1", "image": name, "label": 3, "target": {"npy": "t.npy"},
+           "attacks": {"rgap": {"psnr": 20.0, "ssim": 0.5, "npy": "t.npy"}}}
+    fig = H.plot_comparison([run], tmp_path, tmp_path / "c.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    (title,) = [t for sub in fig.subfigs for t in [sub._suptitle] if t is not None]
+    box, figure = title.get_window_extent(renderer), fig.bbox
+    assert box.x0 >= figure.x0 and box.x1 <= figure.x1, (box, figure)

@@ -4,6 +4,7 @@ import json
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,71 @@ def test_resume_refuses_a_folder_whose_image_file_has_changed(tmp_path):
     assert out.returncode == 2 and "was an image file changed since?" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing touched
+
+
+# -- CIFAR-10's test set, offline from foolbox's wheel ------------------------------------
+
+FOOLBOX_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1, 0, 9, 5, 7, 9, 8, 5, 7, 8, 6]  # CIFAR-10's first 20 test labels
+
+
+def test_cifar10_test_ships_its_first_20_images_offline(tmp_path):
+    nowhere = tmp_path / "a file"  # a --data that cannot hold CIFAR-10: no download is tried
+    nowhere.write_text("")
+    images, where = H.load_cifar10_test(list(range(20)), str(nowhere))
+    assert where == "foolbox" and [i.name for i in images] == [f"cifar10-test:{i}" for i in range(20)]
+    assert [i.label for i in images] == FOOLBOX_LABELS
+    for image in images:
+        pixels = (image.x + 0.5) * 255
+        assert image.x.shape == (1, 3, 32, 32) and float((pixels - pixels.round()).abs().max()) < 1e-4  # 8-bit, as stored
+        assert -0.5 <= float(image.x.min()) and float(image.x.max()) <= 0.5
+    assert len({tuple(i.x.flatten()[:50].tolist()) for i in images}) == 20
+    with pytest.raises(H.UserError, match="only CIFAR-10's test images 0-19 ship without a download"):
+        H.load_cifar10_test([20], str(nowhere))
+
+
+def test_a_missing_foolbox_says_what_to_install(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    with pytest.raises(H.UserError, match="pip install foolbox"):
+        H.foolbox_cifar10_test()
+
+
+DATA = Path(__file__).resolve().parents[1] / H.DATA_PATH
+
+
+@pytest.mark.skipif(not (DATA / "cifar-10-batches-py").exists(), reason="CIFAR-10 is not on disk here")
+def test_foolbox_images_are_torchvisions():
+    import torchvision
+
+    data = torchvision.datasets.CIFAR10(root=str(DATA), train=False, download=False)
+    for i, (rgb, label) in enumerate(H.foolbox_cifar10_test()):
+        assert np.array_equal(np.asarray(data[i][0]), rgb) and data[i][1] == label
+
+
+def test_offline_the_default_attacks_a_cifar10_test_image_and_records_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(H, "load_cifar10", lambda indices, root: None)  # CIFAR-10's training set out of reach
+    assert H.main(["--quick", "--model", "cnn2_c0", "--attacks", "rgap", "--output", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "attacking CIFAR-10 test image cifar10-test:3 instead" in err
+    (folder,) = list(tmp_path.iterdir())
+    results = json.loads((folder / "results.json").read_text())
+    assert results["config"]["source"] == "cifar10-test"
+    assert [r["image"] for r in results["runs"]] == ["cifar10-test:3"] and results["runs"][0]["label"] == 0
+
+
+def test_training_offline_on_cifar10_test_leaves_the_attacked_image_out(monkeypatch):
+    red = np.zeros((32, 32, 3), np.uint8)
+    red[..., 0] = 255
+    shipped = [(red if i == 3 else np.full((32, 32, 3), 9 * i, np.uint8), label) for i, label in enumerate(FOOLBOX_LABELS)]
+    monkeypatch.setattr(H, "foolbox_cifar10_test", lambda: shipped)
+    monkeypatch.setattr(H, "CROP_POOL", 256)
+    H.cifar10_test_crops.cache_clear()
+    try:
+        pure_red = lambda x: ((x[:, 0] > 0.49) & (x[:, 1:] < -0.49).all(1)).flatten(1).all(1)  # noqa: E731
+        assert not pure_red(H.cifar10_test_crops(3, 10)[0]).any()
+        assert pure_red(H.cifar10_test_crops(5, 10)[0]).any()
+    finally:
+        H.cifar10_test_crops.cache_clear()

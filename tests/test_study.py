@@ -1,6 +1,7 @@
 """The study: does the security index predict leakage? Model groups, the index beside the
 quality, its rank correlations, the study figure, and trained weights."""
 import dataclasses
+import itertools
 import json
 import random
 
@@ -59,10 +60,12 @@ def test_correlations_are_scipys_on_each_models_own_numbers():
     corr = H.index_correlations(table(STUDY))
     index = [0, -20, -600, -6200]
     hybrid = [29.0, 23.0, 19.5, 21.5]
-    rho, p = stats.spearmanr(index, hybrid)
+    rho, _ = stats.spearmanr(index, hybrid)
     tau, q = stats.kendalltau(index, hybrid)
+    exact = np.mean([abs(stats.spearmanr(index, order)[0]) >= abs(rho) - 1e-12  # every pairing of 4 points
+                     for order in itertools.permutations(hybrid)])
     assert corr["hybrid"]["models"] == pytest.approx(
-        {"n": 4, "spearman_rho": rho, "spearman_p": p, "kendall_tau": tau, "kendall_p": q})
+        {"n": 4, "spearman_rho": rho, "spearman_p": exact, "kendall_tau": tau, "kendall_p": q})
     points = [(i, p) for m in STUDY.values() for i, ps in m.values() for a, p in ps.items() if a == "rgap"]
     assert corr["rgap"]["pairs"]["spearman_rho"] == pytest.approx(stats.spearmanr(*zip(*points))[0])
     assert corr["rgap"]["pairs"]["n"] == 8 and corr["rgap"]["models"]["spearman_rho"] == pytest.approx(1.0)
@@ -99,7 +102,8 @@ def test_the_study_figure_is_written_for_three_models_or_more(tmp_path, monkeypa
                                                       H.RECORD))
         assert (folder / "index_vs_quality.png").exists() == (n_models >= 3)
         results = json.loads((folder / "results.json").read_text())
-        assert results["correlations"]["hybrid"]["models"]["n"] == n_models
+        assert ("models" in results["correlations"]["hybrid"]) == (n_models >= 3)  # 2 models: no correlation
+        assert results["correlations"]["hybrid"]["pairs"]["n"] == 2 * n_models
         assert ("rank correlations" in (folder / "summary.md").read_text()) == (n_models >= 3)
 
 
@@ -152,3 +156,14 @@ def test_a_trained_run_records_its_training(tmp_path):
     assert run_["training"]["steps"] == 20 and "chelsea" not in run_["training"]["data"]
     rows = (folder / "results.csv").read_text().splitlines()
     assert rows[0].endswith("security_index") and rows[1].endswith(str(run_["security_index"]))
+
+
+def test_small_samples_get_exact_p_values_and_one_model_none():
+    """Three models in order: Spearman's p is 2/6 by every pairing (scipy's t approximation
+    says 0), as Kendall's exact p is; one model has no correlation to report."""
+    three = {m: STUDY[m] for m in ("a", "b", "c")}
+    corr = H.index_correlations(table(three))["rgap"]["models"]
+    assert corr["spearman_rho"] == pytest.approx(1.0) and corr["spearman_p"] == pytest.approx(1 / 3)
+    assert corr["kendall_p"] == pytest.approx(1 / 3)
+    one = H.index_correlations(table({"a": {"x": STUDY["a"]["x"]}}))
+    assert one == {}

@@ -270,15 +270,20 @@ def square_32(rgb: np.ndarray) -> np.ndarray:
 
 
 def load_photographs(indices: list[int]) -> list[PrivateImage]:
-    import skimage.data
-
-    out = []
     for i in indices:
         if not 0 <= i < len(PHOTOGRAPHS):
             raise UserError(f"--index {i} is out of range: the bundled photographs are 0-{len(PHOTOGRAPHS) - 1}")
-        name, load, label = PHOTOGRAPHS[i]
-        out.append(PrivateImage(f"samples:{name}", to_model_space(square_32(load(skimage.data))), label))
-    return out
+    return [all_photographs()[i] for i in indices]
+
+
+@functools.cache
+def all_photographs() -> tuple[PrivateImage, ...]:
+    """The bundled photographs at 32x32, read and resized once a process (training looks
+    for the attacked image among them on every pair)."""
+    import skimage.data
+
+    return tuple(PrivateImage(f"samples:{name}", to_model_space(square_32(load(skimage.data))), label)
+                 for name, load, label in PHOTOGRAPHS)
 
 
 LARGE = 1024  # a shorter side above this is first shrunk by Pillow (a box filter), to at least this
@@ -588,7 +593,7 @@ def training_data(image: PrivateImage, seed: int, data_root: str) -> tuple[torch
 def bundled_twin(image: PrivateImage) -> str:
     """The bundled photograph that `image` is (an --image file of skimage's chelsea, say),
     after the same crop and resize: within 2/255 at every pixel; "" where there is none."""
-    twins = [name for (name, _, _), photo in zip(PHOTOGRAPHS, load_photographs(list(range(len(PHOTOGRAPHS)))))
+    twins = [photo.name.partition(":")[2] for photo in all_photographs()
              if float((photo.x - image.x).abs().max()) <= 2 / 255]
     return twins[0] if twins else ""
 
@@ -1592,8 +1597,10 @@ def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
     folder.save()
     if len(index_by_model(rows)) >= 3:
         plot_index_vs_quality(rows, folder.path / "index_vs_quality.png")
-    notes = [f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "
-             f"{'; '.join(' on '.join(k) for k in missing)}\n" for missing in [folder.results.get("missing")] if missing]
+    notes, missing = [], folder.results.get("missing")
+    if missing:
+        notes.append(f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "
+                     f"{'; '.join(' on '.join(k) for k in missing)}\n")
     notes += [f"\nSkipped on {e['model']} on {e['image']}: {', '.join(e['skipped'])} ({next(iter(e['skipped'].values()))})\n"
               for e in folder.results["runs"] if e.get("skipped")]
     summary = write_summary(folder.path, rows, folder.results["correlations"], "".join(notes))

@@ -1436,21 +1436,27 @@ def plot_comparison(runs: list[dict], folder: Path, path: Path) -> object:
     return fig
 
 
-PSNR_CAP = 50.0  # the study figure's PSNR axis; above it (R-GAP's exact answers) a triangle at the top
+PSNR_CAP = 50.0  # the study figure's PSNR axis; above it (R-GAP's exact answers) drawn at the cap
+ATTACK_MARKERS = {"rgap": "o", "dlg": "v", "idlg": "^", "cosine": "D", "hybrid": "s"}
 
 
-def dodge(index: dict[str, float]) -> dict[str, float]:
-    """x positions: each model at its index, models of equal index spread a little apart,
-    toward more negative values (linearly near 0, in proportion further out, as the
-    symmetric-log axis shows them)."""
+def first_activation(model: str) -> str:
+    """The activation after a zoo model's first convolution (with a leaky ReLU's slope):
+    where the study found that models of one index part (a leaky ReLU's inverse divides
+    by its slope, so errors grow on the way down)."""
+    if model not in MODELS:
+        return "other"
+    arch = MODELS[model]
+    act = arch.acts.split()[0]
+    return f"leaky {arch.slope:g}" if act == "leaky" else act
+
+
+def index_groups(index: dict[str, float]) -> dict[float, list[str]]:
+    """Models by their (mean) security index, the groups in index order."""
     groups: dict[float, list[str]] = {}
-    for model, value in sorted(index.items(), key=lambda kv: kv[0]):
+    for model, value in sorted(index.items(), key=lambda kv: (kv[1], kv[0])):
         groups.setdefault(value, []).append(model)
-    x = {}
-    for value, models in groups.items():
-        for j, model in enumerate(models):
-            x[model] = value - 0.8 * j / max(1, len(models) - 1) if abs(value) < 1 else value * 10 ** (0.02 * j)
-    return x
+    return groups
 
 
 def spread_labels(positions: list[float], gap: float) -> list[float]:
@@ -1465,46 +1471,92 @@ def spread_labels(positions: list[float], gap: float) -> list[float]:
     return out
 
 
-def label_models(ax: object, x: dict[str, float]) -> None:
-    """Model names along the top of the axes, spread apart, each with a line to its x."""
+def label_groups(ax: object, groups: dict[float, list[str]]) -> None:
+    """Above the axes, one label per index value naming its models (a family's common
+    prefix once: "cnn3_c1 c6 c7"), spread apart, each with a line to its index."""
     to_fraction = ax.transAxes.inverted().transform
-    at = sorted((to_fraction(ax.transData.transform((v, 0)))[0], m) for m, v in x.items())
-    gap = min(1 / max(len(at), 1), 0.022)
-    for (point, model), label in zip(at, spread_labels([p for p, _ in at], gap)):
-        ax.annotate(model, (point, 1.0), xytext=(label, 1.07), xycoords="axes fraction",
+    at = [(to_fraction(ax.transData.transform((value, 0)))[0], value) for value in groups]
+    gap = min(1 / max(len(at), 1), 0.03)
+    for (point, value), label in zip(at, spread_labels([p for p, _ in at], gap)):
+        names = groups[value]
+        text = " ".join([names[0]] + [n.split("_", 1)[1] if n.split("_")[0] == names[0].split("_")[0] and "_" in n
+                                      else n for n in names[1:]])
+        ax.annotate(f"{text}  ({value:.0f})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
                     textcoords="axes fraction", rotation=90, fontsize=7, ha="center", va="bottom",
                     arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
 
 
-def plot_index_vs_quality(rows: list[dict], path: Path) -> None:
-    """The study figure: each model's security index (x) against each attack's mean PSNR
-    and SSIM over the model's images, +- their standard deviation."""
+def activation_colours(models: list[str]) -> dict[str, str]:
+    return {act: f"C{i}" for i, act in enumerate(sorted({first_activation(m) for m in models}))}
+
+
+def plot_points(ax: object, summary: list[dict], x: dict[str, float], metric: str, colour: dict[str, str]) -> None:
+    """Each attack's mean (± std over images) per model at x[model]: marker by attack, colour
+    by the first activation; PSNRs above the cap drawn at it, hollow."""
+    for e in summary:
+        if e["model"] not in x:
+            continue
+        mean, std = e[f"{metric}_mean"], e[f"{metric}_std"]
+        capped = metric == "psnr" and mean > PSNR_CAP
+        c = colour[first_activation(e["model"])]
+        ax.errorbar([x[e["model"]]], [PSNR_CAP if capped else mean], None if capped else [std], fmt=ATTACK_MARKERS[e["attack"]],
+                    ms=5, capsize=2, color=c, mfc="none" if capped else c, alpha=0.85, gid=f"{e['model']}|{e['attack']}|{metric}")
+
+
+def study_legend(fig: object, attacks: list[str], models: list[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="none", marker=ATTACK_MARKERS[a], color="0.3", label=DISPLAY[a]) for a in attacks]
+    handles += [Line2D([], [], ls="none", marker="o", color=c, label=f"first activation: {act}")
+                for act, c in activation_colours(models).items()]
+    handles.append(Line2D([], [], ls="none", marker="o", mfc="none", color="0.3", label=f"above {PSNR_CAP:.0f} dB"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
+
+
+def plot_index_vs_quality(rows: list[dict], path: Path) -> object:
+    """The study figure: each model's security index (x) against each attack's mean PSNR and
+    SSIM over its images, +- their standard deviation. The index as it is, never jittered:
+    negative indices on a symmetric-log axis (models of one index share its x and one label
+    above), and index 0 (every layer determined) in a strip of its own at the right, where
+    its models stand side by side, named. Returns the figure."""
     from matplotlib.figure import Figure
 
     summary, index = summarise(rows), {m: float(np.mean(v)) for m, v in index_by_model(rows).items()}
-    x = dodge(index)
-    fig = Figure(figsize=(max(10, 0.4 * len(index)), 9), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
-    for ax, metric, name in zip(axes, ("psnr", "ssim"), ("PSNR (dB)", "SSIM")):
-        for i, attack in enumerate(a for a in ATTACKS_ORDER if any(e["attack"] == a for e in summary)):
-            points = [e for e in summary if e["attack"] == attack and e["model"] in x]
-            mean = np.array([e[f"{metric}_mean"] for e in points])
-            capped = mean > PSNR_CAP if metric == "psnr" else np.zeros(len(points), bool)
-            xs = np.array([x[e["model"]] for e in points])
-            ax.errorbar(xs[~capped], mean[~capped], np.array([e[f"{metric}_std"] for e in points])[~capped],
-                        fmt="o", ms=4, capsize=2, color=f"C{i}", alpha=0.85, label=DISPLAY[attack])
-            ax.plot(xs[capped], np.full(capped.sum(), PSNR_CAP), "^", color=f"C{i}", ms=6)
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylim(top=PSNR_CAP + 2)
-    axes[0].set_xscale("symlog", linthresh=1)
-    axes[0].set_xlim(min(x.values()) * 1.3 - 1, 0.5)
-    label_models(axes[0], x)
-    axes[0].legend(loc="upper left", fontsize=8, title=f"mean over images (triangles: above {PSNR_CAP:.0f} dB)",
-                   title_fontsize=8)
-    axes[1].set_xlabel("security index (symmetric-log axis; 0: every layer determined, more negative: "
-                       "more of the input left free)")
+    zero = sorted(m for m, v in index.items() if v == 0)
+    below = index_groups({m: v for m, v in index.items() if v != 0})
+    fig = Figure(figsize=(max(11, 0.35 * len(index)), 10), layout="constrained")
+    ratios = [w for w in (3 if below else 0, 0.12 * len(zero) + 0.3 if zero else 0) if w]
+    axes = fig.subplots(2, len(ratios), sharey="row", sharex="col", squeeze=False, width_ratios=ratios)
+    attacks = [a for a in ATTACKS_ORDER if any(e["attack"] == a for e in summary)]
+    colour = activation_colours(list(index))
+    for row, (metric, name) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
+        if below:
+            plot_points(axes[row, 0], summary, {m: v for v, ms in below.items() for m in ms}, metric, colour)
+        if zero:
+            plot_points(axes[row, -1], summary, {m: i for i, m in enumerate(zero)}, metric, colour)
+        axes[row, 0].set_ylabel(name)
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylim(top=PSNR_CAP + 2)
+    if below:
+        axes[0, 0].set_xscale("symlog", linthresh=1)
+        lo, hi = min(below) * 1.6, max(below) / 1.6
+        axes[0, 0].set_xlim(lo, hi)
+        ticks = [-m * 10**k for k in range(6) for m in (1, 2, 5) if lo <= -m * 10**k <= hi]
+        axes[1, 0].set_xticks(ticks, [f"{t:g}" for t in ticks])
+        axes[1, 0].minorticks_off()
+        label_groups(axes[0, 0], below)
+        axes[1, 0].set_xlabel("security index < 0 (symmetric-log axis; more negative: more of the input left free)")
+    if zero:
+        strip = axes[1, -1]
+        strip.set_xlim(-0.6, len(zero) - 0.4)
+        strip.set_xticks(range(len(zero)), zero, rotation=90, fontsize=7)
+        axes[0, -1].tick_params(labelbottom=False)
+        axes[0, -1].set_title("security index 0\n(every layer determined)", fontsize=8)
+        strip.set_xlabel("index 0: models side by side")
+    study_legend(fig, attacks, list(index))
     fig.savefig(path, dpi=130)
+    return fig
 
 
 

@@ -110,6 +110,32 @@ def test_the_study_figure_is_written_for_three_models_or_more(tmp_path, monkeypa
 CFG = H.Experiment(device="cpu")
 
 
+def points_by_axes(fig):
+    """{gid 'model|attack|metric': (axes, x)} of every point the study figure drew."""
+    return {line.get_gid(): (ax, line.get_xdata()[0]) for ax in fig.axes for line in ax.lines if line.get_gid()}
+
+
+def test_index_0_models_sit_in_their_own_strip_and_the_rest_at_their_exact_index(tmp_path):
+    spec = {"cnn2_c1": STUDY["a"], "cnn2_c11": STUDY["a"], "cnn3_c1": STUDY["c"], "cnn3_c11": STUDY["c"],
+            "cnn4_c2": STUDY["d"]}  # two pairs share an index: no jitter may part them
+    fig = H.plot_index_vs_quality(table(spec), tmp_path / "f.png")
+    points = points_by_axes(fig)
+    assert len(points) == 2 * 2 * len(spec)  # PSNR and SSIM panels, two attacks
+    strip = {ax for ax in fig.axes if "index 0" in ax.get_title()} | {
+        ax for ax in fig.axes if [t.get_text() for t in ax.get_xticklabels()] == ["cnn2_c1", "cnn2_c11"]}
+    for gid, (ax, x) in points.items():
+        model = gid.split("|")[0]
+        if model in ("cnn2_c1", "cnn2_c11"):
+            assert ax in strip and x == ["cnn2_c1", "cnn2_c11"].index(model)
+        else:
+            assert ax not in strip and ax.get_xscale() == "symlog" and x == {"cnn3_c1": -600, "cnn3_c11": -600,
+                                                                            "cnn4_c2": -6200}[model]
+    assert H.first_activation("cnn3_c11") == "leaky 0.01" and H.first_activation("cnn6d") == "leaky 0.2"
+    colours = {gid: ax.lines[[line.get_gid() for line in ax.lines].index(gid)].get_color()
+               for gid, (ax, _) in points.items()}
+    assert colours["cnn3_c1|rgap|psnr"] != colours["cnn3_c11|rgap|psnr"] == colours["cnn2_c11|hybrid|ssim"]
+
+
 def test_no_training_leaves_the_published_initialisation(chelsea):
     model, training = H.prepare_model(CFG, "cnn3_c1", chelsea)
     assert training is None

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Remakes the hybrid's convergence table (docs/study.md, "How many iterations the hybrid
+# needs"): six models across the zoo x CIFAR-10 test images 0-3, the hybrid alone at
+# 1/10, 1/4, 1/2 and all of the paper's iterations (N0 = 10000 at the image, N = 2000).
+# Each budget's results.json is kept as assets/convergence/N0_<N0>.json and the table
+# written to assets/convergence/table.md. About 40 minutes on 2 CPU cores.
+# Usage: bash assets/make_convergence.sh [OUTPUT_DIR]   (run folders go there; default a temp dir)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-$(mktemp -d)}
+mkdir -p assets/convergence
+models="cnn2_c2 cnn3_c1 cnn3_c11 cnn4_c1 cnn4_c2 lenet"
+for budget in "200 1000" "500 2500" "1000 5000" "2000 10000"; do
+    set -- $budget
+    dir="$out/N0_$2"
+    run=$(ls -d "$dir"/*/ 2>/dev/null | tail -1 || true)  # a folder an interrupted call left: resumed
+    where=$([ -n "$run" ] && echo "--resume $run" || echo "--output $dir")
+    # shellcheck disable=SC2086
+    "${PYTHON:-python}" hybrid.py --model $models --source cifar10-test --index 0-3 --attacks hybrid \
+        --hybrid-iters "$1" --hybrid-iters-first "$2" --jobs auto $where
+    cp "$(ls -d "$dir"/*/ | tail -1)/results.json" "assets/convergence/N0_$2.json"
+done
+"${PYTHON:-python}" assets/convergence_table.py assets/convergence/N0_*.json > assets/convergence/table.md

@@ -548,6 +548,53 @@ def system_bytes(shape_in: tuple[int, int, int], shape_out: tuple[int, int, int]
     return 8 * (co * ho * wo + co * ci * kernel * kernel) * ci * h * w
 
 
+# --model random:N[@SEED]: N architectures drawn by one documented sampler, so a study can
+# test the indices on architectures nobody chose. Each draw: 1-4 convolutions, each with
+# 1-32 output channels, kernel 3-5, stride 1-2, padding 0-2, no bias, and one of the five
+# activations (leaky: slope 0.01); the fc's activation from id, tanh and sigmoid. Draws that
+# do not fit together, repeat an earlier draw, or cost more than cnn4_c2 are rejected:
+# RANDOM_COST bounds the solves (sum over convolutions of max(m, n) min(m, n)^2, the flops of
+# a QR of U up to a constant; cnn4_c2: 2.7e11, cnn3_c5 5.4e11 and cnn6d 6.2e11 would be
+# rejected), RANDOM_UNKNOWNS the hybrid's Adam steps (the unknowns of all layers; cnn4_c2
+# 16480) and RANDOM_SYSTEM_MIB the memory of the largest U (cnn4_c2: 322 MiB).
+RANDOM_SEED = 0
+RANDOM_COST, RANDOM_UNKNOWNS, RANDOM_SYSTEM_MIB = 3e11, 20000, 512
+RANDOM_FC_ACTIVATIONS = ("id", "tanh", "sigmoid")
+
+
+def solve_cost(arch: Arch) -> tuple[float, int, float]:
+    """(the solves' flops up to a constant, all convolutions' unknowns, the largest U in MiB)."""
+    shapes, flops, mib = layer_shapes(arch), 0.0, 0.0
+    for conv, shape_in, shape_out in zip(arch.convs, shapes, shapes[1:]):
+        n, m = math.prod(shape_in), math.prod(shape_out) + conv.out * shape_in[0] * conv.kernel**2
+        flops += max(m, n) * min(m, n) ** 2
+        mib = max(mib, system_bytes(shape_in, shape_out, conv.kernel) / 2**20)
+    return flops, sum(math.prod(shape) for shape in shapes[:-1]), mib
+
+
+def within_random_bound(arch: Arch) -> bool:
+    flops, unknowns, mib = solve_cost(arch)
+    return flops <= RANDOM_COST and unknowns <= RANDOM_UNKNOWNS and mib <= RANDOM_SYSTEM_MIB
+
+
+def random_architectures(n: int, seed: int = RANDOM_SEED) -> list[str]:
+    """The sampler above: n distinct architecture strings, the same for the same seed."""
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(1000 * n + 1000):
+        convs = [f"{rng.integers(1, 33)}k{rng.integers(3, 6)}s{rng.integers(1, 3)}p{rng.integers(0, 3)}-"
+                 f"{rng.choice(ACTIVATIONS)}" for _ in range(rng.integers(1, 5))]
+        text = ",".join([*convs, f"fc-{rng.choice(RANDOM_FC_ACTIVATIONS)}"])
+        try:
+            arch = parse_architecture(text)
+        except UserError:
+            continue  # a kernel larger than its input, or a system too large
+        if within_random_bound(arch) and text not in out:
+            out.append(text)
+            if len(out) == n:
+                return out
+    raise UserError(f"random:{n}@{seed}: the sampler found only {len(out)} architectures within its bound")
+
+
 def architecture(model: str) -> Arch:
     """A zoo name's architecture, or the architecture a string gives."""
     return parse_architecture(MODELS.get(model, model))
@@ -994,6 +1041,32 @@ def security_index(deficiency: list[int]) -> int:
     return int(sum(round(r * (n - l) / n) for l, r in enumerate(deficiency)))
 
 
+def worst_layer_fraction(deficiency: list[int], unknowns: list[int]) -> float:
+    """Ours, beside the paper's index: min_l r_l / n_l, the largest fraction of any one
+    convolution's n_l unknowns that its system leaves free (r_l = rank - n_l <= 0). In
+    [-1, 0]: 0 exactly where the paper's index is 0 before rounding (every layer
+    determined), -1 where some layer's equations determine nothing. Chosen post hoc on the
+    photograph study (docs/study.md), where a count of free unknowns ordered the
+    rank-deficient models worse than a fraction of them; fixed before the held-out test."""
+    return min(r / n for r, n in zip(deficiency, unknowns))
+
+
+def layer_unknowns(model: str) -> list[int]:
+    """n_l: each convolution's unknowns, the size of its input."""
+    return [math.prod(shape) for shape in layer_shapes(architecture(model))[:-1]]
+
+
+INDICES = {"security_index": "security index", "worst_layer_fraction": "worst layer's fraction"}  # column: name
+
+
+def indices_of(model: str, deficiency: list[int] | None) -> dict[str, float | None]:
+    """Both indices of a (model, image) from its rank deficiencies (None where unknown)."""
+    if deficiency is None:
+        return dict.fromkeys(INDICES)
+    return {"security_index": security_index(deficiency),
+            "worst_layer_fraction": worst_layer_fraction(deficiency, layer_unknowns(model))}
+
+
 def rank_deficiency(model: Net, grads: list[torch.Tensor]) -> list[int]:
     """Each convolution's rank deficiency (layer 0 first), from R-GAP's recursion alone."""
     return recursive_reconstruction(model, grads)[1]
@@ -1426,7 +1499,8 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
                 failed += 1
                 continue
             indices.append(security_index(deficiency))
-            say(f"{name} on {image.name}: security index {indices[-1]}")
+            say(f"{name} on {image.name}: security index {indices[-1]}, "
+                f"worst layer's fraction {worst_layer_fraction(deficiency, layer_unknowns(name)):.4f}")
             say(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
             for layer, r in enumerate(deficiency):
                 shape, n = model.shapes[layer], math.prod(model.shapes[layer])
@@ -1442,13 +1516,13 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
     return 1 if failed else 0
 
 
-def index_by_model(rows: list[dict]) -> dict[str, list[float]]:
-    """model -> its security index on each of its images (every results.csv row carries its
-    pair's index)."""
+def index_by_model(rows: list[dict], index: str = "security_index") -> dict[str, list[float]]:
+    """model -> its index (a column of INDICES) on each of its images (every results.csv row
+    carries its pair's indices)."""
     per_image: dict[str, dict[str, float]] = {}
     for r in rows:
-        if r.get("security_index") not in (None, ""):
-            per_image.setdefault(r["model"], {})[r["image"]] = float(r["security_index"])
+        if r.get(index) not in (None, ""):
+            per_image.setdefault(r["model"], {})[r["image"]] = float(r[index])
     return {model: list(values.values()) for model, values in per_image.items()}
 
 
@@ -1487,33 +1561,34 @@ def pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def index_correlations(rows: list[dict]) -> dict:
-    """Does the security index predict leakage? Per attack, rank correlations of the index
+    """Do the indices predict leakage? Per index and attack, rank correlations of the index
     with PSNR over models (each model's mean index and mean PSNR over its images) and over
-    every (model, image) point. The index is <= 0, so leakage that grows as it rises
+    every (model, image) point. Both indices are <= 0, so leakage that grows as they rise
     toward 0 gives a positive correlation."""
-    out = {}
-    for attack in ATTACKS_ORDER:
-        points = [r for r in rows if r["attack"] == attack and r.get("security_index") not in (None, "")]
-        by_model: dict[str, list[dict]] = {}
-        for r in points:
-            by_model.setdefault(r["model"], []).append(r)
-        mean = lambda group, key: float(np.mean([float(r[key]) for r in group]))  # noqa: E731
-        over = {"models": rank_correlation([mean(g, "security_index") for g in by_model.values()],
-                                           [mean(g, "psnr") for g in by_model.values()]),
-                "pairs": rank_correlation([float(r["security_index"]) for r in points],
-                                          [float(r["psnr"]) for r in points])}
-        if any(over.values()):
-            out[attack] = {what: c for what, c in over.items() if c is not None}
+    out: dict[str, dict] = {}
+    for index in INDICES:
+        for attack in ATTACKS_ORDER:
+            points = [r for r in rows if r["attack"] == attack and r.get(index) not in (None, "")]
+            by_model: dict[str, list[dict]] = {}
+            for r in points:
+                by_model.setdefault(r["model"], []).append(r)
+            mean = lambda group, key: float(np.mean([float(r[key]) for r in group]))  # noqa: E731
+            over = {"models": rank_correlation([mean(g, index) for g in by_model.values()],
+                                               [mean(g, "psnr") for g in by_model.values()]),
+                    "pairs": rank_correlation([float(r[index]) for r in points], [float(r["psnr"]) for r in points])}
+            if any(over.values()):
+                out.setdefault(index, {})[attack] = {what: c for what, c in over.items() if c is not None}
     return out
 
 
 def correlation_table(correlations: dict) -> str:
-    lines = ["| attack | over | n | Spearman's rho (p) | Kendall's tau (p) |", "|---|---|---|---|---|"]
+    lines = ["| index | attack | over | n | Spearman's rho (p) | Kendall's tau (p) |", "|---|---|---|---|---|---|"]
     show = lambda v, p: "n/a" if v is None else f"{v:+.3f} ({p:.2g})"  # noqa: E731
-    for attack, over in correlations.items():
-        for what, c in over.items():
-            lines.append(f"| {DISPLAY[attack]} | {what} | {c['n']} | {show(c['spearman_rho'], c['spearman_p'])} | "
-                         f"{show(c['kendall_tau'], c['kendall_p'])} |")
+    for index, by_attack in correlations.items():
+        for attack, over in by_attack.items():
+            for what, c in over.items():
+                lines.append(f"| {INDICES[index]} | {DISPLAY[attack]} | {what} | {c['n']} | "
+                             f"{show(c['spearman_rho'], c['spearman_p'])} | {show(c['kendall_tau'], c['kendall_p'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1585,7 +1660,7 @@ def spread_labels(positions: list[float], gap: float) -> list[float]:
     return out
 
 
-def label_groups(ax: object, groups: dict[float, list[str]]) -> None:
+def label_groups(ax: object, groups: dict[float, list[str]], fmt: str = "{:.0f}") -> None:
     """Above the axes, one label per index value naming its models (a family's common
     prefix once: "cnn3_c1 c6 c7"), spread apart, each with a line to its index."""
     to_fraction = ax.transAxes.inverted().transform
@@ -1595,7 +1670,7 @@ def label_groups(ax: object, groups: dict[float, list[str]]) -> None:
         names = groups[value]
         text = " ".join([names[0]] + [n.split("_", 1)[1] if n.split("_")[0] == names[0].split("_")[0] and "_" in n
                                       else n for n in names[1:]])
-        ax.annotate(f"{text}  ({value:.0f})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
+        ax.annotate(f"{text}  ({fmt.format(value)})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
                     textcoords="axes fraction", rotation=90, fontsize=7, ha="center", va="bottom",
                     arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
 
@@ -1627,15 +1702,16 @@ def study_legend(fig: object, attacks: list[str], models: list[str]) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
 
 
-def plot_index_vs_quality(rows: list[dict], path: Path) -> object:
-    """The study figure: each model's security index (x) against each attack's mean PSNR and
-    SSIM over its images, +- their standard deviation. The index as it is, never jittered:
-    negative indices on a symmetric-log axis (models of one index share its x and one label
-    above), and index 0 (every layer determined) in a strip of its own at the right, where
-    its models stand side by side, named. Returns the figure."""
+def plot_index_vs_quality(rows: list[dict], path: Path, which: str = "security_index") -> object:
+    """The study figure: each model's index (x; `which` of INDICES) against each attack's mean
+    PSNR and SSIM over its images, +- their standard deviation. The index as it is, never
+    jittered: negative values on a symmetric-log axis (the paper's index) or a linear one
+    (the worst layer's fraction), models of one value sharing its x and one label above; 0
+    (every layer determined) in a strip of its own at the right, where its models stand side
+    by side, named. Returns the figure."""
     from matplotlib.figure import Figure
 
-    summary, index = summarise(rows), {m: float(np.mean(v)) for m, v in index_by_model(rows).items()}
+    summary, index = summarise(rows), {m: float(np.mean(v)) for m, v in index_by_model(rows, which).items()}
     zero = sorted(m for m, v in index.items() if v == 0)
     below = index_groups({m: v for m, v in index.items() if v != 0})
     fig = Figure(figsize=(max(11, 0.35 * len(index)), 10), layout="constrained")
@@ -1652,21 +1728,29 @@ def plot_index_vs_quality(rows: list[dict], path: Path) -> object:
         for ax in axes[row]:
             ax.grid(alpha=0.3)
     axes[0, 0].set_ylim(top=PSNR_CAP + 2)
-    if below:
+    name = INDICES[which]
+    if below and which == "security_index":
         axes[0, 0].set_xscale("symlog", linthresh=1)
         lo, hi = min(below) * 1.6, max(below) / 1.6
         axes[0, 0].set_xlim(lo, hi)
         ticks = [-m * 10**k for k in range(6) for m in (1, 2, 5) if lo <= -m * 10**k <= hi]
         axes[1, 0].set_xticks(ticks, [f"{t:g}" for t in ticks])
         axes[1, 0].minorticks_off()
-        label_groups(axes[0, 0], below)
-        axes[1, 0].set_xlabel("security index < 0 (symmetric-log axis; more negative: more of the input left free)")
+        axes[1, 0].set_xlabel("the paper's security index < 0 (symmetric-log axis; more negative: more of the "
+                              "input left free)")
+    elif below:
+        span = max(below) - min(below) or 0.1
+        axes[0, 0].set_xlim(min(below) - 0.05 * span, max(below) + 0.05 * span)
+        axes[1, 0].set_xlabel("the worst layer's fraction of free unknowns, min_l r_l / n_l < 0 (-1: some layer "
+                              "determines nothing)")
+    if below:
+        label_groups(axes[0, 0], below, "{:.0f}" if which == "security_index" else "{:.3f}")
     if zero:
         strip = axes[1, -1]
         strip.set_xlim(-0.6, len(zero) - 0.4)
         strip.set_xticks(range(len(zero)), zero, rotation=90, fontsize=7)
         axes[0, -1].tick_params(labelbottom=False)
-        axes[0, -1].set_title("security index 0\n(every layer determined)", fontsize=8)
+        axes[0, -1].set_title(f"{name} 0\n(every layer determined)", fontsize=8)
         strip.set_xlabel("index 0: models side by side")
     study_legend(fig, attacks, list(index))
     fig.savefig(path, dpi=130)
@@ -1679,7 +1763,7 @@ def plot_index_vs_quality(rows: list[dict], path: Path) -> object:
 # Sweeps of the experiment: the record's rows, the summaries, and what sweeps.py is handed
 # =============================================================================
 
-CSV_COLUMNS = ("model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds", "security_index")
+CSV_COLUMNS = ("model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds", *INDICES)
 FIGURE_ROWS = 8  # a sweep's figure shows its first few (model, image) rows
 
 
@@ -1688,7 +1772,16 @@ def csv_row(entry: dict, attack: str) -> dict:
     e = entry["attacks"][attack]
     return {"model": entry["model"], "image": entry["image"], "attack": attack, "label": e["label"],
             "label_correct": e["label_correct"], "psnr": psnr_for_csv(e["psnr"]), "ssim": e["ssim"],
-            "seconds": e["seconds"], "security_index": entry.get("security_index")}
+            "seconds": e["seconds"]} | recorded_indices(entry)
+
+
+def recorded_indices(entry: dict) -> dict[str, float | None]:
+    """A pair's indices as its entry records them; computed from its deficiencies where it
+    predates one (results.json written before the worst layer's fraction)."""
+    indices = {name: entry.get(name) for name in INDICES}
+    if None in indices.values() and entry.get("rank_deficiency") is not None:
+        indices = indices_of(entry["model"], entry["rank_deficiency"])
+    return indices
 
 
 def psnr_for_csv(value: float | None) -> str:
@@ -1706,18 +1799,21 @@ def is_entry(entry: object) -> bool:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (model, attack): the model's security index over its images (mean, min, max);
+    """Per (model, attack): the model's security index over its images (mean, min, max)
+    and its worst layer's fraction (mean);
     mean, std (n-1), median of PSNR and SSIM; label accuracy; seconds."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["attack"]), []).append(row)
     order = {a: i for i, a in enumerate(ATTACKS_ORDER)}
-    index = index_by_model(rows)
+    index, fraction = index_by_model(rows), index_by_model(rows, "worst_layer_fraction")
     out = []
     for (model, attack), group in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         entry = {"model": model, "attack": attack, "n": len(group)}
         if model in index:
             entry |= {"index_mean": np.mean(index[model]), "index_min": min(index[model]), "index_max": max(index[model])}
+        if model in fraction:
+            entry["fraction_mean"] = np.mean(fraction[model])
         for metric in ("psnr", "ssim"):
             values = np.array([float(r[metric]) for r in group])
             with np.errstate(invalid="ignore"):  # exact reconstructions: infinite PSNR, its std undefined
@@ -1738,14 +1834,15 @@ def write_summary(folder: Path, rows: list[dict], correlations: dict, notes: str
         return notes
     sweeps.write_atomic(folder / "summary.csv", sweeps.csv_text(summary, dict.fromkeys(k for e in summary for k in e)))
     index = lambda e: f"{e['index_mean']:.0f} [{e['index_min']:.0f}, {e['index_max']:.0f}]" if "index_mean" in e else ""  # noqa: E731
-    lines = ["| model | security index mean [min, max] | attack | n | PSNR mean ± std | PSNR median | "
-             "SSIM mean ± std | SSIM median | label acc. | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {e['model']} | {index(e)} | {DISPLAY[e['attack']]} | {e['n']} | {e['psnr_mean']:.2f} ± "
+    fraction = lambda e: f"{e['fraction_mean']:.4f}" if "fraction_mean" in e else ""  # noqa: E731
+    lines = ["| model | security index mean [min, max] | worst layer's fraction | attack | n | PSNR mean ± std | "
+             "PSNR median | SSIM mean ± std | SSIM median | label acc. | seconds |", "|---" * 11 + "|"]
+    lines += [f"| {e['model']} | {index(e)} | {fraction(e)} | {DISPLAY[e['attack']]} | {e['n']} | {e['psnr_mean']:.2f} ± "
               f"{e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± {e['ssim_std']:.3f} | "
               f"{e['ssim_median']:.3f} | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |" for e in summary]
     text = "\n".join(lines) + "\n"
     if len(index_by_model(rows)) >= 3:
-        text += "\nSecurity index against PSNR, rank correlations\n\n" + correlation_table(correlations)
+        text += "\nThe indices against PSNR, rank correlations\n\n" + correlation_table(correlations)
     text += notes
     sweeps.write_atomic(folder / "summary.md", text)
     return text
@@ -1763,6 +1860,8 @@ def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
     folder.save()
     if len(index_by_model(rows)) >= 3:
         plot_index_vs_quality(rows, folder.path / "index_vs_quality.png")
+        if len(index_by_model(rows, "worst_layer_fraction")) >= 3:
+            plot_index_vs_quality(rows, folder.path / "fraction_vs_quality.png", "worst_layer_fraction")
     notes, missing = [], folder.results.get("missing")
     if missing:
         notes.append(f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "
@@ -1844,7 +1943,8 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
         return
     if isinstance(event, RankAnalysis) or (event.attack == "rgap" and "rank_deficiency" not in entry):
         deficiency = event.deficiency if isinstance(event, RankAnalysis) else event.entry["rank_deficiency"]
-        entry["rank_deficiency"], entry["security_index"] = deficiency, security_index(deficiency)
+        entry["rank_deficiency"] = deficiency
+        entry |= indices_of(pair.model, deficiency)
     if isinstance(event, RankAnalysis):
         return
     npy = folder.save_array(f"{stem}_{event.attack}.npy", event.recon.astype(np.float32))
@@ -1888,7 +1988,9 @@ def run_metadata(exp: Experiment, settings: AttackSettings, run: sweeps.RunSetti
 def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings, argv: list[str],
                 images: list[PrivateImage]) -> sweeps.Sweep:
     """The experiment over every model against every image, as sweeps.run takes it."""
-    pairs = [Pair(name, image, exp.attacks, False) for name in exp.models for image in images]
+    # Image by image, every model on each: a long study stopped part-way (or a shard of it)
+    # holds whole images, a smaller study of its own, rather than some of the models.
+    pairs = [Pair(name, image, exp.attacks, False) for image in images for name in exp.models]
     name = exp.models[0] if len(exp.models) == 1 else "grid"
     return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), pairs, left_to_do,
                         functools.partial(attack_pair, exp, settings), record_event, write_figures_and_summary,
@@ -2051,6 +2153,11 @@ def expand_models(names: list[str]) -> list[str]:
             out += matches
         elif name in MODELS:
             out.append(name)
+        elif name.startswith("random:"):
+            m = re.fullmatch(r"random:(\d+)(?:@(\d+))?", name)
+            if m is None or int(m[1]) == 0:
+                raise UserError(f"--model '{name}': expected random:N or random:N@SEED, N at least 1")
+            out += random_architectures(int(m[1]), int(m[2]) if m[2] else RANDOM_SEED)
         elif "-" not in name:
             raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models; or give an "
                             "architecture string, e.g. 8k3s1p0-tanh,fc-id)")

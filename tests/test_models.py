@@ -183,3 +183,46 @@ def test_label_recovery_is_right(name, photographs):
     for sample in photographs:
         for label in {sample.label, (sample.label + 5) % 10}:  # its own label and another
             assert H.recover_label(H.client_gradient(model, sample.x, label)) == label
+
+
+def test_random_architectures_are_seeded_distinct_and_within_the_bound():
+    first, again, other = H.random_architectures(12, 7), H.random_architectures(12, 7), H.random_architectures(12, 8)
+    assert first == again and first != other and len(set(first)) == 12
+    assert H.expand_models(["random:12@7"]) == first and H.expand_models(["random:3"]) == H.random_architectures(3)
+    for text in first:
+        arch = H.parse_architecture(text)
+        assert str(arch) == text and 1 <= len(arch.convs) <= 4 and arch.fc_act in ("id", "tanh", "sigmoid")
+        assert all(1 <= c.out <= 32 and 3 <= c.kernel <= 5 and 1 <= c.stride <= 2 and 0 <= c.padding <= 2
+                   and not c.bias and c.act in H.ACTIVATIONS for c in arch.convs)
+        flops, unknowns, mib = H.solve_cost(arch)
+        assert flops <= H.RANDOM_COST and unknowns <= H.RANDOM_UNKNOWNS and mib <= H.RANDOM_SYSTEM_MIB
+    assert not H.within_random_bound(H.architecture("cnn3_c5")) and H.within_random_bound(H.architecture("cnn4_c2"))
+
+
+@pytest.mark.parametrize("value", ["random:0", "random:x", "random:3@"])
+def test_a_bad_random_value_is_one_line(value, capsys):
+    assert H.main(["--analyse", "--source", "samples", "--model", value]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "expected random:N or random:N@SEED" in err
+
+
+@pytest.mark.slow
+def test_an_architecture_string_runs_end_to_end(tmp_path, capsys):
+    """--analyse, the attacks in two workers, two shards, --resume and --merge, on a model
+    that exists only as a string."""
+    text = "4k4s2p0-tanh,3k3s1p0-leaky,fc-id"
+    assert H.main(["--analyse", "--source", "samples", "--model", text]) == 0
+    assert f"{text} on samples:chelsea: security index" in capsys.readouterr().out
+    sweep = ["--quick", "--source", "samples", "--index", "0-3", "--model", text, "cnn2_c0", "--attacks", "rgap",
+             "hybrid", "--jobs", "2"]
+    for shard in ("0/2", "1/2"):
+        assert H.main([*sweep, "--shard", shard, "--output", str(tmp_path / "shards")]) == 0
+    shards = sorted((tmp_path / "shards").iterdir())
+    assert H.main([*sweep, "--shard", "0/2", "--resume", str(shards[0])]) == 0  # nothing left: it stays as it was
+    assert H.main(["--merge", *map(str, shards), "--output", str(tmp_path / "merged")]) == 0
+    (merged,) = (tmp_path / "merged").iterdir()
+    runs = json.loads((merged / "results.json").read_text())["runs"]
+    ours = [r for r in runs if r["model"] == text]
+    assert len(ours) == 4 and all(r["architecture"] == text and set(r["attacks"]) == {"rgap", "hybrid"} for r in ours)
+    assert all((merged / r["attacks"]["hybrid"]["npy"]).exists() for r in ours)
+    assert {r["architecture"] for r in runs if r["model"] == "cnn2_c0"} == {H.MODELS["cnn2_c0"]}

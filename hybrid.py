@@ -81,7 +81,8 @@ OUTPUT_PATH = "output"  # each run writes a new folder under here
 DATA_PATH = "data"  # CIFAR-10 lives (or is downloaded) here
 # -----------------------------------------------------------------------------
 
-ATTACKS_ORDER = ("rgap", "dlg", "idlg", "cosine", "hybrid")  # the figure's column order
+ATTACKS_ORDER = ("rgap", "dlg", "idlg", "cosine", "hybrid", "hybrid_free")  # the figures' column order
+PAPER_ATTACKS = ATTACKS_ORDER[:5]  # the default: the paper's comparison (hybrid_free is ours)
 PUBLISHED_SEED = 10  # the published code set torch's and numpy's seeds to 10
 
 
@@ -97,6 +98,7 @@ class AttackSettings:
     restarts: int = 1  # DLG, iDLG, Cosine+TV: starts from random images, the best kept (1: the paper's)
     true_label: bool = False  # hand the client's label to every attack (ablation)
     compile: bool = False  # the hybrid's objective through torch.compile (same numbers, faster steps)
+    correct_where: str = "free-at-or-above"  # hybrid_free: which layers it corrects (CORRECT_WHERE)
     verbose: bool = False  # per-layer details
 
 
@@ -113,7 +115,7 @@ class Experiment:
     source: str = "cifar10"  # or "samples": scikit-image's sample photographs (skimage.data)
     images: list[str] = field(default_factory=list)  # --image: the user's files, instead of a source
     label: int = 0  # the class of the --image files
-    attacks: list[str] = field(default_factory=lambda: list(ATTACKS_ORDER))
+    attacks: list[str] = field(default_factory=lambda: list(PAPER_ATTACKS))
     seed: int = PUBLISHED_SEED  # set before every attack
     model_seed: int = PUBLISHED_SEED  # set before a model's layers are built
     train_steps: int = 0  # SGD steps before the client's gradient (0: the published initialisation)
@@ -405,63 +407,197 @@ def load_images(exp: Experiment) -> tuple[list[PrivateImage], str]:
 # =============================================================================
 
 
+# An architecture is one string: convolutions OUTkKsSpP[b]-ACT, comma-separated, then
+# fc-ACT. OUT output channels, kernel K, stride S, zero padding P, b: the convolution has a
+# bias; ACT tanh, sigmoid, softplus, id, leaky (slope 0.01) or leakyA (slope A). Input
+# channels follow from the layer before (3 first), the input is 3x32x32, and the fc layer
+# has 10 outputs and a bias. This grammar is the interface: scripts rely on it.
+ACTIVATIONS = ("tanh", "sigmoid", "softplus", "id", "leaky")
+CONV_PATTERN = re.compile(r"(\d+)k(\d+)s(\d+)p(\d+)(b?)-([a-z]+[0-9.]*)")
+FC_PATTERN = re.compile(r"fc-([a-z]+[0-9.]*)")
+MAX_SYSTEM_GIB = 4.0  # a convolution's U in float64 above this is refused (24 GiB machines; the QR copies it)
+
+
+class Conv(NamedTuple):
+    out: int
+    kernel: int
+    stride: int
+    padding: int
+    bias: bool
+    act: str  # as written: tanh sigmoid softplus id leaky leakyA
+
+
 class Arch(NamedTuple):
-    convs: list[tuple[int, int, int, int, int]]  # (in, out, kernel, stride, padding) per convolution
-    acts: str  # one activation per layer, the fc's last: tanh sigmoid leaky softplus id
-    bias: bool = False  # convolutions with bias (the fc layer always has one)
-    slope: float = 0.01  # leaky-ReLU negative slope
+    convs: tuple[Conv, ...]
+    fc_act: str
+
+    def __str__(self) -> str:
+        return ",".join([f"{c.out}k{c.kernel}s{c.stride}p{c.padding}{'b' * c.bias}-{c.act}" for c in self.convs]
+                        + [f"fc-{self.fc_act}"])
 
 
-# Convolution stacks that several models share: within a family the layers stay and
-# the activations change. Each is named after the model that introduces it.
-CNN2_C1 = [(3, 6, 3, 1, 0)]  # cnn2_c1, cnn2_c11
-CNN2_C2 = [(3, 6, 4, 2, 0)]  # cnn2_c2, cnn2_c21
-CNN2_C4 = [(3, 1, 3, 1, 0)]  # cnn2_c4, cnn2_c41
-CNN3_C1 = [(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)]  # cnn3_c1, c6, c7, c11-c15
-CNN3_C2 = [(3, 6, 4, 2, 0), (6, 3, 3, 2, 0)]  # cnn3_c2, c21, c22
-CNN3_C3 = [(3, 6, 3, 1, 0), (6, 9, 3, 1, 0)]  # cnn3_c3, c31, c32
-CNN3_C4 = [(3, 1, 3, 1, 0), (1, 6, 3, 1, 0)]  # cnn3_c4, c41, c42
-MODELS: dict[str, Arch] = {
-    "cnn2_c0": Arch([(3, 1, 3, 2, 0)], "tanh tanh"),
-    "cnn2_c1": Arch(CNN2_C1, "tanh id"),
-    "cnn2_c2": Arch(CNN2_C2, "tanh id"),
-    "cnn2_c4": Arch(CNN2_C4, "tanh tanh"),
-    "cnn2_c5": Arch([(3, 3, 3, 1, 1)], "tanh tanh"),
-    "cnn2_c6": Arch([(3, 12, 5, 2, 0)], "tanh id"),
-    "cnn2_c11": Arch(CNN2_C1, "leaky sigmoid"),
-    "cnn2_c21": Arch(CNN2_C2, "leaky sigmoid"),
-    "cnn2_c41": Arch(CNN2_C4, "leaky sigmoid"),
-    "cnn3_c1": Arch(CNN3_C1, "tanh tanh id"),
-    "cnn3_c2": Arch(CNN3_C2, "tanh tanh id"),
-    "cnn3_c3": Arch(CNN3_C3, "tanh tanh id"),
-    "cnn3_c4": Arch(CNN3_C4, "tanh tanh id"),
-    "cnn3_c5": Arch([(3, 12, 5, 1, 1), (12, 12, 5, 2, 2)], "tanh tanh id"),
-    "cnn3_c6": Arch(CNN3_C1, "leaky leaky tanh"),
-    "cnn3_c7": Arch(CNN3_C1, "tanh leaky tanh"),
-    "cnn3_c8": Arch([(3, 9, 3, 1, 0), (9, 3, 4, 2, 0)], "tanh tanh tanh"),
-    "cnn3_c9": Arch([(3, 5, 3, 1, 0), (5, 7, 3, 1, 0)], "tanh tanh tanh"),
-    "cnn3_c11": Arch(CNN3_C1, "leaky leaky sigmoid"),
-    "cnn3_c12": Arch(CNN3_C1, "softplus softplus sigmoid"),
-    "cnn3_c13": Arch(CNN3_C1, "tanh tanh sigmoid"),
-    "cnn3_c14": Arch(CNN3_C1, "id id sigmoid"),
-    "cnn3_c15": Arch(CNN3_C1, "id id tanh"),
-    "cnn3_c21": Arch(CNN3_C2, "leaky leaky sigmoid"),
-    "cnn3_c22": Arch(CNN3_C2, "softplus softplus sigmoid"),
-    "cnn3_c31": Arch(CNN3_C3, "leaky leaky sigmoid"),
-    "cnn3_c32": Arch(CNN3_C3, "softplus softplus sigmoid"),
-    "cnn3_c41": Arch(CNN3_C4, "leaky leaky sigmoid"),
-    "cnn3_c42": Arch(CNN3_C4, "softplus softplus sigmoid"),
-    "cnn4_c1": Arch([(3, 6, 3, 1, 0), (6, 5, 4, 2, 0), (5, 3, 4, 1, 0)], "tanh tanh tanh id"),
-    "cnn4_c2": Arch([(3, 16, 5, 1, 0), (16, 6, 5, 2, 0), (6, 32, 5, 1, 2)], "tanh tanh tanh id"),
-    "cnn4_c3": Arch([(3, 6, 5, 1, 0), (6, 16, 5, 2, 0), (16, 16, 5, 1, 2)], "tanh tanh tanh id"),
-    "lenet2": Arch([(3, 12, 3, 2, 1), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)], "tanh tanh tanh id"),
-    "lenet": Arch([(3, 12, 5, 2, 2), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)],
-                  "leaky leaky leaky id", bias=True),
+# The published code's zoo, as architecture strings.
+MODELS: dict[str, str] = {
+    "cnn2_c0": "1k3s2p0-tanh,fc-tanh",
+    "cnn2_c1": "6k3s1p0-tanh,fc-id",
+    "cnn2_c2": "6k4s2p0-tanh,fc-id",
+    "cnn2_c4": "1k3s1p0-tanh,fc-tanh",
+    "cnn2_c5": "3k3s1p1-tanh,fc-tanh",
+    "cnn2_c6": "12k5s2p0-tanh,fc-id",
+    "cnn2_c11": "6k3s1p0-leaky,fc-sigmoid",
+    "cnn2_c21": "6k4s2p0-leaky,fc-sigmoid",
+    "cnn2_c41": "1k3s1p0-leaky,fc-sigmoid",
+    "cnn3_c1": "6k3s1p0-tanh,3k4s2p0-tanh,fc-id",
+    "cnn3_c2": "6k4s2p0-tanh,3k3s2p0-tanh,fc-id",
+    "cnn3_c3": "6k3s1p0-tanh,9k3s1p0-tanh,fc-id",
+    "cnn3_c4": "1k3s1p0-tanh,6k3s1p0-tanh,fc-id",
+    "cnn3_c5": "12k5s1p1-tanh,12k5s2p2-tanh,fc-id",
+    "cnn3_c6": "6k3s1p0-leaky,3k4s2p0-leaky,fc-tanh",
+    "cnn3_c7": "6k3s1p0-tanh,3k4s2p0-leaky,fc-tanh",
+    "cnn3_c8": "9k3s1p0-tanh,3k4s2p0-tanh,fc-tanh",
+    "cnn3_c9": "5k3s1p0-tanh,7k3s1p0-tanh,fc-tanh",
+    "cnn3_c11": "6k3s1p0-leaky,3k4s2p0-leaky,fc-sigmoid",
+    "cnn3_c12": "6k3s1p0-softplus,3k4s2p0-softplus,fc-sigmoid",
+    "cnn3_c13": "6k3s1p0-tanh,3k4s2p0-tanh,fc-sigmoid",
+    "cnn3_c14": "6k3s1p0-id,3k4s2p0-id,fc-sigmoid",
+    "cnn3_c15": "6k3s1p0-id,3k4s2p0-id,fc-tanh",
+    "cnn3_c21": "6k4s2p0-leaky,3k3s2p0-leaky,fc-sigmoid",
+    "cnn3_c22": "6k4s2p0-softplus,3k3s2p0-softplus,fc-sigmoid",
+    "cnn3_c31": "6k3s1p0-leaky,9k3s1p0-leaky,fc-sigmoid",
+    "cnn3_c32": "6k3s1p0-softplus,9k3s1p0-softplus,fc-sigmoid",
+    "cnn3_c41": "1k3s1p0-leaky,6k3s1p0-leaky,fc-sigmoid",
+    "cnn3_c42": "1k3s1p0-softplus,6k3s1p0-softplus,fc-sigmoid",
+    "cnn4_c1": "6k3s1p0-tanh,5k4s2p0-tanh,3k4s1p0-tanh,fc-id",
+    "cnn4_c2": "16k5s1p0-tanh,6k5s2p0-tanh,32k5s1p2-tanh,fc-id",
+    "cnn4_c3": "6k5s1p0-tanh,16k5s2p0-tanh,16k5s1p2-tanh,fc-id",
+    "lenet2": "12k3s2p1-tanh,12k5s2p2-tanh,12k5s1p2-tanh,fc-id",
+    "lenet": "12k5s2p2b-leaky,12k5s2p2b-leaky,12k5s1p2b-leaky,fc-id",
     # R-GAP's rank-deficient CNN6-d (Zhu and Blaschko, ICLR 2021): its CNN6 has 12->36->36
     # in the first convolutions, CNN6-d narrows the second to 20 channels.
-    "cnn6d": Arch([(3, 12, 4, 2, 2), (12, 20, 3, 2, 1), (20, 36, 3, 1, 1), (36, 36, 3, 1, 1),
-                   (36, 64, 3, 2, 1), (64, 128, 3, 1, 1)], "leaky " * 6 + "id", slope=0.2),
+    "cnn6d": "12k4s2p2-leaky0.2,20k3s2p1-leaky0.2,36k3s1p1-leaky0.2,36k3s1p1-leaky0.2,64k3s2p1-leaky0.2,"
+             "128k3s1p1-leaky0.2,fc-id",
 }
+
+
+def leaky_slope(act: str) -> float | None:
+    """The negative slope of 'leaky' (0.01) or 'leakyA' (A); None for the other activations."""
+    if not act.startswith("leaky"):
+        return None
+    return 0.01 if act == "leaky" else float(act[5:])
+
+
+def check_activation(act: str, where: str) -> None:
+    if act in ACTIVATIONS or re.fullmatch(r"leaky(\d+\.?\d*|\.\d+)", act):
+        if leaky_slope(act) == 0:
+            raise UserError(f"{where}: '{act}' is a ReLU, which cannot be inverted (give a slope above 0)")
+        return
+    raise UserError(f"{where}: unknown activation '{act}' (tanh, sigmoid, softplus, id, leaky or leakyA, e.g. leaky0.2)")
+
+
+def parse_architecture(text: str) -> Arch:
+    """An architecture string (above) as an Arch, every layer checked; a bad one is a
+    UserError naming the layer and why."""
+    parts = text.split(",")
+    convs = []
+    for i, part in enumerate(parts[:-1]):
+        where = f"architecture '{text}', layer {i} '{part}'"
+        m = CONV_PATTERN.fullmatch(part)
+        if m is None:
+            why = "fc must be the last layer" if part.startswith("fc") else "expected OUTkKsSpP[b]-ACT, e.g. 16k5s1p0-tanh"
+            raise UserError(f"{where}: {why}")
+        check_activation(m[6], where)
+        convs.append(Conv(*map(int, m.groups()[:4]), m[5] == "b", m[6]))
+    fc = FC_PATTERN.fullmatch(parts[-1])
+    if fc is None:
+        raise UserError(f"architecture '{text}': it must end in fc-ACT (e.g. fc-id), not '{parts[-1]}'")
+    check_activation(fc[1], f"architecture '{text}', its fc layer")
+    if not convs:
+        raise UserError(f"architecture '{text}': it needs a convolution before fc (the attacks solve their systems)")
+    arch = Arch(tuple(convs), fc[1])
+    layer_shapes(arch, text)
+    return arch
+
+
+def layer_shapes(arch: Arch, text: str = "") -> list[tuple[int, int, int]]:
+    """The input shape (C, H, W) of every layer, the fc's last; a layer that cannot follow
+    the one before, or whose system U would not fit in memory, is a UserError."""
+    shapes, (c, h, w) = [], (3, 32, 32)
+    for i, conv in enumerate(arch.convs):
+        where = f"architecture '{text or arch}', layer {i} '{str(arch).split(',')[i]}'"
+        if 0 in (conv.out, conv.kernel, conv.stride):
+            what = "0 output channels" if conv.out == 0 else "kernel 0" if conv.kernel == 0 else "stride 0"
+            raise UserError(f"{where}: with {what} its output would be empty")
+        if conv.kernel > min(h, w) + 2 * conv.padding:
+            raise UserError(f"{where}: kernel {conv.kernel} is larger than its padded input "
+                            f"({h}x{w} with padding {conv.padding})")
+        shapes.append((c, h, w))
+        c, h, w = conv.out, (h + 2 * conv.padding - conv.kernel) // conv.stride + 1, \
+            (w + 2 * conv.padding - conv.kernel) // conv.stride + 1
+        gib = system_bytes(shapes[-1], (c, h, w), conv.kernel) / 2**30
+        if gib > MAX_SYSTEM_GIB:
+            raise UserError(f"{where}: its linear system would take {gib:.1f} GiB in float64 "
+                            f"(the limit is {MAX_SYSTEM_GIB:g} GiB)")
+    shapes.append((c, h, w))
+    return shapes
+
+
+def system_bytes(shape_in: tuple[int, int, int], shape_out: tuple[int, int, int], kernel: int) -> int:
+    """U of a convolution in float64: (C_out H' W' forward rows + C_out C_in k^2 gradient
+    rows) x C_in H W unknowns."""
+    (ci, h, w), (co, ho, wo) = shape_in, shape_out
+    return 8 * (co * ho * wo + co * ci * kernel * kernel) * ci * h * w
+
+
+# --model random:N[@SEED]: N architectures drawn by one documented sampler, so a study can
+# test the indices on architectures nobody chose. Each draw: 1-4 convolutions, each with
+# 1-32 output channels, kernel 3-5, stride 1-2, padding 0-2, no bias, and one of the five
+# activations (leaky: slope 0.01); the fc's activation from id, tanh and sigmoid. Draws that
+# do not fit together, repeat an earlier draw, or cost more than cnn4_c2 are rejected:
+# RANDOM_COST bounds the solves (sum over convolutions of max(m, n) min(m, n)^2, the flops of
+# a QR of U up to a constant; cnn4_c2: 2.7e11, cnn3_c5 5.4e11 and cnn6d 6.2e11 would be
+# rejected), RANDOM_UNKNOWNS the hybrid's Adam steps (the unknowns of all layers; cnn4_c2
+# 16480) and RANDOM_SYSTEM_MIB the memory of the largest U (cnn4_c2: 322 MiB).
+RANDOM_SEED = 0
+RANDOM_COST, RANDOM_UNKNOWNS, RANDOM_SYSTEM_MIB = 3e11, 20000, 512
+RANDOM_FC_ACTIVATIONS = ("id", "tanh", "sigmoid")
+
+
+def solve_cost(arch: Arch) -> tuple[float, int, float]:
+    """(the solves' flops up to a constant, all convolutions' unknowns, the largest U in MiB)."""
+    shapes, flops, mib = layer_shapes(arch), 0.0, 0.0
+    for conv, shape_in, shape_out in zip(arch.convs, shapes, shapes[1:]):
+        n, m = math.prod(shape_in), math.prod(shape_out) + conv.out * shape_in[0] * conv.kernel**2
+        flops += max(m, n) * min(m, n) ** 2
+        mib = max(mib, system_bytes(shape_in, shape_out, conv.kernel) / 2**20)
+    return flops, sum(math.prod(shape) for shape in shapes[:-1]), mib
+
+
+def within_random_bound(arch: Arch) -> bool:
+    flops, unknowns, mib = solve_cost(arch)
+    return flops <= RANDOM_COST and unknowns <= RANDOM_UNKNOWNS and mib <= RANDOM_SYSTEM_MIB
+
+
+def random_architectures(n: int, seed: int = RANDOM_SEED) -> list[str]:
+    """The sampler above: n distinct architecture strings, the same for the same seed."""
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(1000 * n + 1000):
+        convs = [f"{rng.integers(1, 33)}k{rng.integers(3, 6)}s{rng.integers(1, 3)}p{rng.integers(0, 3)}-"
+                 f"{rng.choice(ACTIVATIONS)}" for _ in range(rng.integers(1, 5))]
+        text = ",".join([*convs, f"fc-{rng.choice(RANDOM_FC_ACTIVATIONS)}"])
+        try:
+            arch = parse_architecture(text)
+        except UserError:
+            continue  # a kernel larger than its input, or a system too large
+        if within_random_bound(arch) and text not in out:
+            out.append(text)
+            if len(out) == n:
+                return out
+    raise UserError(f"random:{n}@{seed}: the sampler found only {len(out)} architectures within its bound")
+
+
+def architecture(model: str) -> Arch:
+    """A zoo name's architecture, or the architecture a string gives."""
+    return parse_architecture(MODELS.get(model, model))
 
 
 class Net(nn.Module):
@@ -481,25 +617,22 @@ class Net(nn.Module):
         return x
 
 
-def make_activation(name: str, slope: float) -> nn.Module:
-    return {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "id": nn.Identity,
-            "leaky": lambda: nn.LeakyReLU(slope)}[name]()
+def make_activation(name: str) -> nn.Module:
+    if name.startswith("leaky"):
+        return nn.LeakyReLU(leaky_slope(name))
+    return {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "id": nn.Identity}[name]()
 
 
 def build_model(name: str, seed: int = PUBLISHED_SEED) -> Net:
-    """One of MODELS, initialised as published: seed, then PyTorch's default init, layer by layer."""
-    if name not in MODELS:
-        raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
-    arch = MODELS[name]
-    shapes, (c, h, w) = [], (3, 32, 32)
-    for _, cout, k, s, p in arch.convs:  # derive the fc size from the shapes
-        shapes.append((c, h, w))
-        c, h, w = cout, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    shapes.append((c, h, w))
+    """A zoo model or an architecture string, initialised as published: seed, then
+    PyTorch's default init, layer by layer (so a zoo model's string gives its weights)."""
+    arch = architecture(name)
+    shapes = layer_shapes(arch)
     seed_everything(seed)
-    layers: list[nn.Module] = [nn.Conv2d(ci, co, k, s, p, bias=arch.bias) for ci, co, k, s, p in arch.convs]
-    layers.append(nn.Linear(c * h * w, 10))
-    acts = [make_activation(a, arch.slope) for a in arch.acts.split()]
+    layers: list[nn.Module] = [nn.Conv2d(shape[0], conv.out, conv.kernel, conv.stride, conv.padding, bias=conv.bias)
+                               for conv, shape in zip(arch.convs, shapes)]
+    layers.append(nn.Linear(math.prod(shapes[-1]), 10))
+    acts = [make_activation(conv.act) for conv in arch.convs] + [make_activation(arch.fc_act)]
     return Net(layers, acts, shapes)
 
 
@@ -864,15 +997,18 @@ def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tenso
 
 
 Corrector = Callable[[LayerSystem, torch.Tensor], torch.Tensor]  # (system, x_hat) -> the x passed down
+Where = Callable[[list[int]], bool]  # the deficiencies of layers l, l+1, ... -> correct layer l?
 
 
 def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Corrector | None = None,
-                             verbose: bool = False) -> tuple[torch.Tensor, list[int]]:
+                             verbose: bool = False, where: Where | None = None) -> tuple[torch.Tensor, list[int]]:
     """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image.
 
     Returns the image estimate (1, 3, 32, 32) and each convolution's rank deficiency
     (layer 0 first). `correct` (the hybrid's gradient matching) may replace each
-    least-squares solution before it is passed down (gradient_matching).
+    least-squares solution before it is passed down (gradient_matching): at every layer,
+    or only at the layers l where `where(deficiency[l:])` holds (the recursion runs from
+    the top, so layer l's and the deficiencies above it are known by then).
     """
     n_layers = len(model.layers)
     grads = [g.detach().double().cpu() for g in grads]  # the recursion runs in float64 on the CPU
@@ -885,7 +1021,7 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
         deficiency[layer] = rank - U.shape[1]
         dl_da = U[: system.z_minus_b.numel()].T @ system.delta.flatten()  # dL/da_{l-1} = M^T delta
         a_hat = x_hat.view(1, *model.shapes[layer])
-        if correct is not None:
+        if correct is not None and (where is None or where(deficiency[layer:])):
             a_hat = correct(system, a_hat).double().cpu()
         if verbose:
             say(f"  layer {layer}: {U.shape[0]} equations, {U.shape[1]} unknowns, "
@@ -903,6 +1039,32 @@ def security_index(deficiency: list[int]) -> int:
     """
     n = len(deficiency)  # = L - 1
     return int(sum(round(r * (n - l) / n) for l, r in enumerate(deficiency)))
+
+
+def worst_layer_fraction(deficiency: list[int], unknowns: list[int]) -> float:
+    """Ours, beside the paper's index: min_l r_l / n_l, the largest fraction of any one
+    convolution's n_l unknowns that its system leaves free (r_l = rank - n_l <= 0). In
+    [-1, 0]: 0 exactly where the paper's index is 0 before rounding (every layer
+    determined), -1 where some layer's equations determine nothing. Chosen post hoc on the
+    photograph study (docs/study.md), where a count of free unknowns ordered the
+    rank-deficient models worse than a fraction of them; fixed before the held-out test."""
+    return min(r / n for r, n in zip(deficiency, unknowns))
+
+
+def layer_unknowns(model: str) -> list[int]:
+    """n_l: each convolution's unknowns, the size of its input."""
+    return [math.prod(shape) for shape in layer_shapes(architecture(model))[:-1]]
+
+
+INDICES = {"security_index": "security index", "worst_layer_fraction": "worst layer's fraction"}  # column: name
+
+
+def indices_of(model: str, deficiency: list[int] | None) -> dict[str, float | None]:
+    """Both indices of a (model, image) from its rank deficiencies (None where unknown)."""
+    if deficiency is None:
+        return dict.fromkeys(INDICES)
+    return {"security_index": security_index(deficiency),
+            "worst_layer_fraction": worst_layer_fraction(deficiency, layer_unknowns(model))}
 
 
 def rank_deficiency(model: Net, grads: list[torch.Tensor]) -> list[int]:
@@ -1074,6 +1236,30 @@ def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: A
     return AttackResult(x.to(grads[0].device), label, {"rank_deficiency": deficiency})
 
 
+# -- hybrid_free: ours, not the paper's -------------------------------------------------
+# Where every system from layer l up is full rank, the least-squares solution of layer l
+# is determined by the shared gradient (up to conditioning): gradient matching can only move
+# it away, and on leaky-ReLU models the inverse activations below multiply that move by
+# 1/slope (lenet: R-GAP 54 dB, the paper's hybrid 6 dB, in the published code as in ours).
+# So correct only where the systems leave freedom. The rule reads the ranks alone, which the
+# attacker has without the image: it stays inside the threat model.
+
+CORRECT_WHERE: dict[str, Where] = {
+    "free-at-or-above": lambda deficiency: any(r < 0 for r in deficiency),  # layer l or one above it
+    "free-here": lambda deficiency: deficiency[0] < 0,  # layer l itself
+}
+
+
+def attack_hybrid_free(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+    """The hybrid, correcting a convolution only where settings.correct_where says the
+    systems leave it freedom; elsewhere R-GAP's least-squares solution is passed down."""
+    where = CORRECT_WHERE[settings.correct_where]
+    correct = functools.partial(gradient_matching, model, grads=grads, label=label, settings=settings)
+    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose, where=where)
+    corrected = [layer for layer in range(len(deficiency)) if where(deficiency[layer:])]
+    return AttackResult(x.to(grads[0].device), label, {"rank_deficiency": deficiency, "corrected_layers": corrected})
+
+
 # -- --compile: the same J through torch.func, the form torch.compile can trace ------------
 # Dynamo cannot trace autograd's double backward; J written with torch.func (the dummy
 # gradient by functional_call and a nested grad) can be, with its gradient in x. On a CPU
@@ -1189,9 +1375,10 @@ ATTACKS: dict[str, Attack] = {
     "idlg": attack_idlg,
     "cosine": attack_cosine,
     "hybrid": attack_hybrid,
+    "hybrid_free": attack_hybrid_free,
 }
 DISPLAY = {"target": "Target", "rgap": "R-GAP", "dlg": "DLG", "idlg": "iDLG",
-           "cosine": "Cosine+TV", "hybrid": "Hybrid"}
+           "cosine": "Cosine+TV", "hybrid": "Hybrid", "hybrid_free": "Hybrid, free layers"}
 
 
 # =============================================================================
@@ -1312,7 +1499,8 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
                 failed += 1
                 continue
             indices.append(security_index(deficiency))
-            say(f"{name} on {image.name}: security index {indices[-1]}")
+            say(f"{name} on {image.name}: security index {indices[-1]}, "
+                f"worst layer's fraction {worst_layer_fraction(deficiency, layer_unknowns(name)):.4f}")
             say(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
             for layer, r in enumerate(deficiency):
                 shape, n = model.shapes[layer], math.prod(model.shapes[layer])
@@ -1328,13 +1516,13 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
     return 1 if failed else 0
 
 
-def index_by_model(rows: list[dict]) -> dict[str, list[float]]:
-    """model -> its security index on each of its images (every results.csv row carries its
-    pair's index)."""
+def index_by_model(rows: list[dict], index: str = "security_index") -> dict[str, list[float]]:
+    """model -> its index (a column of INDICES) on each of its images (every results.csv row
+    carries its pair's indices)."""
     per_image: dict[str, dict[str, float]] = {}
     for r in rows:
-        if r.get("security_index") not in (None, ""):
-            per_image.setdefault(r["model"], {})[r["image"]] = float(r["security_index"])
+        if r.get(index) not in (None, ""):
+            per_image.setdefault(r["model"], {})[r["image"]] = float(r[index])
     return {model: list(values.values()) for model, values in per_image.items()}
 
 
@@ -1373,33 +1561,34 @@ def pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def index_correlations(rows: list[dict]) -> dict:
-    """Does the security index predict leakage? Per attack, rank correlations of the index
+    """Do the indices predict leakage? Per index and attack, rank correlations of the index
     with PSNR over models (each model's mean index and mean PSNR over its images) and over
-    every (model, image) point. The index is <= 0, so leakage that grows as it rises
+    every (model, image) point. Both indices are <= 0, so leakage that grows as they rise
     toward 0 gives a positive correlation."""
-    out = {}
-    for attack in ATTACKS_ORDER:
-        points = [r for r in rows if r["attack"] == attack and r.get("security_index") not in (None, "")]
-        by_model: dict[str, list[dict]] = {}
-        for r in points:
-            by_model.setdefault(r["model"], []).append(r)
-        mean = lambda group, key: float(np.mean([float(r[key]) for r in group]))  # noqa: E731
-        over = {"models": rank_correlation([mean(g, "security_index") for g in by_model.values()],
-                                           [mean(g, "psnr") for g in by_model.values()]),
-                "pairs": rank_correlation([float(r["security_index"]) for r in points],
-                                          [float(r["psnr"]) for r in points])}
-        if any(over.values()):
-            out[attack] = {what: c for what, c in over.items() if c is not None}
+    out: dict[str, dict] = {}
+    for index in INDICES:
+        for attack in ATTACKS_ORDER:
+            points = [r for r in rows if r["attack"] == attack and r.get(index) not in (None, "")]
+            by_model: dict[str, list[dict]] = {}
+            for r in points:
+                by_model.setdefault(r["model"], []).append(r)
+            mean = lambda group, key: float(np.mean([float(r[key]) for r in group]))  # noqa: E731
+            over = {"models": rank_correlation([mean(g, index) for g in by_model.values()],
+                                               [mean(g, "psnr") for g in by_model.values()]),
+                    "pairs": rank_correlation([float(r[index]) for r in points], [float(r["psnr"]) for r in points])}
+            if any(over.values()):
+                out.setdefault(index, {})[attack] = {what: c for what, c in over.items() if c is not None}
     return out
 
 
 def correlation_table(correlations: dict) -> str:
-    lines = ["| attack | over | n | Spearman's rho (p) | Kendall's tau (p) |", "|---|---|---|---|---|"]
+    lines = ["| index | attack | over | n | Spearman's rho (p) | Kendall's tau (p) |", "|---|---|---|---|---|---|"]
     show = lambda v, p: "n/a" if v is None else f"{v:+.3f} ({p:.2g})"  # noqa: E731
-    for attack, over in correlations.items():
-        for what, c in over.items():
-            lines.append(f"| {DISPLAY[attack]} | {what} | {c['n']} | {show(c['spearman_rho'], c['spearman_p'])} | "
-                         f"{show(c['kendall_tau'], c['kendall_p'])} |")
+    for index, by_attack in correlations.items():
+        for attack, over in by_attack.items():
+            for what, c in over.items():
+                lines.append(f"| {INDICES[index]} | {DISPLAY[attack]} | {what} | {c['n']} | "
+                             f"{show(c['spearman_rho'], c['spearman_p'])} | {show(c['kendall_tau'], c['kendall_p'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1437,18 +1626,18 @@ def plot_comparison(runs: list[dict], folder: Path, path: Path) -> object:
 
 
 PSNR_CAP = 50.0  # the study figure's PSNR axis; above it (R-GAP's exact answers) drawn at the cap
-ATTACK_MARKERS = {"rgap": "o", "dlg": "v", "idlg": "^", "cosine": "D", "hybrid": "s"}
+ATTACK_MARKERS = {"rgap": "o", "dlg": "v", "idlg": "^", "cosine": "D", "hybrid": "s", "hybrid_free": "P"}
 
 
 def first_activation(model: str) -> str:
-    """The activation after a zoo model's first convolution (with a leaky ReLU's slope):
+    """The activation after a model's first convolution (with a leaky ReLU's slope):
     where the study found that models of one index part (a leaky ReLU's inverse divides
     by its slope, so errors grow on the way down)."""
-    if model not in MODELS:
+    try:
+        act = architecture(model).convs[0].act
+    except UserError:
         return "other"
-    arch = MODELS[model]
-    act = arch.acts.split()[0]
-    return f"leaky {arch.slope:g}" if act == "leaky" else act
+    return f"leaky {leaky_slope(act):g}" if act.startswith("leaky") else act
 
 
 def index_groups(index: dict[str, float]) -> dict[float, list[str]]:
@@ -1471,7 +1660,7 @@ def spread_labels(positions: list[float], gap: float) -> list[float]:
     return out
 
 
-def label_groups(ax: object, groups: dict[float, list[str]]) -> None:
+def label_groups(ax: object, groups: dict[float, list[str]], fmt: str = "{:.0f}") -> None:
     """Above the axes, one label per index value naming its models (a family's common
     prefix once: "cnn3_c1 c6 c7"), spread apart, each with a line to its index."""
     to_fraction = ax.transAxes.inverted().transform
@@ -1481,7 +1670,7 @@ def label_groups(ax: object, groups: dict[float, list[str]]) -> None:
         names = groups[value]
         text = " ".join([names[0]] + [n.split("_", 1)[1] if n.split("_")[0] == names[0].split("_")[0] and "_" in n
                                       else n for n in names[1:]])
-        ax.annotate(f"{text}  ({value:.0f})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
+        ax.annotate(f"{text}  ({fmt.format(value)})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
                     textcoords="axes fraction", rotation=90, fontsize=7, ha="center", va="bottom",
                     arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
 
@@ -1513,15 +1702,16 @@ def study_legend(fig: object, attacks: list[str], models: list[str]) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
 
 
-def plot_index_vs_quality(rows: list[dict], path: Path) -> object:
-    """The study figure: each model's security index (x) against each attack's mean PSNR and
-    SSIM over its images, +- their standard deviation. The index as it is, never jittered:
-    negative indices on a symmetric-log axis (models of one index share its x and one label
-    above), and index 0 (every layer determined) in a strip of its own at the right, where
-    its models stand side by side, named. Returns the figure."""
+def plot_index_vs_quality(rows: list[dict], path: Path, which: str = "security_index") -> object:
+    """The study figure: each model's index (x; `which` of INDICES) against each attack's mean
+    PSNR and SSIM over its images, +- their standard deviation. The index as it is, never
+    jittered: negative values on a symmetric-log axis (the paper's index) or a linear one
+    (the worst layer's fraction), models of one value sharing its x and one label above; 0
+    (every layer determined) in a strip of its own at the right, where its models stand side
+    by side, named. Returns the figure."""
     from matplotlib.figure import Figure
 
-    summary, index = summarise(rows), {m: float(np.mean(v)) for m, v in index_by_model(rows).items()}
+    summary, index = summarise(rows), {m: float(np.mean(v)) for m, v in index_by_model(rows, which).items()}
     zero = sorted(m for m, v in index.items() if v == 0)
     below = index_groups({m: v for m, v in index.items() if v != 0})
     fig = Figure(figsize=(max(11, 0.35 * len(index)), 10), layout="constrained")
@@ -1538,21 +1728,29 @@ def plot_index_vs_quality(rows: list[dict], path: Path) -> object:
         for ax in axes[row]:
             ax.grid(alpha=0.3)
     axes[0, 0].set_ylim(top=PSNR_CAP + 2)
-    if below:
+    name = INDICES[which]
+    if below and which == "security_index":
         axes[0, 0].set_xscale("symlog", linthresh=1)
         lo, hi = min(below) * 1.6, max(below) / 1.6
         axes[0, 0].set_xlim(lo, hi)
         ticks = [-m * 10**k for k in range(6) for m in (1, 2, 5) if lo <= -m * 10**k <= hi]
         axes[1, 0].set_xticks(ticks, [f"{t:g}" for t in ticks])
         axes[1, 0].minorticks_off()
-        label_groups(axes[0, 0], below)
-        axes[1, 0].set_xlabel("security index < 0 (symmetric-log axis; more negative: more of the input left free)")
+        axes[1, 0].set_xlabel("the paper's security index < 0 (symmetric-log axis; more negative: more of the "
+                              "input left free)")
+    elif below:
+        span = max(below) - min(below) or 0.1
+        axes[0, 0].set_xlim(min(below) - 0.05 * span, max(below) + 0.05 * span)
+        axes[1, 0].set_xlabel("the worst layer's fraction of free unknowns, min_l r_l / n_l < 0 (-1: some layer "
+                              "determines nothing)")
+    if below:
+        label_groups(axes[0, 0], below, "{:.0f}" if which == "security_index" else "{:.3f}")
     if zero:
         strip = axes[1, -1]
         strip.set_xlim(-0.6, len(zero) - 0.4)
         strip.set_xticks(range(len(zero)), zero, rotation=90, fontsize=7)
         axes[0, -1].tick_params(labelbottom=False)
-        axes[0, -1].set_title("security index 0\n(every layer determined)", fontsize=8)
+        axes[0, -1].set_title(f"{name} 0\n(every layer determined)", fontsize=8)
         strip.set_xlabel("index 0: models side by side")
     study_legend(fig, attacks, list(index))
     fig.savefig(path, dpi=130)
@@ -1565,7 +1763,7 @@ def plot_index_vs_quality(rows: list[dict], path: Path) -> object:
 # Sweeps of the experiment: the record's rows, the summaries, and what sweeps.py is handed
 # =============================================================================
 
-CSV_COLUMNS = ("model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds", "security_index")
+CSV_COLUMNS = ("model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds", *INDICES)
 FIGURE_ROWS = 8  # a sweep's figure shows its first few (model, image) rows
 
 
@@ -1574,7 +1772,16 @@ def csv_row(entry: dict, attack: str) -> dict:
     e = entry["attacks"][attack]
     return {"model": entry["model"], "image": entry["image"], "attack": attack, "label": e["label"],
             "label_correct": e["label_correct"], "psnr": psnr_for_csv(e["psnr"]), "ssim": e["ssim"],
-            "seconds": e["seconds"], "security_index": entry.get("security_index")}
+            "seconds": e["seconds"]} | recorded_indices(entry)
+
+
+def recorded_indices(entry: dict) -> dict[str, float | None]:
+    """A pair's indices as its entry records them; computed from its deficiencies where it
+    predates one (results.json written before the worst layer's fraction)."""
+    indices = {name: entry.get(name) for name in INDICES}
+    if None in indices.values() and entry.get("rank_deficiency") is not None:
+        indices = indices_of(entry["model"], entry["rank_deficiency"])
+    return indices
 
 
 def psnr_for_csv(value: float | None) -> str:
@@ -1592,18 +1799,21 @@ def is_entry(entry: object) -> bool:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (model, attack): the model's security index over its images (mean, min, max);
+    """Per (model, attack): the model's security index over its images (mean, min, max)
+    and its worst layer's fraction (mean);
     mean, std (n-1), median of PSNR and SSIM; label accuracy; seconds."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["attack"]), []).append(row)
     order = {a: i for i, a in enumerate(ATTACKS_ORDER)}
-    index = index_by_model(rows)
+    index, fraction = index_by_model(rows), index_by_model(rows, "worst_layer_fraction")
     out = []
     for (model, attack), group in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         entry = {"model": model, "attack": attack, "n": len(group)}
         if model in index:
             entry |= {"index_mean": np.mean(index[model]), "index_min": min(index[model]), "index_max": max(index[model])}
+        if model in fraction:
+            entry["fraction_mean"] = np.mean(fraction[model])
         for metric in ("psnr", "ssim"):
             values = np.array([float(r[metric]) for r in group])
             with np.errstate(invalid="ignore"):  # exact reconstructions: infinite PSNR, its std undefined
@@ -1624,14 +1834,15 @@ def write_summary(folder: Path, rows: list[dict], correlations: dict, notes: str
         return notes
     sweeps.write_atomic(folder / "summary.csv", sweeps.csv_text(summary, dict.fromkeys(k for e in summary for k in e)))
     index = lambda e: f"{e['index_mean']:.0f} [{e['index_min']:.0f}, {e['index_max']:.0f}]" if "index_mean" in e else ""  # noqa: E731
-    lines = ["| model | security index mean [min, max] | attack | n | PSNR mean ± std | PSNR median | "
-             "SSIM mean ± std | SSIM median | label acc. | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {e['model']} | {index(e)} | {DISPLAY[e['attack']]} | {e['n']} | {e['psnr_mean']:.2f} ± "
+    fraction = lambda e: f"{e['fraction_mean']:.4f}" if "fraction_mean" in e else ""  # noqa: E731
+    lines = ["| model | security index mean [min, max] | worst layer's fraction | attack | n | PSNR mean ± std | "
+             "PSNR median | SSIM mean ± std | SSIM median | label acc. | seconds |", "|---" * 11 + "|"]
+    lines += [f"| {e['model']} | {index(e)} | {fraction(e)} | {DISPLAY[e['attack']]} | {e['n']} | {e['psnr_mean']:.2f} ± "
               f"{e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± {e['ssim_std']:.3f} | "
               f"{e['ssim_median']:.3f} | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |" for e in summary]
     text = "\n".join(lines) + "\n"
     if len(index_by_model(rows)) >= 3:
-        text += "\nSecurity index against PSNR, rank correlations\n\n" + correlation_table(correlations)
+        text += "\nThe indices against PSNR, rank correlations\n\n" + correlation_table(correlations)
     text += notes
     sweeps.write_atomic(folder / "summary.md", text)
     return text
@@ -1649,6 +1860,8 @@ def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
     folder.save()
     if len(index_by_model(rows)) >= 3:
         plot_index_vs_quality(rows, folder.path / "index_vs_quality.png")
+        if len(index_by_model(rows, "worst_layer_fraction")) >= 3:
+            plot_index_vs_quality(rows, folder.path / "fraction_vs_quality.png", "worst_layer_fraction")
     notes, missing = [], folder.results.get("missing")
     if missing:
         notes.append(f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "
@@ -1705,7 +1918,8 @@ def file_stem(model_name: str, image: PrivateImage) -> str:
     """Where a pair's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9'.
     Letters, digits, '-' and '_' only; distinct images keep distinct stems (a file's name
     ends in its hash)."""
-    return f"{model_name}_{re.sub('[^A-Za-z0-9_-]', '_', image.name.replace(':', '-', 1))}"
+    model = model_name if model_name in MODELS else "arch-" + hashlib.sha256(model_name.encode()).hexdigest()[:10]
+    return f"{model}_{re.sub('[^A-Za-z0-9_-]', '_', image.name.replace(':', '-', 1))}"
 
 
 def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAnalysis | Answer) -> None:
@@ -1714,8 +1928,8 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
     training and the ranks go to disk with the next attack."""
     stem = file_stem(pair.model, pair.image)
     entry = folder.entry(pair.key) or folder.add(
-        {"model": pair.model, "image": pair.image.name, "label": pair.image.label,
-         "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(pair.image.x).astype(np.float32))}})
+        {"model": pair.model, "architecture": str(architecture(pair.model)), "image": pair.image.name,
+         "label": pair.image.label, "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(pair.image.x).astype(np.float32))}})
     if isinstance(event, Training):
         entry["training"] = event.info
         if event.info["diverged"]:
@@ -1729,7 +1943,8 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
         return
     if isinstance(event, RankAnalysis) or (event.attack == "rgap" and "rank_deficiency" not in entry):
         deficiency = event.deficiency if isinstance(event, RankAnalysis) else event.entry["rank_deficiency"]
-        entry["rank_deficiency"], entry["security_index"] = deficiency, security_index(deficiency)
+        entry["rank_deficiency"] = deficiency
+        entry |= indices_of(pair.model, deficiency)
     if isinstance(event, RankAnalysis):
         return
     npy = folder.save_array(f"{stem}_{event.attack}.npy", event.recon.astype(np.float32))
@@ -1773,7 +1988,9 @@ def run_metadata(exp: Experiment, settings: AttackSettings, run: sweeps.RunSetti
 def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings, argv: list[str],
                 images: list[PrivateImage]) -> sweeps.Sweep:
     """The experiment over every model against every image, as sweeps.run takes it."""
-    pairs = [Pair(name, image, exp.attacks, False) for name in exp.models for image in images]
+    # Image by image, every model on each: a long study stopped part-way (or a shard of it)
+    # holds whole images, a smaller study of its own, rather than some of the models.
+    pairs = [Pair(name, image, exp.attacks, False) for image in images for name in exp.models]
     name = exp.models[0] if len(exp.models) == 1 else "grid"
     return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), pairs, left_to_do,
                         functools.partial(attack_pair, exp, settings), record_event, write_figures_and_summary,
@@ -1838,7 +2055,8 @@ def build_parser(only_given: bool = False) -> Parser:
     g.add_argument("--data", metavar="DIR", help=f"where CIFAR-10 is, or is downloaded to (default {DATA_PATH})")
     a = p.add_argument_group("the attacks (defaults: the paper's settings)")
     a.add_argument("--attacks", action="extend", nargs="+", choices=ATTACKS_ORDER, metavar="NAME",
-                   help=f"from {' '.join(ATTACKS_ORDER)} (default: all)")
+                   help=f"from {' '.join(ATTACKS_ORDER)} (default: the paper's {' '.join(PAPER_ATTACKS)}; "
+                        "hybrid_free is ours: the hybrid, correcting only layers the systems leave free)")
     for name, what in [("dlg_iters", "L-BFGS steps of DLG and iDLG"), ("cosine_iters", "Adam steps of Cosine+TV"),
                        ("hybrid_iters", "hybrid: N, with 4N Adam steps at layer 1 and N // 2 above"),
                        ("hybrid_iters_first", "hybrid: N0, its Adam steps at layer 0, the image")]:
@@ -1854,6 +2072,9 @@ def build_parser(only_given: bool = False) -> Parser:
     a.add_argument("--compile", action="store_true",
                    help="hybrid: torch.compile its objective and gradient (the same numbers; steps about 40%% "
                         "faster, compiling up to 20 s per layer on a CPU the first time)")
+    a.add_argument("--correct-where", choices=list(CORRECT_WHERE),
+                   help="hybrid_free: correct layer l where it or a layer above is rank-deficient (free-at-or-above, "
+                        "the default), or where layer l itself is (free-here)")
     a.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (the default): CUDA where available")
     o = p.add_argument_group("what to do instead of attacking")
     o.add_argument("--analyse", action="store_true", help="print rank deficiencies and the security index")
@@ -1870,9 +2091,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
 
 FLAGS = {"models": "--model", "indices": "--index", "images": "--image", "verbose": "-v"}  # where dest != flag
 ONLY_ATTACKS = {"attacks", "dlg_iters", "cosine_iters", "hybrid_iters", "hybrid_iters_first", "quick", "restarts",
-                "true_label", "seed", "compile"}
+                "true_label", "seed", "compile", "correct_where"}
 NEEDS_ATTACK = {"restarts": {"dlg", "idlg", "cosine"}, "dlg_iters": {"dlg", "idlg"}, "cosine_iters": {"cosine"},
-                "hybrid_iters": {"hybrid"}, "hybrid_iters_first": {"hybrid"}, "compile": {"hybrid"}}
+                "hybrid_iters": {"hybrid", "hybrid_free"}, "hybrid_iters_first": {"hybrid", "hybrid_free"},
+                "compile": {"hybrid", "hybrid_free"}, "correct_where": {"hybrid_free"}}
 
 
 def check_combinations(args: argparse.Namespace, given: set[str]) -> None:
@@ -1891,7 +2113,7 @@ def check_combinations(args: argparse.Namespace, given: set[str]) -> None:
     ignored += [(d, f"without {flag(need)}") for d, need in [("label", "images"), ("partial", "merge"),
                                                                ("train_lr", "train_steps")]
                 if d in given and not getattr(args, need)]
-    attacks = set(args.attacks or ATTACKS_ORDER)
+    attacks = set(args.attacks or PAPER_ATTACKS)
     for dest, needs in NEEDS_ATTACK.items():
         if dest in given and not attacks & needs:
             *others, last = [a for a in ATTACKS_ORDER if a in needs]
@@ -1929,10 +2151,18 @@ def expand_models(names: list[str]) -> list[str]:
             if not matches:
                 raise UserError(f"--model '{name}' matches no model (--list-models lists the {len(MODELS)} models)")
             out += matches
-        elif name not in MODELS:
-            raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models)")
-        else:
+        elif name in MODELS:
             out.append(name)
+        elif name.startswith("random:"):
+            m = re.fullmatch(r"random:(\d+)(?:@(\d+))?", name)
+            if m is None or int(m[1]) == 0:
+                raise UserError(f"--model '{name}': expected random:N or random:N@SEED, N at least 1")
+            out += random_architectures(int(m[1]), int(m[2]) if m[2] else RANDOM_SEED)
+        elif "-" not in name:
+            raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models; or give an "
+                            "architecture string, e.g. 8k3s1p0-tanh,fc-id)")
+        else:
+            out.append(str(parse_architecture(name)))  # checked now, named by its canonical string
     return list(dict.fromkeys(out))
 
 
@@ -1959,8 +2189,9 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
         raise UserError(f"--label {args.label} is not a CIFAR-10 class (0-9)")
     iters = {name: given(name, QUICK[name] if args.quick else getattr(paper, name)) for name in QUICK}
     settings = AttackSettings(**iters, restarts=given("restarts", paper.restarts), true_label=args.true_label,
-                              compile=args.compile, verbose=args.verbose)
-    attacks = args.attacks or ATTACKS_ORDER
+                              compile=args.compile, verbose=args.verbose,
+                              correct_where=given("correct_where", paper.correct_where))
+    attacks = args.attacks or PAPER_ATTACKS
     exp = Experiment(models=expand_models(args.models or default.models),
                      indices=parse_indices(args.indices or [str(i) for i in default.indices]),
                      source=given("source", default.source), images=args.images or [],
@@ -1974,9 +2205,8 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
 
 
 def list_models() -> int:
-    for name, arch in MODELS.items():
-        convs = "; ".join(f"conv {i}->{o} k{k} s{s} p{p}" for i, o, k, s, p in arch.convs)
-        say(f"{name:9s} {convs}; fc  | {arch.acts}{' | conv bias' if arch.bias else ''}")
+    for name, text in MODELS.items():
+        say(f"{name:9s} {text}")
     return 0
 
 

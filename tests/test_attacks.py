@@ -271,3 +271,36 @@ def test_all_five_attacks_end_to_end(tmp_path):
     assert run_["attacks"]["idlg"]["label_correct"]
     assert run_["attacks"]["hybrid"]["psnr"] > run_["attacks"]["rgap"]["psnr"]  # cnn4_c2
     assert (folder / "comparison.png").stat().st_size > 20_000
+
+
+# -- hybrid_free: ours, beside the paper's hybrid ----------------------------------------
+
+def corrected_layers(monkeypatch, model_name, image, correct_where):
+    """The layers whose gradient matching (Adam loop) ran in hybrid_free, in order, and its result."""
+    ran, match = [], H.gradient_matching
+
+    def spy(model, system, x_hat, **kw):
+        ran.append(system.layer)
+        return match(model, system, x_hat, **kw)
+    monkeypatch.setattr(H, "gradient_matching", spy)
+    result, _ = run(model_name, "hybrid_free", image, dataclasses.replace(QUICK, correct_where=correct_where))
+    return ran, result
+
+
+def test_hybrid_free_is_rgap_exactly_on_a_full_rank_model(chelsea, monkeypatch):
+    ran, result = corrected_layers(monkeypatch, "cnn2_c1", chelsea, "free-at-or-above")
+    rgap, _ = run("cnn2_c1", "rgap", chelsea, QUICK)
+    assert ran == [] and result.info["corrected_layers"] == [] and result.info["rank_deficiency"] == [0]
+    assert torch.equal(result.x, rgap.x)
+
+
+@pytest.mark.parametrize("correct_where, expected", [("free-at-or-above", [1, 0]), ("free-here", [1])])
+def test_hybrid_free_corrects_exactly_the_layers_its_rule_names(chelsea, monkeypatch, correct_where, expected):
+    ran, result = corrected_layers(monkeypatch, "cnn3_c1", chelsea, correct_where)  # deficiencies [0, -4533]
+    assert result.info["rank_deficiency"][1] < 0 == result.info["rank_deficiency"][0]
+    assert ran == result.info["corrected_layers"][::-1] == expected
+
+
+def test_hybrid_free_keeps_a_determined_top_layer_and_corrects_the_free_one_below(chelsea, monkeypatch):
+    ran, result = corrected_layers(monkeypatch, "cnn3_c4", chelsea, "free-at-or-above")  # [-2146, 0]
+    assert result.info["rank_deficiency"][0] < 0 == result.info["rank_deficiency"][1] and ran == [0]

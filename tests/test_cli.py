@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import hybrid as H
-from conftest import run_script
+from conftest import rows_of, run_script
 
 
 def load_results(folder):
@@ -160,3 +160,19 @@ def test_the_comparison_figure_is_as_wide_as_its_titles(tmp_path, chelsea):
     (title,) = [t for sub in fig.subfigs for t in [sub._suptitle] if t is not None]
     box, figure = title.get_window_extent(renderer), fig.bbox
     assert box.x0 >= figure.x0 and box.x1 <= figure.x1, (box, figure)
+
+
+@pytest.mark.slow
+def test_hybrid_free_is_named_to_run_and_gets_its_own_column(tmp_path):
+    """The default runs the paper's five attacks; hybrid_free, named, is recorded, tabled
+    and summarised under its own name, with its rule in the config."""
+    assert "hybrid_free" not in H.Experiment().attacks and H.AttackSettings().correct_where == "free-at-or-above"
+    assert H.main(["--quick", "--source", "samples", "--model", "cnn2_c4", "cnn2_c1", "--index", "3",
+                   "--attacks", "hybrid_free", "rgap", "--correct-where", "free-here", "--output", str(tmp_path)]) == 0
+    folder = run_folder(tmp_path)
+    results = load_results(folder)
+    assert results["config"]["correct_where"] == "free-here" and results["config"]["attacks"] == ["rgap", "hybrid_free"]
+    by_model = {r["model"]: r["attacks"]["hybrid_free"] for r in results["runs"]}
+    assert by_model["cnn2_c1"]["corrected_layers"] == [] and by_model["cnn2_c4"]["corrected_layers"] == [0]
+    assert {r["attack"] for r in rows_of(folder)} == {"rgap", "hybrid_free"}
+    assert "| Hybrid, free layers |" in (folder / "summary.md").read_text()

@@ -105,8 +105,9 @@ def test_merge_refuses_a_folder_whose_array_is_gone_and_makes_no_folder(two_pair
     (["--merge", "a", "--resume", "b"], "--resume has no effect with --merge"),
     (["--merge", "a", "--model", "cnn2_c1"], "--model has no effect with --merge"),
     (["--attacks", "rgap", "--restarts", "4"], "--restarts has no effect without dlg, idlg or cosine"),
-    (["--attacks", "rgap", "--compile"], "--compile has no effect without hybrid"),
-    (["--attacks", "rgap", "--hybrid-iters", "4"], "--hybrid-iters has no effect without hybrid"),
+    (["--attacks", "rgap", "--compile"], "--compile has no effect without hybrid or hybrid_free"),
+    (["--attacks", "rgap", "--hybrid-iters", "4"], "--hybrid-iters has no effect without hybrid or hybrid_free"),
+    (["--attacks", "hybrid", "--correct-where", "free-here"], "--correct-where has no effect without hybrid_free"),
     (["--threads", "999"], "--threads 999: this process may use"),
     (["--mod", "cnn2_c1"], "unrecognized arguments: --mod"),  # no abbreviations: a typo is not another flag
 ])

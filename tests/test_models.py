@@ -1,5 +1,7 @@
-"""The model zoo, the client's gradient and label recovery."""
+"""The model zoo and architecture strings, the client's gradient and label recovery."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +13,137 @@ import hybrid as H
 @pytest.mark.parametrize("name", list(H.MODELS))
 def test_every_model_builds_and_runs(name, chelsea):
     model = H.build_model(name)
-    arch = H.MODELS[name]
+    arch = H.architecture(name)
     assert len(model.layers) == len(arch.convs) + 1 == len(model.acts)
     assert model.layers[-1].in_features == math.prod(model.shapes[-1])
-    assert all((layer.bias is not None) == arch.bias for layer in model.layers[:-1])
+    assert all((layer.bias is not None) == conv.bias for layer, conv in zip(model.layers, arch.convs))
     out = model(chelsea.x)
     assert out.shape == (1, 10) and torch.isfinite(out).all()
     # the seed rule: building again gives the same weights; another seed, others
     again, other = H.build_model(name), H.build_model(name, seed=11)
     for p, q, r in zip(model.parameters(), again.parameters(), other.parameters()):
         assert torch.equal(p, q) and not torch.equal(p, r)
+
+
+# The zoo as hybrid.py had it before architecture strings (transcribed from the published code): (in, out, kernel, stride, padding) per
+# convolution, the activations (the fc's last), conv bias, leaky slope. Copied here so that the
+# architecture strings of hybrid.py are checked against an independent transcription.
+PUBLISHED_ZOO = {
+    "cnn2_c0": ([(3, 1, 3, 2, 0)], "tanh tanh", False, 0.01),
+    "cnn2_c1": ([(3, 6, 3, 1, 0)], "tanh id", False, 0.01),
+    "cnn2_c2": ([(3, 6, 4, 2, 0)], "tanh id", False, 0.01),
+    "cnn2_c4": ([(3, 1, 3, 1, 0)], "tanh tanh", False, 0.01),
+    "cnn2_c5": ([(3, 3, 3, 1, 1)], "tanh tanh", False, 0.01),
+    "cnn2_c6": ([(3, 12, 5, 2, 0)], "tanh id", False, 0.01),
+    "cnn2_c11": ([(3, 6, 3, 1, 0)], "leaky sigmoid", False, 0.01),
+    "cnn2_c21": ([(3, 6, 4, 2, 0)], "leaky sigmoid", False, 0.01),
+    "cnn2_c41": ([(3, 1, 3, 1, 0)], "leaky sigmoid", False, 0.01),
+    "cnn3_c1": ([(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], "tanh tanh id", False, 0.01),
+    "cnn3_c2": ([(3, 6, 4, 2, 0), (6, 3, 3, 2, 0)], "tanh tanh id", False, 0.01),
+    "cnn3_c3": ([(3, 6, 3, 1, 0), (6, 9, 3, 1, 0)], "tanh tanh id", False, 0.01),
+    "cnn3_c4": ([(3, 1, 3, 1, 0), (1, 6, 3, 1, 0)], "tanh tanh id", False, 0.01),
+    "cnn3_c5": ([(3, 12, 5, 1, 1), (12, 12, 5, 2, 2)], "tanh tanh id", False, 0.01),
+    "cnn3_c6": ([(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], "leaky leaky tanh", False, 0.01),
+    "cnn3_c7": ([(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], "tanh leaky tanh", False, 0.01),
+    "cnn3_c8": ([(3, 9, 3, 1, 0), (9, 3, 4, 2, 0)], "tanh tanh tanh", False, 0.01),
+    "cnn3_c9": ([(3, 5, 3, 1, 0), (5, 7, 3, 1, 0)], "tanh tanh tanh", False, 0.01),
+    "cnn3_c11": ([(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], "leaky leaky sigmoid", False, 0.01),
+    "cnn3_c12": ([(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], "softplus softplus sigmoid", False, 0.01),
+    "cnn3_c13": ([(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], "tanh tanh sigmoid", False, 0.01),
+    "cnn3_c14": ([(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], "id id sigmoid", False, 0.01),
+    "cnn3_c15": ([(3, 6, 3, 1, 0), (6, 3, 4, 2, 0)], "id id tanh", False, 0.01),
+    "cnn3_c21": ([(3, 6, 4, 2, 0), (6, 3, 3, 2, 0)], "leaky leaky sigmoid", False, 0.01),
+    "cnn3_c22": ([(3, 6, 4, 2, 0), (6, 3, 3, 2, 0)], "softplus softplus sigmoid", False, 0.01),
+    "cnn3_c31": ([(3, 6, 3, 1, 0), (6, 9, 3, 1, 0)], "leaky leaky sigmoid", False, 0.01),
+    "cnn3_c32": ([(3, 6, 3, 1, 0), (6, 9, 3, 1, 0)], "softplus softplus sigmoid", False, 0.01),
+    "cnn3_c41": ([(3, 1, 3, 1, 0), (1, 6, 3, 1, 0)], "leaky leaky sigmoid", False, 0.01),
+    "cnn3_c42": ([(3, 1, 3, 1, 0), (1, 6, 3, 1, 0)], "softplus softplus sigmoid", False, 0.01),
+    "cnn4_c1": ([(3, 6, 3, 1, 0), (6, 5, 4, 2, 0), (5, 3, 4, 1, 0)], "tanh tanh tanh id", False, 0.01),
+    "cnn4_c2": ([(3, 16, 5, 1, 0), (16, 6, 5, 2, 0), (6, 32, 5, 1, 2)], "tanh tanh tanh id", False, 0.01),
+    "cnn4_c3": ([(3, 6, 5, 1, 0), (6, 16, 5, 2, 0), (16, 16, 5, 1, 2)], "tanh tanh tanh id", False, 0.01),
+    "lenet2": ([(3, 12, 3, 2, 1), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)], "tanh tanh tanh id", False, 0.01),
+    "lenet": ([(3, 12, 5, 2, 2), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)], "leaky leaky leaky id", True, 0.01),
+    "cnn6d": ([(3, 12, 4, 2, 2), (12, 20, 3, 2, 1), (20, 36, 3, 1, 1), (36, 36, 3, 1, 1), (36, 64, 3, 2, 1), (64, 128, 3, 1, 1)], "leaky leaky leaky leaky leaky leaky id", False, 0.2),
+}
+
+
+def published_model(name):
+    """A zoo model built from PUBLISHED_ZOO with nn layers directly, not through the strings."""
+    convs, acts, bias, slope = PUBLISHED_ZOO[name]
+    torch.manual_seed(10)
+    layers, (c, h, w) = [], (3, 32, 32)
+    for ci, co, k, s, p in convs:
+        assert ci == c
+        layers.append(nn.Conv2d(ci, co, k, s, p, bias=bias))
+        c, h, w = co, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    layers.append(nn.Linear(c * h * w, 10))
+    kinds = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "id": nn.Identity}
+    return layers, [nn.LeakyReLU(slope) if a == "leaky" else kinds[a]() for a in acts.split()]
+
+
+@pytest.mark.parametrize("name", list(H.MODELS))
+def test_every_zoo_string_rebuilds_its_model_bit_for_bit(name):
+    layers, acts = published_model(name)
+    model, from_string = H.build_model(name), H.build_model(H.MODELS[name])
+    assert set(H.MODELS) == set(PUBLISHED_ZOO)
+    for built in (model, from_string):
+        assert [type(a) for a in built.acts] == [type(a) for a in acts]
+        assert [getattr(a, "negative_slope", None) for a in built.acts] == [getattr(a, "negative_slope", None) for a in acts]
+        ours, theirs = list(built.parameters()), [p for layer in layers for p in layer.parameters()]
+        assert len(ours) == len(theirs) and all(torch.equal(p, q) for p, q in zip(ours, theirs))
+        assert [(m.stride, m.padding) for m in built.layers[:-1]] == [(m.stride, m.padding) for m in layers[:-1]]
+
+
+@pytest.mark.slow
+def test_every_zoo_string_gives_the_rank_deficiencies_recorded_before_strings(chelsea):
+    """assets/study_random.json was written by the tuple-table zoo (commit 3a89664)."""
+    recorded = {r["model"]: r["rank_deficiency"] for r in json.loads(
+        (Path(__file__).parents[1] / "assets" / "study_random.json").read_text())["runs"] if r["image"] == "samples:chelsea"}
+    for name, text in H.MODELS.items():
+        model = H.build_model(text)
+        assert H.rank_deficiency(model, H.client_gradient(model, chelsea.x, chelsea.label)) == recorded[name], name
+
+
+ODD = ["8k3s1p0b-leaky0.2,4k4s2p1-softplus,fc-sigmoid", "1k5s2p2-id,fc-leaky", "3k3s1p0-leaky.5,fc-tanh"]
+
+
+@pytest.mark.parametrize("text", [*H.MODELS.values(), *ODD])
+def test_architecture_strings_round_trip(text):
+    arch = H.parse_architecture(text)
+    assert str(arch) == text and H.parse_architecture(str(arch)) == arch
+    assert H.expand_models([text]) == [text] and H.build_model(text).shapes == H.layer_shapes(arch)
+
+
+def test_a_string_gives_each_layer_what_it_says():
+    model = H.build_model("8k3s1p0b-leaky0.2,4k4s2p1-softplus,fc-sigmoid")
+    conv0, conv1, fc = model.layers
+    assert (conv0.in_channels, conv0.out_channels, conv0.kernel_size, conv0.stride, conv0.padding) == (3, 8, (3, 3), (1, 1), (0, 0))
+    assert conv0.bias is not None and conv1.bias is None and conv1.in_channels == 8 and conv1.padding == (1, 1)
+    assert fc.in_features == 4 * 15 * 15 and fc.out_features == 10 and fc.bias is not None
+    assert model.acts[0].negative_slope == 0.2 and isinstance(model.acts[1], nn.Softplus)
+    assert isinstance(model.acts[2], nn.Sigmoid)
+
+
+BAD_STRINGS = [
+    ("8k3s1p0-relu,fc-id", "layer 0 '8k3s1p0-relu': unknown activation 'relu'"),
+    ("8k5s4p0-tanh,4k9s1p0-tanh,fc-id", "layer 1 '4k9s1p0-tanh': kernel 9 is larger than its padded input (7x7 with padding 0)"),
+    ("8k3s1p0-tanh,0k3s1p0-tanh,fc-id", "layer 1 '0k3s1p0-tanh': with 0 output channels its output would be empty"),
+    ("8k3s0p0-tanh,fc-id", "layer 0 '8k3s0p0-tanh': with stride 0 its output would be empty"),
+    ("8k3s1p0-tanh,4k3s1p0-tanh", "it must end in fc-ACT"),
+    ("8k3s1p0-tanh,fc-id,4k3s1p0-tanh", "layer 1 'fc-id': fc must be the last layer"),
+    ("8k3s1p0-tanh,fc-relu", "its fc layer: unknown activation 'relu'"),
+    ("8x3s1p0-tanh,fc-id", "layer 0 '8x3s1p0-tanh': expected OUTkKsSpP[b]-ACT"),
+    ("8k3s1p0-leaky0,fc-id", "'leaky0' is a ReLU, which cannot be inverted"),
+    ("32k3s1p1-tanh,32k3s1p1-tanh,fc-id", "layer 1 '32k3s1p1-tanh': its linear system would take 10.2 GiB in float64 "
+                                          "(the limit is 4 GiB)"),
+]
+
+
+@pytest.mark.parametrize("text, why", BAD_STRINGS)
+def test_a_bad_architecture_string_is_one_line_naming_the_layer(text, why, capsys):
+    assert H.main(["--analyse", "--source", "samples", "--model", text]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and why in err and f"architecture '{text}'" in err
 
 
 def test_weights_follow_the_published_initialisation():
@@ -33,7 +156,7 @@ def test_weights_follow_the_published_initialisation():
     assert torch.equal(model.layers[1].weight, fc.weight) and torch.equal(model.layers[1].bias, fc.bias)
 
 
-def test_activation_slopes_come_from_the_table():
+def test_activation_slopes_come_from_the_strings():
     assert all(a.negative_slope == 0.2 for a in H.build_model("cnn6d").acts[:-1])
     assert all(a.negative_slope == 0.01 for a in H.build_model("lenet").acts[:-1])
     assert H.build_model("cnn3_c5").layers[-1].in_features == 12 * 15 * 15  # derived, not hard-coded
@@ -60,3 +183,46 @@ def test_label_recovery_is_right(name, photographs):
     for sample in photographs:
         for label in {sample.label, (sample.label + 5) % 10}:  # its own label and another
             assert H.recover_label(H.client_gradient(model, sample.x, label)) == label
+
+
+def test_random_architectures_are_seeded_distinct_and_within_the_bound():
+    first, again, other = H.random_architectures(12, 7), H.random_architectures(12, 7), H.random_architectures(12, 8)
+    assert first == again and first != other and len(set(first)) == 12
+    assert H.expand_models(["random:12@7"]) == first and H.expand_models(["random:3"]) == H.random_architectures(3)
+    for text in first:
+        arch = H.parse_architecture(text)
+        assert str(arch) == text and 1 <= len(arch.convs) <= 4 and arch.fc_act in ("id", "tanh", "sigmoid")
+        assert all(1 <= c.out <= 32 and 3 <= c.kernel <= 5 and 1 <= c.stride <= 2 and 0 <= c.padding <= 2
+                   and not c.bias and c.act in H.ACTIVATIONS for c in arch.convs)
+        flops, unknowns, mib = H.solve_cost(arch)
+        assert flops <= H.RANDOM_COST and unknowns <= H.RANDOM_UNKNOWNS and mib <= H.RANDOM_SYSTEM_MIB
+    assert not H.within_random_bound(H.architecture("cnn3_c5")) and H.within_random_bound(H.architecture("cnn4_c2"))
+
+
+@pytest.mark.parametrize("value", ["random:0", "random:x", "random:3@"])
+def test_a_bad_random_value_is_one_line(value, capsys):
+    assert H.main(["--analyse", "--source", "samples", "--model", value]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "expected random:N or random:N@SEED" in err
+
+
+@pytest.mark.slow
+def test_an_architecture_string_runs_end_to_end(tmp_path, capsys):
+    """--analyse, the attacks in two workers, two shards, --resume and --merge, on a model
+    that exists only as a string."""
+    text = "4k4s2p0-tanh,3k3s1p0-leaky,fc-id"
+    assert H.main(["--analyse", "--source", "samples", "--model", text]) == 0
+    assert f"{text} on samples:chelsea: security index" in capsys.readouterr().out
+    sweep = ["--quick", "--source", "samples", "--index", "0-3", "--model", text, "cnn2_c0", "--attacks", "rgap",
+             "hybrid", "--jobs", "2"]
+    for shard in ("0/2", "1/2"):
+        assert H.main([*sweep, "--shard", shard, "--output", str(tmp_path / "shards")]) == 0
+    shards = sorted((tmp_path / "shards").iterdir())
+    assert H.main([*sweep, "--shard", "0/2", "--resume", str(shards[0])]) == 0  # nothing left: it stays as it was
+    assert H.main(["--merge", *map(str, shards), "--output", str(tmp_path / "merged")]) == 0
+    (merged,) = (tmp_path / "merged").iterdir()
+    runs = json.loads((merged / "results.json").read_text())["runs"]
+    ours = [r for r in runs if r["model"] == text]
+    assert len(ours) == 4 and all(r["architecture"] == text and set(r["attacks"]) == {"rgap", "hybrid"} for r in ours)
+    assert all((merged / r["attacks"]["hybrid"]["npy"]).exists() for r in ours)
+    assert {r["architecture"] for r in runs if r["model"] == "cnn2_c0"} == {H.MODELS["cnn2_c0"]}

@@ -64,11 +64,11 @@ def test_correlations_are_scipys_on_each_models_own_numbers():
     tau, q = stats.kendalltau(index, hybrid)
     exact = np.mean([abs(stats.spearmanr(index, order)[0]) >= abs(rho) - 1e-12  # every pairing of 4 points
                      for order in itertools.permutations(hybrid)])
-    assert corr["hybrid"]["models"] == pytest.approx(
+    assert corr["security_index"]["hybrid"]["models"] == pytest.approx(
         {"n": 4, "spearman_rho": rho, "spearman_p": exact, "kendall_tau": tau, "kendall_p": q})
     points = [(i, p) for m in STUDY.values() for i, ps in m.values() for a, p in ps.items() if a == "rgap"]
-    assert corr["rgap"]["pairs"]["spearman_rho"] == pytest.approx(stats.spearmanr(*zip(*points))[0])
-    assert corr["rgap"]["pairs"]["n"] == 8 and corr["rgap"]["models"]["spearman_rho"] == pytest.approx(1.0)
+    assert corr["security_index"]["rgap"]["pairs"]["spearman_rho"] == pytest.approx(stats.spearmanr(*zip(*points))[0])
+    assert corr["security_index"]["rgap"]["pairs"]["n"] == 8 and corr["security_index"]["rgap"]["models"]["spearman_rho"] == pytest.approx(1.0)
 
 
 def test_the_join_pairs_each_models_index_with_its_own_psnr():
@@ -76,14 +76,15 @@ def test_the_join_pairs_each_models_index_with_its_own_psnr():
     before = H.index_correlations(rows)
     random.Random(0).shuffle(rows)
     shuffled = H.index_correlations(rows)  # the order of rows does not matter
-    for attack in before:
+    for attack in before["security_index"]:
         for over in ("models", "pairs"):
-            assert shuffled[attack][over] == pytest.approx(before[attack][over])
+            assert shuffled["security_index"][attack][over] == pytest.approx(before["security_index"][attack][over])
     swapped = json.loads(json.dumps(STUDY))
     swapped["a"], swapped["d"] = ({i: (STUDY["d"][i][0], v[1]) for i, v in STUDY["a"].items()},
                                   {i: (STUDY["a"][i][0], v[1]) for i, v in STUDY["d"].items()})
     after = H.index_correlations(table(swapped))
-    assert after["rgap"]["models"]["spearman_rho"] != pytest.approx(before["rgap"]["models"]["spearman_rho"])
+    assert after["security_index"]["rgap"]["models"]["spearman_rho"] != pytest.approx(
+        before["security_index"]["rgap"]["models"]["spearman_rho"])
 
 
 def runs_of(spec):
@@ -102,8 +103,9 @@ def test_the_study_figure_is_written_for_three_models_or_more(tmp_path, monkeypa
                                                       H.RECORD))
         assert (folder / "index_vs_quality.png").exists() == (n_models >= 3)
         results = json.loads((folder / "results.json").read_text())
-        assert ("models" in results["correlations"]["hybrid"]) == (n_models >= 3)  # 2 models: no correlation
-        assert results["correlations"]["hybrid"]["pairs"]["n"] == 2 * n_models
+        by_attack = results["correlations"]["security_index"]
+        assert ("models" in by_attack["hybrid"]) == (n_models >= 3)  # 2 models: no correlation
+        assert by_attack["hybrid"]["pairs"]["n"] == 2 * n_models
         assert ("rank correlations" in (folder / "summary.md").read_text()) == (n_models >= 3)
 
 
@@ -184,11 +186,35 @@ def test_a_trained_run_records_its_training(tmp_path):
     assert rows[0].endswith("security_index") and rows[1].endswith(str(run_["security_index"]))
 
 
+def test_the_worst_layers_fraction_on_a_hand_made_table():
+    assert H.worst_layer_fraction([0, 0, 0], [3072, 7200, 1200]) == 0
+    assert H.worst_layer_fraction([0, -900, -100], [3072, 1800, 1000]) == -0.5  # layer 1 leaves half free
+    assert H.worst_layer_fraction([-3072, 0], [3072, 5400]) == -1  # layer 0 determines nothing
+    assert H.layer_unknowns("cnn4_c2") == [3 * 32 * 32, 16 * 28 * 28, 6 * 12 * 12]
+    both = H.indices_of("cnn4_c2", [0, -9316, 0])
+    assert both == {"security_index": H.security_index([0, -9316, 0]), "worst_layer_fraction": -9316 / 12544}
+
+
+def test_rows_carry_both_indices_and_each_gets_its_own_correlations():
+    runs = [{"model": m, "image": "x", "rank_deficiency": r, "attacks": {"rgap": {
+        "psnr": p, "ssim": 0.5, "seconds": 1.0, "label": 3, "label_correct": True}}}
+        for m, r, p in [("cnn2_c1", [0], 90.0), ("cnn2_c2", [-1470], 15.0), ("cnn3_c1", [0, -4533], 13.0),
+                        ("cnn4_c2", [0, -9316, 0], 14.0)]]  # written before the fraction: computed from the ranks
+    rows = [H.csv_row(e, "rgap") for e in runs]
+    assert [r["worst_layer_fraction"] for r in rows] == [0, -1470 / 3072, -4533 / 5400, -9316 / 12544]
+    corr = H.index_correlations(rows)
+    assert set(corr) == {"security_index", "worst_layer_fraction"}
+    fraction = [r["worst_layer_fraction"] for r in rows]
+    assert corr["worst_layer_fraction"]["rgap"]["models"]["spearman_rho"] == pytest.approx(
+        stats.spearmanr(fraction, [90.0, 15.0, 13.0, 14.0])[0])
+    assert "| worst layer's fraction | R-GAP | models | 4 |" in H.correlation_table(corr)
+
+
 def test_small_samples_get_exact_p_values_and_one_model_none():
     """Three models in order: Spearman's p is 2/6 by every pairing (scipy's t approximation
     says 0), as Kendall's exact p is; one model has no correlation to report."""
     three = {m: STUDY[m] for m in ("a", "b", "c")}
-    corr = H.index_correlations(table(three))["rgap"]["models"]
+    corr = H.index_correlations(table(three))["security_index"]["rgap"]["models"]
     assert corr["spearman_rho"] == pytest.approx(1.0) and corr["spearman_p"] == pytest.approx(1 / 3)
     assert corr["kendall_p"] == pytest.approx(1 / 3)
     one = H.index_correlations(table({"a": {"x": STUDY["a"]["x"]}}))

@@ -210,7 +210,7 @@ def test_a_merge_that_misses_pairs_is_refused_unless_partial(shards, tmp_path, c
     assert H.main(["--merge", str(shards[0]), str(shards[1]), "--partial", "--output", str(tmp_path / "b")]) == 0
     merged = the_folder(tmp_path / "b")
     results = json.loads((merged / "results.json").read_text())
-    assert results["missing"] == [["cnn2_c4", "samples:astronaut"]]
+    assert results["missing"] == [["cnn2_c0", "samples:chelsea"]]  # pair 2: image by image, the second image's first model
     assert "missing" in (merged / "summary.md").read_text()
 
 

@@ -11,14 +11,18 @@ shares it. From the architecture, the weights and that gradient alone, this scri
 reconstructs the image with the paper's hybrid attack (a least-squares solve of each
 layer's linear system, corrected by gradient matching) and with the baselines R-GAP,
 DLG, iDLG and Cosine+TV; it scores them with PSNR and SSIM and reports each layer's
-rank deficiency and the paper's security index.
+rank deficiency, the paper's security index and our worst layer's fraction of free
+unknowns.
 
 Examples:
 
     python hybrid.py --quick --source samples         # smoke test, under a minute on a CPU
     python hybrid.py                                   # paper settings: cnn4_c2, CIFAR-10 #3
     python hybrid.py --model cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2 --index 3 7   # the paper's grid
-    python hybrid.py --analyse --model cnn3_c1 cnn4_c2 # rank deficiency + security index only
+    python hybrid.py --analyse --model cnn3_c1 cnn4_c2 # rank deficiency + both indices only
+    python hybrid.py --analyse --model 8k3s1p0-tanh,4k4s2p0-leaky,fc-id   # your own architecture
+    python hybrid.py --model random:40 --index 0-4 --attacks rgap hybrid   # 40 random architectures
+    python hybrid.py --attacks rgap hybrid hybrid_free # and ours: correct only where the ranks leave freedom
     python hybrid.py --image cat.png --label 3 --model cnn2_c1 --attacks rgap
     python hybrid.py --attacks dlg idlg --restarts 4   # the baselines, each the best of 4 starts
     python hybrid.py --model all --source samples --index 0-4 --attacks rgap hybrid --jobs auto

@@ -660,17 +660,28 @@ def one_pool(units: list, work: Callable, record: Callable, jobs: int, init: Cal
         del pool  # this frame outlives the function in a traceback: the pool's queues must not
 
 
+WORKER_GRACE_SECONDS = 5.0  # after SIGTERM; then SIGKILL
+
+
 def stop_workers(pool: ProcessPoolExecutor) -> None:
     """Workers end with the pool; on Ctrl-C or a failure they are stopped, not awaited
-    for their units. The pool's own manager thread is then joined, so that its queues (and
-    their semaphores) are released before the process exits, not reported as leaked."""
+    for their units. A worker inside a long library call (a least-squares solve) handles
+    SIGTERM only when the call returns, which can take a minute, so after a grace period
+    it is killed: workers write nothing, the parent records every unit. The pool's own
+    manager thread is then joined, so that its queues (and their semaphores) are released
+    before the process exits, not reported as leaked."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # private, but no public way before 3.14
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
             process.terminate()
+    deadline = time.monotonic() + WORKER_GRACE_SECONDS
     for process in processes:
-        process.join(timeout=30)
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
     pool.shutdown(wait=True)
 
 

@@ -183,7 +183,8 @@ def test_a_trained_run_records_its_training(tmp_path):
     (run_,) = results["runs"]
     assert run_["training"]["steps"] == 20 and "chelsea" not in run_["training"]["data"]
     rows = (folder / "results.csv").read_text().splitlines()
-    assert rows[0].endswith("security_index") and rows[1].endswith(str(run_["security_index"]))
+    assert rows[0].endswith("security_index,worst_layer_fraction")
+    assert rows[1].endswith(f"{run_['security_index']},{run_['worst_layer_fraction']!r}")
 
 
 def test_the_worst_layers_fraction_on_a_hand_made_table():

@@ -72,7 +72,8 @@ def test_sweep_writes_a_row_per_item_and_a_true_summary(full_sweep):
         indices = {(r["image"], int(r["security_index"])) for r in group}  # one per image
         assert float(entry["index_mean"]) == pytest.approx(np.mean([i for _, i in indices]))
     index = int(next(r["security_index"] for r in rows if r["model"] == "cnn2_c4"))
-    assert f"| cnn2_c4 | {index} [{index}, {index}] | Hybrid | 2 |" in (full_sweep / "summary.md").read_text()
+    fraction = float(next(r["worst_layer_fraction"] for r in rows if r["model"] == "cnn2_c4"))
+    assert f"| cnn2_c4 | {index} [{index}, {index}] | {fraction:.4f} | Hybrid | 2 |" in (full_sweep / "summary.md").read_text()
     assert (full_sweep / "comparison.png").exists()
 
 

@@ -527,29 +527,27 @@ def layer_shapes(arch: Arch, text: str = "") -> list[tuple[int, int, int]]:
     the one before, or whose system U would not fit in memory, is a UserError."""
     shapes, (c, h, w) = [], (3, 32, 32)
     for i, conv in enumerate(arch.convs):
-        where = f"architecture '{text or arch}', layer {i} '{str(arch).split(',')[i]}'"
+        bad = lambda why: UserError(f"architecture '{text or arch}', layer {i} '{str(arch).split(',')[i]}': {why}")  # noqa: E731
         if 0 in (conv.out, conv.kernel, conv.stride):
             what = "0 output channels" if conv.out == 0 else "kernel 0" if conv.kernel == 0 else "stride 0"
-            raise UserError(f"{where}: with {what} its output would be empty")
+            raise bad(f"with {what} its output would be empty")
         if conv.kernel > min(h, w) + 2 * conv.padding:
-            raise UserError(f"{where}: kernel {conv.kernel} is larger than its padded input "
-                            f"({h}x{w} with padding {conv.padding})")
+            raise bad(f"kernel {conv.kernel} is larger than its padded input ({h}x{w} with padding {conv.padding})")
         shapes.append((c, h, w))
         c, h, w = conv.out, (h + 2 * conv.padding - conv.kernel) // conv.stride + 1, \
             (w + 2 * conv.padding - conv.kernel) // conv.stride + 1
-        gib = system_bytes(shapes[-1], (c, h, w), conv.kernel) / 2**30
+        gib = 8 * math.prod(system_size(shapes[-1], (c, h, w), conv.kernel)) / 2**30
         if gib > MAX_SYSTEM_GIB:
-            raise UserError(f"{where}: its linear system would take {gib:.1f} GiB in float64 "
-                            f"(the limit is {MAX_SYSTEM_GIB:g} GiB)")
+            raise bad(f"its linear system would take {gib:.1f} GiB in float64 (the limit is {MAX_SYSTEM_GIB:g} GiB)")
     shapes.append((c, h, w))
     return shapes
 
 
-def system_bytes(shape_in: tuple[int, int, int], shape_out: tuple[int, int, int], kernel: int) -> int:
-    """U of a convolution in float64: (C_out H' W' forward rows + C_out C_in k^2 gradient
-    rows) x C_in H W unknowns."""
+def system_size(shape_in: tuple[int, int, int], shape_out: tuple[int, int, int], kernel: int) -> tuple[int, int]:
+    """U of a convolution: (C_out H' W' forward rows + C_out C_in k^2 gradient rows,
+    C_in H W unknowns)."""
     (ci, h, w), (co, ho, wo) = shape_in, shape_out
-    return 8 * (co * ho * wo + co * ci * kernel * kernel) * ci * h * w
+    return co * ho * wo + co * ci * kernel * kernel, ci * h * w
 
 
 # --model random:N[@SEED]: N architectures drawn by one documented sampler, so a study can
@@ -570,9 +568,9 @@ def solve_cost(arch: Arch) -> tuple[float, int, float]:
     """(the solves' flops up to a constant, all convolutions' unknowns, the largest U in MiB)."""
     shapes, flops, mib = layer_shapes(arch), 0.0, 0.0
     for conv, shape_in, shape_out in zip(arch.convs, shapes, shapes[1:]):
-        n, m = math.prod(shape_in), math.prod(shape_out) + conv.out * shape_in[0] * conv.kernel**2
+        m, n = system_size(shape_in, shape_out, conv.kernel)
         flops += max(m, n) * min(m, n) ** 2
-        mib = max(mib, system_bytes(shape_in, shape_out, conv.kernel) / 2**20)
+        mib = max(mib, 8 * m * n / 2**20)
     return flops, sum(math.prod(shape) for shape in shapes[:-1]), mib
 
 
@@ -599,8 +597,10 @@ def random_architectures(n: int, seed: int = RANDOM_SEED) -> list[str]:
     raise UserError(f"random:{n}@{seed}: the sampler found only {len(out)} architectures within its bound")
 
 
+@functools.cache
 def architecture(model: str) -> Arch:
-    """A zoo name's architecture, or the architecture a string gives."""
+    """A zoo name's architecture, or the architecture a string gives (parsed once a
+    process: rows, figure points and entries all ask for it)."""
     return parse_architecture(MODELS.get(model, model))
 
 
@@ -1061,6 +1061,7 @@ def layer_unknowns(model: str) -> list[int]:
 
 
 INDICES = {"security_index": "security index", "worst_layer_fraction": "worst layer's fraction"}  # column: name
+INDEX_FIGURES = {"security_index": "index_vs_quality.png", "worst_layer_fraction": "fraction_vs_quality.png"}
 
 
 def indices_of(model: str, deficiency: list[int] | None) -> dict[str, float | None]:
@@ -1257,11 +1258,15 @@ CORRECT_WHERE: dict[str, Where] = {
 def attack_hybrid_free(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
     """The hybrid, correcting a convolution only where settings.correct_where says the
     systems leave it freedom; elsewhere R-GAP's least-squares solution is passed down."""
-    where = CORRECT_WHERE[settings.correct_where]
-    correct = functools.partial(gradient_matching, model, grads=grads, label=label, settings=settings)
-    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose, where=where)
-    corrected = [layer for layer in range(len(deficiency)) if where(deficiency[layer:])]
-    return AttackResult(x.to(grads[0].device), label, {"rank_deficiency": deficiency, "corrected_layers": corrected})
+    corrected = []  # the layers whose correction ran, as results.json records them
+
+    def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
+        corrected.append(system.layer)
+        return gradient_matching(model, system, x_hat, grads=grads, label=label, settings=settings)
+    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose,
+                                             where=CORRECT_WHERE[settings.correct_where])
+    return AttackResult(x.to(grads[0].device), label,
+                        {"rank_deficiency": deficiency, "corrected_layers": sorted(corrected)})
 
 
 # -- --compile: the same J through torch.func, the form torch.compile can trace ------------
@@ -1671,9 +1676,9 @@ def label_groups(ax: object, groups: dict[float, list[str]], fmt: str = "{:.0f}"
     at = [(to_fraction(ax.transData.transform((value, 0)))[0], value) for value in groups]
     gap = min(1 / max(len(at), 1), 0.03)
     for (point, value), label in zip(at, spread_labels([p for p, _ in at], gap)):
-        names = groups[value]
-        text = " ".join([names[0]] + [n.split("_", 1)[1] if n.split("_")[0] == names[0].split("_")[0] and "_" in n
-                                      else n for n in names[1:]])
+        first, *others = groups[value]
+        family = first.split("_")[0] + "_"
+        text = " ".join([first] + [n.removeprefix(family) for n in others])
         ax.annotate(f"{text}  ({fmt.format(value)})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
                     textcoords="axes fraction", rotation=90, fontsize=7, ha="center", va="bottom",
                     arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
@@ -1706,6 +1711,37 @@ def study_legend(fig: object, attacks: list[str], models: list[str]) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
 
 
+def negative_index_axis(column: object, below: dict[float, list[str]], which: str) -> None:
+    """The x axis of the negative values: symmetric-log for the paper's index (counts of
+    free unknowns, from tens to thousands), linear for the worst layer's fraction."""
+    top, bottom = column
+    if which == "security_index":
+        top.set_xscale("symlog", linthresh=1)
+        lo, hi = min(below) * 1.6, max(below) / 1.6
+        top.set_xlim(lo, hi)
+        ticks = [-m * 10**k for k in range(6) for m in (1, 2, 5) if lo <= -m * 10**k <= hi]
+        bottom.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        bottom.minorticks_off()
+        bottom.set_xlabel("the paper's security index < 0 (symmetric-log axis; more negative: more of the "
+                          "input left free)")
+    else:
+        span = max(below) - min(below) or 0.1
+        top.set_xlim(min(below) - 0.05 * span, max(below) + 0.05 * span)
+        bottom.set_xlabel("the worst layer's fraction of free unknowns, min_l r_l / n_l < 0 (-1: some layer "
+                          "determines nothing)")
+    label_groups(top, below, "{:.0f}" if which == "security_index" else "{:.3f}")
+
+
+def zero_strip(column: object, zero: list[str], which: str) -> None:
+    """The strip of index 0 (every layer determined): its models side by side, named."""
+    top, bottom = column
+    bottom.set_xlim(-0.6, len(zero) - 0.4)
+    bottom.set_xticks(range(len(zero)), zero, rotation=90, fontsize=7)
+    top.tick_params(labelbottom=False)
+    top.set_title(f"{INDICES[which]} 0\n(every layer determined)", fontsize=8)
+    bottom.set_xlabel("index 0: models side by side")
+
+
 def plot_index_vs_quality(rows: list[dict], path: Path, which: str = "security_index") -> object:
     """The study figure: each model's index (x; `which` of INDICES) against each attack's mean
     PSNR and SSIM over its images, +- their standard deviation. The index as it is, never
@@ -1723,39 +1759,19 @@ def plot_index_vs_quality(rows: list[dict], path: Path, which: str = "security_i
     axes = fig.subplots(2, len(ratios), sharey="row", sharex="col", squeeze=False, width_ratios=ratios)
     attacks = [a for a in ATTACKS_ORDER if any(e["attack"] == a for e in summary)]
     colour = activation_colours(list(index))
-    for row, (metric, name) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
+    for row, (metric, label) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
         if below:
             plot_points(axes[row, 0], summary, {m: v for v, ms in below.items() for m in ms}, metric, colour)
         if zero:
             plot_points(axes[row, -1], summary, {m: i for i, m in enumerate(zero)}, metric, colour)
-        axes[row, 0].set_ylabel(name)
+        axes[row, 0].set_ylabel(label)
         for ax in axes[row]:
             ax.grid(alpha=0.3)
     axes[0, 0].set_ylim(top=PSNR_CAP + 2)
-    name = INDICES[which]
-    if below and which == "security_index":
-        axes[0, 0].set_xscale("symlog", linthresh=1)
-        lo, hi = min(below) * 1.6, max(below) / 1.6
-        axes[0, 0].set_xlim(lo, hi)
-        ticks = [-m * 10**k for k in range(6) for m in (1, 2, 5) if lo <= -m * 10**k <= hi]
-        axes[1, 0].set_xticks(ticks, [f"{t:g}" for t in ticks])
-        axes[1, 0].minorticks_off()
-        axes[1, 0].set_xlabel("the paper's security index < 0 (symmetric-log axis; more negative: more of the "
-                              "input left free)")
-    elif below:
-        span = max(below) - min(below) or 0.1
-        axes[0, 0].set_xlim(min(below) - 0.05 * span, max(below) + 0.05 * span)
-        axes[1, 0].set_xlabel("the worst layer's fraction of free unknowns, min_l r_l / n_l < 0 (-1: some layer "
-                              "determines nothing)")
     if below:
-        label_groups(axes[0, 0], below, "{:.0f}" if which == "security_index" else "{:.3f}")
+        negative_index_axis(axes[:, 0], below, which)
     if zero:
-        strip = axes[1, -1]
-        strip.set_xlim(-0.6, len(zero) - 0.4)
-        strip.set_xticks(range(len(zero)), zero, rotation=90, fontsize=7)
-        axes[0, -1].tick_params(labelbottom=False)
-        axes[0, -1].set_title(f"{name} 0\n(every layer determined)", fontsize=8)
-        strip.set_xlabel("index 0: models side by side")
+        zero_strip(axes[:, -1], zero, which)
     study_legend(fig, attacks, list(index))
     fig.savefig(path, dpi=130)
     return fig
@@ -1862,10 +1878,9 @@ def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
     rows = folder.rows()
     folder.results["correlations"] = index_correlations(rows)
     folder.save()
-    if len(index_by_model(rows)) >= 3:
-        plot_index_vs_quality(rows, folder.path / "index_vs_quality.png")
-        if len(index_by_model(rows, "worst_layer_fraction")) >= 3:
-            plot_index_vs_quality(rows, folder.path / "fraction_vs_quality.png", "worst_layer_fraction")
+    for which, name in INDEX_FIGURES.items():
+        if len(index_by_model(rows, which)) >= 3:
+            plot_index_vs_quality(rows, folder.path / name, which)
     notes, missing = [], folder.results.get("missing")
     if missing:
         notes.append(f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "

@@ -104,6 +104,9 @@ class AttackSettings:
     compile: bool = False  # the hybrid's objective through torch.compile (same numbers, faster steps)
     correct_where: str = "free-at-or-above"  # hybrid_free: which layers it corrects (CORRECT_WHERE)
     verbose: bool = False  # per-layer details
+    # What the attacker knows of the client's defence, set by the experiment, not a flag:
+    # under pruning, the shared gradient's exact zeros are missing entries (known_entries).
+    zeros_are_missing: bool = False
 
 
 QUICK = dict(dlg_iters=5, cosine_iters=100, hybrid_iters=20, hybrid_iters_first=100)  # a smoke test's
@@ -120,7 +123,8 @@ class Experiment:
     images: list[str] = field(default_factory=list)  # --image: the user's files, instead of a source
     label: int = 0  # the class of the --image files
     attacks: list[str] = field(default_factory=lambda: list(PAPER_ATTACKS))
-    seed: int = PUBLISHED_SEED  # set before every attack
+    defences: list[str] = field(default_factory=lambda: ["none"])  # --defence: what the client does to its gradient
+    seed: int = PUBLISHED_SEED  # set before every attack (and the seed of a defence's noise)
     model_seed: int = PUBLISHED_SEED  # set before a model's layers are built
     train_steps: int = 0  # SGD steps before the client's gradient (0: the published initialisation)
     train_lr: float = 0.01
@@ -837,14 +841,34 @@ def activation_derivative(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no derivative for {act}")
 
 
-def invert_fc(fc: nn.Linear, g_w: torch.Tensor, g_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def invert_fc(fc: nn.Linear, g_w: torch.Tensor, g_b: torch.Tensor,
+              kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Input a and dL/da of the linear layer from its gradients (step 1 above).
 
     gW = d a^T and gb = d, so a = gW^T gb / gb^T gb: the least-squares solution over
-    all rows (the published code divided one row by one entry).
+    all rows (the published code divided one row by one entry). Under pruning (`kept`:
+    the entries of gW and gb that survive) the same least squares over what survives.
     """
-    d = g_b.detach().double().cpu()
-    a = g_w.detach().double().cpu().T @ d / (d @ d)
+    d, g_w = g_b.detach().double().cpu(), g_w.detach().double().cpu()
+    if kept is None:
+        return g_w.T @ d / (d @ d), fc.weight.detach().double().cpu().T @ d
+    return invert_pruned_fc(fc, g_w, d, *kept)
+
+
+def invert_pruned_fc(fc: nn.Linear, g_w: torch.Tensor, d: torch.Tensor, kept_w: torch.Tensor,
+                     kept_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """invert_fc over the surviving entries: gW_ij = d_i a_j for each surviving (i, j).
+
+    a_j = sum_i d_i gW_ij / sum_i d_i^2 over the rows i whose gW_ij and d_i both survive
+    (0, the minimum norm, where none does); then each pruned d_i = sum_j gW_ij a_j /
+    sum_j a_j^2 over its row's surviving j, the least squares of the same equations.
+    """
+    both = (kept_w & kept_b[:, None]).double()  # (10, n): equations with d_i known
+    num, den = (both * d[:, None] * g_w).sum(0), (both * d[:, None] ** 2).sum(0)
+    a = torch.where(den > 0, num / den.where(den > 0, 1.0), 0.0)
+    row = kept_w.double()
+    num, den = (row * g_w * a).sum(1), (row * a ** 2).sum(1)
+    d = torch.where(kept_b, d, torch.where(den > 0, num / den.where(den > 0, 1.0), 0.0))
     return a, fc.weight.detach().double().cpu().T @ d
 
 
@@ -960,18 +984,23 @@ class LayerSystem:
     z_minus_b: torch.Tensor  # what M x must equal: z_l - b_l, shape (1, C_out, H, W)
     delta: torch.Tensor  # dL/dz_l, same shape
     g_w: torch.Tensor  # the shared weight gradient of the layer: what G(delta) x must equal
+    kept: torch.Tensor | None = None  # under pruning, gW's surviving entries: G's rows that are equations
 
     def to(self, dtype: torch.dtype, device: str | torch.device) -> LayerSystem:
+        kept = None if self.kept is None else self.kept.to(device)
         return LayerSystem(self.layer, *(t.to(dtype=dtype, device=device) for t in
-                                         (self.z_minus_b, self.delta, self.g_w)))
+                                         (self.z_minus_b, self.delta, self.g_w)), kept)
 
     def matrices(self, model: Net) -> tuple[torch.Tensor, torch.Tensor]:
-        """U = [M; G] and V = [z - b; gW], dense float64 on the CPU."""
+        """U = [M; G] and V = [z - b; gW], dense float64 on the CPU; under pruning, G and
+        gW keep the surviving rows only (a pruned entry is no equation, not "0 = G x")."""
         conv, shape = model.layers[self.layer], model.shapes[self.layer]
         idx = patch_index(conv, shape)
-        U = torch.cat([conv_matrix(conv, shape, idx), grad_matrix(conv, shape, self.delta, idx)])
-        V = torch.cat([self.z_minus_b.flatten(), self.g_w.flatten()]).double().cpu()
-        return U, V
+        G, g_w = grad_matrix(conv, shape, self.delta, idx), self.g_w.flatten().double().cpu()
+        if self.kept is not None:
+            rows = self.kept.flatten().cpu()
+            G, g_w = G[rows], g_w[rows]
+        return torch.cat([conv_matrix(conv, shape, idx), G]), torch.cat([self.z_minus_b.flatten().double().cpu(), g_w])
 
     def forward_and_residual(self, model: Net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's pre-activation z(x) and ||U x - V||^2, U never formed.
@@ -984,20 +1013,25 @@ class LayerSystem:
         cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]  # (C_in k k, P)
         z = (conv.weight.flatten(1) @ cols).view_as(self.z_minus_b)
         weight_grad = self.delta.reshape(conv.out_channels, -1) @ cols.T  # (C_out, C_in*k*k)
-        residual = (z - self.z_minus_b).square().sum() + (weight_grad - self.g_w.flatten(1)).square().sum()
+        misfit = weight_grad - self.g_w.flatten(1)
+        if self.kept is not None:  # the pruned entries are no equations
+            misfit = misfit * self.kept.flatten(1)
+        residual = (z - self.z_minus_b).square().sum() + misfit.square().sum()
         return (z if conv.bias is None else z + conv.bias.view(1, -1, 1, 1)), residual
 
 
 def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor,
-                 grads: list[torch.Tensor]) -> LayerSystem:
-    """From the estimate of a layer's output and dL/d(output): z, delta and the equations."""
+                 grads: list[torch.Tensor], kept: list[torch.Tensor] | None = None) -> LayerSystem:
+    """From the estimate of a layer's output and dL/d(output): z, delta and the equations
+    (under pruning, those of gW's entries that `kept`, per parameter, says survive)."""
     conv, act = model.layers[layer], model.acts[layer]
     c, h, w = model.shapes[layer + 1]
     z = inverse_activation(act, a_hat.reshape(1, c, h, w))
     delta = dl_da.reshape(1, c, h, w) * activation_derivative(act, z)
     if conv.bias is not None:  # the forward constraints hold for z - b
         z = z - conv.bias.detach().double().cpu().view(1, -1, 1, 1)
-    return LayerSystem(layer, z, delta, by_layer(model, grads)[layer][0].double())
+    return LayerSystem(layer, z, delta, by_layer(model, grads)[layer][0].double(),
+                       None if kept is None else by_layer(model, kept)[layer][0])
 
 
 Corrector = Callable[[LayerSystem, torch.Tensor], torch.Tensor]  # (system, x_hat) -> the x passed down
@@ -1005,21 +1039,25 @@ Where = Callable[[list[int]], bool]  # the deficiencies of layers l, l+1, ... ->
 
 
 def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Corrector | None = None,
-                             verbose: bool = False, where: Where | None = None) -> tuple[torch.Tensor, list[int]]:
+                             verbose: bool = False, where: Where | None = None,
+                             kept: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int]]:
     """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image.
 
     Returns the image estimate (1, 3, 32, 32) and each convolution's rank deficiency
     (layer 0 first). `correct` (the hybrid's gradient matching) may replace each
     least-squares solution before it is passed down (gradient_matching): at every layer,
     or only at the layers l where `where(deficiency[l:])` holds (the recursion runs from
-    the top, so layer l's and the deficiencies above it are known by then).
+    the top, so layer l's and the deficiencies above it are known by then). Under
+    pruning, `kept` (per parameter, the surviving entries) drops the pruned equations.
     """
     n_layers = len(model.layers)
     grads = [g.detach().double().cpu() for g in grads]  # the recursion runs in float64 on the CPU
-    a_hat, dl_da = invert_fc(model.layers[-1], *by_layer(model, grads)[-1])
+    kept = None if kept is None else [k.cpu() for k in kept]
+    a_hat, dl_da = invert_fc(model.layers[-1], *by_layer(model, grads)[-1],
+                             None if kept is None else tuple(by_layer(model, kept)[-1]))
     deficiency = [0] * (n_layers - 1)
     for layer in progress(range(n_layers - 2, -1, -1), "layers"):
-        system = layer_system(model, layer, a_hat, dl_da, grads)
+        system = layer_system(model, layer, a_hat, dl_da, grads, kept)
         U, V = system.matrices(model)
         x_hat, rank = solve_min_norm(U, V)
         deficiency[layer] = rank - U.shape[1]
@@ -1072,9 +1110,10 @@ def indices_of(model: str, deficiency: list[int] | None) -> dict[str, float | No
             "worst_layer_fraction": worst_layer_fraction(deficiency, layer_unknowns(model))}
 
 
-def rank_deficiency(model: Net, grads: list[torch.Tensor]) -> list[int]:
-    """Each convolution's rank deficiency (layer 0 first), from R-GAP's recursion alone."""
-    return recursive_reconstruction(model, grads)[1]
+def rank_deficiency(model: Net, grads: list[torch.Tensor], kept: list[torch.Tensor] | None = None) -> list[int]:
+    """Each convolution's rank deficiency (layer 0 first), from R-GAP's recursion alone;
+    with `kept`, of the equations that survive pruning."""
+    return recursive_reconstruction(model, grads, kept=kept)[1]
 
 
 
@@ -1146,8 +1185,14 @@ def best_start(start: Callable[[], AttackResult], restarts: int) -> AttackResult
 # =============================================================================
 
 
+def known_entries(grads: list[torch.Tensor], settings: AttackSettings) -> list[torch.Tensor] | None:
+    """The entries of the shared gradient that are equations for R-GAP and the hybrid:
+    all (None), or under pruning the nonzeros alone."""
+    return surviving(grads) if settings.zeros_are_missing else None
+
+
 def attack_rgap(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
-    x, deficiency = recursive_reconstruction(model, grads, verbose=settings.verbose)
+    x, deficiency = recursive_reconstruction(model, grads, verbose=settings.verbose, kept=known_entries(grads, settings))
     return AttackResult(x.to(grads[0].device), label,
                         {"rank_deficiency": deficiency, "security_index": security_index(deficiency)})
 
@@ -1182,16 +1227,20 @@ def hybrid_schedule(layer: int, settings: AttackSettings) -> tuple[float, float,
 
 
 def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, shared: list[torch.Tensor],
-                     target: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
+                     target: torch.Tensor, weights: tuple[float, float, float],
+                     kept: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The paper's J(x) at layer l = system.layer. `shared` is the shared gradient of
     layers l..L-1 (gradients_from), `target` the label as a (1,) tensor, and `system`
     holds tensors of x's dtype and device. Layer l's forward is shared between the
-    residual ||Ux - V||^2 and f_{l:}(x).
+    residual ||Ux - V||^2 and f_{l:}(x). Under pruning the cosine compares the surviving
+    entries alone (`kept`, as `shared`; the residual drops the pruned ones itself).
     """
     w_cos, w_tv, w_sq = weights
     z, residual = system.forward_and_residual(model, x)
     output = model(model.acts[system.layer](z), system.layer + 1)  # f_{l:}(x)
     dummy = dummy_gradient(model, output, target, system.layer)  # grad_p CE(f_{l:}(x), y), p in layers l..
+    if kept is not None:
+        dummy = [d * k for d, k in zip(dummy, kept)]
     return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
 
 
@@ -1199,15 +1248,16 @@ GradAndValue = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x 
 
 
 def hybrid_grad_and_value(model: Net, system: LayerSystem, shared: list[torch.Tensor], label: int,
-                          weights: tuple[float, float, float], compile: bool) -> GradAndValue:
+                          weights: tuple[float, float, float], compile: bool,
+                          kept: list[torch.Tensor] | None = None) -> GradAndValue:
     """x -> (dJ/dx, J): a double backward through autograd, or with --compile the
     torch.func form of J, traced and compiled once per layer shape (see below)."""
     target = torch.tensor([label], device=system.z_minus_b.device)
     if compile:
-        return lambda x: compiled_grad_and_value()(model, system, x.detach(), shared, target, weights)
+        return lambda x: compiled_grad_and_value()(model, system, x.detach(), shared, target, weights, kept)
 
     def eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        objective = hybrid_objective(model, system, x, shared, target, weights)
+        objective = hybrid_objective(model, system, x, shared, target, weights, kept)
         return torch.autograd.grad(objective, [x])[0], objective
     return eager
 
@@ -1221,7 +1271,8 @@ def gradient_matching(model: Net, system: LayerSystem, x_hat: torch.Tensor, *, g
     *weights, steps = hybrid_schedule(system.layer, settings)
     system = system.to(torch.float32, device)
     shared = gradients_from(model, grads, system.layer)  # g_p, p in layers l..L-1
-    grad_and_value = hybrid_grad_and_value(model, system, shared, label, tuple(weights), settings.compile)
+    kept = known_entries(shared, settings)
+    grad_and_value = hybrid_grad_and_value(model, system, shared, label, tuple(weights), settings.compile, kept)
     x = x_hat.float().to(device).requires_grad_()
     opt = torch.optim.Adam([x], lr=1e-3)
     bar = progress(steps, f"hybrid layer {system.layer}")
@@ -1237,7 +1288,8 @@ def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: A
     """R-GAP's recursion with each convolution's least-squares solution corrected by
     gradient matching before it is passed down (the paper's hybrid)."""
     correct = functools.partial(gradient_matching, model, grads=grads, label=label, settings=settings)
-    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose)
+    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose,
+                                             kept=known_entries(grads, settings))
     return AttackResult(x.to(grads[0].device), label, {"rank_deficiency": deficiency})
 
 
@@ -1264,7 +1316,8 @@ def attack_hybrid_free(model: Net, grads: list[torch.Tensor], label: int, settin
         corrected.append(system.layer)
         return gradient_matching(model, system, x_hat, grads=grads, label=label, settings=settings)
     x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose,
-                                             where=CORRECT_WHERE[settings.correct_where])
+                                             where=CORRECT_WHERE[settings.correct_where],
+                                             kept=known_entries(grads, settings))
     return AttackResult(x.to(grads[0].device), label,
                         {"rank_deficiency": deficiency, "corrected_layers": sorted(corrected)})
 
@@ -1284,12 +1337,15 @@ def functional_dummy_gradient(model: Net, x: torch.Tensor, target: torch.Tensor,
 
 
 def functional_hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, shared: list[torch.Tensor],
-                                target: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
+                                target: torch.Tensor, weights: tuple[float, float, float],
+                                kept: list[torch.Tensor] | None = None) -> torch.Tensor:
     """hybrid_objective, equal in value; layer l's convolution runs a second time inside
     functional_call, as the weight's gradient must be taken through it."""
     w_cos, w_tv, w_sq = weights
     _, residual = system.forward_and_residual(model, x)
     dummy = functional_dummy_gradient(model, x, target, system.layer)
+    if kept is not None:
+        dummy = [d * k for d, k in zip(dummy, kept)]
     return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
 
 
@@ -1391,6 +1447,103 @@ DISPLAY = {"target": "Target", "rgap": "R-GAP", "dlg": "DLG", "idlg": "iDLG",
 
 
 # =============================================================================
+# Defences: what the client does to its gradient before it shares it
+# =============================================================================
+# The two standard single-gradient defences of the literature: additive Gaussian noise,
+# with DP-SGD's clip-and-noise (Abadi et al., 2016) as its principled form, and pruning
+# the entries of smallest magnitude (Zhu et al., 2019, Sec. 5; GradAttack's GradPrune).
+# The client applies one to the whole gradient; every attack sees only what comes out.
+#
+# An attacker who sees pruning's zeros knows they are missing entries, not gradients that
+# happen to be 0: R-GAP and the hybrid drop those equations (AttackSettings.zeros_are_missing),
+# so each layer's rank deficiency, and the security index, can be computed under the
+# defence before any attack. DLG, iDLG and Cosine+TV run unchanged, as in the literature.
+
+DEFENCE_FORMS = {"none": (), "noise": ("sigma",), "dp": ("clip", "noise_multiplier"), "prune": ("fraction",)}
+DEFENCE_USAGE = "none, noise:SIGMA, dp:C:Z or prune:P"
+
+
+class Defence(NamedTuple):
+    spec: str  # as given on the command line, e.g. "prune:0.9": the record's name for it
+    kind: str  # a key of DEFENCE_FORMS
+    params: dict[str, float]  # DEFENCE_FORMS[kind]'s names -> values
+
+    @property
+    def prunes(self) -> bool:
+        return self.kind == "prune"
+
+
+NO_DEFENCE = Defence("none", "none", {})
+
+
+def parse_defence(text: str) -> Defence:
+    """'none', 'noise:SIGMA', 'dp:C:Z' or 'prune:P'; anything else is one line (UserError)."""
+    kind, *values = text.split(":")
+    if kind not in DEFENCE_FORMS:
+        raise UserError(f"--defence '{text}': unknown kind '{kind}' (expected {DEFENCE_USAGE})")
+    names = DEFENCE_FORMS[kind]
+    if len(values) != len(names):
+        form = ":".join([kind, *(n.upper() for n in names)])
+        raise UserError(f"--defence '{text}': expected {form}")
+    try:
+        params = {n: float(v) for n, v in zip(names, values)}
+    except ValueError:
+        raise UserError(f"--defence '{text}': '{':'.join(values)}' is not a number") from None
+    for name, value in params.items():
+        if not math.isfinite(value) or value < 0 or (name == "clip" and value == 0):
+            raise UserError(f"--defence '{text}': {name} must be a finite number "
+                            f"{'above' if name == 'clip' else 'of at least'} 0, not {value:g}")
+    if kind == "prune" and not params["fraction"] < 1:
+        raise UserError(f"--defence '{text}': the pruned fraction P must be in [0, 1), not {params['fraction']:g}")
+    return Defence(text, kind, params)
+
+
+def defence_seed(seed: int, image: str) -> int:
+    """The noise's seed for one image: from the run's --seed, so the same command gives the
+    same noise and another seed another. Every noise level scales the same draw (common
+    random numbers: a curve over SIGMA is not also a curve over draws)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{image}".encode()).digest()[:4], "little")
+
+
+def global_norm(grads: list[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum(g.double().square().sum() for g in grads)))
+
+
+def prune_smallest(g: torch.Tensor, fraction: float) -> torch.Tensor:
+    """g with floor(fraction * n) of its n entries, those of smallest magnitude, set to 0
+    (ties broken by position: the earlier entry goes first)."""
+    k = math.floor(fraction * g.numel())
+    order = torch.sort(g.abs().flatten(), stable=True).indices
+    out = g.flatten().clone()
+    out[order[:k]] = 0
+    return out.view_as(g)
+
+
+def defend(grads: list[torch.Tensor], defence: Defence, seed: int) -> tuple[list[torch.Tensor], dict]:
+    """The gradient the client shares under `defence`, and what results.json records of it:
+    the spec, its parameters, the noise's seed and the gradient's norm before and after."""
+    before, kind, p = global_norm(grads), defence.kind, defence.params
+    record = {"spec": defence.spec, "kind": kind, **p}
+    if kind == "prune":
+        grads = [prune_smallest(g, p["fraction"]) for g in grads]
+    elif kind in ("noise", "dp"):
+        if kind == "dp":  # DP-SGD's step for one example: clip the whole gradient to norm C first
+            grads = [g * min(1.0, p["clip"] / before) for g in grads]
+        sigma = p["sigma"] if kind == "noise" else p["noise_multiplier"] * p["clip"]
+        draw = torch.Generator().manual_seed(seed)  # the CPU's generator: the same noise on any device,
+        grads = [g + sigma * torch.randn(g.shape, generator=draw, dtype=g.dtype).to(g.device)  # the attacks'
+                 for g in grads]  # seeding untouched
+        record["seed"] = seed
+    return grads, record | {"norm_before": before, "norm_after": global_norm(grads)}
+
+
+def surviving(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per parameter, the entries a pruned gradient still holds (its nonzeros): the
+    equations R-GAP and the hybrid keep under pruning."""
+    return [g != 0 for g in grads]
+
+
+# =============================================================================
 # Metrics
 # =============================================================================
 
@@ -1439,6 +1592,13 @@ class RankAnalysis(NamedTuple):
     deficiency: list[int]
 
 
+class Defended(NamedTuple):
+    """What the client's defence did to its gradient (defend's record); under pruning,
+    with the rank deficiencies of the equations that survive."""
+
+    info: dict
+
+
 class Answer(NamedTuple):
     """One attack's answer to the shared gradient, scored."""
 
@@ -1456,16 +1616,24 @@ def score_answer(name: str, result: AttackResult, seconds: float, image: Private
 
 
 def experiment(model: Net, image: PrivateImage, attacks: list[str], settings: AttackSettings, seed: int,
-               device: str) -> Iterator[Answer]:
-    """The paper's experiment on one (model, image): the client shares its gradient, and
-    each attack answers from the gradient alone, reseeded first. Yields each attack's
-    Answer as it finishes (R-GAP's carries the rank deficiencies of its recursion)."""
+               device: str, defence: Defence = NO_DEFENCE, analyse_defence: bool = True) -> Iterator[Defended | Answer]:
+    """The paper's experiment on one (model, image): the client shares its gradient,
+    defended, and each attack answers from what was shared alone, reseeded first. Yields
+    what the defence did (under pruning with the ranks of the surviving equations, unless
+    analyse_defence is False), then each attack's Answer as it finishes (R-GAP's carries
+    the rank deficiencies of its recursion)."""
     grads = client_gradient(model, image.x.to(device), image.label)
-    label = image.label if settings.true_label else recover_label(grads)
+    shared, info = defend(grads, defence, defence_seed(seed, image.name))
+    if defence.prunes and analyse_defence:  # the analyst's: the client's own gradient, the surviving rows
+        info |= {"rank_deficiency": rank_deficiency(model, grads, surviving(shared))}
+    yield Defended(info)
+    del grads  # from here on, the attacks' side: what was shared alone
+    label = image.label if settings.true_label else recover_label(shared)  # under noise it may be wrong
+    settings = dataclasses.replace(settings, zeros_are_missing=defence.prunes)  # an attacker sees the zeros
     for name in attacks:
         seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
         start = time.perf_counter()
-        result = ATTACKS[name](model, grads, label, settings)
+        result = ATTACKS[name](model, shared, label, settings)
         yield score_answer(name, result, time.perf_counter() - start, image)
 
 
@@ -1487,12 +1655,16 @@ def nothing_to_attack(model: Net, image: PrivateImage, device: str) -> str | Non
 def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
     """Rank deficiency per layer and the security index, without running an attack.
 
-    One table per (model, image); over several images, the security index per model
-    (mean and range): the paper's architecture comparison. A pair that cannot be analysed
-    (a gradient that is not finite, memory that runs out) is one line on stderr, and the
-    exit status is 1; the others are analysed.
+    One table per (model, image), and one per pruning defence of --defence (the equations
+    that survive it); over several images, the security index per model (mean and range):
+    the paper's architecture comparison. A pair that cannot be analysed (a gradient that is
+    not finite, memory that runs out) is one line on stderr, and the exit status is 1; the
+    others are analysed.
     """
     table, failed = [], 0
+    prunings = [d for d in map(parse_defence, exp.defences) if d.prunes]
+    if any(d.kind in ("noise", "dp") for d in map(parse_defence, exp.defences)):
+        say("noise leaves every equation in place: under noise:SIGMA and dp:C:Z the ranks are the undefended ones")
     for name in exp.models:
         indices = []
         for image in images:
@@ -1500,7 +1672,9 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
             why = nothing_to_attack(model, image, exp.device)
             if why is None:
                 try:
-                    deficiency = rank_analysis(model, image, exp.device).deficiency
+                    grads = client_gradient(model, image.x.to(exp.device), image.label)
+                    deficiency = rank_deficiency(model, grads)
+                    pruned = [rank_deficiency(model, grads, surviving(defend(grads, d, 0)[0])) for d in prunings]
                 except Exception as e:  # as a sweep's pair: this one is lost, the rest go on
                     why = sweeps.reason(e)
             if why is not None:
@@ -1508,13 +1682,9 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
                 failed += 1
                 continue
             indices.append(security_index(deficiency))
-            say(f"{name} on {image.name}: security index {indices[-1]}, "
-                f"worst layer's fraction {worst_layer_fraction(deficiency, layer_unknowns(name)):.4f}")
-            say(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
-            for layer, r in enumerate(deficiency):
-                shape, n = model.shapes[layer], math.prod(model.shapes[layer])
-                equations = math.prod(model.shapes[layer + 1]) + model.layers[layer].weight.numel()
-                say(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
+            say_ranks(model, f"{name} on {image.name}", deficiency, layer_unknowns(name))
+            for d, under in zip(prunings, pruned):
+                say_ranks(model, f"{name} on {image.name} under {d.spec}", under, layer_unknowns(name), d)
         if indices:
             table.append((name, np.mean(indices), min(indices), max(indices)))
     if len(images) > 1 and table:
@@ -1523,6 +1693,20 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
         for name, mean, lo, hi in table:
             say(f"| {name} | {mean:.1f} | {lo} | {hi} |")
     return 1 if failed else 0
+
+
+def say_ranks(model: Net, title: str, deficiency: list[int], unknowns: list[int],
+              defence: Defence = NO_DEFENCE) -> None:
+    """One (model, image)'s table of ranks and both indices; under pruning, of the
+    equations that survive it."""
+    say(f"{title}: security index {security_index(deficiency)}, "
+        f"worst layer's fraction {worst_layer_fraction(deficiency, unknowns):.4f}")
+    say(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
+    for layer, r in enumerate(deficiency):
+        shape, n = model.shapes[layer], math.prod(model.shapes[layer])
+        weights = model.layers[layer].weight.numel()
+        equations = math.prod(model.shapes[layer + 1]) + weights - math.floor(defence.params.get("fraction", 0) * weights)
+        say(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
 
 
 def index_by_model(rows: list[dict], index: str = "security_index") -> dict[str, list[float]]:
@@ -1777,30 +1961,114 @@ def plot_index_vs_quality(rows: list[dict], path: Path, which: str = "security_i
     return fig
 
 
+DEFENCE_STRENGTH = {"noise": "the noise's standard deviation SIGMA", "dp": "the noise's standard deviation Z C",
+                    "prune": "the pruned fraction P"}  # each kind's x axis in the defence figure
+
+
+def defence_strength(spec: str) -> tuple[str, float]:
+    """(kind, strength): SIGMA for noise, Z C (its noise's std) for dp, P for prune; 0 for none."""
+    d = parse_defence(spec)
+    return d.kind, {"none": 0.0, "noise": d.params.get("sigma"), "prune": d.params.get("fraction"),
+                    "dp": d.params.get("noise_multiplier", 0) * d.params.get("clip", 0)}[d.kind]
+
+
+def plot_defence_vs_quality(rows: list[dict], path: Path) -> object:
+    """PSNR and SSIM against each defence's strength: one column per kind of defence, one
+    line per (model, attack) through the mean over images, colour by attack, marker by
+    model; no defence at strength 0 on every panel. PSNRs above the cap drawn at it."""
+    from matplotlib.figure import Figure
+
+    points: dict[tuple, list[float]] = {}  # (kind, model, attack, metric, strength) -> values over images
+    for r in rows:
+        kind, x = defence_strength(r["defence"])
+        for k in [kind] if kind != "none" else DEFENCE_STRENGTH:
+            for metric in ("psnr", "ssim"):
+                value = min(float(r[metric]), PSNR_CAP) if metric == "psnr" else float(r[metric])
+                points.setdefault((k, r["model"], r["attack"], metric, x), []).append(value)
+    kinds = [k for k in DEFENCE_STRENGTH if any(defence_strength(r["defence"])[0] == k for r in rows)]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    attacks = [a for a in ATTACKS_ORDER if any(r["attack"] == a for r in rows)]
+    fig = Figure(figsize=(4.5 * len(kinds) + 2, 7.5), layout="constrained")
+    axes = fig.subplots(2, len(kinds), sharey="row", squeeze=False)
+    markers = "osD^vP*Xh<>"
+    for col, kind in enumerate(kinds):
+        for row, (metric, label) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
+            ax = axes[row, col]
+            for m, model in enumerate(models):
+                for a, attack in enumerate(attacks):
+                    curve = sorted((x, np.mean(v)) for (k, mo, at, me, x), v in points.items()
+                                   if (k, mo, at, me) == (kind, model, attack, metric))
+                    if curve:
+                        ax.plot(*zip(*curve), marker=markers[m % len(markers)], ms=4, lw=1, alpha=0.8,
+                                color=f"C{a}", label=f"{DISPLAY[attack]}, {model}")
+            if kind != "prune":  # noise levels span decades; none (0) stays on the linear part
+                positive = [x for (k, *_, x) in points if k == kind and x > 0]
+                ax.set_xscale("symlog", linthresh=min(positive, default=1) / 2)
+            ax.grid(alpha=0.3)
+            axes[row, 0].set_ylabel(label)
+        axes[0, col].set_title(kind)
+        axes[1, col].set_xlabel(DEFENCE_STRENGTH[kind])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    fig.savefig(path, dpi=130)
+    return fig
+
+
+def plot_pruned_index_vs_quality(rows: list[dict], path: Path) -> object:
+    """Under pruning, the indices of the surviving equations (x) against PSNR, one point per
+    (model, image, defence) and attack: colour by the pruned fraction (none: 0), marker by attack."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.figure import Figure
+
+    kept = [r for r in rows if defence_strength(r["defence"])[0] in ("prune", "none")]
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    colour = colormaps["viridis"]
+    for ax, index in zip(axes, INDICES):
+        for attack in [a for a in ATTACKS_ORDER if any(r["attack"] == a for r in kept)]:
+            points = [r for r in kept if r["attack"] == attack and r.get(index) not in (None, "")]
+            ax.scatter([float(r[index]) for r in points], [min(float(r["psnr"]), PSNR_CAP) for r in points],
+                       c=[colour(defence_strength(r["defence"])[1]) for r in points], marker=ATTACK_MARKERS[attack],
+                       s=18, alpha=0.8, label=DISPLAY[attack])
+        if index == "security_index":
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel(f"{INDICES[index]} of the surviving equations")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("PSNR (dB)")
+    axes[0].legend(fontsize=8)
+    fig.colorbar(ScalarMappable(cmap=colour), ax=axes, label="pruned fraction P")
+    fig.savefig(path, dpi=130)
+    return fig
+
+
 
 
 # =============================================================================
 # Sweeps of the experiment: the record's rows, the summaries, and what sweeps.py is handed
 # =============================================================================
 
-CSV_COLUMNS = ("model", "image", "attack", "label", "label_correct", "psnr", "ssim", "seconds", *INDICES)
+CSV_COLUMNS = ("model", "image", "defence", "attack", "label", "label_correct", "psnr", "ssim", "seconds", *INDICES)
 FIGURE_ROWS = 8  # a sweep's figure shows its first few (model, image) rows
 
 
 def csv_row(entry: dict, attack: str) -> dict:
-    """results.csv's row of one attack on one (model, image), from the pair's results.json entry."""
-    e = entry["attacks"][attack]
-    return {"model": entry["model"], "image": entry["image"], "attack": attack, "label": e["label"],
-            "label_correct": e["label_correct"], "psnr": psnr_for_csv(e["psnr"]), "ssim": e["ssim"],
-            "seconds": e["seconds"]} | recorded_indices(entry)
+    """results.csv's row of one attack on one (model, image, defence), from the pair's
+    results.json entry. The indices are those of the equations the attacker has: under
+    pruning, of the surviving ones (noise leaves every equation in place)."""
+    e, defence = entry["attacks"][attack], entry.get("defence", {})
+    indices = recorded_indices(defence if "rank_deficiency" in defence else entry, entry["model"])
+    return {"model": entry["model"], "image": entry["image"], "defence": defence.get("spec", "none"),
+            "attack": attack, "label": e["label"], "label_correct": e["label_correct"],
+            "psnr": psnr_for_csv(e["psnr"]), "ssim": e["ssim"], "seconds": e["seconds"]} | indices
 
 
-def recorded_indices(entry: dict) -> dict[str, float | None]:
-    """A pair's indices as its entry records them; computed from its deficiencies where it
-    predates one (results.json written before the worst layer's fraction)."""
+def recorded_indices(entry: dict, model: str) -> dict[str, float | None]:
+    """The indices a pair's entry (or its defence's record) holds; computed from its
+    deficiencies where it predates one (results.json written before the worst layer's fraction)."""
     indices = {name: entry.get(name) for name in INDICES}
     if None in indices.values() and entry.get("rank_deficiency") is not None:
-        indices = indices_of(entry["model"], entry["rank_deficiency"])
+        indices = indices_of(model, entry["rank_deficiency"])
     return indices
 
 
@@ -1818,10 +2086,28 @@ def is_entry(entry: object) -> bool:
                     for a, e in entry.get("attacks", {}).items()))
 
 
+def by_defence(rows: list[dict]) -> dict[str, list[dict]]:
+    """results.csv's rows by defence, in the order they come (rows from before defences: none)."""
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        out.setdefault(row.get("defence") or "none", []).append(row)
+    return out
+
+
+def undefended(rows: list[dict]) -> list[dict]:
+    """The rows the indices' study reads: those without a defence, or a run's only defence's."""
+    groups = by_defence(rows)
+    return groups.get("none", next(iter(groups.values())) if len(groups) == 1 else [])
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (model, attack): the model's security index over its images (mean, min, max)
-    and its worst layer's fraction (mean);
-    mean, std (n-1), median of PSNR and SSIM; label accuracy; seconds."""
+    """Per defence, then per (model, attack): the model's security index over its images
+    (mean, min, max) and its worst layer's fraction (mean), of the equations the attacker
+    has; mean, std (n-1), median of PSNR and SSIM; label accuracy; seconds."""
+    return [entry for defence, group in by_defence(rows).items() for entry in summarise_defence(group, defence)]
+
+
+def summarise_defence(rows: list[dict], defence: str) -> list[dict]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["attack"]), []).append(row)
@@ -1829,7 +2115,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     index, fraction = index_by_model(rows), index_by_model(rows, "worst_layer_fraction")
     out = []
     for (model, attack), group in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
-        entry = {"model": model, "attack": attack, "n": len(group)}
+        entry = {"model": model, "defence": defence, "attack": attack, "n": len(group)}
         if model in index:
             entry |= {"index_mean": np.mean(index[model]), "index_min": min(index[model]), "index_max": max(index[model])}
         if model in fraction:
@@ -1845,8 +2131,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_summary(folder: Path, rows: list[dict], correlations: dict, notes: str = "") -> str:
-    """summary.csv and summary.md (with the index's correlations, then `notes`); returns the markdown."""
+def write_summary(folder: Path, rows: list[dict], correlations: dict, notes: str = "",
+                  by_defence_correlations: dict | None = None) -> str:
+    """summary.csv and summary.md (with the index's correlations, those under each defence,
+    then `notes`); returns the markdown."""
     summary = summarise(rows)
     if not summary:
         if notes:
@@ -1855,14 +2143,20 @@ def write_summary(folder: Path, rows: list[dict], correlations: dict, notes: str
     sweeps.write_atomic(folder / "summary.csv", sweeps.csv_text(summary, dict.fromkeys(k for e in summary for k in e)))
     index = lambda e: f"{e['index_mean']:.0f} [{e['index_min']:.0f}, {e['index_max']:.0f}]" if "index_mean" in e else ""  # noqa: E731
     fraction = lambda e: f"{e['fraction_mean']:.4f}" if "fraction_mean" in e else ""  # noqa: E731
-    lines = ["| model | security index mean [min, max] | worst layer's fraction | attack | n | PSNR mean ± std | "
-             "PSNR median | SSIM mean ± std | SSIM median | label acc. | seconds |", "|---" * 11 + "|"]
-    lines += [f"| {e['model']} | {index(e)} | {fraction(e)} | {DISPLAY[e['attack']]} | {e['n']} | {e['psnr_mean']:.2f} ± "
-              f"{e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± {e['ssim_std']:.3f} | "
-              f"{e['ssim_median']:.3f} | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |" for e in summary]
+    defended = any(e["defence"] != "none" for e in summary)  # a column of its own only where there is one
+    column = lambda e: f" {e['defence']} |" if defended else ""  # noqa: E731
+    lines = ["| model |" + (" defence |" if defended else "") + " security index mean [min, max] | worst layer's "
+             "fraction | attack | n | PSNR mean ± std | PSNR median | SSIM mean ± std | SSIM median | label acc. | "
+             "seconds |", "|---" * (11 + defended) + "|"]
+    lines += [f"| {e['model']} |{column(e)} {index(e)} | {fraction(e)} | {DISPLAY[e['attack']]} | {e['n']} | "
+              f"{e['psnr_mean']:.2f} ± {e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± "
+              f"{e['ssim_std']:.3f} | {e['ssim_median']:.3f} | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |"
+              for e in summary]
     text = "\n".join(lines) + "\n"
-    if len(index_by_model(rows)) >= 3:
+    if len(index_by_model(undefended(rows))) >= 3:
         text += "\nThe indices against PSNR, rank correlations\n\n" + correlation_table(correlations)
+    for spec, by_index in (by_defence_correlations or {}).items():
+        text += f"\nUnder {spec}: the indices of the equations the attacker has against PSNR\n\n" + correlation_table(by_index)
     text += notes
     sweeps.write_atomic(folder / "summary.md", text)
     return text
@@ -1876,45 +2170,67 @@ def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
     if shown:
         plot_comparison(shown, folder.path, folder.path / "comparison.png")
     rows = folder.rows()
-    folder.results["correlations"] = index_correlations(rows)
+    folder.results["correlations"] = index_correlations(undefended(rows))
+    groups = by_defence(rows)
+    if len(groups) > 1:  # the indices of the equations the attacker has, under each defence
+        folder.results["correlations_by_defence"] = {spec: c for spec, group in groups.items()
+                                                     if spec != "none" and (c := index_correlations(group))}
     folder.save()
     for which, name in INDEX_FIGURES.items():
-        if len(index_by_model(rows, which)) >= 3:
-            plot_index_vs_quality(rows, folder.path / name, which)
+        if len(index_by_model(undefended(rows), which)) >= 3:
+            plot_index_vs_quality(undefended(rows), folder.path / name, which)
+    if len(groups) > 1:
+        plot_defence_vs_quality(rows, folder.path / "defence_vs_quality.png")
+    if any(parse_defence(spec).prunes for spec in groups):
+        plot_pruned_index_vs_quality(rows, folder.path / "pruned_index_vs_quality.png")
     notes, missing = [], folder.results.get("missing")
     if missing:
         notes.append(f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "
                      f"{'; '.join(' on '.join(k) for k in missing)}\n")
     notes += [f"\nSkipped on {e['model']} on {e['image']}: {', '.join(e['skipped'])} ({next(iter(e['skipped'].values()))})\n"
               for e in folder.results["runs"] if e.get("skipped")]
-    summary = write_summary(folder.path, rows, folder.results["correlations"], "".join(notes))
+    summary = write_summary(folder.path, rows, folder.results["correlations"], "".join(notes),
+                            folder.results.get("correlations_by_defence"))
     say(summary, end="")
     say(f"results: {folder.path}")
 
 
 class Pair(NamedTuple):
-    """One (model, image) of a sweep, with what is left to do on it."""
+    """One (model, image, defence) of a sweep, with what is left to do on it."""
 
     model: str
     image: PrivateImage
     attacks: list[str]  # the attacks not yet recorded
-    ranks_known: bool  # its entry holds the rank deficiencies already
+    ranks_known: bool  # its entry holds the rank deficiencies already (and, under pruning, those under it)
+    defence: Defence = NO_DEFENCE
 
     @property
-    def key(self) -> tuple[str, str]:
-        return self.model, self.image.name
+    def key(self) -> tuple[str, ...]:
+        return unit_key(self.model, self.image.name, self.defence.spec)
 
     @property
     def parts(self) -> list[str]:  # what sweeps.py calls a unit's parts
         return self.attacks
 
 
+def unit_key(model: str, image: str, defence: str) -> tuple[str, ...]:
+    """A pair's name in the record: (model, image), and its defence where it has one (so
+    that folders written before defences keep their keys)."""
+    return (model, image) + (() if defence == "none" else (defence,))
+
+
+def entry_key(entry: dict) -> tuple[str, ...]:
+    return unit_key(entry["model"], entry["image"], entry.get("defence", {}).get("spec", "none"))
+
+
 def left_to_do(pair: Pair, entry: dict | None) -> Pair | None:
     """The pair less what its entry of the record holds (attacks done, or skipped: a
     gradient with nothing to attack stays so); None when nothing is left."""
-    done = (entry or {}).get("attacks", {}).keys() | (entry or {}).get("skipped", {}).keys()
+    entry = entry or {}
+    done = entry.get("attacks", {}).keys() | entry.get("skipped", {}).keys()
     todo = [a for a in pair.attacks if a not in done]
-    return pair._replace(attacks=todo, ranks_known="rank_deficiency" in (entry or {})) if todo else None
+    known = "rank_deficiency" in entry and (not pair.defence.prunes or "rank_deficiency" in entry.get("defence", {}))
+    return pair._replace(attacks=todo, ranks_known=known) if todo else None
 
 
 def attack_pair(exp: Experiment, settings: AttackSettings, pair: Pair) -> Iterator[Training | RankAnalysis | Answer]:
@@ -1928,27 +2244,39 @@ def attack_pair(exp: Experiment, settings: AttackSettings, pair: Pair) -> Iterat
     if why is not None:
         yield Skipped(pair.attacks, why)
         return
-    if not pair.ranks_known and "rgap" not in pair.attacks:
-        yield rank_analysis(model, pair.image, exp.device)
-    yield from experiment(model, pair.image, pair.attacks, settings, exp.seed, exp.device)
+    if not pair.ranks_known and ("rgap" not in pair.attacks or pair.defence != NO_DEFENCE):
+        yield rank_analysis(model, pair.image, exp.device)  # R-GAP's, under a defence, are not the client's
+    yield from experiment(model, pair.image, pair.attacks, settings, exp.seed, exp.device, pair.defence,
+                          analyse_defence=not pair.ranks_known)
 
 
-def file_stem(model_name: str, image: PrivateImage) -> str:
-    """Where a pair's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9'.
-    Letters, digits, '-' and '_' only; distinct images keep distinct stems (a file's name
-    ends in its hash)."""
+def file_stem(model_name: str, image: PrivateImage, defence: Defence = NO_DEFENCE) -> str:
+    """Where a pair's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9',
+    'cnn4_c2_cifar10-test-3_prune-0_9'. Letters, digits, '-' and '_' only; distinct images
+    keep distinct stems (a file's name ends in its hash), and so do distinct defences."""
     model = model_name if model_name in MODELS else "arch-" + hashlib.sha256(model_name.encode()).hexdigest()[:10]
-    return f"{model}_{re.sub('[^A-Za-z0-9_-]', '_', image.name.replace(':', '-', 1))}"
+    stem = f"{model}_{re.sub('[^A-Za-z0-9_-]', '_', image.name.replace(':', '-', 1))}"
+    if defence == NO_DEFENCE:
+        return stem
+    spec = re.sub("[^A-Za-z0-9_-]", "_", defence.spec.replace(":", "-"))
+    return f"{stem}_{spec}_{hashlib.sha256(defence.spec.encode()).hexdigest()[:6]}"
 
 
 def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAnalysis | Answer) -> None:
     """Write what the experiment on a pair yields into its entry: per attack, the
     reconstruction's .npy, then the record, then the row and the printed line. The
     training and the ranks go to disk with the next attack."""
-    stem = file_stem(pair.model, pair.image)
+    stem = file_stem(pair.model, pair.image, pair.defence)
     entry = folder.entry(pair.key) or folder.add(
         {"model": pair.model, "architecture": str(architecture(pair.model)), "image": pair.image.name,
-         "label": pair.image.label, "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(pair.image.x).astype(np.float32))}})
+         "defence": {"spec": pair.defence.spec}, "label": pair.image.label,
+         "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(pair.image.x).astype(np.float32))}})
+    if isinstance(event, Defended):  # to disk with the next attack
+        defence = entry.setdefault("defence", {"spec": pair.defence.spec})  # an entry from before defences
+        defence |= event.info
+        if "rank_deficiency" in event.info:
+            defence |= indices_of(pair.model, event.info["rank_deficiency"])
+        return
     if isinstance(event, Training):
         entry["training"] = event.info
         if event.info["diverged"]:
@@ -1960,7 +2288,8 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
         folder.save()
         warn(f"{pair.model} on {pair.image.name}: {', '.join(event.attacks)} skipped: {event.why}")
         return
-    if isinstance(event, RankAnalysis) or (event.attack == "rgap" and "rank_deficiency" not in entry):
+    if isinstance(event, RankAnalysis) or (event.attack == "rgap" and "rank_deficiency" not in entry
+                                           and pair.defence == NO_DEFENCE):
         deficiency = event.deficiency if isinstance(event, RankAnalysis) else event.entry["rank_deficiency"]
         entry["rank_deficiency"] = deficiency
         entry |= indices_of(pair.model, deficiency)
@@ -1976,12 +2305,14 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
 
 
 def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings) -> dict:
-    """results.json's `config`: every setting of the run, one flat dict."""
-    return dataclasses.asdict(exp) | dataclasses.asdict(settings) | dataclasses.asdict(run)
+    """results.json's `config`: every setting of the run, one flat dict (the attacker's
+    knowledge of a defence is the experiment's, per pair: not a setting)."""
+    method = {k: v for k, v in dataclasses.asdict(settings).items() if k != "zeros_are_missing"}
+    return dataclasses.asdict(exp) | method | dataclasses.asdict(run)
 
 
 RECORD = sweeps.Record(
-    key=("model", "image"), parts="attacks", columns=CSV_COLUMNS, row=csv_row, is_entry=is_entry,
+    key=entry_key, parts="attacks", columns=CSV_COLUMNS, row=csv_row, is_entry=is_entry,
     defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
     may_differ=frozenset({"data", "verbose", "compile", "device",
                           "images"}),  # the files' paths: grid.json holds the images themselves, by name and hash
@@ -2009,7 +2340,9 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     """The experiment over every model against every image, as sweeps.run takes it."""
     # Image by image, every model on each: a long study stopped part-way (or a shard of it)
     # holds whole images, a smaller study of its own, rather than some of the models.
-    pairs = [Pair(name, image, exp.attacks, False) for image in images for name in exp.models]
+    defences = [parse_defence(spec) for spec in exp.defences]
+    pairs = [Pair(name, image, exp.attacks, False, defence)
+             for image in images for name in exp.models for defence in defences]
     name = exp.models[0] if len(exp.models) == 1 else "grid"
     return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), pairs, left_to_do,
                         functools.partial(attack_pair, exp, settings), record_event, write_figures_and_summary,
@@ -2072,6 +2405,11 @@ def build_parser(only_given: bool = False) -> Parser:
     g.add_argument("--model-seed", type=seed_value, metavar="S",
                    help="seed set before a model's layers are built (default: the published code's 10)")
     g.add_argument("--data", metavar="DIR", help=f"where CIFAR-10 is, or is downloaded to (default {DATA_PATH})")
+    g.add_argument("--defence", dest="defences", action="extend", nargs="+", metavar="SPEC",
+                   help="what the client does to its gradient before sharing it: none (the default), noise:SIGMA "
+                        "(adds N(0, SIGMA^2) to every entry), dp:C:Z (DP-SGD: clips the whole gradient to norm C, "
+                        "then adds N(0, (Z C)^2)) or prune:P (zeroes the fraction P of each tensor's entries of "
+                        "smallest magnitude); several make a grid")
     a = p.add_argument_group("the attacks (defaults: the paper's settings)")
     a.add_argument("--attacks", action="extend", nargs="+", choices=ATTACKS_ORDER, metavar="NAME",
                    help=f"from {' '.join(ATTACKS_ORDER)} (default: the paper's {' '.join(PAPER_ATTACKS)}; "
@@ -2215,6 +2553,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
                      indices=parse_indices(args.indices or [str(i) for i in default.indices]),
                      source=given("source", default.source), images=args.images or [],
                      label=given("label", default.label), attacks=[a for a in ATTACKS_ORDER if a in attacks],
+                     defences=[parse_defence(spec).spec for spec in dict.fromkeys(args.defences or default.defences)],
                      seed=given("seed", default.seed), model_seed=given("model_seed", default.model_seed),
                      train_steps=given("train_steps", default.train_steps), train_lr=given("train_lr", default.train_lr),
                      device=resolve_device(given("device", "auto")), data=given("data", default.data))

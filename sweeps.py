@@ -212,7 +212,7 @@ class Record:
     """How results.json is laid out: for the run that writes it, and the resume and the
     merge that read it."""
 
-    key: tuple[str, ...]  # the fields of an entry that name its unit, e.g. ("model", "image")
+    key: Callable[[dict], tuple[str, ...]]  # an entry -> the unit it records, e.g. (model, image): as units' .key
     parts: str  # the field of an entry that holds its finished parts, e.g. "attacks"
     columns: tuple[str, ...]  # results.csv's
     row: Callable[[dict, str], dict]  # (entry, part) -> its row of results.csv
@@ -323,7 +323,7 @@ class RunFolder:
         self.entries = {self.key_of(e): e for e in results["runs"]}  # results["runs"], by unit
 
     def key_of(self, entry: dict) -> tuple:
-        return tuple(entry[f] for f in self.record.key)
+        return self.record.key(entry)
 
     def entry(self, key: tuple) -> dict | None:
         return self.entries.get(key)
@@ -455,7 +455,7 @@ def check_resumable(sweep: Sweep, path: Path) -> tuple[dict, dict | None]:
         raise UserError(f"--resume {path}: it holds another experiment ({'; '.join(differ)}); "
                         f"its command was: {old.get('command')}")
     units, recorded = {u.key for u in sweep.units}, read_grid(path)
-    strangers = [describe(key) for key in (recorded or {tuple(e[f] for f in sweep.record.key) for e in old["runs"]})
+    strangers = [describe(key) for key in (recorded or {sweep.record.key(e) for e in old["runs"]})
                  if key not in units]
     if strangers:  # the same command, other inputs: a file changed since (its hash), or an older program's names
         raise UserError(f"--resume {path}: it holds inputs that this command does not name ({', '.join(strangers[:3])}"
@@ -713,7 +713,7 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
         entries: dict[tuple, dict] = {}
         for src, shard in zip(sources, shards):
             for entry in shard["runs"]:
-                kept = entries.setdefault(tuple(entry[f] for f in record.key), entry | {"source": src})
+                kept = entries.setdefault(record.key(entry), entry | {"source": src})
                 for field in (record.parts, record.skipped):  # overlapping folders: each part once
                     kept.setdefault(field, {}).update({p: e for p, e in entry.get(field, {}).items()
                                                        if p not in kept[field]})

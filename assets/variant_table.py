@@ -1,0 +1,98 @@
+"""Tabulates hybrid_free (ours) against R-GAP and the paper's hybrid on the zoo: per model,
+the mean PSNR of each over the images, which layers the variant corrected, and on how many
+(model, image) pairs it is at least max(R-GAP, hybrid) - 0.5 dB; then the same count over
+every pair, for each rule, and each index's rank correlation with each attack's PSNR.
+
+The first results.json holds rgap, hybrid and hybrid_free (the default rule,
+free-at-or-above); any further one holds hybrid_free run with another --correct-where on
+some of the models and the same images (compared on those pairs only).
+
+Usage: python assets/variant_table.py STUDY.json [OTHER_RULE.json ...] [--images 0-4] > table.md
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hybrid as H  # noqa: E402
+
+MARGIN = 0.5  # dB: "at least as good" allows this much below the better of the two
+
+
+def psnr(entry: dict, attack: str) -> float:
+    value = entry["attacks"][attack]["psnr"]
+    return math.inf if value is None else value  # null: an exact reconstruction
+
+
+def entries(path: str, images: set[str] | None) -> tuple[str, dict[tuple[str, str], dict]]:
+    run = json.loads(Path(path).read_text())
+    rule = run["config"].get("correct_where", "free-at-or-above")
+    return rule, {(e["model"], e["image"]): e for e in run["runs"]
+                  if (images is None or e["image"] in images) and e.get("attacks")}
+
+
+def good_enough(variant: float, rgap: float, hybrid: float) -> bool:
+    return variant >= max(rgap, hybrid) - MARGIN
+
+
+def show(value: float) -> str:
+    return "exact" if math.isinf(value) else f"{value:.2f}"
+
+
+def table(study: str, others: list[str], images: set[str] | None) -> str:
+    rule, pairs = entries(study, images)
+    rules = {rule: {k: psnr(e, "hybrid_free") for k, e in pairs.items()}}
+    for path in others:
+        other_rule, other = entries(path, images)
+        rules[other_rule] = {k: psnr(e, "hybrid_free") for k, e in other.items()}
+    models = list(dict.fromkeys(m for m, _ in pairs))
+    n_images = len({i for _, i in pairs})
+    lines = [f"{len(models)} models x {n_images} images. PSNR (dB): mean over the images (exact: every image "
+             f"reconstructed to float64 rounding); ok: pairs where the variant is at least max(R-GAP, hybrid) - "
+             f"{MARGIN} dB.", "",
+             "| model | rank deficiency (image 0) | R-GAP | hybrid | " +
+             " | ".join(f"hybrid_free, {r} | corrected layers | ok" for r in rules) + " |",
+             "|---|---|---|---|" + "---|---|---|" * len(rules)]
+    for m in models:
+        keys = [k for k in pairs if k[0] == m]
+        first = pairs[keys[0]]
+        cells = [m, str(first.get("rank_deficiency")), show(np.mean([psnr(pairs[k], "rgap") for k in keys])),
+                 show(np.mean([psnr(pairs[k], "hybrid") for k in keys]))]
+        for r, values in rules.items():
+            have = [k for k in keys if k in values]
+            if not have:
+                cells += ["", "", ""]
+                continue
+            ok = sum(good_enough(values[k], psnr(pairs[k], "rgap"), psnr(pairs[k], "hybrid")) for k in have)
+            layers = first["attacks"]["hybrid_free"].get("corrected_layers") if r == rule else ""
+            cells += [show(np.mean([values[k] for k in have])), str(layers), f"{ok}/{len(have)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| rule | pairs | ok | models where every pair is ok |", "|---|---|---|---|"]
+    for r, values in rules.items():
+        have = [k for k in pairs if k in values]
+        ok = {k: good_enough(values[k], psnr(pairs[k], "rgap"), psnr(pairs[k], "hybrid")) for k in have}
+        by_model = {m for m, _ in have}
+        whole = sum(all(v for (mm, _), v in ok.items() if mm == m) for m in by_model)
+        lines.append(f"| {r} | {len(have)} | {sum(ok.values())} ({100 * sum(ok.values()) / len(have):.0f}%) | "
+                     f"{whole} of {len(by_model)} |")
+    rows = [H.csv_row(e, a) for e in pairs.values() for a in ("rgap", "hybrid", "hybrid_free")]
+    lines += ["", "The indices against PSNR (the default rule), rank correlations", "",
+              H.correlation_table(H.index_correlations(rows)).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def image_names(spec: str | None) -> set[str] | None:
+    return None if spec is None else {f"cifar10-test:{i}" for i in H.parse_indices([spec])}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("study")
+    p.add_argument("others", nargs="*")
+    p.add_argument("--images", help="CIFAR-10 test indices to keep, e.g. 0-4")
+    a = p.parse_args()
+    print(table(a.study, a.others, image_names(a.images)), end="")

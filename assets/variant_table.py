@@ -45,10 +45,8 @@ def show(value: float) -> str:
 
 def table(study: str, others: list[str], images: set[str] | None) -> str:
     rule, pairs = entries(study, images)
-    rules = {rule: {k: psnr(e, "hybrid_free") for k, e in pairs.items()}}
-    for path in others:
-        other_rule, other = entries(path, images)
-        rules[other_rule] = {k: psnr(e, "hybrid_free") for k, e in other.items()}
+    runs = dict([(rule, pairs), *(entries(path, images) for path in others)])  # rule -> its entries
+    rules = {r: {k: psnr(e, "hybrid_free") for k, e in run.items()} for r, run in runs.items()}
     models = list(dict.fromkeys(m for m, _ in pairs))
     n_images = len({i for _, i in pairs})
     lines = [f"{len(models)} models x {n_images} images. PSNR (dB): mean over the images (exact: every image "
@@ -68,7 +66,7 @@ def table(study: str, others: list[str], images: set[str] | None) -> str:
                 cells += ["", "", ""]
                 continue
             ok = sum(good_enough(values[k], psnr(pairs[k], "rgap"), psnr(pairs[k], "hybrid")) for k in have)
-            layers = first["attacks"]["hybrid_free"].get("corrected_layers") if r == rule else ""
+            layers = runs[r][have[0]]["attacks"]["hybrid_free"].get("corrected_layers")
             cells += [show(np.mean([values[k] for k in have])), str(layers), f"{ok}/{len(have)}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| rule | pairs | ok | models where every pair is ok |", "|---|---|---|---|"]

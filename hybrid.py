@@ -1476,6 +1476,7 @@ class Defence(NamedTuple):
 NO_DEFENCE = Defence("none", "none", {})
 
 
+@functools.cache  # rows and figure points each ask again
 def parse_defence(text: str) -> Defence:
     """'none', 'noise:SIGMA', 'dp:C:Z' or 'prune:P'; anything else is one line (UserError)."""
     kind, *values = text.split(":")

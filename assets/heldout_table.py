@@ -1,0 +1,57 @@
+"""Tabulates the held-out test of the indices (assets/make_heldout.sh) beside the zoo: for
+each index and attack, Spearman's rho and Kendall's tau (two-sided p) with PSNR, over
+architectures (each one's mean index and mean PSNR over its images) and over
+(architecture, image) points, on the random architectures and on the zoo's 35 models at
+the same images and settings.
+
+Usage: python assets/heldout_table.py HELDOUT.json ZOO.json [--images 0-4] > table.md
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hybrid as H  # noqa: E402
+
+
+def correlations(path: str, images: set[str] | None) -> tuple[dict, int, int]:
+    """Each index's correlations with each attack's PSNR, and how many models and images."""
+    run = json.loads(Path(path).read_text())
+    kept = [e for e in run["runs"] if images is None or e["image"] in images]
+    rows = [H.csv_row(e, a) for e in kept for a in e.get("attacks", {})]
+    return H.index_correlations(rows), len({e["model"] for e in kept}), len({e["image"] for e in kept})
+
+
+def cell(c: dict | None) -> str:
+    if c is None:
+        return "n/a"
+    show = lambda v, p: "n/a" if v is None else f"{v:+.3f} ({p:.2g})"  # noqa: E731
+    return f"{show(c['spearman_rho'], c['spearman_p'])} | {show(c['kendall_tau'], c['kendall_p'])}"
+
+
+def table(heldout: str, zoo: str, images: set[str] | None) -> str:
+    (held, n_held, i_held), (known, n_zoo, i_zoo) = correlations(heldout, images), correlations(zoo, images)
+    lines = [f"Held out: {n_held} random architectures x {i_held} images; zoo: {n_zoo} models x {i_zoo} images. "
+             "Spearman's rho (p) | Kendall's tau (p) of each index with PSNR.", "",
+             "| index | attack | over | held out: rho (p) | tau (p) | zoo: rho (p) | tau (p) |",
+             "|---|---|---|---|---|---|---|"]
+    for index in H.INDICES:
+        for attack in H.ATTACKS_ORDER:
+            for over in ("models", "pairs"):
+                a = held.get(index, {}).get(attack, {}).get(over)
+                b = known.get(index, {}).get(attack, {}).get(over)
+                if a or b:
+                    what = "architectures" if over == "models" else "(architecture, image) points"
+                    lines.append(f"| {H.INDICES[index]} | {H.DISPLAY[attack]} | {what} | {cell(a)} | {cell(b)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("heldout")
+    p.add_argument("zoo")
+    p.add_argument("--images", help="CIFAR-10 test indices to keep from both, e.g. 0-4")
+    a = p.parse_args()
+    names = None if a.images is None else {f"cifar10-test:{i}" for i in H.parse_indices([a.images])}
+    print(table(a.heldout, a.zoo, names), end="")

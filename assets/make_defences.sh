@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Remakes the study of the README's "Defences": the paper's four models and two more
+# (cnn3_c1, whose upper layer leaves 4533 unknowns free under a full-rank first one; lenet, full rank
+# with leaky ReLUs and biases, whose inverse multiplies errors by 1/slope) x CIFAR-10 test
+# images 0-4, random weights, under no defence, Gaussian noise, DP-SGD's clip-and-noise
+# and pruning. R-GAP and the hybrid (at the CIFAR-10 study's budget, N0 = 2500, N = 500)
+# over the whole grid on all six models; DLG, iDLG (the best of 4 starts each) and
+# Cosine+TV over the grid on the paper's four models and images 0-2. Long on 2 cores (hours):
+# run it again with the same OUTPUT_DIR to resume where it stopped.
+# Usage: bash assets/make_defences.sh OUTPUT_DIR [linear|baselines]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?an output folder, kept between calls so that a stopped run resumes}
+grid="none noise:1e-4 noise:1e-3 noise:1e-2 noise:1e-1 prune:0.2 prune:0.5 prune:0.7 prune:0.9 prune:0.99 dp:1:0.1 dp:1:1"
+paper="cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2"
+for part in ${2:-linear baselines}; do
+    if [ "$part" = linear ]; then
+        study="--model $paper cnn3_c1 lenet --index 0-4 --attacks rgap hybrid --hybrid-iters 500 --hybrid-iters-first 2500"
+    else
+        study="--model $paper --index 0-2 --attacks dlg idlg cosine --restarts 4"
+    fi
+    dir="$out/$part"
+    run=$(ls -d "$dir"/*/ 2>/dev/null | tail -1 || true)
+    where=$([ -n "$run" ] && echo "--resume $run" || echo "--output $dir")
+    # shellcheck disable=SC2086
+    "${PYTHON:-python}" hybrid.py $study --source cifar10-test --defence $grid --jobs auto $where
+    run=$(ls -d "$dir"/*/ | tail -1)
+    for f in defence_vs_quality.png pruned_index_vs_quality.png results.json summary.md; do
+        [ -e "$run/$f" ] && cp "$run/$f" "assets/defences_${part}_$f"
+    done
+done

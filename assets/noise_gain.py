@@ -1,0 +1,87 @@
+"""Does a quantity computable without the attacked image predict what gradient noise costs
+R-GAP? The candidate: the noise's gain through R-GAP's recursion, measured on a stand-in
+image that is not attacked.
+
+For each model, on the stand-in: R-GAP on the client's gradient, and on it plus N(0, s0^2)
+in every entry (`noise:s0`, K draws); gain = the RMS change per pixel divided by s0 (to first
+order the recursion passes the noise on linearly). Its prediction for an attacked image
+under noise:SIGMA: the noise adds (gain SIGMA)^2 to the attack's squared error per pixel.
+This is compared, per (model, SIGMA) over the attacked images, with the error the defence
+study measured: mean MSE under the noise minus mean MSE without it.
+
+Usage: python assets/noise_gain.py DEFENCE_STUDY.json [--standin 19] [--s0 1e-4] [--draws 3] > table.md
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hybrid as H  # noqa: E402
+
+
+def gain(model_name: str, standin: H.PrivateImage, s0: float, draws: int) -> float:
+    """RMS change per pixel of R-GAP's image per unit of the noise's standard deviation."""
+    model = H.build_model(model_name)
+    grads = H.client_gradient(model, standin.x, standin.label)
+    clean, _ = H.recursive_reconstruction(model, grads)
+    changes = []
+    for seed in range(draws):
+        noisy, _ = H.defend(grads, H.parse_defence(f"noise:{s0:g}"), seed)
+        x, _ = H.recursive_reconstruction(model, noisy)
+        changes.append(float((x.double() - clean.double()).square().mean()))
+    return float(np.sqrt(np.mean(changes))) / s0
+
+
+def measured_mse(run: dict, attack: str) -> dict[tuple[str, str], float]:
+    """(model, defence spec) -> mean over images of the attack's MSE per pixel (from its PSNR)."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for e in run["runs"]:
+        a = e.get("attacks", {}).get(attack)
+        if a is None:
+            continue
+        mse = 0.0 if a["psnr"] is None else 10 ** (-a["psnr"] / 10)  # PSNR with data range 1
+        out.setdefault((e["model"], e.get("defence", {}).get("spec", "none")), []).append(mse)
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def table(path: str, standin_index: int, s0: float, draws: int) -> str:
+    run = json.loads(Path(path).read_text())
+    (standin,), _ = H.load_cifar10_test([standin_index], H.DATA_PATH)
+    models = list(dict.fromkeys(e["model"] for e in run["runs"]))
+    gains = {m: gain(m, standin, s0, draws) for m in models}
+    lines = [f"The noise's gain through R-GAP's recursion on {standin.name} (s0 = {s0:g}, {draws} draws), and the "
+             "squared error per pixel that noise:SIGMA added in the study (mean over images, under the noise minus "
+             "without it), against the gain's prediction (gain SIGMA)^2.", ""]
+    for attack in ("rgap", "hybrid"):
+        mse = measured_mse(run, attack)
+        pairs = [(m, spec) for m, spec in mse if spec.startswith("noise:") and (m, "none") in mse]
+        if not pairs:
+            continue
+        lines += [f"{H.DISPLAY[attack]}:", "", "| model | gain | SIGMA | added MSE, measured | predicted | ratio |",
+                  "|---|---|---|---|---|---|"]
+        predicted, added = [], []
+        for m, spec in sorted(pairs, key=lambda k: (models.index(k[0]), H.parse_defence(k[1]).params["sigma"])):
+            sigma = H.parse_defence(spec).params["sigma"]
+            p, a = (gains[m] * sigma) ** 2, mse[(m, spec)] - mse[(m, "none")]
+            predicted.append(p)
+            added.append(a)
+            lines.append(f"| {m} | {gains[m]:.3g} | {sigma:g} | {a:.3g} | {p:.3g} | {a / p:.3g} |")
+        rho, p_value = stats.spearmanr(predicted, added)
+        lines += ["", f"Spearman's rho of predicted against measured over the {len(added)} (model, SIGMA): "
+                      f"{rho:+.3f} (p {p_value:.2g}).", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("study")
+    p.add_argument("--standin", type=int, default=19, help="CIFAR-10 test image the gain is measured on")
+    p.add_argument("--s0", type=float, default=1e-4)
+    p.add_argument("--draws", type=int, default=3)
+    a = p.parse_args()
+    H.configure_torch("cpu", 1)
+    print(table(a.study, a.standin, a.s0, a.draws), end="")

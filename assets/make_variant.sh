@@ -9,7 +9,7 @@
 # Usage: bash assets/make_variant.sh STUDY_JSON OUTPUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
-study=${1:?the CIFAR-10 study's results.json}
+study=${1:?the results.json of the CIFAR-10 study}
 out=${2:?an output folder, kept between calls so that a stopped run resumes}
 models="cnn3_c1 cnn3_c6 cnn3_c7 cnn3_c8 cnn3_c11 cnn3_c12 cnn3_c13 cnn3_c5 cnn3_c14 cnn3_c15 cnn4_c1 cnn4_c2 cnn4_c3 cnn6d"
 run=$(ls -d "$out"/*/ 2>/dev/null | tail -1 || true)

@@ -7,17 +7,17 @@
 # Usage: bash assets/make_convergence.sh [OUTPUT_DIR]   (run folders go there; default a temp dir)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source assets/run_folders.sh
 out=${1:-$(mktemp -d)}
 mkdir -p assets/convergence
 models="cnn2_c2 cnn3_c1 cnn3_c11 cnn4_c1 cnn4_c2 lenet"
 for budget in "200 1000" "500 2500" "1000 5000" "2000 10000"; do
     set -- $budget
     dir="$out/N0_$2"
-    run=$(ls -d "$dir"/*/ 2>/dev/null | tail -1 || true)  # a folder an interrupted call left: resumed
-    where=$([ -n "$run" ] && echo "--resume $run" || echo "--output $dir")
+    where=$(where_to_run "$dir")  # a folder a stopped call left is resumed
     # shellcheck disable=SC2086
     "${PYTHON:-python}" hybrid.py --model $models --source cifar10-test --index 0-3 --attacks hybrid \
         --hybrid-iters "$1" --hybrid-iters-first "$2" --jobs auto $where
-    cp "$(ls -d "$dir"/*/ | tail -1)/results.json" "assets/convergence/N0_$2.json"
+    cp "$(last_run "$dir")results.json" "assets/convergence/N0_$2.json"
 done
 "${PYTHON:-python}" assets/convergence_table.py assets/convergence/N0_*.json > assets/convergence/table.md

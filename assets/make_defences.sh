@@ -10,6 +10,7 @@
 # Usage: bash assets/make_defences.sh OUTPUT_DIR [linear|baselines]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source assets/run_folders.sh
 out=${1:?an output folder, kept between calls so that a stopped run resumes}
 grid="none noise:1e-4 noise:1e-3 noise:1e-2 noise:1e-1 prune:0.2 prune:0.5 prune:0.7 prune:0.9 prune:0.99 dp:1:0.1 dp:1:1"
 paper="cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2"
@@ -20,11 +21,10 @@ for part in ${2:-linear baselines}; do
         study="--model $paper --index 0-2 --attacks dlg idlg cosine --restarts 4"
     fi
     dir="$out/$part"
-    run=$(ls -d "$dir"/*/ 2>/dev/null | tail -1 || true)
-    where=$([ -n "$run" ] && echo "--resume $run" || echo "--output $dir")
+    where=$(where_to_run "$dir")  # a folder a stopped call left is resumed
     # shellcheck disable=SC2086
     "${PYTHON:-python}" hybrid.py $study --source cifar10-test --defence $grid --jobs auto $where
-    run=$(ls -d "$dir"/*/ | tail -1)
+    run=$(last_run "$dir")
     for f in defence_vs_quality.png pruned_index_vs_quality.png results.json summary.md; do
         [ -e "$run/$f" ] && cp "$run/$f" "assets/defences_${part}_$f"
     done

@@ -8,13 +8,13 @@
 # Usage: bash assets/make_heldout.sh OUTPUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source assets/run_folders.sh
 out=${1:?an output folder, kept between calls so that a stopped run resumes}
-run=$(ls -d "$out"/*/ 2>/dev/null | tail -1 || true)
-where=$([ -n "$run" ] && echo "--resume $run" || echo "--output $out")
+where=$(where_to_run "$out")  # a folder a stopped call left is resumed
 # shellcheck disable=SC2086
 "${PYTHON:-python}" hybrid.py --model random:40 --source cifar10-test --index 0-4 \
     --attacks rgap hybrid hybrid_free --hybrid-iters 500 --hybrid-iters-first 2500 --jobs auto $where
-run=$(ls -d "$out"/*/ | tail -1)
+run=$(last_run "$out")
 cp "$run/index_vs_quality.png" assets/heldout.png
 cp "$run/fraction_vs_quality.png" assets/heldout_fraction.png
 cp "$run/results.json" assets/heldout.json

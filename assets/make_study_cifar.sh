@@ -8,6 +8,7 @@
 # Usage: bash assets/make_study_cifar.sh OUTPUT_DIR [random|trained]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source assets/run_folders.sh
 out=${1:?an output folder, kept between calls so that a stopped run resumes}
 budget="--source cifar10-test --hybrid-iters 500 --hybrid-iters-first 2500 --jobs auto"
 for weights in ${2:-random trained}; do
@@ -17,11 +18,10 @@ for weights in ${2:-random trained}; do
         study="--model all --index 0-9 --attacks rgap hybrid --train-steps 500"
     fi
     dir="$out/$weights"
-    run=$(ls -d "$dir"/*/ 2>/dev/null | tail -1 || true)
-    where=$([ -n "$run" ] && echo "--resume $run" || echo "--output $dir")
+    where=$(where_to_run "$dir")  # a folder a stopped call left is resumed
     # shellcheck disable=SC2086
     "${PYTHON:-python}" hybrid.py $study $budget $where
-    run=$(ls -d "$dir"/*/ | tail -1)
+    run=$(last_run "$dir")
     cp "$run/index_vs_quality.png" "assets/study_cifar_${weights}.png"
     cp "$run/fraction_vs_quality.png" "assets/study_cifar_${weights}_fraction.png"
     cp "$run/results.json" "assets/study_cifar_${weights}.json"

@@ -9,14 +9,14 @@
 # Usage: bash assets/make_variant.sh STUDY_JSON OUTPUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source assets/run_folders.sh
 study=${1:?the results.json of the CIFAR-10 study}
 out=${2:?an output folder, kept between calls so that a stopped run resumes}
 models="cnn3_c1 cnn3_c6 cnn3_c7 cnn3_c8 cnn3_c11 cnn3_c12 cnn3_c13 cnn3_c5 cnn3_c14 cnn3_c15 cnn4_c1 cnn4_c2 cnn4_c3 cnn6d"
-run=$(ls -d "$out"/*/ 2>/dev/null | tail -1 || true)
-where=$([ -n "$run" ] && echo "--resume $run" || echo "--output $out")
+where=$(where_to_run "$out")  # a folder a stopped call left is resumed
 # shellcheck disable=SC2086
 "${PYTHON:-python}" hybrid.py --model $models --source cifar10-test --index 0-4 --attacks hybrid_free \
     --correct-where free-here --hybrid-iters 500 --hybrid-iters-first 2500 --jobs auto $where
-run=$(ls -d "$out"/*/ | tail -1)
+run=$(last_run "$out")
 cp "$run/results.json" assets/variant_free_here.json
 "${PYTHON:-python}" assets/variant_table.py "$study" assets/variant_free_here.json --images 0-4 > assets/variant_table.md

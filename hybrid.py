@@ -1508,6 +1508,15 @@ def defence_seed(seed: int, image: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{image}".encode()).digest()[:4], "little")
 
 
+def noise_std(defence: Defence) -> float:
+    """The standard deviation of the noise a defence adds: SIGMA, Z C for dp, 0 otherwise."""
+    if defence.kind == "noise":
+        return defence.params["sigma"]
+    if defence.kind == "dp":
+        return defence.params["noise_multiplier"] * defence.params["clip"]
+    return 0.0
+
+
 def global_norm(grads: list[torch.Tensor]) -> float:
     return float(torch.sqrt(sum(g.double().square().sum() for g in grads)))
 
@@ -1532,7 +1541,7 @@ def defend(grads: list[torch.Tensor], defence: Defence, seed: int) -> tuple[list
     elif kind in ("noise", "dp"):
         if kind == "dp":  # DP-SGD's step for one example: clip the whole gradient to norm C first
             grads = [g * min(1.0, p["clip"] / before) for g in grads]
-        sigma = p["sigma"] if kind == "noise" else p["noise_multiplier"] * p["clip"]
+        sigma = noise_std(defence)
         draw = torch.Generator().manual_seed(seed)  # the CPU's generator: the same noise on any device,
         grads = [g + sigma * torch.randn(g.shape, generator=draw, dtype=g.dtype).to(g.device)  # the attacks'
                  for g in grads]  # seeding untouched
@@ -1665,8 +1674,9 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
     others are analysed.
     """
     table, failed = [], 0
-    prunings = [d for d in map(parse_defence, exp.defences) if d.prunes]
-    if any(d.kind in ("noise", "dp") for d in map(parse_defence, exp.defences)):
+    defences = [parse_defence(spec) for spec in exp.defences]
+    prunings = [d for d in defences if d.prunes]
+    if any(d.kind in ("noise", "dp") for d in defences):
         say("noise leaves every equation in place: under noise:SIGMA and dp:C:Z the ranks are the undefended ones")
     for name in exp.models:
         indices = []
@@ -1969,10 +1979,9 @@ DEFENCE_STRENGTH = {"noise": "the noise's standard deviation SIGMA", "dp": "the 
 
 
 def defence_strength(spec: str) -> tuple[str, float]:
-    """(kind, strength): SIGMA for noise, Z C (its noise's std) for dp, P for prune; 0 for none."""
+    """(kind, strength): the noise's std for noise and dp (SIGMA, Z C), P for prune; 0 for none."""
     d = parse_defence(spec)
-    return d.kind, {"none": 0.0, "noise": d.params.get("sigma"), "prune": d.params.get("fraction"),
-                    "dp": d.params.get("noise_multiplier", 0) * d.params.get("clip", 0)}[d.kind]
+    return d.kind, d.params["fraction"] if d.prunes else noise_std(d)
 
 
 def plot_defence_vs_quality(rows: list[dict], path: Path) -> object:
@@ -1981,14 +1990,15 @@ def plot_defence_vs_quality(rows: list[dict], path: Path) -> object:
     model; no defence at strength 0 on every panel. PSNRs above the cap drawn at it."""
     from matplotlib.figure import Figure
 
-    points: dict[tuple, list[float]] = {}  # (kind, model, attack, metric, strength) -> values over images
+    curves: dict[tuple, dict[float, list[float]]] = {}  # (kind, model, attack, metric) -> strength -> values
     for r in rows:
         kind, x = defence_strength(r["defence"])
         for k in [kind] if kind != "none" else DEFENCE_STRENGTH:
             for metric in ("psnr", "ssim"):
                 value = min(float(r[metric]), PSNR_CAP) if metric == "psnr" else float(r[metric])
-                points.setdefault((k, r["model"], r["attack"], metric, x), []).append(value)
-    kinds = [k for k in DEFENCE_STRENGTH if any(defence_strength(r["defence"])[0] == k for r in rows)]
+                curves.setdefault((k, r["model"], r["attack"], metric), {}).setdefault(x, []).append(value)
+    present = {defence_strength(spec)[0] for spec in by_defence(rows)}
+    kinds = [k for k in DEFENCE_STRENGTH if k in present]
     models = list(dict.fromkeys(r["model"] for r in rows))
     attacks = [a for a in ATTACKS_ORDER if any(r["attack"] == a for r in rows)]
     fig = Figure(figsize=(4.5 * len(kinds) + 2, 7.5), layout="constrained")
@@ -1999,13 +2009,12 @@ def plot_defence_vs_quality(rows: list[dict], path: Path) -> object:
             ax = axes[row, col]
             for m, model in enumerate(models):
                 for a, attack in enumerate(attacks):
-                    curve = sorted((x, np.mean(v)) for (k, mo, at, me, x), v in points.items()
-                                   if (k, mo, at, me) == (kind, model, attack, metric))
+                    curve = sorted((x, np.mean(v)) for x, v in curves.get((kind, model, attack, metric), {}).items())
                     if curve:
                         ax.plot(*zip(*curve), marker=markers[m % len(markers)], ms=4, lw=1, alpha=0.8,
                                 color=f"C{a}", label=f"{DISPLAY[attack]}, {model}")
             if kind != "prune":  # noise levels span decades; none (0) stays on the linear part
-                positive = [x for (k, *_, x) in points if k == kind and x > 0]
+                positive = [x for (k, *_), c in curves.items() if k == kind for x in c if x > 0]
                 ax.set_xscale("symlog", linthresh=min(positive, default=1) / 2)
             ax.grid(alpha=0.3)
             axes[row, 0].set_ylabel(label)
@@ -2173,15 +2182,15 @@ def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
     if shown:
         plot_comparison(shown, folder.path, folder.path / "comparison.png")
     rows = folder.rows()
-    folder.results["correlations"] = index_correlations(undefended(rows))
-    groups = by_defence(rows)
+    groups, plain = by_defence(rows), undefended(rows)
+    folder.results["correlations"] = index_correlations(plain)
     if len(groups) > 1:  # the indices of the equations the attacker has, under each defence
         folder.results["correlations_by_defence"] = {spec: c for spec, group in groups.items()
                                                      if spec != "none" and (c := index_correlations(group))}
     folder.save()
     for which, name in INDEX_FIGURES.items():
-        if len(index_by_model(undefended(rows), which)) >= 3:
-            plot_index_vs_quality(undefended(rows), folder.path / name, which)
+        if len(index_by_model(plain, which)) >= 3:
+            plot_index_vs_quality(plain, folder.path / name, which)
     if len(groups) > 1:
         plot_defence_vs_quality(rows, folder.path / "defence_vs_quality.png")
     if any(parse_defence(spec).prunes for spec in groups):
@@ -2255,14 +2264,14 @@ def attack_pair(exp: Experiment, settings: AttackSettings, pair: Pair) -> Iterat
 
 def file_stem(model_name: str, image: PrivateImage, defence: Defence = NO_DEFENCE) -> str:
     """Where a pair's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9',
-    'cnn4_c2_cifar10-test-3_prune-0_9'. Letters, digits, '-' and '_' only; distinct images
+    'cnn4_c2_cifar10-test-3_prune-0_9_<hash>'. Letters, digits, '-' and '_' only; distinct images
     keep distinct stems (a file's name ends in its hash), and so do distinct defences."""
+    safe = lambda text: re.sub("[^A-Za-z0-9_-]", "_", text)  # noqa: E731
     model = model_name if model_name in MODELS else "arch-" + hashlib.sha256(model_name.encode()).hexdigest()[:10]
-    stem = f"{model}_{re.sub('[^A-Za-z0-9_-]', '_', image.name.replace(':', '-', 1))}"
+    stem = f"{model}_{safe(image.name.replace(':', '-', 1))}"
     if defence == NO_DEFENCE:
         return stem
-    spec = re.sub("[^A-Za-z0-9_-]", "_", defence.spec.replace(":", "-"))
-    return f"{stem}_{spec}_{hashlib.sha256(defence.spec.encode()).hexdigest()[:6]}"
+    return f"{stem}_{safe(defence.spec.replace(':', '-'))}_{hashlib.sha256(defence.spec.encode()).hexdigest()[:6]}"
 
 
 def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAnalysis | Answer) -> None:
@@ -2408,7 +2417,7 @@ def build_parser(only_given: bool = False) -> Parser:
     g.add_argument("--model-seed", type=seed_value, metavar="S",
                    help="seed set before a model's layers are built (default: the published code's 10)")
     g.add_argument("--data", metavar="DIR", help=f"where CIFAR-10 is, or is downloaded to (default {DATA_PATH})")
-    g.add_argument("--defence", dest="defences", action="extend", nargs="+", metavar="SPEC",
+    g.add_argument("--defence", dest="defences", action="extend", nargs="+", metavar="DEFENCE",
                    help="what the client does to its gradient before sharing it: none (the default), noise:SIGMA "
                         "(adds N(0, SIGMA^2) to every entry), dp:C:Z (DP-SGD: clips the whole gradient to norm C, "
                         "then adds N(0, (Z C)^2)) or prune:P (zeroes the fraction P of each tensor's entries of "

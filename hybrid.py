@@ -1555,6 +1555,15 @@ def surviving(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [g != 0 for g in grads]
 
 
+def fc_inputs_undetermined(model: Net, kept: list[torch.Tensor]) -> float:
+    """The fraction of the fc layer's inputs a_j that no surviving equation gW_ij = d_i a_j
+    with d_i = gb_i surviving determines (invert_pruned_fc leaves them at 0, the minimum
+    norm). The paper's index counts the convolutions' systems only and weighs the top layer
+    0; this is what pruning takes from the fc's inversion, for reading the index beside."""
+    kept_w, kept_b = by_layer(model, kept)[-1]
+    return float((~(kept_w & kept_b[:, None]).any(0)).double().mean())
+
+
 # =============================================================================
 # Metrics
 # =============================================================================
@@ -1637,7 +1646,9 @@ def experiment(model: Net, image: PrivateImage, attacks: list[str], settings: At
     grads = client_gradient(model, image.x.to(device), image.label)
     shared, info = defend(grads, defence, defence_seed(seed, image.name))
     if defence.prunes and analyse_defence:  # the analyst's: the client's own gradient, the surviving rows
-        info |= {"rank_deficiency": rank_deficiency(model, grads, surviving(shared))}
+        kept = surviving(shared)
+        info |= {"rank_deficiency": rank_deficiency(model, grads, kept),
+                 "fc_inputs_undetermined": fc_inputs_undetermined(model, kept)}
     yield Defended(info)
     del grads  # from here on, the attacks' side: what was shared alone
     label = image.label if settings.true_label else recover_label(shared)  # under noise it may be wrong
@@ -1687,7 +1698,8 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
                 try:
                     grads = client_gradient(model, image.x.to(exp.device), image.label)
                     deficiency = rank_deficiency(model, grads)
-                    pruned = [rank_deficiency(model, grads, surviving(defend(grads, d, 0)[0])) for d in prunings]
+                    kept = [surviving(defend(grads, d, 0)[0]) for d in prunings]
+                    pruned = [rank_deficiency(model, grads, k) for k in kept]
                 except Exception as e:  # as a sweep's pair: this one is lost, the rest go on
                     why = sweeps.reason(e)
             if why is not None:
@@ -1696,8 +1708,9 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
                 continue
             indices.append(security_index(deficiency))
             say_ranks(model, f"{name} on {image.name}", deficiency, layer_unknowns(name))
-            for d, under in zip(prunings, pruned):
+            for d, under, k in zip(prunings, pruned, kept):
                 say_ranks(model, f"{name} on {image.name} under {d.spec}", under, layer_unknowns(name), d)
+                say(f"  and {fc_inputs_undetermined(model, k):.1%} of the fc's inputs left undetermined")
         if indices:
             table.append((name, np.mean(indices), min(indices), max(indices)))
     if len(images) > 1 and table:
@@ -2311,7 +2324,8 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
     e = entry.setdefault("attacks", {})[event.attack] = event.entry | {"npy": npy}
     not_finite = folder.finished(entry, event.attack)
     ssim = "nan" if not math.isfinite(e["ssim"]) else f"{e['ssim']:.3f}"
-    say(f"{pair.model:9s} {pair.image.name:18s} {DISPLAY[event.attack]:9s}  PSNR {format_psnr(e['psnr'], 2):>9s}  "
+    shown = "" if pair.defence == NO_DEFENCE else f"{pair.defence.spec:13s} "  # which cell of the grid
+    say(f"{pair.model:9s} {pair.image.name:18s} {shown}{DISPLAY[event.attack]:9s}  PSNR {format_psnr(e['psnr'], 2):>9s}  "
         f"SSIM {ssim}  label {e['label']}{'' if e['label_correct'] else ' (wrong)'}  {e['seconds']:6.1f} s"
         + (f"  (not finite, recorded as null: {', '.join(not_finite)})" if not_finite else ""))
 

@@ -168,6 +168,19 @@ def test_pruned_fc_inversion_is_least_squares_over_what_survives():
     assert torch.allclose(H.invert_fc(fc, g_w, g_b, everything)[0], H.invert_fc(fc, g_w, g_b)[0])
 
 
+def test_fc_inputs_undetermined_counts_columns_without_a_surviving_equation():
+    model = H.build_model("cnn2_c1")
+    kept = [torch.ones_like(p, dtype=torch.bool) for p in model.parameters()]
+    assert H.fc_inputs_undetermined(model, kept) == 0
+    kept_w, kept_b = H.by_layer(model, kept)[-1]
+    n = kept_w.shape[1]
+    kept_w[:, :3] = False  # no equation at all on a_0..a_2
+    kept_w[1:, 3] = False  # a_3: one equation, gW_03, left...
+    assert H.fc_inputs_undetermined(model, kept) == 3 / n
+    kept_b[0] = False  # ...and without d_0 = gb_0 it determines nothing
+    assert H.fc_inputs_undetermined(model, kept) == 4 / n
+
+
 def test_full_rank_model_under_light_pruning_is_still_reconstructed(chelsea):
     """cnn2_c1 is full rank; prune:0.2 leaves it full rank (computed here, not assumed),
     so R-GAP, solving with the surviving equations only, still reconstructs it well."""
@@ -205,6 +218,7 @@ def test_the_grid_runs_every_model_image_and_defence(defended_run):
         if defence["spec"] == "prune:0.5":
             assert defence["security_index"] == H.security_index(defence["rank_deficiency"])
             assert defence["security_index"] <= entry["security_index"]  # fewer equations, no more rank
+            assert 0 <= defence["fc_inputs_undetermined"] < 1
         if defence["spec"] == "noise:1e-3":
             assert defence["seed"] == H.defence_seed(10, entry["image"])
     assert set(results["correlations_by_defence"]) <= {"prune:0.5", "noise:1e-3"}

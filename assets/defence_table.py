@@ -1,0 +1,149 @@
+"""Tabulates a defence study (bash assets/make_defences.sh): per model and attack, the mean
+PSNR over the images under each defence; per defence kind, the weakest strength in the grid
+at which an attack's mean PSNR falls below 15 dB; and, under pruning, the security index of
+the equations that survive against the PSNR that R-GAP and the hybrid reach.
+
+Usage: python assets/defence_table.py STUDY.json [STUDY.json ...] > table.md
+(several results.json, e.g. the linear attacks' and the baselines', are read as one study)
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hybrid as H  # noqa: E402
+
+STOPPED = 15.0  # dB: below this an attack is taken as stopped (the issue's line)
+STRENGTH = {"noise": "sigma", "prune": "fraction", "dp": "noise_multiplier"}  # each kind's grid axis
+
+
+def psnr(attack: dict) -> float:
+    return math.inf if attack["psnr"] is None else attack["psnr"]  # null: an exact reconstruction
+
+
+def points(paths: list[str]) -> list[dict]:
+    """One point per (model, image, defence, attack): its PSNR, and under pruning the
+    indices of the surviving equations."""
+    out = []
+    for path in paths:
+        for e in json.loads(Path(path).read_text())["runs"]:
+            spec = e.get("defence", {}).get("spec", "none")
+            for attack, a in e.get("attacks", {}).items():
+                out.append({"model": e["model"], "image": e["image"], "spec": spec, "attack": attack,
+                            "psnr": psnr(a), "defence": e.get("defence", {}), "index": e.get("security_index"),
+                            "fraction": e.get("worst_layer_fraction")})
+    return out
+
+
+def grouped(pts: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for p in pts:
+        out.setdefault(tuple(p[k] for k in keys), []).append(p)
+    return out
+
+
+def strength(spec: str) -> float:
+    d = H.parse_defence(spec)
+    return 0.0 if d.kind == "none" else d.params[STRENGTH[d.kind]]
+
+
+def fmt(x: float) -> str:
+    return "exact" if math.isinf(x) else f"{x:.1f}"
+
+
+def mean_table(pts: list[dict], models: list[str], specs: list[str]) -> list[str]:
+    means = {k: float(np.mean([p["psnr"] for p in v])) for k, v in grouped(pts, "model", "attack", "spec").items()}
+    attacks = [a for a in H.DISPLAY if any(k[1] == a for k in means)]
+    lines = ["Mean PSNR (dB) over the images, per model and attack, under each defence:", "",
+             "| model | attack | " + " | ".join(specs) + " |", "|---|---|" + "---|" * len(specs)]
+    for m in models:
+        for a in attacks:
+            if (m, a, "none") in means:
+                lines.append(f"| {m} | {H.DISPLAY[a]} | "
+                             + " | ".join(fmt(means[m, a, s]) if (m, a, s) in means else "" for s in specs) + " |")
+    return lines + [""]
+
+
+def stopping_table(pts: list[dict], models: list[str], specs: list[str]) -> list[str]:
+    """The weakest strength of each kind at which the mean PSNR is below STOPPED, and the
+    mean there; '-' where no strength in the grid gets there, 'already' where no defence
+    is needed."""
+    means = {k: float(np.mean([p["psnr"] for p in v])) for k, v in grouped(pts, "model", "attack", "spec").items()}
+    kinds = [k for k in STRENGTH if any(H.parse_defence(s).kind == k for s in specs)]
+    attacks = [a for a in H.DISPLAY if any(k[1] == a for k in means)]
+    lines = [f"The weakest strength in the grid at which each defence brings an attack's mean PSNR below "
+             f"{STOPPED:g} dB (the mean there in brackets; '-': not within the grid; 'already': below it undefended):",
+             "", "| model | attack | " + " | ".join(f"{k} ({STRENGTH[k]})" for k in kinds) + " |",
+             "|---|---|" + "---|" * len(kinds)]
+    for m in models:
+        for a in attacks:
+            if (m, a, "none") not in means:
+                continue
+            if means[m, a, "none"] < STOPPED:
+                lines.append(f"| {m} | {H.DISPLAY[a]} | " + " | ".join("already" for _ in kinds) + " |")
+                continue
+            cells = []
+            for k in kinds:
+                grid = sorted((s for s in specs if H.parse_defence(s).kind == k and (m, a, s) in means), key=strength)
+                hit = next((s for s in grid if means[m, a, s] < STOPPED), None)
+                cells.append("-" if hit is None else f"{strength(hit):g} ({means[m, a, hit]:.1f})")
+            lines.append(f"| {m} | {H.DISPLAY[a]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def pruning_table(pts: list[dict], models: list[str], specs: list[str]) -> list[str]:
+    """Under pruning: the security index of the surviving equations (mean over the images)
+    beside each attack's mean PSNR, and the rank correlation of the two over the points."""
+    pruned = [p for p in pts if p["defence"].get("kind") == "prune" and p["attack"] in ("rgap", "hybrid")]
+    if not pruned:
+        return []
+    lines = ["Under pruning: the security index of the equations that survive (mean over the images; the "
+             "undefended index in the first row of each model) against the mean PSNR:", "",
+             "| model | P | security index | worst layer's fraction | fc inputs undetermined | R-GAP | Hybrid |",
+             "|---|---|---|---|---|---|---|"]
+    by = grouped([p for p in pts if p["attack"] in ("rgap", "hybrid")], "model", "spec")
+    for m in models:
+        for s in [s for s in specs if s == "none" or H.parse_defence(s).prunes]:
+            if (m, s) not in by:
+                continue
+            g = by[m, s]
+            src = [p["defence"] if s != "none" else {"security_index": p["index"], "worst_layer_fraction":
+                                                      p["fraction"], "fc_inputs_undetermined": 0.0} for p in g]
+            cells = [f"{np.mean([d['security_index'] for d in src]):.0f}",
+                     f"{np.mean([d['worst_layer_fraction'] for d in src]):.4f}",
+                     f"{np.mean([d.get('fc_inputs_undetermined', math.nan) for d in src]):.1%}"]
+            cells += [fmt(np.mean([p["psnr"] for p in g if p["attack"] == a])) for a in ("rgap", "hybrid")]
+            lines.append(f"| {m} | {strength(s):g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for a in ("rgap", "hybrid"):
+        sub = [p for p in pruned if p["attack"] == a]
+        finite = [p for p in sub if math.isfinite(p["psnr"])]
+        rho, pv = stats.spearmanr([p["defence"]["security_index"] for p in finite], [p["psnr"] for p in finite])
+        zero = [p["psnr"] for p in sub if p["defence"]["security_index"] == 0]
+        rest = [p["psnr"] for p in sub if p["defence"]["security_index"] != 0]
+        lines.append(f"- {H.DISPLAY[a]}: Spearman's rho of the index under pruning against PSNR over the "
+                     f"{len(finite)} pruned (model, image, P): {rho:+.3f} (p {pv:.2g}); index 0: "
+                     f"{len(zero)} points, PSNR min {fmt(min(zero)) if zero else '-'}; index below 0: {len(rest)} "
+                     f"points, PSNR max {fmt(max(rest)) if rest else '-'}.")
+    return lines + [""]
+
+
+def table(paths: list[str]) -> str:
+    pts = points(paths)
+    models = list(dict.fromkeys(p["model"] for p in pts))
+    specs = sorted(dict.fromkeys(p["spec"] for p in pts),
+                   key=lambda s: (list(STRENGTH).index(H.parse_defence(s).kind) + 1
+                                  if s != "none" else 0, strength(s)))
+    return "\n".join(mean_table(pts, models, specs) + stopping_table(pts, models, specs)
+                     + pruning_table(pts, models, specs))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("studies", nargs="+")
+    print(table(p.parse_args().studies), end="")

@@ -671,6 +671,8 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     manager thread is then joined, so that its queues (and their semaphores) are released
     before the process exits, not reported as leaked."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # private, but no public way before 3.14
+    manager = getattr(pool, "_executor_manager_thread", None)  # private too, and like the next
+    results = getattr(pool, "_result_queue", None)  # forgotten by shutdown
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
@@ -682,6 +684,16 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
         if process.is_alive():
             process.kill()
             process.join()
+    # A worker stopped half-way through sending a result leaves a torn message in the
+    # result pipe, and the pool's manager thread then waits in recv() for the rest: for
+    # ever, since this process holds the pipe's write end too (CPython's executor never
+    # writes there), and the interpreter's exit, which joins that thread, hangs. With
+    # every worker gone, closing that copy turns the torn message into end-of-file, which
+    # the manager handles as a broken pool.
+    if results is not None:
+        results._writer.close()
+    if manager is not None:
+        manager.join()
     pool.shutdown(wait=True)
 
 

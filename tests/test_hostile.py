@@ -354,8 +354,10 @@ def test_workers_end_with_their_parent(tmp_path, sig):
 
 @pytest.mark.slow
 @pytest.mark.xfail(raises=subprocess.TimeoutExpired, strict=False,
-                   reason="open: in the full suite the run sometimes does not end within 60 s of two Ctrl-Cs "
-                          "(alone it ends in about 3 s); being investigated, see the issue notes")
+                   reason="in the full suite the run sometimes did not end within 60 s of two Ctrl-Cs (alone it "
+                          "ends in about 3 s). A cause, a worker stopped while it sent its result, is mended and "
+                          "tested (test_stopping_workers_ends_after_a_torn_result); the mark stays until full "
+                          "suites have passed this test repeatedly")
 def test_two_quick_ctrl_cs_end_in_one_message(tmp_path):
     proc, workers = start_sweep(tmp_path)
     proc.send_signal(signal.SIGINT)
@@ -369,6 +371,42 @@ def test_two_quick_ctrl_cs_end_in_one_message(tmp_path):
         time.sleep(0.5)
     assert not any(alive(w) for w in workers), [open(f"/proc/{w}/cmdline", "rb").read()[:100] for w in workers
                                                  if alive(w)]
+
+
+TORN_RESULT = """
+import concurrent.futures, multiprocessing, os, signal, struct, sys, time
+sys.path.insert(0, {root!r})
+import sweeps
+
+def send_half_a_result_and_die():
+    # what a worker stopped half-way through sending a large result leaves in the pipe
+    results = next(o for o in __import__("gc").get_objects()
+                   if isinstance(o, multiprocessing.queues.SimpleQueue))
+    os.write(results._writer.fileno(), struct.pack("!i", 1 << 20) + bytes(64))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if __name__ == "__main__":
+    pool = concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
+    pool.submit(send_half_a_result_and_die)
+    time.sleep(5)  # the manager thread is now inside recv(), waiting for the rest
+    sweeps.stop_workers(pool)
+    print("stopped", flush=True)  # and the exit, which joins the pool's manager thread, follows
+"""
+
+
+@pytest.mark.slow
+def test_stopping_workers_ends_after_a_torn_result(tmp_path):
+    """The cause of a rare hang at Ctrl-C: a worker stopped while it sent its result."""
+    script = tmp_path / "torn.py"
+    script.write_text(TORN_RESULT.format(root=str(ROOT)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"hung (said {out.strip()!r})")
+    assert proc.returncode == 0 and out.strip() == "stopped" and "leaked" not in err, out + err
 
 
 @pytest.mark.slow

@@ -4,22 +4,26 @@
 # with leaky ReLUs and biases, whose inverse multiplies errors by 1/slope) x CIFAR-10 test
 # images 0-4, random weights, under no defence, Gaussian noise, DP-SGD's clip-and-noise
 # and pruning. R-GAP and the hybrid (at the CIFAR-10 study's budget, N0 = 2500, N = 500)
-# over the whole grid on all six models; DLG, iDLG (the best of 4 starts each) and
-# Cosine+TV over the grid on the paper's four models and images 0-2. Long on 2 cores (hours):
-# run it again with the same OUTPUT_DIR to resume where it stopped.
-# Usage: bash assets/make_defences.sh OUTPUT_DIR [linear|baselines]
+# over the whole grid on all six models; DLG and iDLG (the best of 4 starts each: L-BFGS is
+# chaotic) and Cosine+TV (one start, the paper's: Adam on a cosine is not) over the grid on
+# the paper's four models and images 0-2. Long on 2 cores (hours): run it again with the
+# same OUTPUT_DIR to resume where it stopped.
+# Usage: bash assets/make_defences.sh OUTPUT_DIR [linear|baselines|cosine ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source assets/run_folders.sh
 out=${1:?an output folder, kept between calls so that a stopped run resumes}
 grid="none noise:1e-4 noise:1e-3 noise:1e-2 noise:1e-1 prune:0.2 prune:0.5 prune:0.7 prune:0.9 prune:0.99 dp:1:0.1 dp:1:1"
 paper="cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2"
-for part in ${2:-linear baselines}; do
-    if [ "$part" = linear ]; then
-        study="--model $paper cnn3_c1 lenet --index 0-4 --attacks rgap hybrid --hybrid-iters 500 --hybrid-iters-first 2500"
-    else
-        study="--model $paper --index 0-2 --attacks dlg idlg cosine --restarts 4"
-    fi
+parts=("${@:2}")
+[ ${#parts[@]} -gt 0 ] || parts=(linear baselines cosine)
+for part in "${parts[@]}"; do
+    case "$part" in
+        linear) study="--model $paper cnn3_c1 lenet --index 0-4 --attacks rgap hybrid --hybrid-iters 500 --hybrid-iters-first 2500" ;;
+        baselines) study="--model $paper --index 0-2 --attacks dlg idlg --restarts 4" ;;
+        cosine) study="--model $paper --index 0-2 --attacks cosine" ;;
+        *) echo "make_defences.sh: unknown part '$part' (linear, baselines or cosine)" >&2; exit 2 ;;
+    esac
     dir="$out/$part"
     where=$(where_to_run "$dir")  # a folder a stopped call left is resumed
     # shellcheck disable=SC2086

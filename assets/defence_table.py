@@ -3,8 +3,9 @@ PSNR over the images under each defence; per defence kind, the weakest strength 
 at which an attack's mean PSNR falls below 15 dB; and, under pruning, the security index of
 the equations that survive against the PSNR that R-GAP and the hybrid reach.
 
-Usage: python assets/defence_table.py STUDY.json [STUDY.json ...] > table.md
-(several results.json, e.g. the linear attacks' and the baselines', are read as one study)
+Usage: python assets/defence_table.py STUDY.json [STUDY.json ...] [--figure PNG] > table.md
+(several results.json, e.g. the linear attacks' and the baselines', are read as one study;
+--figure draws the PSNR against each defence's strength, a panel per model and kind)
 """
 import argparse
 import json
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hybrid as H  # noqa: E402
 
 STOPPED = 15.0  # dB: below this an attack is taken as stopped (the issue's line)
-STRENGTH = {"noise": "sigma", "prune": "fraction", "dp": "noise_multiplier"}  # each kind's grid axis
+STRENGTH = {"noise": "SIGMA", "prune": "P", "dp": "Z C"}  # each kind's axis, as hybrid.defence_strength measures it
 
 
 def psnr(attack: dict) -> float:
@@ -48,8 +49,7 @@ def grouped(pts: list[dict], *keys: str) -> dict[tuple, list[dict]]:
 
 
 def strength(spec: str) -> float:
-    d = H.parse_defence(spec)
-    return 0.0 if d.kind == "none" else d.params[STRENGTH[d.kind]]
+    return H.defence_strength(spec)[1]
 
 
 def fmt(x: float) -> str:
@@ -143,7 +143,53 @@ def table(paths: list[str]) -> str:
                      + pruning_table(pts, models, specs))
 
 
+def figure(paths: list[str], path: str) -> None:
+    """Mean PSNR over the images against each defence's strength: a row of panels per
+    model, a column per kind, a line per attack; no defence at 0 on every panel."""
+    from matplotlib.figure import Figure
+
+    pts = points(paths)
+    models = list(dict.fromkeys(p["model"] for p in pts))
+    kinds = [k for k in STRENGTH if any(H.parse_defence(p["spec"]).kind == k for p in pts)]
+    attacks = [a for a in H.ATTACKS_ORDER if any(p["attack"] == a for p in pts)]
+    means = {k: float(np.mean([min(p["psnr"], H.PSNR_CAP) for p in v]))
+             for k, v in grouped(pts, "model", "attack", "spec").items()}
+    fig = Figure(figsize=(3.2 * len(kinds) + 1.6, 2.1 * len(models) + 0.6), layout="constrained")
+    axes = fig.subplots(len(models), len(kinds), sharey=True, squeeze=False)
+    for r, m in enumerate(models):
+        for c, kind in enumerate(kinds):
+            ax = axes[r, c]
+            for a in attacks:
+                curve = sorted((strength(s), v) for (mm, aa, s), v in means.items()
+                               if mm == m and aa == a and H.parse_defence(s).kind in (kind, "none"))
+                if len(curve) > 1:
+                    ax.plot(*zip(*curve), marker=H.ATTACK_MARKERS[a], ms=3.5, lw=1, label=H.DISPLAY[a],
+                            color=f"C{H.ATTACKS_ORDER.index(a)}")
+            ax.axhline(STOPPED, color="grey", lw=0.8, ls="--")
+            if kind != "prune":
+                positive = [strength(s) for s in {p["spec"] for p in pts} if H.parse_defence(s).kind == kind]
+                ax.set_xscale("symlog", linthresh=min(positive) / 2)
+                ax.set_xlim(left=-min(positive) / 8)  # no negative decades: none sits at 0, on the left
+            ticks = sorted({0.0, *(strength(s) for s in {p["spec"] for p in pts} if H.parse_defence(s).kind == kind)})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=60, fontsize=7)
+            ax.minorticks_off()
+            ax.grid(alpha=0.3)
+            if r == 0:
+                ax.set_title(f"{kind} ({STRENGTH[kind]})")
+            if c == 0:
+                ax.set_ylabel(f"{m}\nPSNR (dB)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    fig.suptitle(f"Mean PSNR over the images against the defence's strength (dashed: {STOPPED:g} dB; "
+                 f"capped at {H.PSNR_CAP:g})", fontsize=9)
+    fig.savefig(path, dpi=110)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("studies", nargs="+")
-    print(table(p.parse_args().studies), end="")
+    p.add_argument("--figure", help="also draw the study's figure here")
+    a = p.parse_args()
+    print(table(a.studies), end="")
+    if a.figure:
+        figure(a.studies, a.figure)

@@ -8,26 +8,32 @@
 # chaotic) and Cosine+TV (one start, the paper's: Adam on a cosine is not) over the grid on
 # the paper's four models and images 0-2. Long on 2 cores (hours): run it again with the
 # same OUTPUT_DIR to resume where it stopped.
-# Usage: bash assets/make_defences.sh OUTPUT_DIR [linear|baselines|cosine ...]
+# Usage: bash assets/make_defences.sh OUTPUT_DIR [linear|linear_bends|baselines|cosine ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source assets/run_folders.sh
 out=${1:?an output folder, kept between calls so that a stopped run resumes}
 grid="none noise:1e-4 noise:1e-3 noise:1e-2 noise:1e-1 prune:0.2 prune:0.5 prune:0.7 prune:0.9 prune:0.99 dp:1:0.1 dp:1:1"
+# Points added where the linear attacks' curves bent between the grid's (lenet's below 1e-4; most
+# between noise 1e-2 and 1e-1 and prune 0.9 and 0.99; every dp one below Z = 0.1): a part of their own
+# for R-GAP and the hybrid, which ran the grid first; the baselines run both at once.
+bends="noise:1e-6 noise:1e-5 noise:3e-2 prune:0.95 dp:1:0.01 dp:1:0.001"
 paper="cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2"
 parts=("${@:2}")
-[ ${#parts[@]} -gt 0 ] || parts=(linear baselines cosine)
+[ ${#parts[@]} -gt 0 ] || parts=(linear linear_bends baselines cosine)
 for part in "${parts[@]}"; do
     case "$part" in
-        linear) study="--model $paper cnn3_c1 lenet --index 0-4 --attacks rgap hybrid --hybrid-iters 500 --hybrid-iters-first 2500" ;;
-        baselines) study="--model $paper --index 0-2 --attacks dlg idlg --restarts 4" ;;
-        cosine) study="--model $paper --index 0-2 --attacks cosine" ;;
-        *) echo "make_defences.sh: unknown part '$part' (linear, baselines or cosine)" >&2; exit 2 ;;
+        linear|linear_bends)
+            study="--model $paper cnn3_c1 lenet --index 0-4 --attacks rgap hybrid --hybrid-iters 500 --hybrid-iters-first 2500"
+            defences=$([ "$part" = linear ] && echo "$grid" || echo "$bends") ;;
+        baselines) study="--model $paper --index 0-2 --attacks dlg idlg --restarts 4"; defences="$grid $bends" ;;
+        cosine) study="--model $paper --index 0-2 --attacks cosine"; defences="$grid $bends" ;;
+        *) echo "make_defences.sh: unknown part '$part' (linear, linear_bends, baselines or cosine)" >&2; exit 2 ;;
     esac
     dir="$out/$part"
     where=$(where_to_run "$dir")  # a folder a stopped call left is resumed
     # shellcheck disable=SC2086
-    "${PYTHON:-python}" hybrid.py $study --source cifar10-test --defence $grid --jobs auto $where
+    "${PYTHON:-python}" hybrid.py $study --source cifar10-test --defence $defences --jobs auto $where
     run=$(last_run "$dir")
     for f in defence_vs_quality.png pruned_index_vs_quality.png results.json summary.md; do
         [ -e "$run/$f" ] && cp "$run/$f" "assets/defences_${part}_$f"

@@ -36,8 +36,7 @@ the client's gradient, the linear systems and R-GAP's recursion, the hybrid, the
 baselines, metrics, the experiment on one (model, image), the analysis of the security
 index, the figures, and a short main. The machinery of long runs (run folders, the
 record, resume, shards, worker processes, merge) is sweeps.py, which knows nothing of
-the paper. Where this departs from the published code, and why: README.md, "Where this
-departs from the published code".
+the paper. Where this departs from the published code, and why: docs/departures.md.
 """
 from __future__ import annotations
 

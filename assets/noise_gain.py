@@ -9,7 +9,8 @@ under noise:SIGMA: the noise adds (gain SIGMA)^2 to the attack's squared error p
 This is compared, per (model, SIGMA) over the attacked images, with the error the defence
 study measured: mean MSE under the noise minus mean MSE without it.
 
-Usage: python assets/noise_gain.py DEFENCE_STUDY.json [--standin 19] [--s0 1e-4] [--draws 3] > table.md
+Usage: python assets/noise_gain.py DEFENCE_STUDY.json [MORE.json ...] [--standin 19] [--s0 1e-4] [--draws 3] > table.md
+(several results.json of one study, e.g. its grid's and its added points', are read as one)
 """
 import argparse
 import json
@@ -48,8 +49,40 @@ def measured_mse(run: dict, attack: str) -> dict[tuple[str, str], float]:
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def table(path: str, standin_index: int, s0: float, draws: int) -> str:
-    run = json.loads(Path(path).read_text())
+def effective_sigmas(run: dict) -> dict[tuple[str, str], list[float]]:
+    """(model, dp spec) -> per image, the noise's std relative to the gradient as shared
+    before clipping: Z C / min(1, C / |g|). R-GAP's answer does not change when the whole
+    gradient is scaled (the fc inversion is a ratio, and every layer's equations scale
+    together), so dp:C:Z is to it noise of this std on the unclipped gradient."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for e in run["runs"]:
+        d = e.get("defence", {})
+        if d.get("kind") == "dp" and e.get("attacks"):
+            scale = min(1.0, d["clip"] / d["norm_before"])
+            out.setdefault((e["model"], d["spec"]), []).append(d["noise_multiplier"] * d["clip"] / scale)
+    return out
+
+
+def dp_lines(run: dict, gains: dict[str, float], models: list[str]) -> list[str]:
+    """The same prediction for dp, through its effective noise (an extension: the noise's
+    formula was fixed before the study, this reading of dp after)."""
+    mse, sigmas = measured_mse(run, "rgap"), effective_sigmas(run)
+    keys = [k for k in sigmas if (k[0], "none") in mse and k in mse]
+    if not keys:
+        return []
+    lines = ["R-GAP under dp:C:Z, read as noise of std Z C / min(1, C/|g|) on the unclipped gradient "
+             "(R-GAP is invariant to the gradient's scale; an extension made after the study, not a prediction "
+             "fixed before it):", "", "| model | spec | effective SIGMA (mean) | added MSE, measured | predicted | ratio |",
+             "|---|---|---|---|---|---|"]
+    for m, spec in sorted(keys, key=lambda k: (models.index(k[0]), k[1])):
+        p = float(np.mean([(gains[m] * s) ** 2 for s in sigmas[m, spec]]))
+        a = mse[m, spec] - mse[m, "none"]
+        lines.append(f"| {m} | {spec} | {np.mean(sigmas[m, spec]):.3g} | {a:.3g} | {p:.3g} | {a / p:.3g} |")
+    return lines + [""]
+
+
+def table(paths: list[str], standin_index: int, s0: float, draws: int) -> str:
+    run = {"runs": [e for path in paths for e in json.loads(Path(path).read_text())["runs"]]}
     (standin,), _ = H.load_cifar10_test([standin_index], H.DATA_PATH)
     models = list(dict.fromkeys(e["model"] for e in run["runs"]))
     gains = {m: gain(m, standin, s0, draws) for m in models}
@@ -73,15 +106,15 @@ def table(path: str, standin_index: int, s0: float, draws: int) -> str:
         rho, p_value = stats.spearmanr(predicted, added)
         lines += ["", f"Spearman's rho of predicted against measured over the {len(added)} (model, SIGMA): "
                       f"{rho:+.3f} (p {p_value:.2g}).", ""]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + dp_lines(run, gains, models)) + "\n"
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("study")
+    p.add_argument("studies", nargs="+")
     p.add_argument("--standin", type=int, default=19, help="CIFAR-10 test image the gain is measured on")
     p.add_argument("--s0", type=float, default=1e-4)
     p.add_argument("--draws", type=int, default=3)
     a = p.parse_args()
     H.configure_torch("cpu", 1)
-    print(table(a.study, a.standin, a.s0, a.draws), end="")
+    print(table(a.studies, a.standin, a.s0, a.draws), end="")

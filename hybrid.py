@@ -1665,6 +1665,19 @@ def rank_analysis(model: Net, image: PrivateImage, device: str) -> RankAnalysis:
     return RankAnalysis(rank_deficiency(model, client_gradient(model, image.x.to(device), image.label)))
 
 
+_UNDEFENDED_RANKS: dict[tuple, list[int]] = {}  # undefended_ranks': the last (model, image)'s, in this process
+
+
+def undefended_ranks(key: tuple, model: Net, image: PrivateImage, device: str) -> RankAnalysis:
+    """rank_analysis once per (model, image) of a sweep, `key` naming the model the client
+    holds and its image: every defence of a grid shares the client's gradient, and so its
+    ranks, and a worker is handed a (model, image)'s defences one after another."""
+    if key not in _UNDEFENDED_RANKS:
+        _UNDEFENDED_RANKS.clear()
+        _UNDEFENDED_RANKS[key] = rank_analysis(model, image, device).deficiency
+    return RankAnalysis(list(_UNDEFENDED_RANKS[key]))
+
+
 def nothing_to_attack(model: Net, image: PrivateImage, device: str) -> str | None:
     """Why the client's gradient on `image` cannot be attacked (a model whose training
     diverged shares NaNs), or None: every linear system and every objective would be NaN."""
@@ -2269,7 +2282,8 @@ def attack_pair(exp: Experiment, settings: AttackSettings, pair: Pair) -> Iterat
         yield Skipped(pair.attacks, why)
         return
     if not pair.ranks_known and ("rgap" not in pair.attacks or pair.defence != NO_DEFENCE):
-        yield rank_analysis(model, pair.image, exp.device)  # R-GAP's, under a defence, are not the client's
+        held = (pair.model, pair.image.name, exp.model_seed, exp.train_steps, exp.train_lr, exp.data, exp.device)
+        yield undefended_ranks(held, model, pair.image, exp.device)  # R-GAP's, under a defence, are not the client's
     yield from experiment(model, pair.image, pair.attacks, settings, exp.seed, exp.device, pair.defence,
                           analyse_defence=not pair.ranks_known)
 

@@ -237,6 +237,20 @@ def test_rows_under_pruning_carry_the_index_of_the_surviving_equations(defended_
         assert float(r["security_index"]) == expected[r["model"]]
 
 
+def test_the_undefended_ranks_are_computed_once_per_model_and_image(tmp_path, monkeypatch):
+    """Every defence of a grid shares the client's gradient, and so its ranks."""
+    calls = []
+    real = H.rank_analysis
+    monkeypatch.setattr(H, "rank_analysis", lambda *a: calls.append(a[1].name) or real(*a))
+    monkeypatch.setattr(H, "_UNDEFENDED_RANKS", {})
+    assert H.main(["--quick", "--source", "samples", "--model", "cnn2_c2", "--index", "3", "--attacks", "idlg",
+                   "--defence", "none", "noise:1e-3", "prune:0.5", "--output", str(tmp_path)]) == 0
+    assert len(calls) == 1, calls
+    (folder,) = tmp_path.iterdir()
+    runs = json.loads((folder / "results.json").read_text())["runs"]
+    assert len(runs) == 3 and len({tuple(e["rank_deficiency"]) for e in runs}) == 1
+
+
 @pytest.mark.slow
 def test_defences_resume_and_merge(defended_run, tmp_path):
     folder = tmp_path / "killed"

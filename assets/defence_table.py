@@ -28,16 +28,18 @@ def psnr(attack: dict) -> float:
 
 
 def points(paths: list[str]) -> list[dict]:
-    """One point per (model, image, defence, attack): its PSNR, and under pruning the
-    indices of the surviving equations."""
+    """One point per (model, image, defence, attack): its PSNR and the indices of the
+    equations the attacker has (under pruning, the surviving ones)."""
     out = []
     for path in paths:
         for e in json.loads(Path(path).read_text())["runs"]:
-            spec = e.get("defence", {}).get("spec", "none")
+            defence = e.get("defence", {})
+            has = defence if defence.get("kind") == "prune" else e | {"fc_inputs_undetermined": 0.0}
             for attack, a in e.get("attacks", {}).items():
-                out.append({"model": e["model"], "image": e["image"], "spec": spec, "attack": attack,
-                            "psnr": psnr(a), "defence": e.get("defence", {}), "index": e.get("security_index"),
-                            "fraction": e.get("worst_layer_fraction")})
+                out.append({"model": e["model"], "image": e["image"], "spec": defence.get("spec", "none"),
+                            "attack": attack, "psnr": psnr(a), "pruned": defence.get("kind") == "prune",
+                            "index": has.get("security_index"), "fraction": has.get("worst_layer_fraction"),
+                            "fc_undetermined": has.get("fc_inputs_undetermined", math.nan)})
     return out
 
 
@@ -48,6 +50,11 @@ def grouped(pts: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     return out
 
 
+def mean_psnr(pts: list[dict], cap: float = math.inf) -> dict[tuple[str, str, str], float]:
+    """(model, attack, spec) -> the mean PSNR over the images (each capped at `cap`)."""
+    return {k: float(np.mean([min(p["psnr"], cap) for p in v])) for k, v in grouped(pts, "model", "attack", "spec").items()}
+
+
 def strength(spec: str) -> float:
     return H.defence_strength(spec)[1]
 
@@ -56,8 +63,7 @@ def fmt(x: float) -> str:
     return "exact" if math.isinf(x) else f"{x:.1f}"
 
 
-def mean_table(pts: list[dict], models: list[str], specs: list[str]) -> list[str]:
-    means = {k: float(np.mean([p["psnr"] for p in v])) for k, v in grouped(pts, "model", "attack", "spec").items()}
+def mean_table(means: dict, models: list[str], specs: list[str]) -> list[str]:
     attacks = [a for a in H.DISPLAY if any(k[1] == a for k in means)]
     lines = ["Mean PSNR (dB) over the images, per model and attack, under each defence:", "",
              "| model | attack | " + " | ".join(specs) + " |", "|---|---|" + "---|" * len(specs)]
@@ -69,11 +75,10 @@ def mean_table(pts: list[dict], models: list[str], specs: list[str]) -> list[str
     return lines + [""]
 
 
-def stopping_table(pts: list[dict], models: list[str], specs: list[str]) -> list[str]:
+def stopping_table(means: dict, models: list[str], specs: list[str]) -> list[str]:
     """The weakest strength of each kind at which the mean PSNR is below STOPPED, and the
     mean there; '-' where no strength in the grid gets there, 'already' where no defence
     is needed."""
-    means = {k: float(np.mean([p["psnr"] for p in v])) for k, v in grouped(pts, "model", "attack", "spec").items()}
     kinds = [k for k in STRENGTH if any(H.parse_defence(s).kind == k for s in specs)]
     attacks = [a for a in H.DISPLAY if any(k[1] == a for k in means)]
     lines = [f"The weakest strength in the grid at which each defence brings an attack's mean PSNR below "
@@ -99,7 +104,7 @@ def stopping_table(pts: list[dict], models: list[str], specs: list[str]) -> list
 def pruning_table(pts: list[dict], models: list[str], specs: list[str]) -> list[str]:
     """Under pruning: the security index of the surviving equations (mean over the images)
     beside each attack's mean PSNR, and the rank correlation of the two over the points."""
-    pruned = [p for p in pts if p["defence"].get("kind") == "prune" and p["attack"] in ("rgap", "hybrid")]
+    pruned = [p for p in pts if p["pruned"] and p["attack"] in ("rgap", "hybrid")]
     if not pruned:
         return []
     lines = ["Under pruning: the security index of the equations that survive (mean over the images; the "
@@ -112,20 +117,17 @@ def pruning_table(pts: list[dict], models: list[str], specs: list[str]) -> list[
             if (m, s) not in by:
                 continue
             g = by[m, s]
-            src = [p["defence"] if s != "none" else {"security_index": p["index"], "worst_layer_fraction":
-                                                      p["fraction"], "fc_inputs_undetermined": 0.0} for p in g]
-            cells = [f"{np.mean([d['security_index'] for d in src]):.0f}",
-                     f"{np.mean([d['worst_layer_fraction'] for d in src]):.4f}",
-                     f"{np.mean([d.get('fc_inputs_undetermined', math.nan) for d in src]):.1%}"]
+            cells = [f"{np.mean([p['index'] for p in g]):.0f}", f"{np.mean([p['fraction'] for p in g]):.4f}",
+                     f"{np.mean([p['fc_undetermined'] for p in g]):.1%}"]
             cells += [fmt(np.mean([p["psnr"] for p in g if p["attack"] == a])) for a in ("rgap", "hybrid")]
             lines.append(f"| {m} | {strength(s):g} | " + " | ".join(cells) + " |")
     lines.append("")
     for a in ("rgap", "hybrid"):
         sub = [p for p in pruned if p["attack"] == a]
         finite = [p for p in sub if math.isfinite(p["psnr"])]
-        rho, pv = stats.spearmanr([p["defence"]["security_index"] for p in finite], [p["psnr"] for p in finite])
-        zero = [p["psnr"] for p in sub if p["defence"]["security_index"] == 0]
-        rest = [p["psnr"] for p in sub if p["defence"]["security_index"] != 0]
+        rho, pv = stats.spearmanr([p["index"] for p in finite], [p["psnr"] for p in finite])
+        zero = [p["psnr"] for p in sub if p["index"] == 0]
+        rest = [p["psnr"] for p in sub if p["index"] != 0]
         lines.append(f"- {H.DISPLAY[a]}: Spearman's rho of the index under pruning against PSNR over the "
                      f"{len(finite)} pruned (model, image, P): {rho:+.3f} (p {pv:.2g}); index 0: "
                      f"{len(zero)} points, PSNR min {fmt(min(zero)) if zero else '-'}; index below 0: {len(rest)} "
@@ -133,27 +135,26 @@ def pruning_table(pts: list[dict], models: list[str], specs: list[str]) -> list[
     return lines + [""]
 
 
-def table(paths: list[str]) -> str:
-    pts = points(paths)
+def table(pts: list[dict]) -> str:
     models = list(dict.fromkeys(p["model"] for p in pts))
     specs = sorted(dict.fromkeys(p["spec"] for p in pts),
                    key=lambda s: (list(STRENGTH).index(H.parse_defence(s).kind) + 1
                                   if s != "none" else 0, strength(s)))
-    return "\n".join(mean_table(pts, models, specs) + stopping_table(pts, models, specs)
+    means = mean_psnr(pts)
+    return "\n".join(mean_table(means, models, specs) + stopping_table(means, models, specs)
                      + pruning_table(pts, models, specs))
 
 
-def figure(paths: list[str], path: str) -> None:
+def figure(pts: list[dict], path: str) -> None:
     """Mean PSNR over the images against each defence's strength: a row of panels per
     model, a column per kind, a line per attack; no defence at 0 on every panel."""
     from matplotlib.figure import Figure
 
-    pts = points(paths)
     models = list(dict.fromkeys(p["model"] for p in pts))
     kinds = [k for k in STRENGTH if any(H.parse_defence(p["spec"]).kind == k for p in pts)]
     attacks = [a for a in H.ATTACKS_ORDER if any(p["attack"] == a for p in pts)]
-    means = {k: float(np.mean([min(p["psnr"], H.PSNR_CAP) for p in v]))
-             for k, v in grouped(pts, "model", "attack", "spec").items()}
+    means = mean_psnr(pts, H.PSNR_CAP)
+    specs = {p["spec"] for p in pts}
     fig = Figure(figsize=(3.2 * len(kinds) + 1.6, 2.1 * len(models) + 0.6), layout="constrained")
     axes = fig.subplots(len(models), len(kinds), sharey=True, squeeze=False)
     for r, m in enumerate(models):
@@ -166,11 +167,11 @@ def figure(paths: list[str], path: str) -> None:
                     ax.plot(*zip(*curve), marker=H.ATTACK_MARKERS[a], ms=3.5, lw=1, label=H.DISPLAY[a],
                             color=f"C{H.ATTACKS_ORDER.index(a)}")
             ax.axhline(STOPPED, color="grey", lw=0.8, ls="--")
+            positive = sorted(strength(s) for s in specs if H.parse_defence(s).kind == kind)
             if kind != "prune":
-                positive = [strength(s) for s in {p["spec"] for p in pts} if H.parse_defence(s).kind == kind]
-                ax.set_xscale("symlog", linthresh=min(positive) / 2)
-                ax.set_xlim(left=-min(positive) / 8)  # no negative decades: none sits at 0, on the left
-            ticks = sorted({0.0, *(strength(s) for s in {p["spec"] for p in pts} if H.parse_defence(s).kind == kind)})
+                ax.set_xscale("symlog", linthresh=positive[0] / 2)
+                ax.set_xlim(left=-positive[0] / 8)  # no negative decades: none sits at 0, on the left
+            ticks = [0.0, *positive]
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=60, fontsize=7)
             ax.minorticks_off()
             ax.grid(alpha=0.3)
@@ -190,6 +191,7 @@ if __name__ == "__main__":
     p.add_argument("studies", nargs="+")
     p.add_argument("--figure", help="also draw the study's figure here")
     a = p.parse_args()
-    print(table(a.studies), end="")
+    pts = points(a.studies)
+    print(table(pts), end="")
     if a.figure:
-        figure(a.studies, a.figure)
+        figure(pts, a.figure)

@@ -19,13 +19,13 @@ grid="none noise:1e-4 noise:1e-3 noise:1e-2 noise:1e-1 prune:0.2 prune:0.5 prune
 # for R-GAP and the hybrid, which ran the grid first; the baselines run both at once.
 bends="noise:1e-6 noise:1e-5 noise:3e-2 prune:0.95 dp:1:0.01 dp:1:0.001"
 paper="cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2"
+linear="--model $paper cnn3_c1 lenet --index 0-4 --attacks rgap hybrid --hybrid-iters 500 --hybrid-iters-first 2500"
 parts=("${@:2}")
 [ ${#parts[@]} -gt 0 ] || parts=(linear linear_bends baselines cosine)
 for part in "${parts[@]}"; do
     case "$part" in
-        linear|linear_bends)
-            study="--model $paper cnn3_c1 lenet --index 0-4 --attacks rgap hybrid --hybrid-iters 500 --hybrid-iters-first 2500"
-            defences=$([ "$part" = linear ] && echo "$grid" || echo "$bends") ;;
+        linear) study="$linear"; defences="$grid" ;;
+        linear_bends) study="$linear"; defences="$bends" ;;
         baselines) study="--model $paper --index 0-2 --attacks dlg idlg --restarts 4"; defences="$grid $bends" ;;
         cosine) study="--model $paper --index 0-2 --attacks cosine"; defences="$grid $bends" ;;
         *) echo "make_defences.sh: unknown part '$part' (linear, linear_bends, baselines or cosine)" >&2; exit 2 ;;

@@ -315,6 +315,6 @@ def test_defence_table_finds_the_weakest_strength_below_15_db(tmp_path):
     runs = [{"model": m, "image": "i", "defence": {"spec": s, "kind": s.split(":")[0]},
              "attacks": {"rgap": {"psnr": p}}} for m, by in psnrs.items() for s, p in by.items()]
     (tmp_path / "r.json").write_text(json.dumps({"runs": runs}))
-    stopping = table.table([str(tmp_path / "r.json")]).split("The weakest strength")[1]
+    stopping = table.table(table.points([str(tmp_path / "r.json")])).split("The weakest strength")[1]
     assert "| m1 | R-GAP | 0.01 (14.0) |" in stopping  # the weakest of the two below 15
     assert "| m2 | R-GAP | already |" in stopping and "| m3 | R-GAP | - |" in stopping

@@ -16,7 +16,7 @@ from PIL import Image
 
 import hybrid as H
 import sweeps
-from conftest import ROOT, rows_of, run_script
+from conftest import HUNG_RUNS, ROOT, rows_of, run_script
 
 QUICK = ["--quick", "--source", "samples", "--attacks", "rgap"]
 
@@ -316,9 +316,11 @@ def alive(pid):
 
 
 def start_sweep(tmp_path):
+    # faulthandler on, so that a run which hangs can be made to say where (threads_of_a_hung_run)
     proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid.py"), "--source", "samples", "--model", "cnn4_c2",
                              "--index", "0-4", "--attacks", "hybrid", "--jobs", "2", "--output", str(tmp_path)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONFAULTHANDLER="1"))
     deadline = time.monotonic() + 120
     while len(children_of(proc.pid)) < 3 and time.monotonic() < deadline:  # 2 workers and the resource tracker
         time.sleep(0.5)
@@ -328,6 +330,25 @@ def start_sweep(tmp_path):
     while min(cpu_seconds(w) for w in spawned) < 8 and time.monotonic() < deadline:
         time.sleep(0.5)  # past their imports (about 3 s) and into a pair: a worker waiting for work ends on its own
     return proc, workers
+
+
+def threads_of_a_hung_run(proc) -> str:
+    """What a hung run's threads wait in: the kernel's view of each, then (SIGABRT, which
+    faulthandler answers) Python's traceback of each. The run ends with it."""
+    kernel = []
+    for task in sorted(os.listdir(f"/proc/{proc.pid}/task")):
+        with open(f"/proc/{proc.pid}/task/{task}/comm") as comm, open(f"/proc/{proc.pid}/task/{task}/wchan") as wchan:
+            kernel.append(f"thread {task} ({comm.read().strip()}): in {wchan.read().strip() or 'user space'}")
+    children = subprocess.run(["ps", "-o", "pid,stat,wchan:24,args", "--ppid", str(proc.pid)], capture_output=True,
+                              text=True).stdout
+    proc.send_signal(signal.SIGABRT)
+    try:
+        err = proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        err = proc.communicate()[1]
+    return "\n".join(kernel) + "\nits children:\n" + children + "\nits stderr, ending with faulthandler's dump:\n" \
+        + err[-8000:]
 
 
 def cpu_seconds(pid):
@@ -363,7 +384,11 @@ def test_two_quick_ctrl_cs_end_in_one_message(tmp_path):
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
+    try:
+        err = proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        HUNG_RUNS.append(threads_of_a_hung_run(proc))  # printed at the end of the suite: where it waits
+        raise
     assert proc.returncode == 130 and "Traceback" not in err and "leaked" not in err, err
     assert [line for line in err.splitlines() if line.strip()][-1].startswith("interrupted: run the same command")
     deadline = time.monotonic() + 30  # as test_workers_end_with_their_parent: ended, if not at the same instant

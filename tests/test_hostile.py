@@ -341,6 +341,10 @@ def threads_of_a_hung_run(proc) -> str:
             kernel.append(f"thread {task} ({comm.read().strip()}): in {wchan.read().strip() or 'user space'}")
     children = subprocess.run(["ps", "-o", "pid,stat,wchan:24,args", "--ppid", str(proc.pid)], capture_output=True,
                               text=True).stdout
+    # communicate() waits for the end of the pipe, not of the run: whoever else holds it open
+    pipe = f"pipe:[{os.fstat(proc.stderr.fileno()).st_ino}]"
+    holders = sorted({pid for pid, fd in open_fds() if fd == pipe} - {os.getpid()})
+    children += f"processes holding its stderr open: {[process_line(pid) for pid in holders]}\n"
     proc.send_signal(signal.SIGABRT)
     try:
         err = proc.communicate(timeout=30)[1]
@@ -349,6 +353,24 @@ def threads_of_a_hung_run(proc) -> str:
         err = proc.communicate()[1]
     return "\n".join(kernel) + "\nits children:\n" + children + "\nits stderr, ending with faulthandler's dump:\n" \
         + err[-8000:]
+
+
+def open_fds():
+    """(pid, what the fd points to) for every fd of every process we may read."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                yield int(pid), os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # gone, or not ours
+            continue
+
+
+def process_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return f"{pid} {stat.read().split(')')[-1].split()[0]} {cmdline.read()[:120]!r}"
+    except OSError:
+        return f"{pid} (gone)"
 
 
 def cpu_seconds(pid):

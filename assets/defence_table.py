@@ -1,6 +1,6 @@
 """Tabulates a defence study (bash assets/make_defences.sh): per model and attack, the mean
 PSNR over the images under each defence; per defence kind, the weakest strength in the grid
-at which an attack's mean PSNR falls below 15 dB; and, under pruning, the security index of
+from which on an attack's mean PSNR stays below 15 dB; and, under pruning, the security index of
 the equations that survive against the PSNR that R-GAP and the hybrid reach.
 
 Usage: python assets/defence_table.py STUDY.json [STUDY.json ...] [--figure PNG] > table.md
@@ -76,13 +76,13 @@ def mean_table(means: dict, models: list[str], specs: list[str]) -> list[str]:
 
 
 def stopping_table(means: dict, models: list[str], specs: list[str]) -> list[str]:
-    """The weakest strength of each kind at which the mean PSNR is below STOPPED, and the
-    mean there; '-' where no strength in the grid gets there, 'already' where no defence
-    is needed."""
+    """The weakest strength of each kind from which on the mean PSNR stays below STOPPED
+    (at it and at every stronger one), and the mean there; '-' where no strength in the
+    grid gets there, 'already' where no defence is needed."""
     kinds = [k for k in STRENGTH if any(H.parse_defence(s).kind == k for s in specs)]
     attacks = [a for a in H.DISPLAY if any(k[1] == a for k in means)]
-    lines = [f"The weakest strength in the grid at which each defence brings an attack's mean PSNR below "
-             f"{STOPPED:g} dB (the mean there in brackets; '-': not within the grid; 'already': below it undefended):",
+    lines = [f"The weakest strength in the grid from which on each defence keeps an attack's mean PSNR below "
+             f"{STOPPED:g} dB, there and at every stronger point (the mean there in brackets; '-': not within the grid; 'already': below it undefended):",
              "", "| model | attack | " + " | ".join(f"{k} ({STRENGTH[k]})" for k in kinds) + " |",
              "|---|---|" + "---|" * len(kinds)]
     for m in models:
@@ -95,7 +95,9 @@ def stopping_table(means: dict, models: list[str], specs: list[str]) -> list[str
             cells = []
             for k in kinds:
                 grid = sorted((s for s in specs if H.parse_defence(s).kind == k and (m, a, s) in means), key=strength)
-                hit = next((s for s in grid if means[m, a, s] < STOPPED), None)
+                # from here on every stronger point too: a chaotic attack (DLG) can dip below the line at one
+                # strength and rise above it at the next, and a defence that stops it must stop it when stronger
+                hit = next((s for i, s in enumerate(grid) if all(means[m, a, t] < STOPPED for t in grid[i:])), None)
                 cells.append("-" if hit is None else f"{strength(hit):g} ({means[m, a, hit]:.1f})")
             lines.append(f"| {m} | {H.DISPLAY[a]} | " + " | ".join(cells) + " |")
     return lines + [""]

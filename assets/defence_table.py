@@ -63,9 +63,18 @@ def fmt(x: float) -> str:
     return "exact" if math.isinf(x) else f"{x:.1f}"
 
 
-def mean_table(means: dict, models: list[str], specs: list[str]) -> list[str]:
+def images_per_mean(pts: list[dict]) -> str:
+    """How many images each attack's means are over: the studies' parts attack different numbers."""
+    counts = {}
+    for (attack, _, _), v in grouped(pts, "attack", "model", "spec").items():
+        counts.setdefault(attack, set()).add(len({p["image"] for p in v}))
+    return ", ".join(f"{H.DISPLAY[a]} {'-'.join(map(str, sorted({min(n), max(n)})))}"
+                     for a, n in counts.items() if a in H.DISPLAY)
+
+
+def mean_table(means: dict, models: list[str], specs: list[str], images: str) -> list[str]:
     attacks = [a for a in H.DISPLAY if any(k[1] == a for k in means)]
-    lines = ["Mean PSNR (dB) over the images, per model and attack, under each defence:", "",
+    lines = [f"Mean PSNR (dB) over the images ({images}), per model and attack, under each defence:", "",
              "| model | attack | " + " | ".join(specs) + " |", "|---|---|" + "---|" * len(specs)]
     for m in models:
         for a in attacks:
@@ -143,7 +152,7 @@ def table(pts: list[dict]) -> str:
                    key=lambda s: (list(STRENGTH).index(H.parse_defence(s).kind) + 1
                                   if s != "none" else 0, strength(s)))
     means = mean_psnr(pts)
-    return "\n".join(mean_table(means, models, specs) + stopping_table(means, models, specs)
+    return "\n".join(mean_table(means, models, specs, images_per_mean(pts)) + stopping_table(means, models, specs)
                      + pruning_table(pts, models, specs))
 
 

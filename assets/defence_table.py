@@ -68,8 +68,8 @@ def images_per_mean(pts: list[dict]) -> str:
     counts = {}
     for (attack, _, _), v in grouped(pts, "attack", "model", "spec").items():
         counts.setdefault(attack, set()).add(len({p["image"] for p in v}))
-    return ", ".join(f"{H.DISPLAY[a]} {'-'.join(map(str, sorted({min(n), max(n)})))}"
-                     for a, n in counts.items() if a in H.DISPLAY)
+    return ", ".join(f"{H.DISPLAY[a]} {'-'.join(map(str, sorted({min(counts[a]), max(counts[a])})))}"
+                     for a in H.DISPLAY if a in counts)
 
 
 def mean_table(means: dict, models: list[str], specs: list[str], images: str) -> list[str]:

@@ -1665,7 +1665,7 @@ def rank_analysis(model: Net, image: PrivateImage, device: str) -> RankAnalysis:
     return RankAnalysis(rank_deficiency(model, client_gradient(model, image.x.to(device), image.label)))
 
 
-_UNDEFENDED_RANKS: dict[tuple, list[int]] = {}  # undefended_ranks': the last (model, image)'s, in this process
+_UNDEFENDED_RANKS: dict[tuple, list[int]] = {}  # undefended_ranks' cache: the last (model, image)'s, in this process
 
 
 def undefended_ranks(key: tuple, model: Net, image: PrivateImage, device: str) -> RankAnalysis:

@@ -63,17 +63,16 @@ def fmt(x: float) -> str:
     return "exact" if math.isinf(x) else f"{x:.1f}"
 
 
-def images_per_mean(pts: list[dict]) -> str:
+def images_per_mean(pts: list[dict], attacks: list[str]) -> str:
     """How many images each attack's means are over: the studies' parts attack different numbers."""
     counts = {}
     for (attack, _, _), v in grouped(pts, "attack", "model", "spec").items():
         counts.setdefault(attack, set()).add(len({p["image"] for p in v}))
-    return ", ".join(f"{H.DISPLAY[a]} {'-'.join(map(str, sorted({min(counts[a]), max(counts[a])})))}"
-                     for a in H.DISPLAY if a in counts)
+    spans = [(a, min(counts[a]), max(counts[a])) for a in attacks]
+    return ", ".join(f"{H.DISPLAY[a]} {lo}" + (f"-{hi}" if hi > lo else "") for a, lo, hi in spans)
 
 
-def mean_table(means: dict, models: list[str], specs: list[str], images: str) -> list[str]:
-    attacks = [a for a in H.DISPLAY if any(k[1] == a for k in means)]
+def mean_table(means: dict, models: list[str], attacks: list[str], specs: list[str], images: str) -> list[str]:
     lines = [f"Mean PSNR (dB) over the images ({images}), per model and attack, under each defence:", "",
              "| model | attack | " + " | ".join(specs) + " |", "|---|---|" + "---|" * len(specs)]
     for m in models:
@@ -84,12 +83,11 @@ def mean_table(means: dict, models: list[str], specs: list[str], images: str) ->
     return lines + [""]
 
 
-def stopping_table(means: dict, models: list[str], specs: list[str]) -> list[str]:
+def stopping_table(means: dict, models: list[str], attacks: list[str], specs: list[str]) -> list[str]:
     """The weakest strength of each kind from which on the mean PSNR stays below STOPPED
     (at it and at every stronger one), and the mean there; '-' where no strength in the
     grid gets there, 'already' where no defence is needed."""
     kinds = [k for k in STRENGTH if any(H.parse_defence(s).kind == k for s in specs)]
-    attacks = [a for a in H.DISPLAY if any(k[1] == a for k in means)]
     lines = [f"The weakest strength in the grid from which on each defence keeps an attack's mean PSNR below "
              f"{STOPPED:g} dB, there and at every stronger point (the mean there in brackets; '-': not within the grid; 'already': below it undefended):",
              "", "| model | attack | " + " | ".join(f"{k} ({STRENGTH[k]})" for k in kinds) + " |",
@@ -151,9 +149,10 @@ def table(pts: list[dict]) -> str:
     specs = sorted(dict.fromkeys(p["spec"] for p in pts),
                    key=lambda s: (list(STRENGTH).index(H.parse_defence(s).kind) + 1
                                   if s != "none" else 0, strength(s)))
+    attacks = [a for a in H.DISPLAY if any(p["attack"] == a for p in pts)]
     means = mean_psnr(pts)
-    return "\n".join(mean_table(means, models, specs, images_per_mean(pts)) + stopping_table(means, models, specs)
-                     + pruning_table(pts, models, specs))
+    return "\n".join(mean_table(means, models, attacks, specs, images_per_mean(pts, attacks))
+                     + stopping_table(means, models, attacks, specs) + pruning_table(pts, models, specs))
 
 
 def figure(pts: list[dict], path: str) -> None:

@@ -311,8 +311,7 @@ def alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie has ended
-        return f.read().split(")")[-1].split()[0] != "Z"
+    return stat_fields(pid)[0] != "Z"  # a zombie has ended
 
 
 def start_sweep(tmp_path):
@@ -367,15 +366,20 @@ def open_fds():
 
 def process_line(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return f"{pid} {stat.read().split(')')[-1].split()[0]} {cmdline.read()[:120]!r}"
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return f"{pid} {stat_fields(pid)[0]} {cmdline.read()[:120]!r}"
     except OSError:
         return f"{pid} (gone)"
 
 
-def cpu_seconds(pid):
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command's name (which may hold spaces): the state first."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().split(")")[-1].split()
+        return f.read().split(")")[-1].split()
+
+
+def cpu_seconds(pid):
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 

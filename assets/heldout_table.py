@@ -25,24 +25,28 @@ def correlations(path: str, images: set[str] | None) -> tuple[dict, int, int]:
 
 def cell(c: dict | None) -> str:
     if c is None:
-        return "n/a"
+        return "n/a | n/a"
     show = lambda v, p: "n/a" if v is None else f"{v:+.3f} ({p:.2g})"  # noqa: E731
     return f"{show(c['spearman_rho'], c['spearman_p'])} | {show(c['kendall_tau'], c['kendall_p'])}"
 
 
-def table(heldout: str, zoo: str, images: set[str] | None) -> str:
-    (held, n_held, i_held), (known, n_zoo, i_zoo) = correlations(heldout, images), correlations(zoo, images)
-    lines = [f"Held out: {n_held} random architectures x {i_held} images; zoo: {n_zoo} models x {i_zoo} images. "
+def table(first: str, second: str, images: set[str] | None, names: tuple[str, str] = ("held out", "zoo"),
+          kinds: tuple[str, str] = ("random architectures", "models"), unit: str = "architecture") -> str:
+    """Both runs' correlations side by side: `names` head their columns, `kinds` say what
+    their models are, `unit` what a row's 'over' counts."""
+    (a_corr, a_models, a_images), (b_corr, b_models, b_images) = correlations(first, images), correlations(second, images)
+    lines = [f"{names[0][0].upper()}{names[0][1:]}: {a_models} {kinds[0]} x {a_images} images; "
+             f"{names[1]}: {b_models} {kinds[1]} x {b_images} images. "
              "Spearman's rho (p) | Kendall's tau (p) of each index with PSNR.", "",
-             "| index | attack | over | held out: rho (p) | tau (p) | zoo: rho (p) | tau (p) |",
+             f"| index | attack | over | {names[0]}: rho (p) | tau (p) | {names[1]}: rho (p) | tau (p) |",
              "|---|---|---|---|---|---|---|"]
     for index in H.INDICES:
         for attack in H.ATTACKS_ORDER:
             for over in ("models", "pairs"):
-                a = held.get(index, {}).get(attack, {}).get(over)
-                b = known.get(index, {}).get(attack, {}).get(over)
+                a = a_corr.get(index, {}).get(attack, {}).get(over)
+                b = b_corr.get(index, {}).get(attack, {}).get(over)
                 if a or b:
-                    what = "architectures" if over == "models" else "(architecture, image) points"
+                    what = f"{unit}s" if over == "models" else f"({unit}, image) points"
                     lines.append(f"| {H.INDICES[index]} | {H.DISPLAY[attack]} | {what} | {cell(a)} | {cell(b)} |")
     return "\n".join(lines) + "\n"
 

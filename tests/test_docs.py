@@ -1,6 +1,8 @@
-"""The documentation's relative links and anchors resolve, and the README starts with how
-to run and test."""
+"""The documentation's relative links and anchors resolve, the README starts with how
+to run and test, and the committed tables are what their scripts make of the committed runs."""
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,14 @@ def test_the_readme_says_how_to_run_and_test_in_its_first_40_lines():
     assert any(line.startswith("python hybrid.py") for line in first)
     assert any("pytest" in line and "tests" in line for line in first)
     assert len(ROOT.joinpath("README.md").read_text().splitlines()) <= 250
+
+
+@pytest.mark.parametrize("script, args, table", [
+    ("study_table.py", ["assets/study_cifar_random.json", "assets/study_random.json"],
+     "assets/study_cifar_random_vs_photographs.md"),
+    ("heldout_table.py", ["assets/heldout.json", "assets/study_cifar_random.json", "--images", "0-4"],
+     "assets/heldout_table.md")])
+def test_a_committed_table_is_what_its_script_makes_of_the_committed_runs(script, args, table):
+    made = subprocess.run([sys.executable, str(ROOT / "assets" / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, check=True).stdout
+    assert made == (ROOT / table).read_text()

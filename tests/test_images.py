@@ -3,6 +3,7 @@ true range, and hostile files and names refused in one line or taken whole."""
 import json
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -200,5 +201,17 @@ def test_training_offline_on_cifar10_test_leaves_the_attacked_image_out(monkeypa
         pure_red = lambda x: ((x[:, 0] > 0.49) & (x[:, 1:] < -0.49).all(1)).flatten(1).all(1)  # noqa: E731
         assert not pure_red(H.cifar10_test_crops(3, 10)[0]).any()
         assert pure_red(H.cifar10_test_crops(5, 10)[0]).any()
+    finally:
+        H.cifar10_test_crops.cache_clear()
+
+
+def test_the_shipped_test_images_are_writable_so_training_on_them_is_quiet():
+    # torch warns (once a process) when a tensor wraps a read-only array, as PIL's are
+    assert all(rgb.flags.writeable for rgb, _ in H.foolbox_cifar10_test())
+    H.cifar10_test_crops.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            H.cifar10_test_crops(3, 10)
     finally:
         H.cifar10_test_crops.cache_clear()

@@ -219,7 +219,8 @@ def foolbox_cifar10_test() -> list[tuple[np.ndarray, int]]:
     for f in files:
         match = re.fullmatch(r"cifar10_(\d\d)_(\d)\.png", f.name)
         if match and f.parent.name == "data":
-            found[int(match[1])] = (np.array(read_image(str(f.locate()))), int(match[2]))  # a copy: PIL's is read-only, which torch warns of
+            # np.array, a copy: PIL's buffer is read-only, and torch warns when a tensor wraps one
+            found[int(match[1])] = (np.array(read_image(str(f.locate()))), int(match[2]))
     if sorted(found) != list(range(FOOLBOX_IMAGES)):
         raise UserError(f"foolbox's wheel should hold CIFAR-10 test images 0-{FOOLBOX_IMAGES - 1}; this one holds "
                         f"{len(found)} (pip install --force-reinstall foolbox)")

@@ -15,12 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hybrid as H  # noqa: E402
 
 
-def correlations(path: str, images: set[str] | None) -> tuple[dict, int, int]:
-    """Each index's correlations with each attack's PSNR, and how many models and images."""
+def rows_of(path: str, images: set[str] | None) -> list[dict]:
+    """results.csv's rows of a run's results.json, only `images` where given."""
     run = json.loads(Path(path).read_text())
-    kept = [e for e in run["runs"] if images is None or e["image"] in images]
-    rows = [H.csv_row(e, a) for e in kept for a in e.get("attacks", {})]
-    return H.index_correlations(rows), len({e["model"] for e in kept}), len({e["image"] for e in kept})
+    return [H.csv_row(e, a) for e in run["runs"] if images is None or e["image"] in images for a in e.get("attacks", {})]
+
+
+def correlations(rows: list[dict]) -> tuple[dict, int, int]:
+    """Each index's correlations with each attack's PSNR, and how many models and images."""
+    return H.index_correlations(rows), len({r["model"] for r in rows}), len({r["image"] for r in rows})
 
 
 def cell(c: dict | None) -> str:
@@ -30,11 +33,11 @@ def cell(c: dict | None) -> str:
     return f"{show(c['spearman_rho'], c['spearman_p'])} | {show(c['kendall_tau'], c['kendall_p'])}"
 
 
-def table(first: str, second: str, images: set[str] | None, names: tuple[str, str] = ("held out", "zoo"),
+def table(first: list[dict], second: list[dict], names: tuple[str, str] = ("held out", "zoo"),
           kinds: tuple[str, str] = ("random architectures", "models"), unit: str = "architecture") -> str:
-    """Both runs' correlations side by side: `names` head their columns, `kinds` say what
+    """Two runs' correlations side by side, from their rows: `names` head their columns, `kinds` say what
     their models are, `unit` what a row's 'over' counts."""
-    (a_corr, a_models, a_images), (b_corr, b_models, b_images) = correlations(first, images), correlations(second, images)
+    (a_corr, a_models, a_images), (b_corr, b_models, b_images) = correlations(first), correlations(second)
     lines = [f"{names[0][0].upper()}{names[0][1:]}: {a_models} {kinds[0]} x {a_images} images; "
              f"{names[1]}: {b_models} {kinds[1]} x {b_images} images. "
              "Spearman's rho (p) | Kendall's tau (p) of each index with PSNR.", "",
@@ -58,4 +61,4 @@ if __name__ == "__main__":
     p.add_argument("--images", help="CIFAR-10 test indices to keep from both, e.g. 0-4")
     a = p.parse_args()
     names = None if a.images is None else {f"cifar10-test:{i}" for i in H.parse_indices([a.images])}
-    print(table(a.heldout, a.zoo, names), end="")
+    print(table(rows_of(a.heldout, names), rows_of(a.zoo, names)), end="")

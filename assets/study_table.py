@@ -6,30 +6,29 @@ random weights each model's indices are the same in both (checked).
 Usage: python assets/study_table.py CIFAR10.json PHOTOGRAPHS.json > table.md
 """
 import argparse
-import json
+import math
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hybrid as H  # noqa: E402
-from heldout_table import table  # noqa: E402
+from heldout_table import rows_of, table  # noqa: E402
 
 
-def per_model(path: str) -> tuple[dict, dict]:
-    """Each model's indices (from its first pair) and its mean PSNR per attack."""
-    rows = [H.csv_row(e, a) for e in json.loads(Path(path).read_text())["runs"] for a in e.get("attacks", {})]
-    indices = {r["model"]: tuple(r[i] for i in H.INDICES) for r in reversed(rows)}
+def per_model(rows: list[dict]) -> tuple[dict, dict]:
+    """Each model's indices and its mean PSNR per attack, from hybrid.py's summary of the rows."""
+    summary = H.summarise(rows)
+    indices = {e["model"]: (e["index_mean"], e["fraction_mean"]) for e in summary}
     psnr: dict = {}
-    for r in rows:
-        psnr.setdefault(r["model"], {}).setdefault(r["attack"], []).append(float(r["psnr"]))
-    return indices, {m: {a: float(np.mean(v)) for a, v in by.items()} for m, by in psnr.items()}
+    for e in summary:
+        psnr.setdefault(e["model"], {})[e["attack"]] = e["psnr_mean"]
+    return indices, psnr
 
 
-def model_rows(cifar: str, photographs: str) -> list[str]:
+def model_rows(cifar: list[dict], photographs: list[dict]) -> list[str]:
     (idx_c, c), (idx_p, p) = per_model(cifar), per_model(photographs)
-    differ = sorted(m for m in idx_c.keys() & idx_p.keys() if idx_c[m] != idx_p[m])
+    differ = sorted(m for m in idx_c.keys() & idx_p.keys()  # indices are means: equal to rounding
+                    if not all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(idx_c[m], idx_p[m])))
     columns = [(a, by) for a in H.ATTACKS_ORDER for by in (c, p) if any(a in per for per in by.values())]
     name = lambda by: "CIFAR-10" if by is c else "photographs"  # noqa: E731
     lines = ["", "Mean PSNR (dB) per model, sorted by the security index"
@@ -49,5 +48,6 @@ if __name__ == "__main__":
     p.add_argument("cifar10")
     p.add_argument("photographs")
     a = p.parse_args()
-    print(table(a.cifar10, a.photographs, None, ("CIFAR-10", "photographs"), ("models", "models"), "model"), end="")
-    print("\n".join(model_rows(a.cifar10, a.photographs)))
+    cifar, photographs = rows_of(a.cifar10, None), rows_of(a.photographs, None)
+    print(table(cifar, photographs, ("CIFAR-10", "photographs"), ("models", "models"), "model"), end="")
+    print("\n".join(model_rows(cifar, photographs)))

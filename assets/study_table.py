@@ -1,9 +1,12 @@
-"""Sets a study on CIFAR-10 (assets/make_study_cifar.sh) beside the first study on the
-bundled photographs (assets/make_study.sh): each index's rank correlations with PSNR in
-both, then each model's mean PSNR per attack in both. Same models, same model seed: on
-random weights each model's indices are the same in both (checked).
+"""Sets one zoo study beside another: by default a study on CIFAR-10
+(assets/make_study_cifar.sh) beside the first study on the bundled photographs
+(assets/make_study.sh); with --names and --images, e.g. the trained CIFAR-10 study beside
+the random one on the same images. Each index's rank correlations with PSNR in both, then
+each model's mean PSNR per attack in both. Same models, same model seed: each model's
+indices are the same in both (checked; the ranks are the architecture's).
 
-Usage: python assets/study_table.py CIFAR10.json PHOTOGRAPHS.json > table.md
+Usage: python assets/study_table.py FIRST.json SECOND.json [--names CIFAR-10 photographs]
+           [--images 0-9] > table.md
 """
 import argparse
 import math
@@ -25,12 +28,12 @@ def per_model(rows: list[dict]) -> tuple[dict, dict]:
     return indices, psnr
 
 
-def model_rows(cifar: list[dict], photographs: list[dict]) -> list[str]:
+def model_rows(cifar: list[dict], photographs: list[dict], names: tuple[str, str]) -> list[str]:
     (idx_c, c), (idx_p, p) = per_model(cifar), per_model(photographs)
     differ = sorted(m for m in idx_c.keys() & idx_p.keys()  # indices are means: equal to rounding
                     if not all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(idx_c[m], idx_p[m])))
     columns = [(a, by) for a in H.ATTACKS_ORDER for by in (c, p) if any(a in per for per in by.values())]
-    name = lambda by: "CIFAR-10" if by is c else "photographs"  # noqa: E731
+    name = lambda by: names[0] if by is c else names[1]  # noqa: E731
     lines = ["", "Mean PSNR (dB) per model, sorted by the security index"
              + (f"; indices differ between the studies for {', '.join(differ)}" if differ else "") + ".", "",
              "| model | security index | worst layer's fraction | "
@@ -45,9 +48,12 @@ def model_rows(cifar: list[dict], photographs: list[dict]) -> list[str]:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("cifar10")
-    p.add_argument("photographs")
+    p.add_argument("first")
+    p.add_argument("second")
+    p.add_argument("--names", nargs=2, default=["CIFAR-10", "photographs"], help="the two studies' names")
+    p.add_argument("--images", help="CIFAR-10 test indices to keep from both, e.g. 0-9")
     a = p.parse_args()
-    cifar, photographs = rows_of(a.cifar10, None), rows_of(a.photographs, None)
-    print(table(cifar, photographs, ("CIFAR-10", "photographs"), ("models", "models"), "model"), end="")
-    print("\n".join(model_rows(cifar, photographs)))
+    images = None if a.images is None else {f"cifar10-test:{i}" for i in H.parse_indices([a.images])}
+    first, second = rows_of(a.first, images), rows_of(a.second, images)
+    print(table(first, second, tuple(a.names), ("models", "models"), "model"), end="")
+    print("\n".join(model_rows(first, second, tuple(a.names))))

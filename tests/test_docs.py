@@ -60,6 +60,11 @@ def test_the_readme_says_how_to_run_and_test_in_its_first_40_lines():
 @pytest.mark.parametrize("script, args, table", [
     ("study_table.py", ["assets/study_cifar_random.json", "assets/study_random.json"],
      "assets/study_cifar_random_vs_photographs.md"),
+    ("study_table.py", ["assets/study_cifar_trained.json", "assets/study_trained.json"],
+     "assets/study_cifar_trained_vs_photographs.md"),
+    ("study_table.py", ["assets/study_cifar_trained.json", "assets/study_cifar_random.json",
+                        "--names", "trained", "random", "--images", "0-9"],
+     "assets/study_cifar_trained_vs_random.md"),
     ("heldout_table.py", ["assets/heldout.json", "assets/study_cifar_random.json", "--images", "0-4"],
      "assets/heldout_table.md")])
 def test_a_committed_table_is_what_its_script_makes_of_the_committed_runs(script, args, table):

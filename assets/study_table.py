@@ -1,12 +1,13 @@
 """Sets one zoo study beside another: by default a study on CIFAR-10
 (assets/make_study_cifar.sh) beside the first study on the bundled photographs
-(assets/make_study.sh); with --names and --images, e.g. the trained CIFAR-10 study beside
-the random one on the same images. Each index's rank correlations with PSNR in both, then
-each model's mean PSNR per attack in both. Same models, same model seed: each model's
-indices are the same in both (checked; the ranks are the architecture's).
+(assets/make_study.sh); with --names, --images and --models, e.g. the trained CIFAR-10
+study beside the random one on the same images, or the baselines beside the study. Each
+index's rank correlations with PSNR in both, then each model's mean PSNR per attack in
+both. Same models, same model seed: each model's indices are the same in both (checked;
+the ranks are the architecture's).
 
 Usage: python assets/study_table.py FIRST.json SECOND.json [--names CIFAR-10 photographs]
-           [--images 0-9] > table.md
+           [--images 0-9] [--models cnn2_c2 lenet ...] > table.md
 """
 import argparse
 import math
@@ -52,8 +53,10 @@ if __name__ == "__main__":
     p.add_argument("second")
     p.add_argument("--names", nargs=2, default=["CIFAR-10", "photographs"], help="the two studies' names")
     p.add_argument("--images", help="CIFAR-10 test indices to keep from both, e.g. 0-9")
+    p.add_argument("--models", nargs="+", help="models to keep from both (default: all)")
     a = p.parse_args()
     images = None if a.images is None else {f"cifar10-test:{i}" for i in H.parse_indices([a.images])}
-    first, second = rows_of(a.first, images), rows_of(a.second, images)
+    first, second = ([r for r in rows_of(path, images) if a.models is None or r["model"] in a.models]
+                     for path in (a.first, a.second))
     print(table(first, second, tuple(a.names), ("models", "models"), "model"), end="")
     print("\n".join(model_rows(first, second, tuple(a.names))))

@@ -65,6 +65,10 @@ def test_the_readme_says_how_to_run_and_test_in_its_first_40_lines():
     ("study_table.py", ["assets/study_cifar_trained.json", "assets/study_cifar_random.json",
                         "--names", "trained", "random", "--images", "0-9"],
      "assets/study_cifar_trained_vs_random.md"),
+    ("study_table.py", ["assets/baselines_cifar.json", "assets/study_cifar_random.json", "--names", "baselines",
+                        "the study", "--images", "0-9", "--models", "cnn2_c2", "cnn3_c1", "cnn3_c11", "cnn4_c1",
+                        "cnn4_c2", "lenet"],
+     "assets/baselines_cifar_vs_study.md"),
     ("heldout_table.py", ["assets/heldout.json", "assets/study_cifar_random.json", "--images", "0-4"],
      "assets/heldout_table.md")])
 def test_a_committed_table_is_what_its_script_makes_of_the_committed_runs(script, args, table):

@@ -14,6 +14,8 @@ import math
 import sys
 from pathlib import Path
 
+from scipy.stats import spearmanr
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hybrid as H  # noqa: E402
 from heldout_table import rows_of, table  # noqa: E402
@@ -44,7 +46,22 @@ def model_rows(cifar: list[dict], photographs: list[dict], names: tuple[str, str
     for m in sorted(c, key=lambda m: (idx_c[m][0], m)):
         lines.append(f"| {m} | {idx_c[m][0]:.0f} | {idx_c[m][1]:.3f} | "
                      + " | ".join(show(by, m, a) for a, by in columns) + " |")
-    return lines
+    return lines + agreement(c, p, idx_c, names)
+
+
+def agreement(c: dict, p: dict, idx_c: dict, names: tuple[str, str]) -> list[str]:
+    """How alike the two studies order the rank-deficient models: Spearman's rho between their per-model
+    mean PSNRs, per attack both ran (index-0 models left out: R-GAP's exact answers would dominate)."""
+    said = []
+    for a in H.ATTACKS_ORDER:
+        models = [m for m in c if idx_c[m][0] < 0 and a in c[m] and a in p.get(m, {})]
+        if len(models) >= 3:
+            rho = spearmanr([c[m][a] for m in models], [p[m][a] for m in models]).statistic
+            said.append(f"{H.DISPLAY[a]} {rho:+.3f} ({len(models)} models)")
+    if not said:
+        return []
+    return ["", f"Spearman's rho between the per-model mean PSNRs of {names[0]} and {names[1]}, over the "
+            f"rank-deficient models (index < 0): {'; '.join(said)}."]
 
 
 if __name__ == "__main__":

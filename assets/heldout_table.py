@@ -15,10 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hybrid as H  # noqa: E402
 
 
-def rows_of(path: str, images: set[str] | None) -> list[dict]:
-    """results.csv's rows of a run's results.json, only `images` where given."""
+def image_names(spec: str | None) -> set[str] | None:
+    """The CIFAR-10 test images an --images spec such as 0-4 names; None (all) without one."""
+    return None if spec is None else {f"cifar10-test:{i}" for i in H.parse_indices([spec])}
+
+
+def rows_of(path: str, images: set[str] | None, models: list[str] | None = None) -> list[dict]:
+    """results.csv's rows of a run's results.json, only `images` and `models` where given."""
     run = json.loads(Path(path).read_text())
-    return [H.csv_row(e, a) for e in run["runs"] if images is None or e["image"] in images for a in e.get("attacks", {})]
+    return [H.csv_row(e, a) for e in run["runs"]
+            if (images is None or e["image"] in images) and (models is None or e["model"] in models)
+            for a in e.get("attacks", {})]
 
 
 def correlations(rows: list[dict]) -> tuple[dict, int, int]:
@@ -60,5 +67,5 @@ if __name__ == "__main__":
     p.add_argument("zoo")
     p.add_argument("--images", help="CIFAR-10 test indices to keep from both, e.g. 0-4")
     a = p.parse_args()
-    names = None if a.images is None else {f"cifar10-test:{i}" for i in H.parse_indices([a.images])}
+    names = image_names(a.images)
     print(table(rows_of(a.heldout, names), rows_of(a.zoo, names)), end="")

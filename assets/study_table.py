@@ -14,11 +14,9 @@ import math
 import sys
 from pathlib import Path
 
-from scipy.stats import spearmanr
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hybrid as H  # noqa: E402
-from heldout_table import rows_of, table  # noqa: E402
+from heldout_table import image_names, rows_of, table  # noqa: E402
 
 
 def per_model(rows: list[dict]) -> tuple[dict, dict]:
@@ -55,9 +53,9 @@ def agreement(c: dict, p: dict, idx_c: dict, names: tuple[str, str]) -> list[str
     said = []
     for a in H.ATTACKS_ORDER:
         models = [m for m in c if idx_c[m][0] < 0 and a in c[m] and a in p.get(m, {})]
-        if len(models) >= 3:
-            rho = spearmanr([c[m][a] for m in models], [p[m][a] for m in models]).statistic
-            said.append(f"{H.DISPLAY[a]} {rho:+.3f} ({len(models)} models)")
+        rank = H.rank_correlation([c[m][a] for m in models], [p[m][a] for m in models])
+        if rank and rank["spearman_rho"] is not None:
+            said.append(f"{H.DISPLAY[a]} {rank['spearman_rho']:+.3f} ({len(models)} models)")
     if not said:
         return []
     return ["", f"Spearman's rho between the per-model mean PSNRs of {names[0]} and {names[1]}, over the "
@@ -72,8 +70,7 @@ if __name__ == "__main__":
     p.add_argument("--images", help="CIFAR-10 test indices to keep from both, e.g. 0-9")
     p.add_argument("--models", nargs="+", help="models to keep from both (default: all)")
     a = p.parse_args()
-    images = None if a.images is None else {f"cifar10-test:{i}" for i in H.parse_indices([a.images])}
-    first, second = ([r for r in rows_of(path, images) if a.models is None or r["model"] in a.models]
-                     for path in (a.first, a.second))
+    images = image_names(a.images)
+    first, second = rows_of(a.first, images, a.models), rows_of(a.second, images, a.models)
     print(table(first, second, tuple(a.names), ("models", "models"), "model"), end="")
     print("\n".join(model_rows(first, second, tuple(a.names))))

@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hybrid as H  # noqa: E402
+from heldout_table import image_names  # noqa: E402
 
 MARGIN = 0.5  # dB: "at least as good" allows this much below the better of the two
 
@@ -81,10 +82,6 @@ def table(study: str, others: list[str], images: set[str] | None) -> str:
     lines += ["", "The indices against PSNR (the default rule), rank correlations", "",
               H.correlation_table(H.index_correlations(rows)).rstrip()]
     return "\n".join(lines) + "\n"
-
-
-def image_names(spec: str | None) -> set[str] | None:
-    return None if spec is None else {f"cifar10-test:{i}" for i in H.parse_indices([spec])}
 
 
 if __name__ == "__main__":

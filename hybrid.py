@@ -60,7 +60,6 @@ import stat
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -73,6 +72,7 @@ try:  # torch takes seconds to load: a Ctrl-C meanwhile ends quietly, as it does
     import torch.nn.functional as F
     from threadpoolctl import threadpool_limits
 
+    import report
     import sweeps
     from sweeps import UserError, printable, progress, say, warn
 except KeyboardInterrupt:
@@ -84,8 +84,6 @@ OUTPUT_PATH = "output"  # each run writes a new folder under here
 DATA_PATH = "data"  # CIFAR-10 lives (or is downloaded) here
 # -----------------------------------------------------------------------------
 
-ATTACKS_ORDER = ("rgap", "dlg", "idlg", "cosine", "hybrid", "hybrid_free")  # the figures' column order
-PAPER_ATTACKS = ATTACKS_ORDER[:5]  # the default: the paper's comparison (hybrid_free is ours)
 PUBLISHED_SEED = 10  # the published code set torch's and numpy's seeds to 10
 
 
@@ -121,7 +119,7 @@ class Experiment:
     source: str = "cifar10"  # or "samples": scikit-image's sample photographs (skimage.data)
     images: list[str] = field(default_factory=list)  # --image: the user's files, instead of a source
     label: int = 0  # the class of the --image files
-    attacks: list[str] = field(default_factory=lambda: list(PAPER_ATTACKS))
+    attacks: list[str] = field(default_factory=lambda: paper_attacks())  # ATTACKS' paper rows
     defences: list[str] = field(default_factory=lambda: ["none"])  # --defence: what the client does to its gradient
     seed: int = PUBLISHED_SEED  # set before every attack (and the seed of a defence's noise)
     model_seed: int = PUBLISHED_SEED  # set before a model's layers are built
@@ -1100,14 +1098,10 @@ def layer_unknowns(model: str) -> list[int]:
     return [math.prod(shape) for shape in layer_shapes(architecture(model))[:-1]]
 
 
-INDICES = {"security_index": "security index", "worst_layer_fraction": "worst layer's fraction"}  # column: name
-INDEX_FIGURES = {"security_index": "index_vs_quality.png", "worst_layer_fraction": "fraction_vs_quality.png"}
-
-
 def indices_of(model: str, deficiency: list[int] | None) -> dict[str, float | None]:
     """Both indices of a (model, image) from its rank deficiencies (None where unknown)."""
     if deficiency is None:
-        return dict.fromkeys(INDICES)
+        return dict.fromkeys(report.INDICES)
     return {"security_index": security_index(deficiency),
             "worst_layer_fraction": worst_layer_fraction(deficiency, layer_unknowns(model))}
 
@@ -1132,7 +1126,7 @@ class AttackResult:
 
 
 # Attacks take the model, the shared gradient and a label, never the image (the threat model).
-Attack = Callable[[Net, list[torch.Tensor], int, AttackSettings], AttackResult]
+AttackFunction = Callable[[Net, list[torch.Tensor], int, AttackSettings], AttackResult]
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -1436,16 +1430,32 @@ def cosine_start(model: Net, grads: list[torch.Tensor], label: int, steps: int) 
     return AttackResult(x.detach(), label, objective_info([first], objective().item()))
 
 
+@dataclass(frozen=True)
+class Attack:
+    """One row of ATTACKS: all that the program knows of an attack. Its order in ATTACKS
+    is the figures' and tables' column order."""
+
+    run: AttackFunction
+    shown: str  # its name in figures, tables and printed lines
+    marker: str  # its matplotlib marker in the figures
+    paper: bool  # one of the paper's comparison: the default --attacks
+    settings: tuple[str, ...] = ()  # the AttackSettings it reads beyond the label: a flag for one needs the attack
+
+
 ATTACKS: dict[str, Attack] = {
-    "rgap": attack_rgap,
-    "dlg": attack_dlg,
-    "idlg": attack_idlg,
-    "cosine": attack_cosine,
-    "hybrid": attack_hybrid,
-    "hybrid_free": attack_hybrid_free,
+    "rgap": Attack(attack_rgap, "R-GAP", "o", paper=True),
+    "dlg": Attack(attack_dlg, "DLG", "v", paper=True, settings=("dlg_iters", "restarts")),
+    "idlg": Attack(attack_idlg, "iDLG", "^", paper=True, settings=("dlg_iters", "restarts")),
+    "cosine": Attack(attack_cosine, "Cosine+TV", "D", paper=True, settings=("cosine_iters", "restarts")),
+    "hybrid": Attack(attack_hybrid, "Hybrid", "s", paper=True, settings=("hybrid_iters", "hybrid_iters_first", "compile")),
+    "hybrid_free": Attack(attack_hybrid_free, "Hybrid, free layers", "P", paper=False,
+                          settings=("hybrid_iters", "hybrid_iters_first", "compile", "correct_where")),
 }
-DISPLAY = {"target": "Target", "rgap": "R-GAP", "dlg": "DLG", "idlg": "iDLG",
-           "cosine": "Cosine+TV", "hybrid": "Hybrid", "hybrid_free": "Hybrid, free layers"}
+
+
+def paper_attacks() -> list[str]:
+    """The default --attacks: the paper's comparison, in ATTACKS' order."""
+    return [name for name, attack in ATTACKS.items() if attack.paper]
 
 
 # =============================================================================
@@ -1461,18 +1471,87 @@ DISPLAY = {"target": "Target", "rgap": "R-GAP", "dlg": "DLG", "idlg": "iDLG",
 # so each layer's rank deficiency, and the security index, can be computed under the
 # defence before any attack. DLG, iDLG and Cosine+TV run unchanged, as in the literature.
 
-DEFENCE_FORMS = {"none": (), "noise": ("sigma",), "dp": ("clip", "noise_multiplier"), "prune": ("fraction",)}
-DEFENCE_USAGE = "none, noise:SIGMA, dp:C:Z or prune:P"
+class Param(NamedTuple):
+    """A defence's parameter: its name in the record, its letter in a spec, and its range."""
+
+    name: str
+    letter: str  # as the usage writes it: noise:SIGMA
+    valid: Callable[[float], bool]  # on a finite number
+    rule: str  # what `valid` asks, for the refusal
+
+
+@dataclass(frozen=True)
+class DefenceKind:
+    """One row of DEFENCES: all that the program knows of a kind of defence. Its order in
+    DEFENCES is the figures' and tables' order."""
+
+    params: tuple[Param, ...]
+    apply: Callable[[list[torch.Tensor], dict[str, float], int], list[torch.Tensor]]  # (grads, params, seed)
+    strength: Callable[[dict[str, float]], float]  # the figures' x for these parameters (none: 0)
+    axis: str  # what that strength is, for the figures' axis ("" for none, which sits at 0 on every panel)
+    symbol: str  # the strength's symbol, for the tables' headers
+    what: str  # what it does, for --help
+    seeded: bool = False  # draws noise from the seed (recorded)
+    removes_equations: bool = False  # the shared zeros are missing entries, not equations (pruning)
+
+    def usage(self, kind: str) -> str:
+        return ":".join([kind, *(p.letter for p in self.params)])
+
+
+NON_NEGATIVE = lambda v: v >= 0  # noqa: E731
+
+
+def add_noise(grads: list[torch.Tensor], sigma: float, seed: int) -> list[torch.Tensor]:
+    """N(0, sigma^2) in every entry, from the CPU's generator: the same noise on any device,
+    and the attacks' seeding untouched."""
+    draw = torch.Generator().manual_seed(seed)
+    return [g + sigma * torch.randn(g.shape, generator=draw, dtype=g.dtype).to(g.device) for g in grads]
+
+
+def clip_then_noise(grads: list[torch.Tensor], p: dict[str, float], seed: int) -> list[torch.Tensor]:
+    """DP-SGD's step for one example: clip the whole gradient to norm C, then add N(0, (Z C)^2)."""
+    clipped = [g * min(1.0, p["clip"] / global_norm(grads)) for g in grads]
+    return add_noise(clipped, p["noise_multiplier"] * p["clip"], seed)
+
+
+DEFENCES: dict[str, DefenceKind] = {
+    "none": DefenceKind((), lambda grads, p, seed: grads, lambda p: 0.0, "", "", "none (the default)"),
+    "noise": DefenceKind((Param("sigma", "SIGMA", NON_NEGATIVE, "a finite number of at least 0"),),
+                         lambda grads, p, seed: add_noise(grads, p["sigma"], seed), lambda p: p["sigma"],
+                         "the noise's standard deviation SIGMA", "SIGMA", "adds N(0, SIGMA^2) to every entry",
+                         seeded=True),
+    "prune": DefenceKind((Param("fraction", "P", lambda v: 0 <= v < 1, "in [0, 1)"),),
+                         lambda grads, p, seed: [prune_smallest(g, p["fraction"]) for g in grads],
+                         lambda p: p["fraction"], "the pruned fraction P", "P",
+                         "zeroes the fraction P of each tensor's entries of smallest magnitude", removes_equations=True),
+    "dp": DefenceKind((Param("clip", "C", lambda v: v > 0, "a finite number above 0"),
+                       Param("noise_multiplier", "Z", NON_NEGATIVE, "a finite number of at least 0")),
+                      clip_then_noise, lambda p: p["noise_multiplier"] * p["clip"],
+                      "the noise's standard deviation Z C", "Z C",
+                      "DP-SGD: clips the whole gradient to norm C, then adds N(0, (Z C)^2)", seeded=True),
+}
+
+
+def defence_usage() -> str:
+    """'none, noise:SIGMA, dp:C:Z or prune:P', from DEFENCES."""
+    *others, last = [kind.usage(name) for name, kind in DEFENCES.items()]
+    return f"{', '.join(others)} or {last}"
 
 
 class Defence(NamedTuple):
+    """A defence as a spec gives it."""
+
     spec: str  # as given on the command line, e.g. "prune:0.9": the record's name for it
-    kind: str  # a key of DEFENCE_FORMS
-    params: dict[str, float]  # DEFENCE_FORMS[kind]'s names -> values
+    kind: str  # a key of DEFENCES
+    params: dict[str, float]  # its Params' names -> values
 
     @property
-    def prunes(self) -> bool:
-        return self.kind == "prune"
+    def removes_equations(self) -> bool:
+        return DEFENCES[self.kind].removes_equations
+
+    @property
+    def strength(self) -> float:
+        return DEFENCES[self.kind].strength(self.params)
 
 
 NO_DEFENCE = Defence("none", "none", {})
@@ -1480,25 +1559,22 @@ NO_DEFENCE = Defence("none", "none", {})
 
 @functools.cache  # rows and figure points each ask again
 def parse_defence(text: str) -> Defence:
-    """'none', 'noise:SIGMA', 'dp:C:Z' or 'prune:P'; anything else is one line (UserError)."""
+    """KIND:VALUE:... as DEFENCES declares it; anything else is one line (UserError)."""
     kind, *values = text.split(":")
-    if kind not in DEFENCE_FORMS:
-        raise UserError(f"--defence '{text}': unknown kind '{kind}' (expected {DEFENCE_USAGE})")
-    names = DEFENCE_FORMS[kind]
-    if len(values) != len(names):
-        form = ":".join([kind, *(n.upper() for n in names)])
+    if kind not in DEFENCES:
+        raise UserError(f"--defence '{text}': unknown kind '{kind}' (expected {defence_usage()})")
+    params = DEFENCES[kind].params
+    if len(values) != len(params):
+        form = ":".join([kind, *(p.name.upper() for p in params)])
         raise UserError(f"--defence '{text}': expected {form}")
     try:
-        params = {n: float(v) for n, v in zip(names, values)}
+        numbers = [float(v) for v in values]
     except ValueError:
         raise UserError(f"--defence '{text}': '{':'.join(values)}' is not a number") from None
-    for name, value in params.items():
-        if not math.isfinite(value) or value < 0 or (name == "clip" and value == 0):
-            raise UserError(f"--defence '{text}': {name} must be a finite number "
-                            f"{'above' if name == 'clip' else 'of at least'} 0, not {value:g}")
-    if kind == "prune" and not params["fraction"] < 1:
-        raise UserError(f"--defence '{text}': the pruned fraction P must be in [0, 1), not {params['fraction']:g}")
-    return Defence(text, kind, params)
+    for param, value in zip(params, numbers):
+        if not (math.isfinite(value) and param.valid(value)):
+            raise UserError(f"--defence '{text}': {param.name} must be {param.rule}, not {value:g}")
+    return Defence(text, kind, {p.name: v for p, v in zip(params, numbers)})
 
 
 def defence_seed(seed: int, image: str) -> int:
@@ -1506,15 +1582,6 @@ def defence_seed(seed: int, image: str) -> int:
     same noise and another seed another. Every noise level scales the same draw (common
     random numbers: a curve over SIGMA is not also a curve over draws)."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{image}".encode()).digest()[:4], "little")
-
-
-def noise_std(defence: Defence) -> float:
-    """The standard deviation of the noise a defence adds: SIGMA, Z C for dp, 0 otherwise."""
-    if defence.kind == "noise":
-        return defence.params["sigma"]
-    if defence.kind == "dp":
-        return defence.params["noise_multiplier"] * defence.params["clip"]
-    return 0.0
 
 
 def global_norm(grads: list[torch.Tensor]) -> float:
@@ -1534,19 +1601,10 @@ def prune_smallest(g: torch.Tensor, fraction: float) -> torch.Tensor:
 def defend(grads: list[torch.Tensor], defence: Defence, seed: int) -> tuple[list[torch.Tensor], dict]:
     """The gradient the client shares under `defence`, and what results.json records of it:
     the spec, its parameters, the noise's seed and the gradient's norm before and after."""
-    before, kind, p = global_norm(grads), defence.kind, defence.params
-    record = {"spec": defence.spec, "kind": kind, **p}
-    if kind == "prune":
-        grads = [prune_smallest(g, p["fraction"]) for g in grads]
-    elif kind in ("noise", "dp"):
-        if kind == "dp":  # DP-SGD's step for one example: clip the whole gradient to norm C first
-            grads = [g * min(1.0, p["clip"] / before) for g in grads]
-        sigma = noise_std(defence)
-        draw = torch.Generator().manual_seed(seed)  # the CPU's generator: the same noise on any device,
-        grads = [g + sigma * torch.randn(g.shape, generator=draw, dtype=g.dtype).to(g.device)  # the attacks'
-                 for g in grads]  # seeding untouched
-        record["seed"] = seed
-    return grads, record | {"norm_before": before, "norm_after": global_norm(grads)}
+    kind = DEFENCES[defence.kind]
+    record = {"spec": defence.spec, "kind": defence.kind, **defence.params} | ({"seed": seed} if kind.seeded else {})
+    before, shared = global_norm(grads), kind.apply(grads, defence.params, seed)
+    return shared, record | {"norm_before": before, "norm_after": global_norm(shared)}
 
 
 def surviving(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1586,8 +1644,6 @@ def inf_to_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def format_psnr(psnr: float | None, digits: int = 1) -> str:
-    return "exact" if psnr is None or math.isinf(psnr) else f"{psnr:.{digits}f} dB"
 
 # =============================================================================
 # The experiment on one (model, image), and the analysis of the security index
@@ -1645,18 +1701,18 @@ def experiment(model: Net, image: PrivateImage, attacks: list[str], settings: At
     the rank deficiencies of its recursion)."""
     grads = client_gradient(model, image.x.to(device), image.label)
     shared, info = defend(grads, defence, defence_seed(seed, image.name))
-    if defence.prunes and analyse_defence:  # the analyst's: the client's own gradient, the surviving rows
+    if defence.removes_equations and analyse_defence:  # the analyst's: the client's own gradient, the surviving rows
         kept = surviving(shared)
         info |= {"rank_deficiency": rank_deficiency(model, grads, kept),
                  "fc_inputs_undetermined": fc_inputs_undetermined(model, kept)}
     yield Defended(info)
     del grads  # from here on, the attacks' side: what was shared alone
     label = image.label if settings.true_label else recover_label(shared)  # under noise it may be wrong
-    settings = dataclasses.replace(settings, zeros_are_missing=defence.prunes)  # an attacker sees the zeros
+    settings = dataclasses.replace(settings, zeros_are_missing=defence.removes_equations)  # an attacker sees the zeros
     for name in attacks:
         seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
         start = time.perf_counter()
-        result = ATTACKS[name](model, shared, label, settings)
+        result = ATTACKS[name].run(model, shared, label, settings)
         yield score_answer(name, result, time.perf_counter() - start, image)
 
 
@@ -1699,9 +1755,10 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
     """
     table, failed = [], 0
     defences = [parse_defence(spec) for spec in exp.defences]
-    prunings = [d for d in defences if d.prunes]
-    if any(d.kind in ("noise", "dp") for d in defences):
-        say("noise leaves every equation in place: under noise:SIGMA and dp:C:Z the ranks are the undefended ones")
+    prunings = [d for d in defences if d.removes_equations]
+    keeping = [DEFENCES[k].usage(k) for k in dict.fromkeys(d.kind for d in defences if d not in prunings) if k != "none"]
+    if keeping:
+        say(f"{' and '.join(keeping)} leave every equation in place: the ranks under them are the undefended ones")
     for name in exp.models:
         indices = []
         for image in images:
@@ -1722,7 +1779,7 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
             indices.append(security_index(deficiency))
             say_ranks(model, f"{name} on {image.name}", deficiency, layer_unknowns(name))
             for d, under, k in zip(prunings, pruned, kept):
-                say_ranks(model, f"{name} on {image.name} under {d.spec}", under, layer_unknowns(name), d)
+                say_ranks(model, f"{name} on {image.name} under {d.spec}", under, layer_unknowns(name), k)
                 say(f"  and {fc_inputs_undetermined(model, k):.1%} of the fc's inputs left undetermined")
         if indices:
             table.append((name, np.mean(indices), min(indices), max(indices)))
@@ -1735,136 +1792,46 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
 
 
 def say_ranks(model: Net, title: str, deficiency: list[int], unknowns: list[int],
-              defence: Defence = NO_DEFENCE) -> None:
+              kept: list[torch.Tensor] | None = None) -> None:
     """One (model, image)'s table of ranks and both indices; under pruning, of the
-    equations that survive it."""
+    equations that survive it (`kept`, per parameter)."""
     say(f"{title}: security index {security_index(deficiency)}, "
         f"worst layer's fraction {worst_layer_fraction(deficiency, unknowns):.4f}")
     say(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
     for layer, r in enumerate(deficiency):
         shape, n = model.shapes[layer], math.prod(model.shapes[layer])
-        weights = model.layers[layer].weight.numel()
-        equations = math.prod(model.shapes[layer + 1]) + weights - math.floor(defence.params.get("fraction", 0) * weights)
+        weights = model.layers[layer].weight.numel() if kept is None else int(by_layer(model, kept)[layer][0].sum())
+        equations = math.prod(model.shapes[layer + 1]) + weights
         say(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
 
 
-def index_by_model(rows: list[dict], index: str = "security_index") -> dict[str, list[float]]:
-    """model -> its index (a column of INDICES) on each of its images (every results.csv row
-    carries its pair's indices)."""
-    per_image: dict[str, dict[str, float]] = {}
-    for r in rows:
-        if r.get(index) not in (None, ""):
-            per_image.setdefault(r["model"], {})[r["image"]] = float(r[index])
-    return {model: list(values.values()) for model, values in per_image.items()}
-
-
-EXACT_UP_TO = 8  # points: Spearman's p by all n! pairings up to here (40320), scipy's t approximation above
-
-
-def rank_correlation(x: list[float], y: list[float]) -> dict | None:
-    """Spearman's rho and Kendall's tau with two-sided p-values (null where a constant input
-    leaves them undefined); None for fewer than 3 points, where they mean nothing.
-
-    scipy's Spearman p-value is a t approximation that says p = 0 for three points in
-    order; up to EXACT_UP_TO points it comes instead from the exact permutation test (every
-    pairing of the ranks). Kendall's p is scipy's, which is exact for small samples without
-    ties (method='auto')."""
-    from scipy import stats
-
-    if len(x) < 3:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a constant input leaves them undefined (NaN): null
-        rho, p = stats.spearmanr(x, y)
-        tau, q = stats.kendalltau(x, y)
-        if len(x) <= EXACT_UP_TO and np.isfinite(rho):  # every order of y's ranks against x's
-            x_ranks = stats.rankdata(x)
-            p = stats.permutation_test((stats.rankdata(y),), lambda b, axis=-1: pearson(x_ranks, b, axis),
-                                       vectorized=True, permutation_type="pairings", n_resamples=math.inf).pvalue
-    finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
-    return {"n": len(x), "spearman_rho": finite(rho), "spearman_p": finite(p), "kendall_tau": finite(tau),
-            "kendall_p": finite(q)}
-
-
-def pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Pearson's correlation along `axis` (of ranks: Spearman's rho), for permutation_test."""
-    a, b = a - a.mean(axis, keepdims=True), b - b.mean(axis, keepdims=True)
-    return (a * b).sum(axis) / np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
-
-
-def index_correlations(rows: list[dict]) -> dict:
-    """Do the indices predict leakage? Per index and attack, rank correlations of the index
-    with PSNR over models (each model's mean index and mean PSNR over its images) and over
-    every (model, image) point. Both indices are <= 0, so leakage that grows as they rise
-    toward 0 gives a positive correlation."""
-    out: dict[str, dict] = {}
-    for index in INDICES:
-        for attack in ATTACKS_ORDER:
-            points = [r for r in rows if r["attack"] == attack and r.get(index) not in (None, "")]
-            by_model: dict[str, list[dict]] = {}
-            for r in points:
-                by_model.setdefault(r["model"], []).append(r)
-            mean = lambda group, key: float(np.mean([float(r[key]) for r in group]))  # noqa: E731
-            over = {"models": rank_correlation([mean(g, index) for g in by_model.values()],
-                                               [mean(g, "psnr") for g in by_model.values()]),
-                    "pairs": rank_correlation([float(r[index]) for r in points], [float(r["psnr"]) for r in points])}
-            if any(over.values()):
-                out.setdefault(index, {})[attack] = {what: c for what, c in over.items() if c is not None}
-    return out
-
-
-def correlation_table(correlations: dict) -> str:
-    lines = ["| index | attack | over | n | Spearman's rho (p) | Kendall's tau (p) |", "|---|---|---|---|---|---|"]
-    show = lambda v, p: "n/a" if v is None else f"{v:+.3f} ({p:.2g})"  # noqa: E731
-    for index, by_attack in correlations.items():
-        for attack, over in by_attack.items():
-            for what, c in over.items():
-                lines.append(f"| {INDICES[index]} | {DISPLAY[attack]} | {what} | {c['n']} | "
-                             f"{show(c['spearman_rho'], c['spearman_p'])} | {show(c['kendall_tau'], c['kendall_p'])} |")
-    return "\n".join(lines) + "\n"
-
-
 # =============================================================================
-# The figures
+# Sweeps of the experiment: the record's rows, the summaries, and what sweeps.py is handed
 # =============================================================================
 
-
-def plot_comparison(runs: list[dict], folder: Path, path: Path) -> object:
-    """One row per (model, image): Target then each attack, PSNR / SSIM under each; as
-    wide as the longest row title needs (a long file name over two columns). Returns the
-    figure."""
-    from matplotlib.figure import Figure
-
-    columns = ["target"] + [a for a in ATTACKS_ORDER if any(a in run["attacks"] for run in runs)]
-    titles = [f"{run['model']}  |  {run['image']}  |  label {run['label']}" for run in runs]
-    width = max(1.7 * len(columns), 0.085 * max(map(len, titles)) + 0.4)  # 10-point text: about 0.08 in a character
-    fig = Figure(figsize=(width, 2.35 * len(runs)), layout="constrained")
-    rows = np.atleast_1d(fig.subfigures(len(runs), 1))
-    for row, run, title in zip(rows, runs, titles):
-        row.suptitle(title, fontsize=10)
-        for ax, name in zip(row.subplots(1, len(columns)), columns):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(DISPLAY[name], fontsize=9)
-            entry = run["target"] if name == "target" else run["attacks"].get(name)
-            if entry is None:
-                ax.set_axis_off()
-                continue
-            ax.imshow(np.load(folder / entry["npy"]), interpolation="nearest")
-            if name != "target":
-                ax.set_xlabel(f"{format_psnr(entry['psnr'])} / {entry['ssim']:.2f}", fontsize=8)
-    fig.savefig(path, dpi=120)
-    return fig
+CSV_COLUMNS = ("model", "image", "defence", "attack", "label", "label_correct", "psnr", "ssim", "seconds",
+               *report.INDICES)  # results.csv's: the first of each row's fields
 
 
-PSNR_CAP = 50.0  # the study figure's PSNR axis; above it (R-GAP's exact answers) drawn at the cap
-ATTACK_MARKERS = {"rgap": "o", "dlg": "v", "idlg": "^", "cosine": "D", "hybrid": "s", "hybrid_free": "P"}
+def row(entry: dict, attack: str) -> dict:
+    """One attack on one cell, as report.py reads it and results.csv writes it (CSV_COLUMNS),
+    from the cell's entry in results.json. The indices are those of the equations the
+    attacker has: under pruning, of the surviving ones (noise leaves every equation in place)."""
+    e, defence = entry["attacks"][attack], entry["defence"]
+    has = defence if "rank_deficiency" in defence else entry
+    d = parse_defence(defence["spec"])
+    return {"model": entry["model"], "image": entry["image"], "defence": d.spec, "attack": attack,
+            "label": e["label"], "label_correct": e["label_correct"],
+            "psnr": math.inf if e["psnr"] is None else e["psnr"],  # null: an exact (infinite-PSNR) reconstruction
+            "ssim": e["ssim"], "seconds": e["seconds"], **{k: has.get(k) for k in report.INDICES},
+            "kind": d.kind, "strength": d.strength, "first_activation": first_activation(entry["model"]),
+            "fc_inputs_undetermined": defence.get("fc_inputs_undetermined", math.nan) if d.removes_equations else 0.0}
 
 
 def first_activation(model: str) -> str:
-    """The activation after a model's first convolution (with a leaky ReLU's slope):
-    where the study found that models of one index part (a leaky ReLU's inverse divides
-    by its slope, so errors grow on the way down)."""
+    """The activation after a model's first convolution (with a leaky ReLU's slope): the
+    study figure's colour, since a leaky ReLU's inverse divides by its slope, so errors
+    grow on the way down."""
     try:
         act = architecture(model).convs[0].act
     except UserError:
@@ -1872,246 +1839,37 @@ def first_activation(model: str) -> str:
     return f"leaky {leaky_slope(act):g}" if act.startswith("leaky") else act
 
 
-def index_groups(index: dict[str, float]) -> dict[float, list[str]]:
-    """Models by their (mean) security index, the groups in index order."""
-    groups: dict[float, list[str]] = {}
-    for model, value in sorted(index.items(), key=lambda kv: (kv[1], kv[0])):
-        groups.setdefault(value, []).append(model)
-    return groups
+def upgraded(entry: dict) -> dict:
+    """An entry of results.json as this version writes it, from any earlier version's: the
+    one place that knows older run folders. Before defences an entry had none (it is
+    `none`'s); before the worst layer's fraction it had the security index alone (both
+    indices follow from its rank deficiencies)."""
+    entry.setdefault("defence", {"spec": "none"})
+    for has in (entry, entry["defence"]):
+        if has.get("rank_deficiency") is not None and any(has.get(k) is None for k in report.INDICES):
+            has |= indices_of(entry["model"], has["rank_deficiency"])
+    return entry
 
 
-def spread_labels(positions: list[float], gap: float) -> list[float]:
-    """Label positions (axes fraction, sorted) near `positions`, at least `gap` apart."""
-    out = list(positions)
-    for i in range(1, len(out)):
-        out[i] = max(out[i], out[i - 1] + gap)
-    if out and out[-1] > 1:
-        out[-1] = 1
-        for i in range(len(out) - 2, -1, -1):
-            out[i] = min(out[i], out[i + 1] - gap)
-    return out
+def rows_in(results: dict) -> list[dict]:
+    """Every attack a results.json holds, as rows (the study scripts read committed runs so)."""
+    return [row(upgraded(entry), attack) for entry in results["runs"] for attack in entry.get("attacks", {})]
 
 
-def label_groups(ax: object, groups: dict[float, list[str]], fmt: str = "{:.0f}") -> None:
-    """Above the axes, one label per index value naming its models (a family's common
-    prefix once: "cnn3_c1 c6 c7"), spread apart, each with a line to its index."""
-    to_fraction = ax.transAxes.inverted().transform
-    at = [(to_fraction(ax.transData.transform((value, 0)))[0], value) for value in groups]
-    gap = min(1 / max(len(at), 1), 0.03)
-    for (point, value), label in zip(at, spread_labels([p for p, _ in at], gap)):
-        first, *others = groups[value]
-        family = first.split("_")[0] + "_"
-        text = " ".join([first] + [n.removeprefix(family) for n in others])
-        ax.annotate(f"{text}  ({fmt.format(value)})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
-                    textcoords="axes fraction", rotation=90, fontsize=7, ha="center", va="bottom",
-                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
+def names() -> report.Names:
+    """What report.py's figures and tables call the attacks and the defences: their rows'."""
+    return report.Names({name: (a.shown, a.marker) for name, a in ATTACKS.items()},
+                        {kind: (d.axis, d.symbol) for kind, d in DEFENCES.items() if kind != "none"})
 
 
-def activation_colours(models: list[str]) -> dict[str, str]:
-    return {act: f"C{i}" for i, act in enumerate(sorted({first_activation(m) for m in models}))}
+def removing_equations() -> set[str]:
+    """The defence kinds whose shared zeros are missing entries: report.py's pruning figure and table."""
+    return {kind for kind, d in DEFENCES.items() if d.removes_equations}
 
 
-def plot_points(ax: object, summary: list[dict], x: dict[str, float], metric: str, colour: dict[str, str]) -> None:
-    """Each attack's mean (± std over images) per model at x[model]: marker by attack, colour
-    by the first activation; PSNRs above the cap drawn at it, hollow."""
-    for e in summary:
-        if e["model"] not in x:
-            continue
-        mean, std = e[f"{metric}_mean"], e[f"{metric}_std"]
-        capped = metric == "psnr" and mean > PSNR_CAP
-        c = colour[first_activation(e["model"])]
-        ax.errorbar([x[e["model"]]], [PSNR_CAP if capped else mean], None if capped else [std], fmt=ATTACK_MARKERS[e["attack"]],
-                    ms=5, capsize=2, color=c, mfc="none" if capped else c, alpha=0.85, gid=f"{e['model']}|{e['attack']}|{metric}")
-
-
-def study_legend(fig: object, attacks: list[str], models: list[str]) -> None:
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], ls="none", marker=ATTACK_MARKERS[a], color="0.3", label=DISPLAY[a]) for a in attacks]
-    handles += [Line2D([], [], ls="none", marker="o", color=c, label=f"first activation: {act}")
-                for act, c in activation_colours(models).items()]
-    handles.append(Line2D([], [], ls="none", marker="o", mfc="none", color="0.3", label=f"above {PSNR_CAP:.0f} dB"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
-
-
-def negative_index_axis(column: object, below: dict[float, list[str]], which: str) -> None:
-    """The x axis of the negative values: symmetric-log for the paper's index (counts of
-    free unknowns, from tens to thousands), linear for the worst layer's fraction."""
-    top, bottom = column
-    if which == "security_index":
-        top.set_xscale("symlog", linthresh=1)
-        lo, hi = min(below) * 1.6, max(below) / 1.6
-        top.set_xlim(lo, hi)
-        ticks = [-m * 10**k for k in range(6) for m in (1, 2, 5) if lo <= -m * 10**k <= hi]
-        bottom.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        bottom.minorticks_off()
-        bottom.set_xlabel("the paper's security index < 0 (symmetric-log axis; more negative: more of the "
-                          "input left free)")
-    else:
-        span = max(below) - min(below) or 0.1
-        top.set_xlim(min(below) - 0.05 * span, max(below) + 0.05 * span)
-        bottom.set_xlabel("the worst layer's fraction of free unknowns, min_l r_l / n_l < 0 (-1: some layer "
-                          "determines nothing)")
-    label_groups(top, below, "{:.0f}" if which == "security_index" else "{:.3f}")
-
-
-def zero_strip(column: object, zero: list[str], which: str) -> None:
-    """The strip of index 0 (every layer determined): its models side by side, named."""
-    top, bottom = column
-    bottom.set_xlim(-0.6, len(zero) - 0.4)
-    bottom.set_xticks(range(len(zero)), zero, rotation=90, fontsize=7)
-    top.tick_params(labelbottom=False)
-    top.set_title(f"{INDICES[which]} 0\n(every layer determined)", fontsize=8)
-    bottom.set_xlabel("index 0: models side by side")
-
-
-def plot_index_vs_quality(rows: list[dict], path: Path, which: str = "security_index") -> object:
-    """The study figure: each model's index (x; `which` of INDICES) against each attack's mean
-    PSNR and SSIM over its images, +- their standard deviation. The index as it is, never
-    jittered: negative values on a symmetric-log axis (the paper's index) or a linear one
-    (the worst layer's fraction), models of one value sharing its x and one label above; 0
-    (every layer determined) in a strip of its own at the right, where its models stand side
-    by side, named. Returns the figure."""
-    from matplotlib.figure import Figure
-
-    summary, index = summarise(rows), {m: float(np.mean(v)) for m, v in index_by_model(rows, which).items()}
-    zero = sorted(m for m, v in index.items() if v == 0)
-    below = index_groups({m: v for m, v in index.items() if v != 0})
-    fig = Figure(figsize=(max(11, 0.35 * len(index)), 10), layout="constrained")
-    ratios = [w for w in (3 if below else 0, 0.12 * len(zero) + 0.3 if zero else 0) if w]
-    axes = fig.subplots(2, len(ratios), sharey="row", sharex="col", squeeze=False, width_ratios=ratios)
-    attacks = [a for a in ATTACKS_ORDER if any(e["attack"] == a for e in summary)]
-    colour = activation_colours(list(index))
-    for row, (metric, label) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
-        if below:
-            plot_points(axes[row, 0], summary, {m: v for v, ms in below.items() for m in ms}, metric, colour)
-        if zero:
-            plot_points(axes[row, -1], summary, {m: i for i, m in enumerate(zero)}, metric, colour)
-        axes[row, 0].set_ylabel(label)
-        for ax in axes[row]:
-            ax.grid(alpha=0.3)
-    axes[0, 0].set_ylim(top=PSNR_CAP + 2)
-    if below:
-        negative_index_axis(axes[:, 0], below, which)
-    if zero:
-        zero_strip(axes[:, -1], zero, which)
-    study_legend(fig, attacks, list(index))
-    fig.savefig(path, dpi=130)
-    return fig
-
-
-DEFENCE_STRENGTH = {"noise": "the noise's standard deviation SIGMA", "dp": "the noise's standard deviation Z C",
-                    "prune": "the pruned fraction P"}  # each kind's x axis in the defence figure
-
-
-def defence_strength(spec: str) -> tuple[str, float]:
-    """(kind, strength): the noise's std for noise and dp (SIGMA, Z C), P for prune; 0 for none."""
-    d = parse_defence(spec)
-    return d.kind, d.params["fraction"] if d.prunes else noise_std(d)
-
-
-def plot_defence_vs_quality(rows: list[dict], path: Path) -> object:
-    """PSNR and SSIM against each defence's strength: one column per kind of defence, one
-    line per (model, attack) through the mean over images, colour by attack, marker by
-    model; no defence at strength 0 on every panel. PSNRs above the cap drawn at it."""
-    from matplotlib.figure import Figure
-
-    curves: dict[tuple, dict[float, list[float]]] = {}  # (kind, model, attack, metric) -> strength -> values
-    for r in rows:
-        kind, x = defence_strength(r["defence"])
-        for k in [kind] if kind != "none" else DEFENCE_STRENGTH:
-            for metric in ("psnr", "ssim"):
-                value = min(float(r[metric]), PSNR_CAP) if metric == "psnr" else float(r[metric])
-                curves.setdefault((k, r["model"], r["attack"], metric), {}).setdefault(x, []).append(value)
-    present = {defence_strength(spec)[0] for spec in by_defence(rows)}
-    kinds = [k for k in DEFENCE_STRENGTH if k in present]
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    attacks = [a for a in ATTACKS_ORDER if any(r["attack"] == a for r in rows)]
-    fig = Figure(figsize=(4.5 * len(kinds) + 2, 7.5), layout="constrained")
-    axes = fig.subplots(2, len(kinds), sharey="row", squeeze=False)
-    markers = "osD^vP*Xh<>"
-    for col, kind in enumerate(kinds):
-        for row, (metric, label) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
-            ax = axes[row, col]
-            for m, model in enumerate(models):
-                for a, attack in enumerate(attacks):
-                    curve = sorted((x, np.mean(v)) for x, v in curves.get((kind, model, attack, metric), {}).items())
-                    if curve:
-                        ax.plot(*zip(*curve), marker=markers[m % len(markers)], ms=4, lw=1, alpha=0.8,
-                                color=f"C{a}", label=f"{DISPLAY[attack]}, {model}")
-            if kind != "prune":  # noise levels span decades; none (0) stays on the linear part
-                positive = [x for (k, *_), c in curves.items() if k == kind for x in c if x > 0]
-                ax.set_xscale("symlog", linthresh=min(positive, default=1) / 2)
-            ax.grid(alpha=0.3)
-            axes[row, 0].set_ylabel(label)
-        axes[0, col].set_title(kind)
-        axes[1, col].set_xlabel(DEFENCE_STRENGTH[kind])
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
-    fig.savefig(path, dpi=130)
-    return fig
-
-
-def plot_pruned_index_vs_quality(rows: list[dict], path: Path) -> object:
-    """Under pruning, the indices of the surviving equations (x) against PSNR, one point per
-    (model, image, defence) and attack: colour by the pruned fraction (none: 0), marker by attack."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.figure import Figure
-
-    kept = [r for r in rows if defence_strength(r["defence"])[0] in ("prune", "none")]
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    colour = colormaps["viridis"]
-    for ax, index in zip(axes, INDICES):
-        for attack in [a for a in ATTACKS_ORDER if any(r["attack"] == a for r in kept)]:
-            points = [r for r in kept if r["attack"] == attack and r.get(index) not in (None, "")]
-            ax.scatter([float(r[index]) for r in points], [min(float(r["psnr"]), PSNR_CAP) for r in points],
-                       c=[colour(defence_strength(r["defence"])[1]) for r in points], marker=ATTACK_MARKERS[attack],
-                       s=18, alpha=0.8, label=DISPLAY[attack])
-        if index == "security_index":
-            ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel(f"{INDICES[index]} of the surviving equations")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("PSNR (dB)")
-    axes[0].legend(fontsize=8)
-    fig.colorbar(ScalarMappable(cmap=colour), ax=axes, label="pruned fraction P")
-    fig.savefig(path, dpi=130)
-    return fig
-
-
-
-
-# =============================================================================
-# Sweeps of the experiment: the record's rows, the summaries, and what sweeps.py is handed
-# =============================================================================
-
-CSV_COLUMNS = ("model", "image", "defence", "attack", "label", "label_correct", "psnr", "ssim", "seconds", *INDICES)
-FIGURE_ROWS = 8  # a sweep's figure shows its first few (model, image) rows
-
-
-def csv_row(entry: dict, attack: str) -> dict:
-    """results.csv's row of one attack on one (model, image, defence), from the pair's
-    results.json entry. The indices are those of the equations the attacker has: under
-    pruning, of the surviving ones (noise leaves every equation in place)."""
-    e, defence = entry["attacks"][attack], entry.get("defence", {})
-    indices = recorded_indices(defence if "rank_deficiency" in defence else entry, entry["model"])
-    return {"model": entry["model"], "image": entry["image"], "defence": defence.get("spec", "none"),
-            "attack": attack, "label": e["label"], "label_correct": e["label_correct"],
-            "psnr": psnr_for_csv(e["psnr"]), "ssim": e["ssim"], "seconds": e["seconds"]} | indices
-
-
-def recorded_indices(entry: dict, model: str) -> dict[str, float | None]:
-    """The indices a pair's entry (or its defence's record) holds; computed from its
-    deficiencies where it predates one (results.json written before the worst layer's fraction)."""
-    indices = {name: entry.get(name) for name in INDICES}
-    if None in indices.values() and entry.get("rank_deficiency") is not None:
-        indices = indices_of(model, entry["rank_deficiency"])
-    return indices
-
-
-def psnr_for_csv(value: float | None) -> str:
-    return "inf" if value is None else repr(value)  # None: an exact (infinite-PSNR) reconstruction
+def finish(folder: sweeps.RunFolder) -> None:
+    """What a sweep and a merge end with: report.py's figures and summaries."""
+    report.finish(folder, names(), removing_equations())
 
 
 def is_entry(entry: object) -> bool:
@@ -2122,115 +1880,6 @@ def is_entry(entry: object) -> bool:
             and isinstance(entry.get("attacks", {}), dict)
             and all(a in ATTACKS and isinstance(e, dict) and scored <= e.keys()
                     for a, e in entry.get("attacks", {}).items()))
-
-
-def by_defence(rows: list[dict]) -> dict[str, list[dict]]:
-    """results.csv's rows by defence, in the order they come (rows from before defences: none)."""
-    out: dict[str, list[dict]] = {}
-    for row in rows:
-        out.setdefault(row.get("defence") or "none", []).append(row)
-    return out
-
-
-def undefended(rows: list[dict]) -> list[dict]:
-    """The rows the indices' study reads: those without a defence, or a run's only defence's."""
-    groups = by_defence(rows)
-    return groups.get("none", next(iter(groups.values())) if len(groups) == 1 else [])
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per defence, then per (model, attack): the model's security index over its images
-    (mean, min, max) and its worst layer's fraction (mean), of the equations the attacker
-    has; mean, std (n-1), median of PSNR and SSIM; label accuracy; seconds."""
-    return [entry for defence, group in by_defence(rows).items() for entry in summarise_defence(group, defence)]
-
-
-def summarise_defence(rows: list[dict], defence: str) -> list[dict]:
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["model"], row["attack"]), []).append(row)
-    order = {a: i for i, a in enumerate(ATTACKS_ORDER)}
-    index, fraction = index_by_model(rows), index_by_model(rows, "worst_layer_fraction")
-    out = []
-    for (model, attack), group in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
-        entry = {"model": model, "defence": defence, "attack": attack, "n": len(group)}
-        if model in index:
-            entry |= {"index_mean": np.mean(index[model]), "index_min": min(index[model]), "index_max": max(index[model])}
-        if model in fraction:
-            entry["fraction_mean"] = np.mean(fraction[model])
-        for metric in ("psnr", "ssim"):
-            values = np.array([float(r[metric]) for r in group])
-            with np.errstate(invalid="ignore"):  # exact reconstructions: infinite PSNR, its std undefined
-                entry |= {f"{metric}_mean": values.mean(), f"{metric}_median": float(np.median(values)),
-                          f"{metric}_std": values.std(ddof=1) if len(values) > 1 else 0.0}
-        entry["label_accuracy"] = np.mean([r["label_correct"] in (True, "True") for r in group])
-        entry["seconds_mean"] = np.mean([float(r["seconds"]) for r in group])
-        out.append({k: float(v) if isinstance(v, np.floating) else v for k, v in entry.items()})
-    return out
-
-
-def write_summary(folder: Path, rows: list[dict], correlations: dict, notes: str = "",
-                  by_defence_correlations: dict | None = None) -> str:
-    """summary.csv and summary.md (with the index's correlations, those under each defence,
-    then `notes`); returns the markdown."""
-    summary = summarise(rows)
-    if not summary:
-        if notes:
-            sweeps.write_atomic(folder / "summary.md", notes.lstrip())
-        return notes
-    sweeps.write_atomic(folder / "summary.csv", sweeps.csv_text(summary, dict.fromkeys(k for e in summary for k in e)))
-    index = lambda e: f"{e['index_mean']:.0f} [{e['index_min']:.0f}, {e['index_max']:.0f}]" if "index_mean" in e else ""  # noqa: E731
-    fraction = lambda e: f"{e['fraction_mean']:.4f}" if "fraction_mean" in e else ""  # noqa: E731
-    defended = any(e["defence"] != "none" for e in summary)  # a column of its own only where there is one
-    column = lambda e: f" {e['defence']} |" if defended else ""  # noqa: E731
-    lines = ["| model |" + (" defence |" if defended else "") + " security index mean [min, max] | worst layer's "
-             "fraction | attack | n | PSNR mean ± std | PSNR median | SSIM mean ± std | SSIM median | label acc. | "
-             "seconds |", "|---" * (11 + defended) + "|"]
-    lines += [f"| {e['model']} |{column(e)} {index(e)} | {fraction(e)} | {DISPLAY[e['attack']]} | {e['n']} | "
-              f"{e['psnr_mean']:.2f} ± {e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± "
-              f"{e['ssim_std']:.3f} | {e['ssim_median']:.3f} | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |"
-              for e in summary]
-    text = "\n".join(lines) + "\n"
-    if len(index_by_model(undefended(rows))) >= 3:
-        text += "\nThe indices against PSNR, rank correlations\n\n" + correlation_table(correlations)
-    for spec, by_index in (by_defence_correlations or {}).items():
-        text += f"\nUnder {spec}: the indices of the equations the attacker has against PSNR\n\n" + correlation_table(by_index)
-    text += notes
-    sweeps.write_atomic(folder / "summary.md", text)
-    return text
-
-
-def write_figures_and_summary(folder: sweeps.RunFolder) -> None:
-    """The figures (the first rows of a sweep; the index against quality for 3 or more
-    models), the summary tables and the index's correlations, printed and in results.json;
-    what a partial merge lacks, and what was skipped, said at the end of summary.md."""
-    shown = [e for e in folder.results["runs"] if e.get("attacks")][:FIGURE_ROWS]
-    if shown:
-        plot_comparison(shown, folder.path, folder.path / "comparison.png")
-    rows = folder.rows()
-    groups, plain = by_defence(rows), undefended(rows)
-    folder.results["correlations"] = index_correlations(plain)
-    if len(groups) > 1:  # the indices of the equations the attacker has, under each defence
-        folder.results["correlations_by_defence"] = {spec: c for spec, group in groups.items()
-                                                     if spec != "none" and (c := index_correlations(group))}
-    folder.save()
-    for which, name in INDEX_FIGURES.items():
-        if len(index_by_model(plain, which)) >= 3:
-            plot_index_vs_quality(plain, folder.path / name, which)
-    if len(groups) > 1:
-        plot_defence_vs_quality(rows, folder.path / "defence_vs_quality.png")
-    if any(parse_defence(spec).prunes for spec in groups):
-        plot_pruned_index_vs_quality(rows, folder.path / "pruned_index_vs_quality.png")
-    notes, missing = [], folder.results.get("missing")
-    if missing:
-        notes.append(f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "
-                     f"{'; '.join(' on '.join(k) for k in missing)}\n")
-    notes += [f"\nSkipped on {e['model']} on {e['image']}: {', '.join(e['skipped'])} ({next(iter(e['skipped'].values()))})\n"
-              for e in folder.results["runs"] if e.get("skipped")]
-    summary = write_summary(folder.path, rows, folder.results["correlations"], "".join(notes),
-                            folder.results.get("correlations_by_defence"))
-    say(summary, end="")
-    say(f"results: {folder.path}")
 
 
 class Pair(NamedTuple):
@@ -2267,7 +1916,8 @@ def left_to_do(pair: Pair, entry: dict | None) -> Pair | None:
     entry = entry or {}
     done = entry.get("attacks", {}).keys() | entry.get("skipped", {}).keys()
     todo = [a for a in pair.attacks if a not in done]
-    known = "rank_deficiency" in entry and (not pair.defence.prunes or "rank_deficiency" in entry.get("defence", {}))
+    known = "rank_deficiency" in entry and (not pair.defence.removes_equations
+                                            or "rank_deficiency" in entry.get("defence", {}))
     return pair._replace(attacks=todo, ranks_known=known) if todo else None
 
 
@@ -2311,7 +1961,7 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
          "defence": {"spec": pair.defence.spec}, "label": pair.image.label,
          "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(pair.image.x).astype(np.float32))}})
     if isinstance(event, Defended):  # to disk with the next attack
-        defence = entry.setdefault("defence", {"spec": pair.defence.spec})  # an entry from before defences
+        defence = entry["defence"]
         defence |= event.info
         if "rank_deficiency" in event.info:
             defence |= indices_of(pair.model, event.info["rank_deficiency"])
@@ -2339,7 +1989,8 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
     not_finite = folder.finished(entry, event.attack)
     ssim = "nan" if not math.isfinite(e["ssim"]) else f"{e['ssim']:.3f}"
     shown = "" if pair.defence == NO_DEFENCE else f"{pair.defence.spec:13s} "  # which cell of the grid
-    say(f"{pair.model:9s} {pair.image.name:18s} {shown}{DISPLAY[event.attack]:9s}  PSNR {format_psnr(e['psnr'], 2):>9s}  "
+    say(f"{pair.model:9s} {pair.image.name:18s} {shown}{ATTACKS[event.attack].shown:9s}  "
+        f"PSNR {report.format_psnr(e['psnr'], 2):>9s}  "
         f"SSIM {ssim}  label {e['label']}{'' if e['label_correct'] else ' (wrong)'}  {e['seconds']:6.1f} s"
         + (f"  (not finite, recorded as null: {', '.join(not_finite)})" if not_finite else ""))
 
@@ -2352,7 +2003,7 @@ def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
 
 
 RECORD = sweeps.Record(
-    key=entry_key, parts="attacks", columns=CSV_COLUMNS, row=csv_row, is_entry=is_entry,
+    key=entry_key, parts="attacks", columns=CSV_COLUMNS, row=row, is_entry=is_entry, upgrade=upgraded,
     defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
     may_differ=frozenset({"data", "verbose", "compile", "device",
                           "images"}),  # the files' paths: grid.json holds the images themselves, by name and hash
@@ -2385,7 +2036,7 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
              for image in images for name in exp.models for defence in defences]
     name = exp.models[0] if len(exp.models) == 1 else "grid"
     return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), pairs, left_to_do,
-                        functools.partial(attack_pair, exp, settings), record_event, write_figures_and_summary,
+                        functools.partial(attack_pair, exp, settings), record_event, finish,
                         functools.partial(configure_torch, exp.device, run.threads))
 
 
@@ -2451,8 +2102,8 @@ def build_parser(only_given: bool = False) -> Parser:
                         "then adds N(0, (Z C)^2)) or prune:P (zeroes the fraction P of each tensor's entries of "
                         "smallest magnitude); several make a grid")
     a = p.add_argument_group("the attacks (defaults: the paper's settings)")
-    a.add_argument("--attacks", action="extend", nargs="+", choices=ATTACKS_ORDER, metavar="NAME",
-                   help=f"from {' '.join(ATTACKS_ORDER)} (default: the paper's {' '.join(PAPER_ATTACKS)}; "
+    a.add_argument("--attacks", action="extend", nargs="+", choices=list(ATTACKS), metavar="NAME",
+                   help=f"from {' '.join(ATTACKS)} (default: the paper's {' '.join(paper_attacks())}; "
                         "hybrid_free is ours: the hybrid, correcting only layers the systems leave free)")
     for name, what in [("dlg_iters", "L-BFGS steps of DLG and iDLG"), ("cosine_iters", "Adam steps of Cosine+TV"),
                        ("hybrid_iters", "hybrid: N, with 4N Adam steps at layer 1 and N // 2 above"),
@@ -2489,9 +2140,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
 FLAGS = {"models": "--model", "indices": "--index", "images": "--image", "verbose": "-v"}  # where dest != flag
 ONLY_ATTACKS = {"attacks", "dlg_iters", "cosine_iters", "hybrid_iters", "hybrid_iters_first", "quick", "restarts",
                 "true_label", "seed", "compile", "correct_where"}
-NEEDS_ATTACK = {"restarts": {"dlg", "idlg", "cosine"}, "dlg_iters": {"dlg", "idlg"}, "cosine_iters": {"cosine"},
-                "hybrid_iters": {"hybrid", "hybrid_free"}, "hybrid_iters_first": {"hybrid", "hybrid_free"},
-                "compile": {"hybrid", "hybrid_free"}, "correct_where": {"hybrid_free"}}
 
 
 def check_combinations(args: argparse.Namespace, given: set[str]) -> None:
@@ -2510,10 +2158,11 @@ def check_combinations(args: argparse.Namespace, given: set[str]) -> None:
     ignored += [(d, f"without {flag(need)}") for d, need in [("label", "images"), ("partial", "merge"),
                                                                ("train_lr", "train_steps")]
                 if d in given and not getattr(args, need)]
-    attacks = set(args.attacks or PAPER_ATTACKS)
-    for dest, needs in NEEDS_ATTACK.items():
-        if dest in given and not attacks & needs:
-            *others, last = [a for a in ATTACKS_ORDER if a in needs]
+    attacks = set(args.attacks or paper_attacks())
+    for dest in [f.name for f in dataclasses.fields(AttackSettings)]:
+        needs = [name for name, attack in ATTACKS.items() if dest in attack.settings]  # the attacks that read it
+        if dest in given and needs and not attacks & set(needs):
+            *others, last = needs
             ignored.append((dest, f"without {', '.join(others) + ' or ' if others else ''}{last}"))
     if ignored:
         dest, why = ignored[0]
@@ -2588,11 +2237,11 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
     settings = AttackSettings(**iters, restarts=given("restarts", paper.restarts), true_label=args.true_label,
                               compile=args.compile, verbose=args.verbose,
                               correct_where=given("correct_where", paper.correct_where))
-    attacks = args.attacks or PAPER_ATTACKS
+    attacks = args.attacks or paper_attacks()
     exp = Experiment(models=expand_models(args.models or default.models),
                      indices=parse_indices(args.indices or [str(i) for i in default.indices]),
                      source=given("source", default.source), images=args.images or [],
-                     label=given("label", default.label), attacks=[a for a in ATTACKS_ORDER if a in attacks],
+                     label=given("label", default.label), attacks=[a for a in ATTACKS if a in attacks],
                      defences=[parse_defence(spec).spec for spec in dict.fromkeys(args.defences or default.defences)],
                      seed=given("seed", default.seed), model_seed=given("model_seed", default.model_seed),
                      train_steps=given("train_steps", default.train_steps), train_lr=given("train_lr", default.train_lr),
@@ -2620,7 +2269,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_models:
             return list_models()
         if args.merge:
-            sweeps.merge(args.merge, RECORD, args.output or OUTPUT_PATH, write_figures_and_summary, args.partial)
+            sweeps.merge(args.merge, RECORD, args.output or OUTPUT_PATH, finish, args.partial)
             return 0
         exp, settings, run = settings_from(args)
         configure_torch(exp.device, run.threads)

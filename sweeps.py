@@ -216,7 +216,8 @@ class Record:
     parts: str  # the field of an entry that holds its finished parts, e.g. "attacks"
     columns: tuple[str, ...]  # results.csv's
     row: Callable[[dict, str], dict]  # (entry, part) -> its row of results.csv
-    is_entry: Callable[[object], bool]  # an entry as the program writes them
+    is_entry: Callable[[object], bool]  # an entry as the program writes them, or as an older version wrote it
+    upgrade: Callable[[dict], dict]  # an entry as an older version wrote it -> as this one writes it (in place)
     defaults: dict  # the config of a run given no flags: a setting newer than a folder counts as this
     may_differ: frozenset[str]  # config keys besides RUN_ONLY that leave numbers alone
     program: str  # what writes such folders, for messages: "hybrid.py"
@@ -308,7 +309,7 @@ def write_json(path: Path, data: dict) -> list[str]:
 
 def csv_text(rows: list[dict], columns: Iterable[str], header: bool = True) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, list(columns), lineterminator="\n")
+    writer = csv.DictWriter(out, list(columns), lineterminator="\n", extrasaction="ignore")  # rows may hold more
     if header:
         writer.writeheader()
     writer.writerows(rows)
@@ -379,6 +380,7 @@ def read_results(folder: Path, flag: str, record: Record) -> dict:
         if not (isinstance(results.get("config"), dict) and isinstance(runs, list)
                 and all(record.is_entry(e) for e in runs)):
             raise ValueError
+        results["runs"] = [record.upgrade(e) for e in runs]
         return results
     except FileNotFoundError:
         raise UserError(f"{flag} {folder}: not a run folder (it holds no results.json)") from None

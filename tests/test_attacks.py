@@ -100,7 +100,7 @@ def run(name, attack, sample, settings=QUICK):
     model = H.build_model(name)
     grads = H.client_gradient(model, sample.x, sample.label)
     H.seed_everything(H.PUBLISHED_SEED)
-    result = H.ATTACKS[attack](model, grads, H.recover_label(grads), settings)
+    result = H.ATTACKS[attack].run(model, grads, H.recover_label(grads), settings)
     return result, H.score(H.to_image(sample.x), H.to_image(result.x))
 
 
@@ -159,9 +159,9 @@ def test_restarts_keep_the_start_with_the_lowest_own_objective(attack, chelsea):
     model = H.build_model("cnn2_c4")
     grads = H.client_gradient(model, chelsea.x, chelsea.label)
     H.seed_everything(10)
-    single = H.ATTACKS[attack](model, grads, chelsea.label, TINY)
+    single = H.ATTACKS[attack].run(model, grads, chelsea.label, TINY)
     H.seed_everything(10)
-    best = H.ATTACKS[attack](model, grads, chelsea.label, dataclasses.replace(TINY, restarts=4))
+    best = H.ATTACKS[attack].run(model, grads, chelsea.label, dataclasses.replace(TINY, restarts=4))
     starts = best.info["starts"]
     assert len(starts) == 4 and len({s["objective_start"] for s in starts}) == 4  # four different starts
     assert starts[0]["objective_end"] == single.info["objective_end"]  # the first is the paper's run
@@ -191,7 +191,7 @@ def test_attacks_see_the_image_only_through_the_gradient(chelsea, photographs, m
     experiment hands them nothing else of the client's. Two different private images
     behind one and the same shared gradient must give the same reconstructions."""
     for name, attack in H.ATTACKS.items():
-        assert list(inspect.signature(attack).parameters) == ["model", "grads", "label", "settings"], name
+        assert list(inspect.signature(attack.run).parameters) == ["model", "grads", "label", "settings"], name
     model = H.build_model("cnn2_c4")
     shared = H.client_gradient(model, chelsea.x, chelsea.label)
     monkeypatch.setattr(H, "client_gradient", lambda model, x, label: shared)
@@ -235,7 +235,7 @@ def committed(model, image, attack):
                                             pytest.param("cnn4_c1", 3, marks=pytest.mark.slow),
                                             pytest.param("cnn4_c2", 3, marks=pytest.mark.slow)])
 def test_rgap_remakes_the_committed_sample_output(model, position, photographs):
-    """assets/sample_output.json was made at paper settings by assets/make_sample_output.sh;
+    """assets/sample_output.json was made at paper settings by studies/make_sample_output.sh;
     R-GAP has no iterations, so its numbers must come back exactly (to float rounding)."""
     sample = photographs[position]
     result, metrics = run(model, "rgap", sample)

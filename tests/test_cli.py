@@ -139,12 +139,14 @@ def test_an_exact_reconstruction_is_shown_as_exact(tmp_path, chelsea):
     np.save(tmp_path / "t.npy", target)
     run = {"model": "cnn2_c1", "image": chelsea.name, "label": 3, "target": {"npy": "t.npy"},
            "attacks": {"rgap": {"psnr": None, "ssim": 1.0, "npy": "t.npy"}}}
-    H.plot_comparison([run], tmp_path, tmp_path / "c.png")
+    H.report.plot_comparison([run], tmp_path, tmp_path / "c.png", H.names())
     assert (tmp_path / "c.png").stat().st_size > 1000
-    row = {"model": "cnn2_c1", "image": chelsea.name, "attack": "rgap", "label": "3", "label_correct": "True",
-           "psnr": H.psnr_for_csv(None), "ssim": "1.0", "seconds": "1", "security_index": "0"}
-    assert "| inf ± " in H.write_summary(tmp_path, [row, dict(row, image="other")], {})
-    assert H.format_psnr(None) == "exact" and H.format_psnr(float("inf")) == "exact"
+    entry = {"model": "cnn2_c1", "image": chelsea.name, "security_index": 0,
+             "attacks": {"rgap": {"psnr": None, "ssim": 1.0, "seconds": 1.0, "label": 3, "label_correct": True}}}
+    rows = H.rows_in({"runs": [entry, dict(entry, image="other")]})
+    assert rows[0]["psnr"] == float("inf")
+    assert "| inf ± " in H.report.write_summary(tmp_path, rows, H.names(), {})
+    assert H.report.format_psnr(None) == "exact" and H.report.format_psnr(float("inf")) == "exact"
 
 
 def test_the_comparison_figure_is_as_wide_as_its_titles(tmp_path, chelsea):
@@ -153,7 +155,7 @@ def test_the_comparison_figure_is_as_wide_as_its_titles(tmp_path, chelsea):
     name = "file:" + "my_face_photographed_at_the_seaside" + "@2bdeb236c4"
     run = {"model": "cnn2_c1", "image": name, "label": 3, "target": {"npy": "t.npy"},
            "attacks": {"rgap": {"psnr": 20.0, "ssim": 0.5, "npy": "t.npy"}}}
-    fig = H.plot_comparison([run], tmp_path, tmp_path / "c.png")
+    fig = H.report.plot_comparison([run], tmp_path, tmp_path / "c.png", H.names())
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     renderer = FigureCanvasAgg(fig).get_renderer()

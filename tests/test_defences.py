@@ -1,5 +1,6 @@
 """Defences: what the client does to its gradient, what the attacks see, and the linear
 systems under pruning."""
+import dataclasses
 import json
 import math
 import shutil
@@ -37,7 +38,7 @@ def test_none_gives_the_attacks_numbers_without_a_defence(chelsea, cnn2_c4):
     answers = {e.attack: e for e in events if isinstance(e, H.Answer)}
     for name, answer in answers.items():
         H.seed_everything(10)
-        direct = H.ATTACKS[name](model, grads, H.recover_label(grads), TINY)
+        direct = H.ATTACKS[name].run(model, grads, H.recover_label(grads), TINY)
         assert np.array_equal(answer.recon, H.to_image(direct.x)), name
 
 
@@ -58,8 +59,8 @@ def test_the_same_command_shares_the_same_noisy_gradient(chelsea, cnn2_c4, monke
     """Through the experiment: the defence's noise comes from --seed, and only from it."""
     model, _ = cnn2_c4
     seen = []
-    monkeypatch.setitem(H.ATTACKS, "rgap", lambda model, grads, label, settings: (
-        seen.append([g.clone() for g in grads]), H.AttackResult(torch.zeros(1, 3, 32, 32), label))[1])
+    monkeypatch.setitem(H.ATTACKS, "rgap", dataclasses.replace(H.ATTACKS["rgap"], run=lambda model, grads, label, settings: (
+        seen.append([g.clone() for g in grads]), H.AttackResult(torch.zeros(1, 3, 32, 32), label))[1]))
     for seed in (10, 10, 11):
         torch.randn(5)  # whatever the global generator did before must not matter
         list(H.experiment(model, chelsea, ["rgap"], TINY, seed, "cpu", H.parse_defence("noise:1e-3")))
@@ -120,14 +121,15 @@ def test_attacks_see_only_the_defended_gradient(chelsea, cnn2_c4, monkeypatch, s
     shared, _ = H.defend(grads, defence, H.defence_seed(10, chelsea.name))
     seen = {}
     for name in H.ATTACKS:
-        monkeypatch.setitem(H.ATTACKS, name, lambda model, grads, label, settings, name=name: (
-            seen.__setitem__(name, (grads, settings)), H.AttackResult(torch.zeros(1, 3, 32, 32), label))[1])
+        spy = lambda model, grads, label, settings, name=name: (  # noqa: E731
+            seen.__setitem__(name, (grads, settings)), H.AttackResult(torch.zeros(1, 3, 32, 32), label))[1]
+        monkeypatch.setitem(H.ATTACKS, name, dataclasses.replace(H.ATTACKS[name], run=spy))
     list(H.experiment(model, chelsea, list(H.ATTACKS), TINY, 10, "cpu", defence))
     assert set(seen) == set(H.ATTACKS)
     for name, (given, settings) in seen.items():
         assert all(torch.equal(a, b) for a, b in zip(given, shared)), name
         assert not all(torch.equal(a, b) for a, b in zip(given, grads)), name
-        assert settings.zeros_are_missing == defence.prunes, name
+        assert settings.zeros_are_missing == defence.removes_equations, name
 
 
 # -- the linear systems under pruning --------------------------------------------------------------
@@ -297,7 +299,7 @@ def test_analyse_prints_the_ranks_under_pruning(capsys):
 
 
 def test_rgap_does_not_change_when_the_gradient_is_scaled(cnn2_c4):
-    """What assets/noise_gain.py reads dp through: clipping scales the whole gradient, and
+    """What studies/noise_gain.py reads dp through: clipping scales the whole gradient, and
     R-GAP's answer is the same (the fc inversion is a ratio; each layer's equations scale together)."""
     model, grads = cnn2_c4
     x, deficiency = H.recursive_reconstruction(model, grads)
@@ -305,18 +307,15 @@ def test_rgap_does_not_change_when_the_gradient_is_scaled(cnn2_c4):
     assert scaled_deficiency == deficiency and torch.allclose(x, y, atol=1e-5)
 
 
-def test_defence_table_finds_the_weakest_strength_that_stays_below_15_db(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("defence_table", H.Path(__file__).parents[1] / "assets/defence_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+def test_defence_table_finds_the_weakest_strength_that_stays_below_15_db():
     psnrs = {"m1": {"none": 30, "noise:1e-3": 20, "noise:1e-2": 14, "noise:1e-1": 10},
              "m2": {"none": 12, "noise:1e-3": 11}, "m3": {"none": 40, "noise:1e-3": 39},
              "m4": {"none": 40, "noise:1e-3": 9, "noise:1e-2": 18, "noise:1e-1": 8}}  # a chaotic attack's dip
-    runs = [{"model": m, "image": "i", "defence": {"spec": s, "kind": s.split(":")[0]},
-             "attacks": {"rgap": {"psnr": p}}} for m, by in psnrs.items() for s, p in by.items()]
-    (tmp_path / "r.json").write_text(json.dumps({"runs": runs}))
-    stopping = table.table(table.points([str(tmp_path / "r.json")])).split("The weakest strength")[1]
+    scored = lambda p: {"psnr": p, "ssim": 0.5, "seconds": 1.0, "label": 3, "label_correct": True}  # noqa: E731
+    runs = [{"model": m, "image": "i", "defence": {"spec": s, "kind": s.split(":")[0]}, "attacks": {"rgap": scored(p)}}
+            for m, by in psnrs.items() for s, p in by.items()]
+    table = H.report.defence_table(H.rows_in({"runs": runs}), H.names(), H.removing_equations())
+    stopping = table.split("The weakest strength")[1]
     assert "| m1 | R-GAP | 0.01 (14.0) |" in stopping  # the weakest of the two below 15
     assert "| m2 | R-GAP | already |" in stopping and "| m3 | R-GAP | - |" in stopping
     assert "| m4 | R-GAP | 0.1 (8.0) |" in stopping  # not 1e-3: the stronger 1e-2 lets it through

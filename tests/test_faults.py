@@ -1,6 +1,7 @@
 """A run killed, or finding its disk full, at each of its writes; a run whose stdout is
 closed. Each time: nothing it finished is lost, results.json and results.csv agree once
 it is resumed, and what stops it says so in one line."""
+import dataclasses
 import gc
 import json
 import subprocess
@@ -110,7 +111,7 @@ def test_an_error_in_one_pair_costs_that_pair_alone_and_frees_the_folder(tmp_pat
     """One process (--jobs 1), as in the workers: a pair whose attack raises is reported and
     left for --resume; the others are recorded; the folder's lock is free after main returns,
     even while the collector is off (it once lived as long as the exception's frames)."""
-    idlg, calls = H.ATTACKS["idlg"], []
+    idlg, calls = H.ATTACKS["idlg"].run, []
 
     def failing_once(*args):
         calls.append(1)
@@ -118,7 +119,7 @@ def test_an_error_in_one_pair_costs_that_pair_alone_and_frees_the_folder(tmp_pat
             raise ValueError("a bug on this pair")
         return idlg(*args)
 
-    monkeypatch.setitem(H.ATTACKS, "idlg", failing_once)
+    monkeypatch.setitem(H.ATTACKS, "idlg", dataclasses.replace(H.ATTACKS["idlg"], run=failing_once))
     gc.disable()
     try:
         assert H.main([*RUN, "--output", str(tmp_path)]) == 1

@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 
 import hybrid as H
+import report
 import sweeps
 from conftest import run_script
 
@@ -34,9 +35,10 @@ def test_a_pattern_that_matches_nothing_is_one_line(capsys):
 
 
 def table(spec):
-    """results.csv rows from {model: {image: (index, {attack: psnr})}}."""
-    return [{"model": m, "image": i, "attack": a, "label": "3", "label_correct": "True", "psnr": str(p),
-             "ssim": "0.5", "seconds": "1.0", "security_index": str(index)}
+    """The record's rows (hybrid.row's) from {model: {image: (index, {attack: psnr})}}."""
+    return [{"model": m, "image": i, "defence": "none", "attack": a, "label": 3, "label_correct": True, "psnr": p,
+             "ssim": 0.5, "seconds": 1.0, "security_index": index, "worst_layer_fraction": None, "kind": "none",
+             "strength": 0.0, "first_activation": H.first_activation(m), "fc_inputs_undetermined": 0.0}
             for m, images in spec.items() for i, (index, psnrs) in images.items() for a, p in psnrs.items()]
 
 
@@ -49,7 +51,7 @@ STUDY = {
 
 
 def test_the_index_is_aggregated_per_model_over_its_images():
-    summary = H.summarise(table(STUDY))
+    summary = report.summarise(table(STUDY), H.names())
     b_rgap = next(e for e in summary if (e["model"], e["attack"]) == ("b", "rgap"))
     assert (b_rgap["index_mean"], b_rgap["index_min"], b_rgap["index_max"]) == (-20, -30, -10)
     assert b_rgap["psnr_mean"] == 19.0 and b_rgap["n"] == 2
@@ -57,7 +59,7 @@ def test_the_index_is_aggregated_per_model_over_its_images():
 
 
 def test_correlations_are_scipys_on_each_models_own_numbers():
-    corr = H.index_correlations(table(STUDY))
+    corr = report.index_correlations(table(STUDY), H.names())
     index = [0, -20, -600, -6200]
     hybrid = [29.0, 23.0, 19.5, 21.5]
     rho, _ = stats.spearmanr(index, hybrid)
@@ -73,16 +75,16 @@ def test_correlations_are_scipys_on_each_models_own_numbers():
 
 def test_the_join_pairs_each_models_index_with_its_own_psnr():
     rows = table(STUDY)
-    before = H.index_correlations(rows)
+    before = report.index_correlations(rows, H.names())
     random.Random(0).shuffle(rows)
-    shuffled = H.index_correlations(rows)  # the order of rows does not matter
+    shuffled = report.index_correlations(rows, H.names())  # the order of rows does not matter
     for attack in before["security_index"]:
         for over in ("models", "pairs"):
             assert shuffled["security_index"][attack][over] == pytest.approx(before["security_index"][attack][over])
     swapped = json.loads(json.dumps(STUDY))
     swapped["a"], swapped["d"] = ({i: (STUDY["d"][i][0], v[1]) for i, v in STUDY["a"].items()},
                                   {i: (STUDY["a"][i][0], v[1]) for i, v in STUDY["d"].items()})
-    after = H.index_correlations(table(swapped))
+    after = report.index_correlations(table(swapped), H.names())
     assert after["security_index"]["rgap"]["models"]["spearman_rho"] != pytest.approx(
         before["security_index"]["rgap"]["models"]["spearman_rho"])
 
@@ -95,11 +97,11 @@ def runs_of(spec):
 
 
 def test_the_study_figure_is_written_for_three_models_or_more(tmp_path, monkeypatch):
-    monkeypatch.setattr(H, "plot_comparison", lambda *args: None)  # these runs have no arrays
+    monkeypatch.setattr(report, "plot_comparison", lambda *args: None)  # these runs have no arrays
     for n_models in (2, 3):
         folder = tmp_path / str(n_models)
         folder.mkdir()
-        H.write_figures_and_summary(sweeps.RunFolder(folder, {"runs": runs_of(dict(list(STUDY.items())[:n_models]))},
+        H.finish(sweeps.RunFolder(folder, {"runs": [H.upgraded(e) for e in runs_of(dict(list(STUDY.items())[:n_models]))]},
                                                       H.RECORD))
         assert (folder / "index_vs_quality.png").exists() == (n_models >= 3)
         results = json.loads((folder / "results.json").read_text())
@@ -120,7 +122,7 @@ def points_by_axes(fig):
 def test_index_0_models_sit_in_their_own_strip_and_the_rest_at_their_exact_index(tmp_path):
     spec = {"cnn2_c1": STUDY["a"], "cnn2_c11": STUDY["a"], "cnn3_c1": STUDY["c"], "cnn3_c11": STUDY["c"],
             "cnn4_c2": STUDY["d"]}  # two pairs share an index: no jitter may part them
-    fig = H.plot_index_vs_quality(table(spec), tmp_path / "f.png")
+    fig = report.plot_index_vs_quality(table(spec), tmp_path / "f.png", H.names())
     points = points_by_axes(fig)
     assert len(points) == 2 * 2 * len(spec)  # PSNR and SSIM panels, two attacks
     strip = {ax for ax in fig.axes if "index 0" in ax.get_title()} | {
@@ -201,22 +203,22 @@ def test_rows_carry_both_indices_and_each_gets_its_own_correlations():
         "psnr": p, "ssim": 0.5, "seconds": 1.0, "label": 3, "label_correct": True}}}
         for m, r, p in [("cnn2_c1", [0], 90.0), ("cnn2_c2", [-1470], 15.0), ("cnn3_c1", [0, -4533], 13.0),
                         ("cnn4_c2", [0, -9316, 0], 14.0)]]  # written before the fraction: computed from the ranks
-    rows = [H.csv_row(e, "rgap") for e in runs]
+    rows = H.rows_in({"runs": runs})
     assert [r["worst_layer_fraction"] for r in rows] == [0, -1470 / 3072, -4533 / 5400, -9316 / 12544]
-    corr = H.index_correlations(rows)
+    corr = report.index_correlations(rows, H.names())
     assert set(corr) == {"security_index", "worst_layer_fraction"}
     fraction = [r["worst_layer_fraction"] for r in rows]
     assert corr["worst_layer_fraction"]["rgap"]["models"]["spearman_rho"] == pytest.approx(
         stats.spearmanr(fraction, [90.0, 15.0, 13.0, 14.0])[0])
-    assert "| worst layer's fraction | R-GAP | models | 4 |" in H.correlation_table(corr)
+    assert "| worst layer's fraction | R-GAP | models | 4 |" in H.report.correlation_table(corr, H.names())
 
 
 def test_small_samples_get_exact_p_values_and_one_model_none():
     """Three models in order: Spearman's p is 2/6 by every pairing (scipy's t approximation
     says 0), as Kendall's exact p is; one model has no correlation to report."""
     three = {m: STUDY[m] for m in ("a", "b", "c")}
-    corr = H.index_correlations(table(three))["security_index"]["rgap"]["models"]
+    corr = report.index_correlations(table(three), H.names())["security_index"]["rgap"]["models"]
     assert corr["spearman_rho"] == pytest.approx(1.0) and corr["spearman_p"] == pytest.approx(1 / 3)
     assert corr["kendall_p"] == pytest.approx(1 / 3)
-    one = H.index_correlations(table({"a": {"x": STUDY["a"]["x"]}}))
+    one = report.index_correlations(table({"a": {"x": STUDY["a"]["x"]}}), H.names())
     assert one == {}

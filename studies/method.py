@@ -1,7 +1,8 @@
 """Draws assets/method.png, the diagram of the hybrid attack in the README.
 
-Usage: python assets/method.py
+Usage: python -m studies.method [PNG]   (default assets/method.png)
 """
+import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -57,4 +58,4 @@ def draw(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    draw(Path(__file__).with_name("method.png"))
+    draw(Path(sys.argv[1] if len(sys.argv) > 1 else "assets/method.png"))

@@ -5,14 +5,12 @@
 # study's budget (N0 = 2500, N = 500). Both indices' formulas were fixed at commit 9de8d51,
 # before this run. About 70 minutes on 2 CPU cores; run it again with the same OUTPUT_DIR
 # to resume where it stopped.
-# Usage: bash assets/make_heldout.sh OUTPUT_DIR
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source assets/run_folders.sh
+# Usage: bash studies/make_heldout.sh OUTPUT_DIR
+source "$(dirname "$0")/preamble.sh"
 out=${1:?an output folder, kept between calls so that a stopped run resumes}
 where=$(where_to_run "$out")  # a folder a stopped call left is resumed
 # shellcheck disable=SC2086
-"${PYTHON:-python}" hybrid.py --model random:40 --source cifar10-test --index 0-4 \
+"$PYTHON" hybrid.py --model random:40 --source cifar10-test --index 0-4 \
     --attacks rgap hybrid hybrid_free --hybrid-iters 500 --hybrid-iters-first 2500 --jobs auto $where
 run=$(last_run "$out")
 cp "$run/index_vs_quality.png" assets/heldout.png

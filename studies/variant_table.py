@@ -7,19 +7,18 @@ The first results.json holds rgap, hybrid and hybrid_free (the default rule,
 free-at-or-above); any further one holds hybrid_free run with another --correct-where on
 some of the models and the same images (compared on those pairs only).
 
-Usage: python assets/variant_table.py STUDY.json [OTHER_RULE.json ...] [--images 0-4] > table.md
+Usage: python -m studies.variant_table STUDY.json [OTHER_RULE.json ...] [--images 0-4] > table.md
 """
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hybrid as H  # noqa: E402
-from heldout_table import image_names  # noqa: E402
+import hybrid as H
+import report
+from studies.common import image_names
 
 MARGIN = 0.5  # dB: "at least as good" allows this much below the better of the two
 
@@ -78,9 +77,9 @@ def table(study: str, others: list[str], images: set[str] | None) -> str:
         whole = sum(all(v for (mm, _), v in ok.items() if mm == m) for m in by_model)
         lines.append(f"| {r} | {len(have)} | {sum(ok.values())} ({100 * sum(ok.values()) / len(have):.0f}%) | "
                      f"{whole} of {len(by_model)} |")
-    rows = [H.csv_row(e, a) for e in pairs.values() for a in ("rgap", "hybrid", "hybrid_free")]
+    rows = [r for r in H.rows_in({"runs": list(pairs.values())}) if r["attack"] in ("rgap", "hybrid", "hybrid_free")]
     lines += ["", "The indices against PSNR (the default rule), rank correlations", "",
-              H.correlation_table(H.index_correlations(rows)).rstrip()]
+              report.correlation_table(report.index_correlations(rows, H.names()), H.names()).rstrip()]
     return "\n".join(lines) + "\n"
 
 

@@ -8,10 +8,8 @@
 # chaotic) and Cosine+TV (one start, the paper's: Adam on a cosine is not) over the grid on
 # the paper's four models and images 0-2. Long on 2 cores (hours): run it again with the
 # same OUTPUT_DIR to resume where it stopped.
-# Usage: bash assets/make_defences.sh OUTPUT_DIR [linear|linear_bends|baselines|cosine ...]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source assets/run_folders.sh
+# Usage: bash studies/make_defences.sh OUTPUT_DIR [linear|linear_bends|baselines|cosine ...]
+source "$(dirname "$0")/preamble.sh"
 out=${1:?an output folder, kept between calls so that a stopped run resumes}
 grid="none noise:1e-4 noise:1e-3 noise:1e-2 noise:1e-1 prune:0.2 prune:0.5 prune:0.7 prune:0.9 prune:0.99 dp:1:0.1 dp:1:1"
 # Points added where the linear attacks' curves bent between the grid's (lenet's below 1e-4; most
@@ -33,7 +31,7 @@ for part in "${parts[@]}"; do
     dir="$out/$part"
     where=$(where_to_run "$dir")  # a folder a stopped call left is resumed
     # shellcheck disable=SC2086
-    "${PYTHON:-python}" hybrid.py $study --source cifar10-test --defence $defences --jobs auto $where
+    "$PYTHON" hybrid.py $study --source cifar10-test --defence $defences --jobs auto $where
     run=$(last_run "$dir")
     for f in defence_vs_quality.png pruned_index_vs_quality.png results.json summary.md; do
         [ -e "$run/$f" ] && cp "$run/$f" "assets/defences_${part}_$f"

@@ -9,19 +9,17 @@ under noise:SIGMA: the noise adds (gain SIGMA)^2 to the attack's squared error p
 This is compared, per (model, SIGMA) over the attacked images, with the error the defence
 study measured: mean MSE under the noise minus mean MSE without it.
 
-Usage: python assets/noise_gain.py DEFENCE_STUDY.json [MORE.json ...] [--standin 19] [--s0 1e-4] [--draws 3] > table.md
+Usage: python -m studies.noise_gain DEFENCE_STUDY.json [MORE.json ...] [--standin 19] [--s0 1e-4] [--draws 3] > table.md
 (several results.json of one study, e.g. its grid's and its added points', are read as one)
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hybrid as H  # noqa: E402
+import hybrid as H
 
 
 def gain(model_name: str, standin: H.PrivateImage, s0: float, draws: int) -> float:
@@ -94,7 +92,7 @@ def table(paths: list[str], standin_index: int, s0: float, draws: int) -> str:
         pairs = [(m, spec) for m, spec in mse if spec.startswith("noise:") and (m, "none") in mse]
         if not pairs:
             continue
-        lines += [f"{H.DISPLAY[attack]}:", "", "| model | gain | SIGMA | added MSE, measured | predicted | ratio |",
+        lines += [f"{H.ATTACKS[attack].shown}:", "", "| model | gain | SIGMA | added MSE, measured | predicted | ratio |",
                   "|---|---|---|---|---|---|"]
         predicted, added = [], []
         for m, spec in sorted(pairs, key=lambda k: (models.index(k[0]), H.parse_defence(k[1]).params["sigma"])):

@@ -5,10 +5,8 @@
 # iterations the hybrid needs"): images 0-19 on the published initialisation, and 0-9
 # after 500 SGD steps of training (offline: on crops of the other 19 test images).
 # Long on 2 cores (hours): run it again with the same OUTPUT_DIR to resume where it stopped.
-# Usage: bash assets/make_study_cifar.sh OUTPUT_DIR [random|trained]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source assets/run_folders.sh
+# Usage: bash studies/make_study_cifar.sh OUTPUT_DIR [random|trained]
+source "$(dirname "$0")/preamble.sh"
 out=${1:?an output folder, kept between calls so that a stopped run resumes}
 budget="--source cifar10-test --hybrid-iters 500 --hybrid-iters-first 2500 --jobs auto"
 for weights in ${2:-random trained}; do
@@ -20,7 +18,7 @@ for weights in ${2:-random trained}; do
     dir="$out/$weights"
     where=$(where_to_run "$dir")  # a folder a stopped call left is resumed
     # shellcheck disable=SC2086
-    "${PYTHON:-python}" hybrid.py $study $budget $where
+    "$PYTHON" hybrid.py $study $budget $where
     run=$(last_run "$dir")
     cp "$run/index_vs_quality.png" "assets/study_cifar_${weights}.png"
     cp "$run/fraction_vs_quality.png" "assets/study_cifar_${weights}_fraction.png"

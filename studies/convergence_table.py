@@ -1,9 +1,9 @@
-"""Tabulates the hybrid's convergence runs (assets/make_convergence.sh): for each model
+"""Tabulates the hybrid's convergence runs (studies/make_convergence.sh): for each model
 and iteration budget, the mean ± std (n-1) of PSNR and SSIM over the images, and the mean
 seconds per image; then each budget's mean over the models, and what it loses against
 the largest budget, image by image.
 
-Usage: python assets/convergence_table.py assets/convergence/N0_*.json > table.md
+Usage: python -m studies.convergence_table assets/convergence/N0_*.json > table.md
 """
 import json
 import sys

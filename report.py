@@ -1,0 +1,775 @@
+"""What a run folder says: its summaries, the indices' correlations, every figure, and the
+tables the study scripts print.
+
+hybrid.py runs the paper's experiment and sweeps.py keeps its record; this module reads
+that record's rows and draws and tabulates them. It imports sweeps and the plotting and
+statistics libraries, never hybrid.py: what it needs to know of the attacks and the
+defences (their names, markers and axes) it is handed as `Names`.
+
+A row is one attack on one (model, image, defence) cell, with typed values:
+
+    model, image, defence (its spec), attack: str
+    label: int, label_correct: bool
+    psnr: float (inf for an exact reconstruction), ssim, seconds: float
+    security_index, worst_layer_fraction: float or None (of the equations the attacker has)
+    kind: the defence's kind; strength: float (its figures' x, 0 for none)
+    first_activation: str (the study figure's colour); fc_inputs_undetermined: float
+
+Sections: correlations; summaries; the figures of a run (comparison, index against quality,
+defences); finish (what a sweep and a merge end with); the study tables (studies/).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import sweeps
+from sweeps import say
+
+INDICES = {"security_index": "security index", "worst_layer_fraction": "worst layer's fraction"}  # column: name
+INDEX_FIGURES = {"security_index": "index_vs_quality.png", "worst_layer_fraction": "fraction_vs_quality.png"}
+PSNR_CAP = 50.0  # the study figures' PSNR axis; above it (R-GAP's exact answers) drawn at the cap
+FIGURE_CELLS = 8  # a sweep's comparison figure shows its first few cells
+
+
+@dataclass(frozen=True)
+class Names:
+    """What the figures and tables call the attacks and the defences, from the registries of
+    the program that wrote the rows (hybrid.names())."""
+
+    attacks: dict[str, tuple[str, str]]  # attack -> (its name shown, its marker), in the columns' order
+    strengths: dict[str, tuple[str, str]]  # defence kind but none -> (its strength's axis, its symbol), in order
+
+    def shown(self, attack: str) -> str:
+        return self.attacks[attack][0]
+
+    def marker(self, attack: str) -> str:
+        return self.attacks[attack][1]
+
+    def present(self, rows: list[dict]) -> list[str]:
+        """The attacks the rows hold, in the columns' order."""
+        have = {r["attack"] for r in rows}
+        return [a for a in self.attacks if a in have]
+
+
+def format_psnr(psnr: float | None, digits: int = 1) -> str:
+    return "exact" if psnr is None or math.isinf(psnr) else f"{psnr:.{digits}f} dB"
+
+
+# =============================================================================
+# Correlations: do the indices predict leakage?
+# =============================================================================
+
+
+def index_by_model(rows: list[dict], index: str = "security_index") -> dict[str, list[float]]:
+    """model -> its index (a column of INDICES) on each of its images (every row carries its
+    cell's indices)."""
+    per_image: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.get(index) is not None:
+            per_image.setdefault(r["model"], {})[r["image"]] = float(r[index])
+    return {model: list(values.values()) for model, values in per_image.items()}
+
+
+EXACT_UP_TO = 8  # points: Spearman's p by all n! pairings up to here (40320), scipy's t approximation above
+
+
+def rank_correlation(x: list[float], y: list[float]) -> dict | None:
+    """Spearman's rho and Kendall's tau with two-sided p-values (null where a constant input
+    leaves them undefined); None for fewer than 3 points, where they mean nothing.
+
+    scipy's Spearman p-value is a t approximation that says p = 0 for three points in
+    order; up to EXACT_UP_TO points it comes instead from the exact permutation test (every
+    pairing of the ranks). Kendall's p is scipy's, which is exact for small samples without
+    ties (method='auto')."""
+    from scipy import stats
+
+    if len(x) < 3:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input leaves them undefined (NaN): null
+        rho, p = stats.spearmanr(x, y)
+        tau, q = stats.kendalltau(x, y)
+        if len(x) <= EXACT_UP_TO and np.isfinite(rho):  # every order of y's ranks against x's
+            x_ranks = stats.rankdata(x)
+            p = stats.permutation_test((stats.rankdata(y),), lambda b, axis=-1: pearson(x_ranks, b, axis),
+                                       vectorized=True, permutation_type="pairings", n_resamples=math.inf).pvalue
+    finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+    return {"n": len(x), "spearman_rho": finite(rho), "spearman_p": finite(p), "kendall_tau": finite(tau),
+            "kendall_p": finite(q)}
+
+
+def pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pearson's correlation along `axis` (of ranks: Spearman's rho), for permutation_test."""
+    a, b = a - a.mean(axis, keepdims=True), b - b.mean(axis, keepdims=True)
+    return (a * b).sum(axis) / np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
+
+
+def index_correlations(rows: list[dict], names: Names) -> dict:
+    """Per index and attack, rank correlations of the index with PSNR over models (each
+    model's mean index and mean PSNR over its images) and over every (model, image) point.
+    Both indices are <= 0, so leakage that grows as they rise toward 0 gives a positive
+    correlation."""
+    out: dict[str, dict] = {}
+    for index in INDICES:
+        for attack in names.attacks:
+            points = [r for r in rows if r["attack"] == attack and r.get(index) is not None]
+            by_model: dict[str, list[dict]] = {}
+            for r in points:
+                by_model.setdefault(r["model"], []).append(r)
+            mean = lambda group, key: float(np.mean([r[key] for r in group]))  # noqa: E731
+            over = {"models": rank_correlation([mean(g, index) for g in by_model.values()],
+                                               [mean(g, "psnr") for g in by_model.values()]),
+                    "pairs": rank_correlation([r[index] for r in points], [r["psnr"] for r in points])}
+            if any(over.values()):
+                out.setdefault(index, {})[attack] = {what: c for what, c in over.items() if c is not None}
+    return out
+
+
+def show_correlation(value: float | None, p: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f} ({p:.2g})"
+
+
+def correlation_table(correlations: dict, names: Names) -> str:
+    lines = ["| index | attack | over | n | Spearman's rho (p) | Kendall's tau (p) |", "|---|---|---|---|---|---|"]
+    for index, by_attack in correlations.items():
+        for attack, over in by_attack.items():
+            for what, c in over.items():
+                lines.append(f"| {INDICES[index]} | {names.shown(attack)} | {what} | {c['n']} | "
+                             f"{show_correlation(c['spearman_rho'], c['spearman_p'])} | "
+                             f"{show_correlation(c['kendall_tau'], c['kendall_p'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# =============================================================================
+# Summaries
+# =============================================================================
+
+
+def by_defence(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows by defence spec, in the order they come."""
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        out.setdefault(row["defence"], []).append(row)
+    return out
+
+
+def undefended(rows: list[dict]) -> list[dict]:
+    """The rows the indices' study reads: those without a defence, or a run's only defence's."""
+    groups = by_defence(rows)
+    return groups.get("none", next(iter(groups.values())) if len(groups) == 1 else [])
+
+
+def summarise(rows: list[dict], names: Names) -> list[dict]:
+    """Per defence, then per (model, attack): the model's security index over its images
+    (mean, min, max) and its worst layer's fraction (mean), of the equations the attacker
+    has; mean, std (n-1), median of PSNR and SSIM; label accuracy; seconds."""
+    return [entry for defence, group in by_defence(rows).items() for entry in summarise_defence(group, defence, names)]
+
+
+def summarise_defence(rows: list[dict], defence: str, names: Names) -> list[dict]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["attack"]), []).append(row)
+    order = {a: i for i, a in enumerate(names.attacks)}
+    index, fraction = index_by_model(rows), index_by_model(rows, "worst_layer_fraction")
+    out = []
+    for (model, attack), group in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
+        entry = {"model": model, "defence": defence, "attack": attack, "n": len(group)}
+        if model in index:
+            entry |= {"index_mean": np.mean(index[model]), "index_min": min(index[model]), "index_max": max(index[model])}
+        if model in fraction:
+            entry["fraction_mean"] = np.mean(fraction[model])
+        for metric in ("psnr", "ssim"):
+            values = np.array([r[metric] for r in group], dtype=float)
+            with np.errstate(invalid="ignore"):  # exact reconstructions: infinite PSNR, its std undefined
+                entry |= {f"{metric}_mean": values.mean(), f"{metric}_median": float(np.median(values)),
+                          f"{metric}_std": values.std(ddof=1) if len(values) > 1 else 0.0}
+        entry["label_accuracy"] = np.mean([r["label_correct"] for r in group])
+        entry["seconds_mean"] = np.mean([r["seconds"] for r in group])
+        out.append({k: float(v) if isinstance(v, np.floating) else v for k, v in entry.items()})
+    return out
+
+
+def summary_table(summary: list[dict], names: Names) -> str:
+    """summary.md's table: a row per (defence, model, attack)."""
+    index = lambda e: f"{e['index_mean']:.0f} [{e['index_min']:.0f}, {e['index_max']:.0f}]" if "index_mean" in e else ""  # noqa: E731
+    fraction = lambda e: f"{e['fraction_mean']:.4f}" if "fraction_mean" in e else ""  # noqa: E731
+    defended = any(e["defence"] != "none" for e in summary)  # a column of its own only where there is one
+    column = lambda e: f" {e['defence']} |" if defended else ""  # noqa: E731
+    lines = ["| model |" + (" defence |" if defended else "") + " security index mean [min, max] | worst layer's "
+             "fraction | attack | n | PSNR mean ± std | PSNR median | SSIM mean ± std | SSIM median | label acc. | "
+             "seconds |", "|---" * (11 + defended) + "|"]
+    lines += [f"| {e['model']} |{column(e)} {index(e)} | {fraction(e)} | {names.shown(e['attack'])} | {e['n']} | "
+              f"{e['psnr_mean']:.2f} ± {e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± "
+              f"{e['ssim_std']:.3f} | {e['ssim_median']:.3f} | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |"
+              for e in summary]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(folder: Path, rows: list[dict], names: Names, correlations: dict, notes: str = "",
+                  by_defence_correlations: dict | None = None) -> str:
+    """summary.csv and summary.md (with the index's correlations, those under each defence,
+    then `notes`); returns the markdown."""
+    summary = summarise(rows, names)
+    if not summary:
+        if notes:
+            sweeps.write_atomic(folder / "summary.md", notes.lstrip())
+        return notes
+    sweeps.write_atomic(folder / "summary.csv", sweeps.csv_text(summary, dict.fromkeys(k for e in summary for k in e)))
+    text = summary_table(summary, names)
+    if len(index_by_model(undefended(rows))) >= 3:
+        text += "\nThe indices against PSNR, rank correlations\n\n" + correlation_table(correlations, names)
+    for spec, by_index in (by_defence_correlations or {}).items():
+        text += (f"\nUnder {spec}: the indices of the equations the attacker has against PSNR\n\n"
+                 + correlation_table(by_index, names))
+    text += notes
+    sweeps.write_atomic(folder / "summary.md", text)
+    return text
+
+
+# =============================================================================
+# The figures of a run
+# =============================================================================
+
+
+def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -> object:
+    """One row per cell's entry: Target then each attack, PSNR / SSIM under each; as wide
+    as the longest row title needs (a long file name over two columns). Returns the figure."""
+    from matplotlib.figure import Figure
+
+    columns = ["target"] + [a for a in names.attacks if any(a in cell["attacks"] for cell in cells)]
+    titles = [f"{cell['model']}  |  {cell['image']}  |  label {cell['label']}" for cell in cells]
+    width = max(1.7 * len(columns), 0.085 * max(map(len, titles)) + 0.4)  # 10-point text: about 0.08 in a character
+    fig = Figure(figsize=(width, 2.35 * len(cells)), layout="constrained")
+    rows = np.atleast_1d(fig.subfigures(len(cells), 1))
+    for row, cell, title in zip(rows, cells, titles):
+        row.suptitle(title, fontsize=10)
+        for ax, name in zip(row.subplots(1, len(columns)), columns):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title("Target" if name == "target" else names.shown(name), fontsize=9)
+            entry = cell["target"] if name == "target" else cell["attacks"].get(name)
+            if entry is None:
+                ax.set_axis_off()
+                continue
+            ax.imshow(np.load(folder / entry["npy"]), interpolation="nearest")
+            if name != "target":
+                ax.set_xlabel(f"{format_psnr(entry['psnr'])} / {entry['ssim']:.2f}", fontsize=8)
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def index_groups(index: dict[str, float]) -> dict[float, list[str]]:
+    """Models by their (mean) index, the groups in index order."""
+    groups: dict[float, list[str]] = {}
+    for model, value in sorted(index.items(), key=lambda kv: (kv[1], kv[0])):
+        groups.setdefault(value, []).append(model)
+    return groups
+
+
+def spread_labels(positions: list[float], gap: float) -> list[float]:
+    """Label positions (axes fraction, sorted) near `positions`, at least `gap` apart."""
+    out = list(positions)
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + gap)
+    if out and out[-1] > 1:
+        out[-1] = 1
+        for i in range(len(out) - 2, -1, -1):
+            out[i] = min(out[i], out[i + 1] - gap)
+    return out
+
+
+def label_groups(ax: object, groups: dict[float, list[str]], fmt: str = "{:.0f}") -> None:
+    """Above the axes, one label per index value naming its models (a family's common
+    prefix once: "cnn3_c1 c6 c7"), spread apart, each with a line to its index."""
+    to_fraction = ax.transAxes.inverted().transform
+    at = [(to_fraction(ax.transData.transform((value, 0)))[0], value) for value in groups]
+    gap = min(1 / max(len(at), 1), 0.03)
+    for (point, value), label in zip(at, spread_labels([p for p, _ in at], gap)):
+        first, *others = groups[value]
+        family = first.split("_")[0] + "_"
+        text = " ".join([first] + [n.removeprefix(family) for n in others])
+        ax.annotate(f"{text}  ({fmt.format(value)})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
+                    textcoords="axes fraction", rotation=90, fontsize=7, ha="center", va="bottom",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
+
+
+def first_activations(rows: list[dict]) -> dict[str, str]:
+    """model -> the activation after its first convolution, as its rows carry it."""
+    return {r["model"]: r["first_activation"] for r in rows}
+
+
+def activation_colours(activations: dict[str, str]) -> dict[str, str]:
+    return {act: f"C{i}" for i, act in enumerate(sorted(set(activations.values())))}
+
+
+def plot_points(ax: object, summary: list[dict], x: dict[str, float], metric: str, colour: dict[str, str],
+                names: Names) -> None:
+    """Each attack's mean (± std over images) per model at x[model]: marker by attack, colour
+    by the first activation (`colour`: model -> colour); PSNRs above the cap drawn at it, hollow."""
+    for e in summary:
+        if e["model"] not in x:
+            continue
+        mean, std = e[f"{metric}_mean"], e[f"{metric}_std"]
+        capped = metric == "psnr" and mean > PSNR_CAP
+        c = colour[e["model"]]
+        ax.errorbar([x[e["model"]]], [PSNR_CAP if capped else mean], None if capped else [std],
+                    fmt=names.marker(e["attack"]), ms=5, capsize=2, color=c, mfc="none" if capped else c, alpha=0.85,
+                    gid=f"{e['model']}|{e['attack']}|{metric}")
+
+
+def study_legend(fig: object, attacks: list[str], activations: dict[str, str], names: Names) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="none", marker=names.marker(a), color="0.3", label=names.shown(a)) for a in attacks]
+    handles += [Line2D([], [], ls="none", marker="o", color=c, label=f"first activation: {act}")
+                for act, c in activation_colours(activations).items()]
+    handles.append(Line2D([], [], ls="none", marker="o", mfc="none", color="0.3", label=f"above {PSNR_CAP:.0f} dB"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
+
+
+def negative_index_axis(column: object, below: dict[float, list[str]], which: str) -> None:
+    """The x axis of the negative values: symmetric-log for the paper's index (counts of
+    free unknowns, from tens to thousands), linear for the worst layer's fraction."""
+    top, bottom = column
+    if which == "security_index":
+        top.set_xscale("symlog", linthresh=1)
+        lo, hi = min(below) * 1.6, max(below) / 1.6
+        top.set_xlim(lo, hi)
+        ticks = [-m * 10**k for k in range(6) for m in (1, 2, 5) if lo <= -m * 10**k <= hi]
+        bottom.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        bottom.minorticks_off()
+        bottom.set_xlabel("the paper's security index < 0 (symmetric-log axis; more negative: more of the "
+                          "input left free)")
+    else:
+        span = max(below) - min(below) or 0.1
+        top.set_xlim(min(below) - 0.05 * span, max(below) + 0.05 * span)
+        bottom.set_xlabel("the worst layer's fraction of free unknowns, min_l r_l / n_l < 0 (-1: some layer "
+                          "determines nothing)")
+    label_groups(top, below, "{:.0f}" if which == "security_index" else "{:.3f}")
+
+
+def zero_strip(column: object, zero: list[str], which: str) -> None:
+    """The strip of index 0 (every layer determined): its models side by side, named."""
+    top, bottom = column
+    bottom.set_xlim(-0.6, len(zero) - 0.4)
+    bottom.set_xticks(range(len(zero)), zero, rotation=90, fontsize=7)
+    top.tick_params(labelbottom=False)
+    top.set_title(f"{INDICES[which]} 0\n(every layer determined)", fontsize=8)
+    bottom.set_xlabel("index 0: models side by side")
+
+
+def plot_index_vs_quality(rows: list[dict], path: Path, names: Names, which: str = "security_index") -> object:
+    """The study figure: each model's index (x; `which` of INDICES) against each attack's mean
+    PSNR and SSIM over its images, +- their standard deviation. The index as it is, never
+    jittered: negative values on a symmetric-log axis (the paper's index) or a linear one
+    (the worst layer's fraction), models of one value sharing its x and one label above; 0
+    (every layer determined) in a strip of its own at the right, where its models stand side
+    by side, named. Returns the figure."""
+    from matplotlib.figure import Figure
+
+    summary = summarise(rows, names)
+    index = {m: float(np.mean(v)) for m, v in index_by_model(rows, which).items()}
+    zero = sorted(m for m, v in index.items() if v == 0)
+    below = index_groups({m: v for m, v in index.items() if v != 0})
+    fig = Figure(figsize=(max(11, 0.35 * len(index)), 10), layout="constrained")
+    ratios = [w for w in (3 if below else 0, 0.12 * len(zero) + 0.3 if zero else 0) if w]
+    axes = fig.subplots(2, len(ratios), sharey="row", sharex="col", squeeze=False, width_ratios=ratios)
+    activations = {m: act for m, act in first_activations(rows).items() if m in index}
+    palette = activation_colours(activations)
+    colour = {m: palette[act] for m, act in activations.items()}
+    for row, (metric, label) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
+        if below:
+            plot_points(axes[row, 0], summary, {m: v for v, ms in below.items() for m in ms}, metric, colour, names)
+        if zero:
+            plot_points(axes[row, -1], summary, {m: i for i, m in enumerate(zero)}, metric, colour, names)
+        axes[row, 0].set_ylabel(label)
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylim(top=PSNR_CAP + 2)
+    if below:
+        negative_index_axis(axes[:, 0], below, which)
+    if zero:
+        zero_strip(axes[:, -1], zero, which)
+    study_legend(fig, names.present(summary), activations, names)
+    fig.savefig(path, dpi=130)
+    return fig
+
+
+def plot_defence_vs_quality(rows: list[dict], path: Path, names: Names) -> object:
+    """PSNR and SSIM against each defence's strength: one column per kind of defence, one
+    line per (model, attack) through the mean over images, colour by attack, marker by
+    model; no defence at strength 0 on every panel. PSNRs above the cap drawn at it."""
+    from matplotlib.figure import Figure
+
+    curves: dict[tuple, dict[float, list[float]]] = {}  # (kind, model, attack, metric) -> strength -> values
+    for r in rows:
+        for k in [r["kind"]] if r["kind"] != "none" else names.strengths:
+            for metric in ("psnr", "ssim"):
+                value = min(r[metric], PSNR_CAP) if metric == "psnr" else r[metric]
+                curves.setdefault((k, r["model"], r["attack"], metric), {}).setdefault(r["strength"], []).append(value)
+    present = {r["kind"] for r in rows}
+    kinds = [k for k in names.strengths if k in present]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    attacks = names.present(rows)
+    fig = Figure(figsize=(4.5 * len(kinds) + 2, 7.5), layout="constrained")
+    axes = fig.subplots(2, len(kinds), sharey="row", squeeze=False)
+    markers = "osD^vP*Xh<>"
+    for col, kind in enumerate(kinds):
+        for row, (metric, label) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
+            ax = axes[row, col]
+            for m, model in enumerate(models):
+                for a, attack in enumerate(attacks):
+                    curve = sorted((x, np.mean(v)) for x, v in curves.get((kind, model, attack, metric), {}).items())
+                    if curve:
+                        ax.plot(*zip(*curve), marker=markers[m % len(markers)], ms=4, lw=1, alpha=0.8,
+                                color=f"C{a}", label=f"{names.shown(attack)}, {model}")
+            if kind != "prune":  # noise levels span decades; none (0) stays on the linear part
+                positive = [x for (k, *_), c in curves.items() if k == kind for x in c if x > 0]
+                ax.set_xscale("symlog", linthresh=min(positive, default=1) / 2)
+            ax.grid(alpha=0.3)
+            axes[row, 0].set_ylabel(label)
+        axes[0, col].set_title(kind)
+        axes[1, col].set_xlabel(names.strengths[kind][0])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    fig.savefig(path, dpi=130)
+    return fig
+
+
+def plot_pruned_index_vs_quality(rows: list[dict], path: Path, names: Names, kinds: set[str]) -> object:
+    """Under the defences that remove equations (`kinds`: pruning), the indices of the
+    surviving equations (x) against PSNR, one point per cell and attack: colour by the
+    defence's strength (none: 0), marker by attack."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.figure import Figure
+
+    kept = [r for r in rows if r["kind"] in kinds | {"none"}]
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    colour = colormaps["viridis"]
+    for ax, index in zip(axes, INDICES):
+        for attack in names.present(kept):
+            points = [r for r in kept if r["attack"] == attack and r.get(index) is not None]
+            ax.scatter([r[index] for r in points], [min(r["psnr"], PSNR_CAP) for r in points],
+                       c=[colour(r["strength"]) for r in points], marker=names.marker(attack),
+                       s=18, alpha=0.8, label=names.shown(attack))
+        if index == "security_index":
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel(f"{INDICES[index]} of the surviving equations")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("PSNR (dB)")
+    axes[0].legend(fontsize=8)
+    fig.colorbar(ScalarMappable(cmap=colour), ax=axes,
+                 label=" or ".join(names.strengths[k][0] for k in names.strengths if k in kinds))
+    fig.savefig(path, dpi=130)
+    return fig
+
+
+# =============================================================================
+# What a sweep and a merge end with
+# =============================================================================
+
+
+def finish(folder: sweeps.RunFolder, names: Names, removes_equations: set[str]) -> None:
+    """The figures (the first cells of a sweep; the index against quality for 3 or more
+    models; the defences'), the summary tables and the index's correlations, printed and in
+    results.json; what a partial merge lacks, and what was skipped, said at the end of
+    summary.md. `removes_equations`: the defence kinds under which the attacker drops
+    equations (their own figure)."""
+    shown = [e for e in folder.results["runs"] if e.get("attacks")][:FIGURE_CELLS]
+    if shown:
+        plot_comparison(shown, folder.path, folder.path / "comparison.png", names)
+    rows = folder.rows()
+    groups, plain = by_defence(rows), undefended(rows)
+    folder.results["correlations"] = index_correlations(plain, names)
+    if len(groups) > 1:  # the indices of the equations the attacker has, under each defence
+        folder.results["correlations_by_defence"] = {spec: c for spec, group in groups.items()
+                                                     if spec != "none" and (c := index_correlations(group, names))}
+    folder.save()
+    for which, name in INDEX_FIGURES.items():
+        if len(index_by_model(plain, which)) >= 3:
+            plot_index_vs_quality(plain, folder.path / name, names, which)
+    if len(groups) > 1:
+        plot_defence_vs_quality(rows, folder.path / "defence_vs_quality.png", names)
+    if any(r["kind"] in removes_equations for r in rows):
+        plot_pruned_index_vs_quality(rows, folder.path / "pruned_index_vs_quality.png", names, removes_equations)
+    notes, missing = [], folder.results.get("missing")
+    if missing:
+        notes.append(f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "
+                     f"{'; '.join(' on '.join(k) for k in missing)}\n")
+    notes += [f"\nSkipped on {e['model']} on {e['image']}: {', '.join(e['skipped'])} "
+              f"({next(iter(e['skipped'].values()))})\n" for e in folder.results["runs"] if e.get("skipped")]
+    summary = write_summary(folder.path, rows, names, folder.results["correlations"], "".join(notes),
+                            folder.results.get("correlations_by_defence"))
+    say(summary, end="")
+    say(f"results: {folder.path}")
+
+
+# =============================================================================
+# The study tables (the scripts in studies/ print them)
+# =============================================================================
+
+
+def cell_correlations(c: dict | None) -> str:
+    """A side-by-side table's two cells: rho (p) | tau (p)."""
+    if c is None:
+        return "n/a | n/a"
+    return (f"{show_correlation(c['spearman_rho'], c['spearman_p'])} | "
+            f"{show_correlation(c['kendall_tau'], c['kendall_p'])}")
+
+
+def side_by_side(first: list[dict], second: list[dict], names: Names, labels: tuple[str, str] = ("held out", "zoo"),
+                 kinds: tuple[str, str] = ("random architectures", "models"), unit: str = "architecture") -> str:
+    """Two runs' correlations side by side, from their rows: `labels` head their columns,
+    `kinds` say what their models are, `unit` what a row's 'over' counts."""
+    def described(rows: list[dict]) -> tuple[dict, int, int]:
+        return index_correlations(rows, names), len({r["model"] for r in rows}), len({r["image"] for r in rows})
+
+    (a_corr, a_models, a_images), (b_corr, b_models, b_images) = described(first), described(second)
+    lines = [f"{labels[0][0].upper()}{labels[0][1:]}: {a_models} {kinds[0]} x {a_images} images; "
+             f"{labels[1]}: {b_models} {kinds[1]} x {b_images} images. "
+             "Spearman's rho (p) | Kendall's tau (p) of each index with PSNR.", "",
+             f"| index | attack | over | {labels[0]}: rho (p) | tau (p) | {labels[1]}: rho (p) | tau (p) |",
+             "|---|---|---|---|---|---|---|"]
+    for index in INDICES:
+        for attack in names.attacks:
+            for over in ("models", "pairs"):
+                a = a_corr.get(index, {}).get(attack, {}).get(over)
+                b = b_corr.get(index, {}).get(attack, {}).get(over)
+                if a or b:
+                    what = f"{unit}s" if over == "models" else f"({unit}, image) points"
+                    lines.append(f"| {INDICES[index]} | {names.shown(attack)} | {what} | {cell_correlations(a)} | "
+                                 f"{cell_correlations(b)} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_model(rows: list[dict], names: Names) -> tuple[dict, dict]:
+    """Each model's (mean index, mean fraction) and its mean PSNR per attack, from the summary."""
+    summary = summarise(rows, names)
+    indices = {e["model"]: (e["index_mean"], e["fraction_mean"]) for e in summary}
+    psnr: dict = {}
+    for e in summary:
+        psnr.setdefault(e["model"], {})[e["attack"]] = e["psnr_mean"]
+    return indices, psnr
+
+
+def model_rows(first: list[dict], second: list[dict], labels: tuple[str, str], names: Names) -> list[str]:
+    """Each model's mean PSNR per attack in both studies, sorted by the first's index; then
+    how alike the two order the rank-deficient models."""
+    (idx_c, c), (idx_p, p) = per_model(first, names), per_model(second, names)
+    differ = sorted(m for m in idx_c.keys() & idx_p.keys()  # indices are means: equal to rounding
+                    if not all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(idx_c[m], idx_p[m])))
+    columns = [(a, by) for a in names.attacks for by in (c, p) if any(a in per for per in by.values())]
+    label = lambda by: labels[0] if by is c else labels[1]  # noqa: E731
+    lines = ["", "Mean PSNR (dB) per model, sorted by the security index"
+             + (f"; indices differ between the studies for {', '.join(differ)}" if differ else "") + ".", "",
+             "| model | security index | worst layer's fraction | "
+             + " | ".join(f"{names.shown(a)}: {label(by)}" for a, by in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    show = lambda by, m, a: f"{by[m][a]:.2f}" if a in by.get(m, {}) else "-"  # noqa: E731
+    for m in sorted(c, key=lambda m: (idx_c[m][0], m)):
+        lines.append(f"| {m} | {idx_c[m][0]:.0f} | {idx_c[m][1]:.3f} | "
+                     + " | ".join(show(by, m, a) for a, by in columns) + " |")
+    return lines + agreement(c, p, idx_c, labels, names)
+
+
+def agreement(c: dict, p: dict, idx_c: dict, labels: tuple[str, str], names: Names) -> list[str]:
+    """How alike two studies order the rank-deficient models: Spearman's rho between their
+    per-model mean PSNRs, per attack both ran (index-0 models left out: R-GAP's exact answers
+    would dominate)."""
+    said = []
+    for a in names.attacks:
+        models = [m for m in c if idx_c[m][0] < 0 and a in c[m] and a in p.get(m, {})]
+        rank = rank_correlation([c[m][a] for m in models], [p[m][a] for m in models])
+        if rank and rank["spearman_rho"] is not None:
+            said.append(f"{names.shown(a)} {rank['spearman_rho']:+.3f} ({len(models)} models)")
+    if not said:
+        return []
+    return ["", f"Spearman's rho between the per-model mean PSNRs of {labels[0]} and {labels[1]}, over the "
+            f"rank-deficient models (index < 0): {'; '.join(said)}."]
+
+
+# -- the defence study ----------------------------------------------------------------------
+
+STOPPED = 15.0  # dB: below this an attack is taken as stopped
+
+
+def grouped(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def mean_psnr(rows: list[dict], cap: float = math.inf) -> dict[tuple[str, str, str], float]:
+    """(model, attack, defence) -> the mean PSNR over the images (each capped at `cap`)."""
+    return {k: float(np.mean([min(r["psnr"], cap) for r in v]))
+            for k, v in grouped(rows, "model", "attack", "defence").items()}
+
+
+def show_psnr(x: float) -> str:
+    return "exact" if math.isinf(x) else f"{x:.1f}"
+
+
+def images_per_mean(rows: list[dict], attacks: list[str], names: Names) -> str:
+    """How many images each attack's means are over: a study's parts may attack different numbers."""
+    counts: dict[str, set[int]] = {}
+    for (attack, _, _), v in grouped(rows, "attack", "model", "defence").items():
+        counts.setdefault(attack, set()).add(len({r["image"] for r in v}))
+    spans = [(a, min(counts[a]), max(counts[a])) for a in attacks]
+    return ", ".join(f"{names.shown(a)} {lo}" + (f"-{hi}" if hi > lo else "") for a, lo, hi in spans)
+
+
+def specs_of(rows: list[dict]) -> dict[str, tuple[str, float]]:
+    """defence spec -> (its kind, its strength), as the rows carry them."""
+    return {r["defence"]: (r["kind"], r["strength"]) for r in rows}
+
+
+def mean_table(means: dict, models: list[str], attacks: list[str], specs: list[str], images: str,
+               names: Names) -> list[str]:
+    lines = [f"Mean PSNR (dB) over the images ({images}), per model and attack, under each defence:", "",
+             "| model | attack | " + " | ".join(specs) + " |", "|---|---|" + "---|" * len(specs)]
+    for m in models:
+        for a in attacks:
+            if (m, a, "none") in means:
+                lines.append(f"| {m} | {names.shown(a)} | "
+                             + " | ".join(show_psnr(means[m, a, s]) if (m, a, s) in means else "" for s in specs) + " |")
+    return lines + [""]
+
+
+def stopping_table(means: dict, models: list[str], attacks: list[str], specs: dict[str, tuple[str, float]],
+                   names: Names) -> list[str]:
+    """The weakest strength of each kind from which on the mean PSNR stays below STOPPED
+    (at it and at every stronger one), and the mean there; '-' where no strength in the
+    grid gets there, 'already' where no defence is needed."""
+    kinds = [k for k in names.strengths if any(kind == k for kind, _ in specs.values())]
+    lines = [f"The weakest strength in the grid from which on each defence keeps an attack's mean PSNR below "
+             f"{STOPPED:g} dB, there and at every stronger point (the mean there in brackets; '-': not within the "
+             "grid; 'already': below it undefended):",
+             "", "| model | attack | " + " | ".join(f"{k} ({names.strengths[k][1]})" for k in kinds) + " |",
+             "|---|---|" + "---|" * len(kinds)]
+    for m in models:
+        for a in attacks:
+            if (m, a, "none") not in means:
+                continue
+            if means[m, a, "none"] < STOPPED:
+                lines.append(f"| {m} | {names.shown(a)} | " + " | ".join("already" for _ in kinds) + " |")
+                continue
+            cells = []
+            for k in kinds:
+                grid = sorted((s for s, (kind, _) in specs.items() if kind == k and (m, a, s) in means),
+                              key=lambda s: specs[s][1])
+                # from here on every stronger point too: a chaotic attack (DLG) can dip below the line at one
+                # strength and rise above it at the next, and a defence that stops it must stop it when stronger
+                hit = next((s for i, s in enumerate(grid) if all(means[m, a, t] < STOPPED for t in grid[i:])), None)
+                cells.append("-" if hit is None else f"{specs[hit][1]:g} ({means[m, a, hit]:.1f})")
+            lines.append(f"| {m} | {names.shown(a)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def pruning_table(rows: list[dict], models: list[str], specs: dict[str, tuple[str, float]], names: Names,
+                  removes_equations: set[str]) -> list[str]:
+    """Under pruning: the security index of the surviving equations (mean over the images)
+    beside each attack's mean PSNR, and the rank correlation of the two over the points."""
+    from scipy import stats
+
+    linear = [r for r in rows if r["attack"] in ("rgap", "hybrid")]
+    pruned = [r for r in linear if r["kind"] in removes_equations]
+    if not pruned:
+        return []
+    lines = ["Under pruning: the security index of the equations that survive (mean over the images; the "
+             "undefended index in the first row of each model) against the mean PSNR:", "",
+             "| model | P | security index | worst layer's fraction | fc inputs undetermined | R-GAP | Hybrid |",
+             "|---|---|---|---|---|---|---|"]
+    by = grouped(linear, "model", "defence")
+    for m in models:
+        for s in [s for s, (kind, _) in specs.items() if kind == "none" or kind in removes_equations]:
+            if (m, s) not in by:
+                continue
+            g = by[m, s]
+            cells = [f"{np.mean([r['security_index'] for r in g]):.0f}",
+                     f"{np.mean([r['worst_layer_fraction'] for r in g]):.4f}",
+                     f"{np.mean([r['fc_inputs_undetermined'] for r in g]):.1%}"]
+            cells += [show_psnr(np.mean([r["psnr"] for r in g if r["attack"] == a])) for a in ("rgap", "hybrid")]
+            lines.append(f"| {m} | {specs[s][1]:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for a in ("rgap", "hybrid"):
+        sub = [r for r in pruned if r["attack"] == a]
+        finite = [r for r in sub if math.isfinite(r["psnr"])]
+        rho, pv = stats.spearmanr([r["security_index"] for r in finite], [r["psnr"] for r in finite])
+        zero = [r["psnr"] for r in sub if r["security_index"] == 0]
+        rest = [r["psnr"] for r in sub if r["security_index"] != 0]
+        lines.append(f"- {names.shown(a)}: Spearman's rho of the index under pruning against PSNR over the "
+                     f"{len(finite)} pruned (model, image, P): {rho:+.3f} (p {pv:.2g}); index 0: "
+                     f"{len(zero)} points, PSNR min {show_psnr(min(zero)) if zero else '-'}; index below 0: "
+                     f"{len(rest)} points, PSNR max {show_psnr(max(rest)) if rest else '-'}.")
+    return lines + [""]
+
+
+def ordered_specs(rows: list[dict], names: Names) -> dict[str, tuple[str, float]]:
+    """The rows' defence specs: none first, then by kind (Names' order) and strength."""
+    specs = specs_of(rows)
+    kinds = list(names.strengths)
+    order = lambda s: (kinds.index(specs[s][0]) + 1 if specs[s][0] != "none" else 0, specs[s][1])  # noqa: E731
+    return {s: specs[s] for s in sorted(specs, key=order)}
+
+
+def defence_table(rows: list[dict], names: Names, removes_equations: set[str]) -> str:
+    """The defence study's tables: mean PSNR per defence, the weakest strength that stops each
+    attack, and the index under pruning."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    specs = ordered_specs(rows, names)
+    attacks = names.present(rows)
+    means = mean_psnr(rows)
+    return "\n".join(mean_table(means, models, attacks, list(specs), images_per_mean(rows, attacks, names), names)
+                     + stopping_table(means, models, attacks, specs, names)
+                     + pruning_table(rows, models, specs, names, removes_equations))
+
+
+def plot_defence_table(rows: list[dict], path: Path, names: Names) -> object:
+    """Mean PSNR over the images against each defence's strength: a row of panels per
+    model, a column per kind, a line per attack; no defence at 0 on every panel."""
+    from matplotlib.figure import Figure
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    specs = specs_of(rows)
+    kinds = [k for k in names.strengths if any(kind == k for kind, _ in specs.values())]
+    attacks = names.present(rows)
+    means = mean_psnr(rows, PSNR_CAP)
+    fig = Figure(figsize=(3.2 * len(kinds) + 1.6, 2.1 * len(models) + 0.6), layout="constrained")
+    axes = fig.subplots(len(models), len(kinds), sharey=True, squeeze=False)
+    for r, m in enumerate(models):
+        for c, kind in enumerate(kinds):
+            ax = axes[r, c]
+            for a in attacks:
+                curve = sorted((specs[s][1], v) for (mm, aa, s), v in means.items()
+                               if mm == m and aa == a and specs[s][0] in (kind, "none"))
+                if len(curve) > 1:
+                    ax.plot(*zip(*curve), marker=names.marker(a), ms=3.5, lw=1, label=names.shown(a),
+                            color=f"C{list(names.attacks).index(a)}")
+            ax.axhline(STOPPED, color="grey", lw=0.8, ls="--")
+            positive = sorted(x for k, x in specs.values() if k == kind)
+            if kind != "prune":
+                ax.set_xscale("symlog", linthresh=positive[0] / 2)
+                ax.set_xlim(left=-positive[0] / 8)  # no negative decades: none sits at 0, on the left
+            ticks = [0.0, *positive]
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=60, fontsize=7)
+            ax.minorticks_off()
+            ax.grid(alpha=0.3)
+            if r == 0:
+                ax.set_title(f"{kind} ({names.strengths[kind][1]})")
+            if c == 0:
+                ax.set_ylabel(f"{m}\nPSNR (dB)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    fig.suptitle(f"Mean PSNR over the images against the defence's strength (dashed: {STOPPED:g} dB; "
+                 f"capped at {PSNR_CAP:g})", fontsize=9)
+    fig.savefig(path, dpi=110)
+    return fig

@@ -1,0 +1,24 @@
+"""Tabulates a defence study (studies/make_defences.sh): per model and attack, the mean PSNR
+over the images under each defence; per defence kind, the weakest strength in the grid
+from which on an attack's mean PSNR stays below 15 dB; and, under pruning, the security
+index of the equations that survive against the PSNR that R-GAP and the hybrid reach.
+
+Usage: python -m studies.defence_table STUDY.json [STUDY.json ...] [--figure PNG] > table.md
+(several results.json, e.g. the linear attacks' and the baselines', are read as one study;
+--figure draws the PSNR against each defence's strength, a panel per model and kind)
+"""
+import argparse
+
+import hybrid as H
+import report
+from studies.common import read_rows
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("studies", nargs="+")
+    p.add_argument("--figure", help="also draw the study's figure here")
+    a = p.parse_args()
+    rows = [r for path in a.studies for r in read_rows(path)]
+    print(report.defence_table(rows, H.names(), H.removing_equations()), end="")
+    if a.figure:
+        report.plot_defence_table(rows, a.figure, H.names())

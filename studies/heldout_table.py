@@ -1,0 +1,22 @@
+"""Tabulates the held-out test of the indices (studies/make_heldout.sh) beside the zoo: for
+each index and attack, Spearman's rho and Kendall's tau (two-sided p) with PSNR, over
+architectures (each one's mean index and mean PSNR over its images) and over
+(architecture, image) points, on the random architectures and on the zoo's 35 models at
+the same images and settings.
+
+Usage: python -m studies.heldout_table HELDOUT.json ZOO.json [--images 0-4] > table.md
+"""
+import argparse
+
+import hybrid as H
+import report
+from studies.common import image_names, read_rows
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("heldout")
+    p.add_argument("zoo")
+    p.add_argument("--images", help="CIFAR-10 test indices to keep from both, e.g. 0-4")
+    a = p.parse_args()
+    names = image_names(a.images)
+    print(report.side_by_side(read_rows(a.heldout, names), read_rows(a.zoo, names), H.names()), end="")

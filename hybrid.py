@@ -87,26 +87,46 @@ DATA_PATH = "data"  # CIFAR-10 lives (or is downloaded) here
 PUBLISHED_SEED = 10  # the published code set torch's and numpy's seeds to 10
 
 
+# The settings, each declared once as a field and its flag (sweeps.setting): its default, its
+# --help and how it is read. `meta` says what check_combinations reads: attacks_only (no effect
+# with --analyse), needs (no effect without that setting) and not_with (none with that one).
+# Which attacks a method setting needs is ATTACKS' rows' `settings`. The functions named in
+# types and checks are defined with the command line, at the end of the file.
+ATTACKING = {"attacks_only": True}
+
+
 @dataclass(frozen=True)
 class AttackSettings:
     """The method's settings: all that the attacks read. The defaults are the published
-    code's (the paper's experiments); --quick takes QUICK's iteration counts."""
+    code's (the paper's experiments); --quick takes each iteration count's `quick`."""
 
-    dlg_iters: int = 300  # L-BFGS steps of DLG and iDLG
-    cosine_iters: int = 4800  # Adam steps of Cosine+TV
-    hybrid_iters: int = 2000  # N, the hybrid schedule's base: 4N Adam steps at layer 1, N // 2 above
-    hybrid_iters_first: int = 10000  # N0: the hybrid's Adam steps at layer 0, the image
-    restarts: int = 1  # DLG, iDLG, Cosine+TV: starts from random images, the best kept (1: the paper's)
-    true_label: bool = False  # hand the client's label to every attack (ablation)
-    compile: bool = False  # the hybrid's objective through torch.compile (same numbers, faster steps)
-    correct_where: str = "free-at-or-above"  # hybrid_free: which layers it corrects (CORRECT_WHERE)
-    verbose: bool = False  # per-layer details
+    dlg_iters: int = sweeps.setting(300, "L-BFGS steps of DLG and iDLG (paper: {default}; --quick: {quick})",
+                                    type=sweeps.count(0, "--dlg-iters"), metavar="N", meta=ATTACKING | {"quick": 5})
+    cosine_iters: int = sweeps.setting(4800, "Adam steps of Cosine+TV (paper: {default}; --quick: {quick})",
+                                       type=sweeps.count(0, "--cosine-iters"), metavar="N",
+                                       meta=ATTACKING | {"quick": 100})
+    hybrid_iters: int = sweeps.setting(  # N, the schedule's base
+        2000, "hybrid: N, with 4N Adam steps at layer 1 and N // 2 above (paper: {default}; --quick: {quick})",
+        type=sweeps.count(0, "--hybrid-iters"), metavar="N", meta=ATTACKING | {"quick": 20})
+    hybrid_iters_first: int = sweeps.setting(  # N0
+        10000, "hybrid: N0, its Adam steps at layer 0, the image (paper: {default}; --quick: {quick})",
+        type=sweeps.count(0, "--hybrid-iters-first"), metavar="N", meta=ATTACKING | {"quick": 100})
+    restarts: int = sweeps.setting(1, "DLG, iDLG, Cosine+TV: R starts from random images, keeping the one with the "
+                                      "lowest final objective of its own (default {default}: the paper's single run)",
+                                   type=sweeps.count(1, "--restarts"), metavar="R", meta=ATTACKING)
+    true_label: bool = sweeps.setting(False, "hand the true label to every attack (ablation)", action="store_true",
+                                      meta=ATTACKING)
+    compile: bool = sweeps.setting(False, "hybrid: torch.compile its objective and gradient (the same numbers; steps "
+                                          "about 40%% faster, compiling up to 20 s per layer on a CPU the first time)",
+                                   action="store_true", meta=ATTACKING)
+    correct_where: str = sweeps.setting(
+        "free-at-or-above", "hybrid_free: correct layer l where it or a layer above is rank-deficient "
+        "(free-at-or-above, the default), or where layer l itself is (free-here)",
+        choices=lambda: list(CORRECT_WHERE), meta=ATTACKING)
+    verbose: bool = sweeps.setting(False, "per-layer details", "-v", "--verbose", action="store_true")
     # What the attacker knows of the client's defence, set by the experiment, not a flag:
     # under pruning, the shared gradient's exact zeros are missing entries (known_entries).
     zeros_are_missing: bool = False
-
-
-QUICK = dict(dlg_iters=5, cosine_iters=100, hybrid_iters=20, hybrid_iters_first=100)  # a smoke test's
 
 
 @dataclass(frozen=True)
@@ -114,19 +134,41 @@ class Experiment:
     """What is attacked, and the model the client holds. With AttackSettings and
     sweeps.RunSettings, results.json records it as its `config`."""
 
-    models: list[str] = field(default_factory=lambda: ["cnn4_c2"])  # --model
-    indices: list[int] = field(default_factory=lambda: [3])  # --index: CIFAR-10 images, or photographs
-    source: str = "cifar10"  # or "samples": scikit-image's sample photographs (skimage.data)
-    images: list[str] = field(default_factory=list)  # --image: the user's files, instead of a source
-    label: int = 0  # the class of the --image files
-    attacks: list[str] = field(default_factory=lambda: paper_attacks())  # ATTACKS' paper rows
-    defences: list[str] = field(default_factory=lambda: ["none"])  # --defence: what the client does to its gradient
-    seed: int = PUBLISHED_SEED  # set before every attack (and the seed of a defence's noise)
-    model_seed: int = PUBLISHED_SEED  # set before a model's layers are built
-    train_steps: int = 0  # SGD steps before the client's gradient (0: the published initialisation)
-    train_lr: float = 0.01
-    device: str = "cpu"
-    data: str = DATA_PATH  # where CIFAR-10 is, or is downloaded to
+    models: list[str] = sweeps.setting(["cnn4_c2"], "target models (default {default}; --list-models); 'all', or "
+                                       "shell patterns such as 'cnn3_*'", "--model", action="extend", nargs="+",
+                                       metavar="NAME")
+    image_indices: list[int] = sweeps.setting(
+        [3], "CIFAR-10 training images (default {default}), or positions in the bundled photographs with --source "
+        "samples; ranges such as 0-99 or 0-9,20,31", "--index", action="extend", nargs="+", metavar="I",
+        meta={"not_with": "image_files"})
+    source: str = sweeps.setting(
+        "cifar10", "cifar10: the training set (the default; the test set's first 20 images, which foolbox ships, "
+        "where it is out of reach); cifar10-test: the test set; samples: scikit-image's sample photographs",
+        choices=["cifar10", "cifar10-test", "samples"], meta={"not_with": "image_files"})
+    image_files: list[str] = sweeps.setting([], "attack these image files (or the image files in these folders) "
+                                            "instead", "--image", action="extend", nargs="+", metavar="PATH")
+    label: int = sweeps.setting(0, "the class of the --image files (0-9; default {default})",
+                                type=lambda text: label_value(text), metavar="K", meta={"needs": "image_files"})
+    attacks: list[str] = sweeps.setting(
+        lambda: paper_attacks(), lambda: f"from {' '.join(ATTACKS)} (default: the paper's "
+        f"{' '.join(paper_attacks())}; hybrid_free is ours: the hybrid, correcting only layers the systems leave "
+        "free)", action="extend", nargs="+", choices=lambda: list(ATTACKS), metavar="NAME", meta=ATTACKING)
+    defences: list[str] = sweeps.setting(
+        ["none"], lambda: "what the client does to its gradient before sharing it: " + "; ".join(
+            kind.usage(name) + f" ({kind.what})" for name, kind in DEFENCES.items()) + "; several make a grid",
+        "--defence", action="extend", nargs="+", metavar="DEFENCE")
+    seed: int = sweeps.setting(PUBLISHED_SEED, "seed set before every attack (default {default})",
+                               type=lambda text: seed_value(text), metavar="S", meta=ATTACKING)
+    model_seed: int = sweeps.setting(PUBLISHED_SEED, "seed set before a model's layers are built (default: the "
+                                     "published code's {default})", type=lambda text: seed_value(text), metavar="S")
+    train_steps: int = sweeps.setting(0, "train the model first: K SGD steps on mini-batches of 32 images that never "
+                                      "include the attacked one (default {default}: the published initialisation)",
+                                      type=sweeps.count(0, "--train-steps"), metavar="K")
+    train_lr: float = sweeps.setting(0.01, "that SGD's learning rate (default {default})",
+                                     type=lambda text: learning_rate(text), metavar="LR",
+                                     meta={"needs": "train_steps"})
+    device: str = sweeps.setting("auto", "auto (the default): CUDA where available", choices=["auto", "cpu", "cuda"])
+    data: str = sweeps.setting(DATA_PATH, "where CIFAR-10 is, or is downloaded to (default {default})", metavar="DIR")
 
 
 def seed_everything(seed: int) -> None:
@@ -393,19 +435,19 @@ def load_images(exp: Experiment) -> tuple[list[PrivateImage], str]:
     it): CIFAR-10's training set (the published code's), its test set, the bundled
     photographs, or the user's files. Where the training set is out of reach, the same
     indices of the test set, as foolbox ships them, and the run says so."""
-    if exp.images:
-        return load_files(image_files(exp.images), exp.label), "files"
+    if exp.image_files:
+        return load_files(image_files(exp.image_files), exp.label), "files"
     if exp.source == "cifar10":
-        images = load_cifar10(exp.indices, exp.data)
+        images = load_cifar10(exp.image_indices, exp.data)
         if images is not None:
             return images, "cifar10"
-        images, _ = load_cifar10_test(exp.indices, exp.data)
+        images, _ = load_cifar10_test(exp.image_indices, exp.data)
         warn(f"attacking CIFAR-10 test image{'s' if len(images) > 1 else ''} "
              f"{', '.join(i.name for i in images)} instead (its first 20 ship with foolbox)")
         return images, "cifar10-test"
     if exp.source == "cifar10-test":
-        return load_cifar10_test(exp.indices, exp.data)[0], "cifar10-test"
-    return load_photographs(exp.indices), "samples"
+        return load_cifar10_test(exp.image_indices, exp.data)[0], "cifar10-test"
+    return load_photographs(exp.image_indices), "samples"
 
 
 # =============================================================================
@@ -1224,20 +1266,37 @@ def hybrid_schedule(layer: int, settings: AttackSettings) -> tuple[float, float,
 
 def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, shared: list[torch.Tensor],
                      target: torch.Tensor, weights: tuple[float, float, float],
-                     kept: list[torch.Tensor] | None = None) -> torch.Tensor:
+                     kept: list[torch.Tensor] | None = None, functional: bool = False) -> torch.Tensor:
     """The paper's J(x) at layer l = system.layer. `shared` is the shared gradient of
     layers l..L-1 (gradients_from), `target` the label as a (1,) tensor, and `system`
-    holds tensors of x's dtype and device. Layer l's forward is shared between the
-    residual ||Ux - V||^2 and f_{l:}(x). Under pruning the cosine compares the surviving
+    holds tensors of x's dtype and device. Under pruning the cosine compares the surviving
     entries alone (`kept`, as `shared`; the residual drops the pruned ones itself).
+
+    The dummy gradient grad_p CE(f_{l:}(x), y) is taken by autograd's double backward, with
+    layer l's forward shared between the residual ||Ux - V||^2 and f_{l:}(x); or, where
+    `functional`, through torch.func (functional_call and a nested grad), the form
+    torch.compile can trace (Dynamo cannot trace a double backward). The two are equal in
+    value; the functional form runs layer l's convolution a second time, inside
+    functional_call, as the weight's gradient must be taken through it.
     """
     w_cos, w_tv, w_sq = weights
     z, residual = system.forward_and_residual(model, x)
-    output = model(model.acts[system.layer](z), system.layer + 1)  # f_{l:}(x)
-    dummy = dummy_gradient(model, output, target, system.layer)  # grad_p CE(f_{l:}(x), y), p in layers l..
+    if functional:
+        dummy = functional_dummy_gradient(model, x, target, system.layer)
+    else:
+        output = model(model.acts[system.layer](z), system.layer + 1)  # f_{l:}(x)
+        dummy = dummy_gradient(model, output, target, system.layer)  # p in layers l..L-1
     if kept is not None:
         dummy = [d * k for d, k in zip(dummy, kept)]
     return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
+
+
+def functional_dummy_gradient(model: Net, x: torch.Tensor, target: torch.Tensor, start: int) -> list[torch.Tensor]:
+    """dummy_gradient(model, model(x, start), target, start) through torch.func."""
+    params = {f"layers.{i}.{name}": p.detach() for i in range(start, len(model.layers))
+              for name, p in model.layers[i].named_parameters()}
+    loss = lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x, start)), target)  # noqa: E731
+    return list(torch.func.grad(loss)(params).values())
 
 
 GradAndValue = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (dJ/dx, J)
@@ -1247,7 +1306,7 @@ def hybrid_grad_and_value(model: Net, system: LayerSystem, shared: list[torch.Te
                           weights: tuple[float, float, float], compile: bool,
                           kept: list[torch.Tensor] | None = None) -> GradAndValue:
     """x -> (dJ/dx, J): a double backward through autograd, or with --compile the
-    torch.func form of J, traced and compiled once per layer shape (see below)."""
+    torch.func form of J, traced and compiled once per layer shape (compiled_grad_and_value)."""
     target = torch.tensor([label], device=system.z_minus_b.device)
     if compile:
         return lambda x: compiled_grad_and_value()(model, system, x.detach(), shared, target, weights, kept)
@@ -1280,22 +1339,48 @@ def gradient_matching(model: Net, system: LayerSystem, x_hat: torch.Tensor, *, g
     return x.detach()
 
 
-def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+@functools.cache
+def compiled_grad_and_value() -> Callable:
+    """One compiled (dJ/dx, J) of J's torch.func form for the whole process: the graphs of
+    each (model, layer) are kept, so a sweep compiles each once; labels and images are
+    tensor inputs."""
+    dynamo = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):  # its current name, its older one
+        if hasattr(dynamo, limit):
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime", on CPUs
+    objective = functools.partial(hybrid_objective, functional=True)
+    return torch.compile(torch.func.grad_and_value(objective, argnums=2), dynamic=False)
+
+
+def hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings,
+           where: Where | None = None) -> AttackResult:
     """R-GAP's recursion with each convolution's least-squares solution corrected by
-    gradient matching before it is passed down (the paper's hybrid)."""
-    correct = functools.partial(gradient_matching, model, grads=grads, label=label, settings=settings)
-    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose,
+    gradient matching before it is passed down: at every layer (the paper's hybrid), or at
+    those where `where` holds of the ranks (hybrid_free, which records the layers it corrected)."""
+    corrected = []
+
+    def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
+        corrected.append(system.layer)
+        return gradient_matching(model, system, x_hat, grads=grads, label=label, settings=settings)
+    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose, where=where,
                                              kept=known_entries(grads, settings))
-    return AttackResult(x.to(grads[0].device), label, {"rank_deficiency": deficiency})
+    info = {"rank_deficiency": deficiency} | ({} if where is None else {"corrected_layers": sorted(corrected)})
+    return AttackResult(x.to(grads[0].device), label, info)
+
+
+def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+    """The paper's hybrid: every convolution corrected."""
+    return hybrid(model, grads, label, settings)
 
 
 # -- hybrid_free: ours, not the paper's -------------------------------------------------
 # Where every system from layer l up is full rank, the least-squares solution of layer l
 # is determined by the shared gradient (up to conditioning): gradient matching can only move
 # it away, and on leaky-ReLU models the inverse activations below multiply that move by
-# 1/slope (lenet: R-GAP 54 dB, the paper's hybrid 6 dB, in the published code as in ours).
-# So correct only where the systems leave freedom. The rule reads the ranks alone, which the
-# attacker has without the image: it stays inside the threat model.
+# 1/slope (docs/attacks.md: lenet). So correct only where the systems leave freedom. The
+# rule reads the ranks alone, which the attacker has without the image: it stays inside the
+# threat model.
 
 CORRECT_WHERE: dict[str, Where] = {
     "free-at-or-above": lambda deficiency: any(r < 0 for r in deficiency),  # layer l or one above it
@@ -1306,55 +1391,7 @@ CORRECT_WHERE: dict[str, Where] = {
 def attack_hybrid_free(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
     """The hybrid, correcting a convolution only where settings.correct_where says the
     systems leave it freedom; elsewhere R-GAP's least-squares solution is passed down."""
-    corrected = []  # the layers whose correction ran, as results.json records them
-
-    def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
-        corrected.append(system.layer)
-        return gradient_matching(model, system, x_hat, grads=grads, label=label, settings=settings)
-    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose,
-                                             where=CORRECT_WHERE[settings.correct_where],
-                                             kept=known_entries(grads, settings))
-    return AttackResult(x.to(grads[0].device), label,
-                        {"rank_deficiency": deficiency, "corrected_layers": sorted(corrected)})
-
-
-# -- --compile: the same J through torch.func, the form torch.compile can trace ------------
-# Dynamo cannot trace autograd's double backward; J written with torch.func (the dummy
-# gradient by functional_call and a nested grad) can be, with its gradient in x. On a CPU
-# the compiled step takes 40-60% of the eager one's time (docs/performance.md).
-
-
-def functional_dummy_gradient(model: Net, x: torch.Tensor, target: torch.Tensor, start: int) -> list[torch.Tensor]:
-    """dummy_gradient(model, model(x, start), target, start) through torch.func."""
-    params = {f"layers.{i}.{name}": p.detach() for i in range(start, len(model.layers))
-              for name, p in model.layers[i].named_parameters()}
-    loss = lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x, start)), target)  # noqa: E731
-    return list(torch.func.grad(loss)(params).values())
-
-
-def functional_hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, shared: list[torch.Tensor],
-                                target: torch.Tensor, weights: tuple[float, float, float],
-                                kept: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """hybrid_objective, equal in value; layer l's convolution runs a second time inside
-    functional_call, as the weight's gradient must be taken through it."""
-    w_cos, w_tv, w_sq = weights
-    _, residual = system.forward_and_residual(model, x)
-    dummy = functional_dummy_gradient(model, x, target, system.layer)
-    if kept is not None:
-        dummy = [d * k for d, k in zip(dummy, kept)]
-    return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
-
-
-@functools.cache
-def compiled_grad_and_value() -> Callable:
-    """One compiled (dJ/dx, J) for the whole process: the graphs of each (model, layer)
-    are kept, so a sweep compiles each once; labels and images are tensor inputs."""
-    dynamo = torch._dynamo.config
-    for limit in ("recompile_limit", "cache_size_limit"):  # its current name, its older one
-        if hasattr(dynamo, limit):
-            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime", on CPUs
-    return torch.compile(torch.func.grad_and_value(functional_hybrid_objective, argnums=2), dynamic=False)
+    return hybrid(model, grads, label, settings, CORRECT_WHERE[settings.correct_where])
 
 
 # =============================================================================
@@ -1515,7 +1552,7 @@ def clip_then_noise(grads: list[torch.Tensor], p: dict[str, float], seed: int) -
 
 
 DEFENCES: dict[str, DefenceKind] = {
-    "none": DefenceKind((), lambda grads, p, seed: grads, lambda p: 0.0, "", "", "none (the default)"),
+    "none": DefenceKind((), lambda grads, p, seed: grads, lambda p: 0.0, "", "", "the default: the gradient itself"),
     "noise": DefenceKind((Param("sigma", "SIGMA", NON_NEGATIVE, "a finite number of at least 0"),),
                          lambda grads, p, seed: add_noise(grads, p["sigma"], seed), lambda p: p["sigma"],
                          "the noise's standard deviation SIGMA", "SIGMA", "adds N(0, SIGMA^2) to every entry",
@@ -1839,21 +1876,29 @@ def first_activation(model: str) -> str:
     return f"leaky {leaky_slope(act):g}" if act.startswith("leaky") else act
 
 
-def upgraded(entry: dict) -> dict:
-    """An entry of results.json as this version writes it, from any earlier version's: the
-    one place that knows older run folders. Before defences an entry had none (it is
-    `none`'s); before the worst layer's fraction it had the security index alone (both
-    indices follow from its rank deficiencies)."""
-    entry.setdefault("defence", {"spec": "none"})
-    for has in (entry, entry["defence"]):
-        if has.get("rank_deficiency") is not None and any(has.get(k) is None for k in report.INDICES):
-            has |= indices_of(entry["model"], has["rank_deficiency"])
-    return entry
+RENAMED = {"indices": "image_indices", "images": "image_files"}  # config keys: older name -> this version's
+
+
+def upgraded(results: dict) -> dict:
+    """results.json as this version writes it, from any earlier version's (in place): the
+    one place that knows older run folders. Settings renamed since (RENAMED). Before
+    defences an entry had none (it is `none`'s); before the worst layer's fraction it had
+    the security index alone (both indices follow from its rank deficiencies)."""
+    config = results.get("config", {})
+    for old, new in RENAMED.items():
+        if old in config:
+            config[new] = config.pop(old)
+    for entry in results["runs"]:
+        entry.setdefault("defence", {"spec": "none"})
+        for has in (entry, entry["defence"]):
+            if has.get("rank_deficiency") is not None and any(has.get(k) is None for k in report.INDICES):
+                has |= indices_of(entry["model"], has["rank_deficiency"])
+    return results
 
 
 def rows_in(results: dict) -> list[dict]:
     """Every attack a results.json holds, as rows (the study scripts read committed runs so)."""
-    return [row(upgraded(entry), attack) for entry in results["runs"] for attack in entry.get("attacks", {})]
+    return [row(entry, attack) for entry in upgraded(results)["runs"] for attack in entry.get("attacks", {})]
 
 
 def names() -> report.Names:
@@ -2006,7 +2051,7 @@ RECORD = sweeps.Record(
     key=entry_key, parts="attacks", columns=CSV_COLUMNS, row=row, is_entry=is_entry, upgrade=upgraded,
     defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
     may_differ=frozenset({"data", "verbose", "compile", "device",
-                          "images"}),  # the files' paths: grid.json holds the images themselves, by name and hash
+                          "image_files"}),  # the files' paths: grid.json holds the images themselves, by name and hash
     program="hybrid.py", units_are="(model, image) pairs")
 
 
@@ -2068,66 +2113,20 @@ def learning_rate(text: str) -> float:
 
 
 def build_parser(only_given: bool = False) -> Parser:
-    """Every flag, once. No flag has a default here: the defaults are the dataclasses'
-    (settings_from), so that a parser whose missing flags are left out (only_given) tells
-    which flags a command gave."""
-    paper = AttackSettings()
+    """Every flag, from the settings' declarations (Experiment, AttackSettings,
+    sweeps.RunSettings) and the modes below. No flag has a default here: the defaults are the
+    dataclasses', so that a parser whose missing flags are left out (only_given) tells which
+    flags a command gave."""
     p = Parser(prog="hybrid.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,  # a typo is no other flag
                formatter_class=argparse.RawDescriptionHelpFormatter,
                argument_default=argparse.SUPPRESS if only_given else None)
-    g = p.add_argument_group("what is attacked")
-    g.add_argument("--model", dest="models", action="extend", nargs="+", metavar="NAME",
-                   help="target models (default cnn4_c2; --list-models); 'all', or shell patterns such as 'cnn3_*'")
-    g.add_argument("--index", dest="indices", action="extend", nargs="+", metavar="I",
-                   help="CIFAR-10 training images (default 3), or positions in the bundled photographs with "
-                        "--source samples; ranges such as 0-99 or 0-9,20,31")
-    g.add_argument("--source", choices=["cifar10", "cifar10-test", "samples"],
-                   help="cifar10: the training set (the default; the test set's first 20 images, which foolbox "
-                        "ships, where it is out of reach); cifar10-test: the test set; samples: scikit-image's "
-                        "sample photographs")
-    g.add_argument("--image", dest="images", action="extend", nargs="+", metavar="PATH",
-                   help="attack these image files (or the image files in these folders) instead")
-    g.add_argument("--label", type=sweeps.count(0, "--label"), metavar="K",
-                   help="the class of the --image files (0-9; default 0)")
-    g.add_argument("--train-steps", type=sweeps.count(0, "--train-steps"), metavar="K",
-                   help="train the model first: K SGD steps on mini-batches of 32 images that never include "
-                        "the attacked one (default 0: the published initialisation)")
-    g.add_argument("--train-lr", type=learning_rate, metavar="LR", help="that SGD's learning rate (default 0.01)")
-    g.add_argument("--model-seed", type=seed_value, metavar="S",
-                   help="seed set before a model's layers are built (default: the published code's 10)")
-    g.add_argument("--data", metavar="DIR", help=f"where CIFAR-10 is, or is downloaded to (default {DATA_PATH})")
-    g.add_argument("--defence", dest="defences", action="extend", nargs="+", metavar="DEFENCE",
-                   help="what the client does to its gradient before sharing it: none (the default), noise:SIGMA "
-                        "(adds N(0, SIGMA^2) to every entry), dp:C:Z (DP-SGD: clips the whole gradient to norm C, "
-                        "then adds N(0, (Z C)^2)) or prune:P (zeroes the fraction P of each tensor's entries of "
-                        "smallest magnitude); several make a grid")
+    sweeps.add_settings(p.add_argument_group("what is attacked"), Experiment)
     a = p.add_argument_group("the attacks (defaults: the paper's settings)")
-    a.add_argument("--attacks", action="extend", nargs="+", choices=list(ATTACKS), metavar="NAME",
-                   help=f"from {' '.join(ATTACKS)} (default: the paper's {' '.join(paper_attacks())}; "
-                        "hybrid_free is ours: the hybrid, correcting only layers the systems leave free)")
-    for name, what in [("dlg_iters", "L-BFGS steps of DLG and iDLG"), ("cosine_iters", "Adam steps of Cosine+TV"),
-                       ("hybrid_iters", "hybrid: N, with 4N Adam steps at layer 1 and N // 2 above"),
-                       ("hybrid_iters_first", "hybrid: N0, its Adam steps at layer 0, the image")]:
-        flag = "--" + name.replace("_", "-")
-        a.add_argument(flag, type=sweeps.count(0, flag), metavar="N",
-                       help=f"{what} (paper: {getattr(paper, name)}; --quick: {QUICK[name]})")
     a.add_argument("--quick", action="store_true", help="smoke-test iteration counts; flags given still win")
-    a.add_argument("--restarts", type=sweeps.count(1, "--restarts"), metavar="R",
-                   help="DLG, iDLG, Cosine+TV: R starts from random images, keeping the one with the lowest "
-                        "final objective of its own (default 1: the paper's single run)")
-    a.add_argument("--true-label", action="store_true", help="hand the true label to every attack (ablation)")
-    a.add_argument("--seed", type=seed_value, metavar="S", help="seed set before every attack (default 10)")
-    a.add_argument("--compile", action="store_true",
-                   help="hybrid: torch.compile its objective and gradient (the same numbers; steps about 40%% "
-                        "faster, compiling up to 20 s per layer on a CPU the first time)")
-    a.add_argument("--correct-where", choices=list(CORRECT_WHERE),
-                   help="hybrid_free: correct layer l where it or a layer above is rank-deficient (free-at-or-above, "
-                        "the default), or where layer l itself is (free-here)")
-    a.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (the default): CUDA where available")
+    sweeps.add_settings(a, AttackSettings)
     o = p.add_argument_group("what to do instead of attacking")
     o.add_argument("--analyse", action="store_true", help="print rank deficiencies and the security index")
     o.add_argument("--list-models", action="store_true", help="list the models")
-    o.add_argument("-v", "--verbose", action="store_true", help="per-layer details")
     sweeps.add_arguments(p, OUTPUT_PATH)
     return p
 
@@ -2137,36 +2136,46 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
     return build_parser().parse_args(argv), set(vars(build_parser(only_given=True).parse_args(argv)))
 
 
-FLAGS = {"models": "--model", "indices": "--index", "images": "--image", "verbose": "-v"}  # where dest != flag
-ONLY_ATTACKS = {"attacks", "dlg_iters", "cosine_iters", "hybrid_iters", "hybrid_iters_first", "quick", "restarts",
-                "true_label", "seed", "compile", "correct_where"}
+# Modes and what they keep: any other flag given with one has no effect. --analyse keeps the
+# settings that are not the attacks' (its ranks need no attack) and --threads.
+MODES = {"merge": {"merge", "output", "partial"}, "list_models": {"list_models"}}
+RUN_FLAGS = {"resume", "shard", "jobs", "output", "partial"}  # what --analyse, which writes no folder, ignores
 
 
 def check_combinations(args: argparse.Namespace, given: set[str]) -> None:
     """A flag that would be ignored, or that contradicts another, is one line and exit 2:
-    a setting given must be a setting used (results.json records them all)."""
-    flag = lambda dest: FLAGS.get(dest, "--" + dest.replace("_", "-"))  # noqa: E731
+    a setting given must be a setting used (results.json records them all). What each
+    setting needs is its declaration's `meta`, and which attacks read it ATTACKS'."""
+    fields = {f.name: f for cls in (Experiment, AttackSettings, sweeps.RunSettings) for f in sweeps.flags_of(cls)}
+    flag = lambda dest: sweeps.flag_name(fields[dest]) if dest in fields else "--" + dest.replace("_", "-")  # noqa: E731
+    attacking = {dest for dest, f in fields.items() if f.metadata.get("attacks_only")} | {"quick"}
     ignored = []
-    for mode, keeps in [("merge", {"merge", "output", "partial"}), ("list_models", {"list_models"}),
-                        ("analyse", given - ONLY_ATTACKS - {"resume", "shard", "jobs", "output", "partial"})]:
+    for mode, keeps in [*MODES.items(), ("analyse", given - attacking - RUN_FLAGS)]:
         if mode in given:
             ignored += [(d, f"with {flag(mode)}") for d in sorted(given - keeps)]
             break
     if "resume" in given and "merge" in given:
         ignored.append(("resume", "with --merge"))
-    ignored += [(d, "with --image") for d in ("indices", "source") if d in given and "images" in given]
-    ignored += [(d, f"without {flag(need)}") for d, need in [("label", "images"), ("partial", "merge"),
-                                                               ("train_lr", "train_steps")]
-                if d in given and not getattr(args, need)]
+    ignored += [(d, f"with {flag(f.metadata['not_with'])}") for d, f in fields.items()
+                if d in given and f.metadata.get("not_with") in given]
+    needs = {d: f.metadata["needs"] for d, f in fields.items() if "needs" in f.metadata} | {"partial": "merge"}
+    ignored += [(d, f"without {flag(need)}") for d, need in needs.items() if d in given and not getattr(args, need)]
     attacks = set(args.attacks or paper_attacks())
-    for dest in [f.name for f in dataclasses.fields(AttackSettings)]:
-        needs = [name for name, attack in ATTACKS.items() if dest in attack.settings]  # the attacks that read it
-        if dest in given and needs and not attacks & set(needs):
-            *others, last = needs
+    for dest in fields:
+        reading = [name for name, attack in ATTACKS.items() if dest in attack.settings]  # the attacks that read it
+        if dest in given and reading and not attacks & set(reading):
+            *others, last = reading
             ignored.append((dest, f"without {', '.join(others) + ' or ' if others else ''}{last}"))
     if ignored:
         dest, why = ignored[0]
         raise UserError(f"{flag(dest)} has no effect {why}")
+
+
+def label_value(text: str) -> int:
+    value = sweeps.count(0, "--label")(text)
+    if value > 9:
+        raise argparse.ArgumentTypeError(f"--label {value} is not a CIFAR-10 class (0-9)")
+    return value
 
 
 def parse_indices(tokens: list[str]) -> list[int]:
@@ -2226,26 +2235,22 @@ def check_compiler(device: str) -> None:
         raise UserError("--compile needs Triton on CUDA (pip install triton); run without --compile")
 
 
+def quick_iterations() -> dict[str, int]:
+    """--quick's iteration counts, a smoke test's, as AttackSettings declares them."""
+    return {f.name: f.metadata["quick"] for f in sweeps.flags_of(AttackSettings) if "quick" in f.metadata}
+
+
 def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings, sweeps.RunSettings]:
     """The command line as the three kinds of setting: the flags given, the dataclasses'
-    defaults for the rest, every value checked."""
-    paper, default = AttackSettings(), Experiment()
-    given = lambda name, fallback: fallback if getattr(args, name) is None else getattr(args, name)  # noqa: E731
-    if given("label", 0) > 9:
-        raise UserError(f"--label {args.label} is not a CIFAR-10 class (0-9)")
-    iters = {name: given(name, QUICK[name] if args.quick else getattr(paper, name)) for name in QUICK}
-    settings = AttackSettings(**iters, restarts=given("restarts", paper.restarts), true_label=args.true_label,
-                              compile=args.compile, verbose=args.verbose,
-                              correct_where=given("correct_where", paper.correct_where))
-    attacks = args.attacks or paper_attacks()
-    exp = Experiment(models=expand_models(args.models or default.models),
-                     indices=parse_indices(args.indices or [str(i) for i in default.indices]),
-                     source=given("source", default.source), images=args.images or [],
-                     label=given("label", default.label), attacks=[a for a in ATTACKS if a in attacks],
-                     defences=[parse_defence(spec).spec for spec in dict.fromkeys(args.defences or default.defences)],
-                     seed=given("seed", default.seed), model_seed=given("model_seed", default.model_seed),
-                     train_steps=given("train_steps", default.train_steps), train_lr=given("train_lr", default.train_lr),
-                     device=resolve_device(given("device", "auto")), data=given("data", default.data))
+    defaults for the rest (--quick's for the iteration counts), every value checked."""
+    quick = {name: n for name, n in quick_iterations().items() if args.quick and getattr(args, name) is None}
+    settings = sweeps.given(AttackSettings, args, **quick)
+    default = Experiment()
+    exp = sweeps.given(Experiment, args, models=expand_models(args.models or default.models),
+                       image_indices=parse_indices(args.image_indices) if args.image_indices else default.image_indices,
+                       attacks=[a for a in ATTACKS if a in (args.attacks or default.attacks)],
+                       defences=[parse_defence(spec).spec for spec in dict.fromkeys(args.defences or default.defences)],
+                       device=resolve_device(args.device or default.device))
     if settings.compile:
         check_compiler(exp.device)
     return exp, settings, sweeps.run_settings(args, OUTPUT_PATH)
@@ -2274,7 +2279,7 @@ def main(argv: list[str] | None = None) -> int:
         exp, settings, run = settings_from(args)
         configure_torch(exp.device, run.threads)
         images, used = load_images(exp)  # after the settings, so that an unknown model fails before any download
-        if not exp.images:  # the record names the source the images came from: a fallback is another experiment
+        if not exp.image_files:  # the record names the source the images came from: a fallback is another experiment
             exp = dataclasses.replace(exp, source=used)
         if args.analyse:
             return analyse(exp, images)

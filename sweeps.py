@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import io
 import json
@@ -117,15 +118,6 @@ def printable(text: str, limit: int) -> str:
 # =============================================================================
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    output: str = "output"  # each run writes a new folder here
-    resume: str | None = None  # or: complete this run folder
-    shard: tuple[int, int] = (0, 1)  # (K, N): every N-th unit from the K-th
-    jobs: int = 1  # worker processes
-    threads: int = 1  # threads per process (torch and BLAS)
-
-
 # Settings that leave a run's numbers as they are: a resumed run (and the shards of a merge)
 # may differ in these. The experiment adds its own (record.may_differ).
 RUN_ONLY = frozenset({"output", "resume", "jobs", "threads"})
@@ -165,22 +157,80 @@ def shard_value(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def setting(default: object, help: str | Callable[[], str], *flags: str, meta: dict | None = None,
+            **argparse_kwargs: object) -> dataclasses.Field:
+    """A dataclass field that is also a command-line flag, declared once: its default (a
+    list, or a function giving it, is a default_factory), the flags that set it (--NAME with
+    dashes unless given), its --help ('{default}' in it shows the default; a function gives
+    the text when the parser is built, as does a function given as `choices`), what argparse
+    needs to read it (type, nargs, metavar, action, choices) and, in `meta`, what the
+    program's own checks of combinations read."""
+    metadata = {"help": help, "flags": flags, "argparse": argparse_kwargs, **(meta or {})}
+    if callable(default) or isinstance(default, list):
+        factory = default if callable(default) else (lambda: list(default))
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flags_of(settings: type) -> list[dataclasses.Field]:
+    """The fields of a settings dataclass that are flags."""
+    return [f for f in dataclasses.fields(settings) if "help" in f.metadata]
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The flag that sets a field, as messages name it: its first."""
+    return f.metadata["flags"][0] if f.metadata["flags"] else "--" + f.name.replace("_", "-")
+
+
+def default_of(f: dataclasses.Field) -> object:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def add_settings(group: argparse._ArgumentGroup, settings: type, defaults: dict | None = None) -> None:
+    """One flag per field of `settings` that is one (setting), with no default of its own:
+    the dataclass's is taken where the flag is missing (given), so that a parser whose
+    missing flags are left out tells which flags a command gave. `defaults` overrides the
+    default the help shows."""
+    for f in flags_of(settings):
+        shown = (defaults or {}).get(f.name, default_of(f))
+        text = f.metadata["help"]
+        shown = " ".join(map(str, shown)) if isinstance(shown, (list, tuple)) else shown
+        text = text() if callable(text) else text.format(**f.metadata, default=shown)  # e.g. {quick} too
+        kwargs = {k: v() if k == "choices" and callable(v) else v for k, v in f.metadata["argparse"].items()}
+        group.add_argument(*(f.metadata["flags"] or ["--" + f.name.replace("_", "-")]), dest=f.name, help=text,
+                           **kwargs)
+
+
+def given(settings: type, args: argparse.Namespace, **values: object) -> object:
+    """`settings` from the flags given, the dataclass's defaults for the rest, and `values`
+    (checked or converted by the caller) over both."""
+    kwargs = {f.name: getattr(args, f.name) for f in flags_of(settings) if getattr(args, f.name, None) is not None}
+    return settings(**(kwargs | values))
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a sweep runs, never what it computes."""
+
+    output: str = setting("output", "each run writes a new folder here (default {default})", metavar="DIR")
+    resume: str | None = setting(None, "complete this run folder, skipping what it holds", metavar="RUN_FOLDER")
+    shard: tuple[int, int] = setting((0, 1), "run every N-th cell of the grid from the K-th (SLURM job arrays)",
+                                     type=shard_value, metavar="K/N")
+    jobs: int = setting(1, "worker processes, each on one cell at a time (default {default}); 'auto': one per "
+                           "usable core", type=jobs_value, metavar="N|auto")
+    threads: int = setting(1, "threads per process for torch and the BLAS libraries (default {default}: processes "
+                              "side by side do not fight over cores)", type=count(1, "--threads"),
+                           metavar="T")
+
+
 def add_arguments(parser: argparse.ArgumentParser, output: str) -> None:
-    """The run's flags, in their own group of the --help; no defaults here (run_settings)."""
+    """The run's flags (RunSettings', the program's `output` as --output's default) and the
+    merge's, in their own group of the --help."""
     g = parser.add_argument_group("long runs (none of these changes a number)")
-    g.add_argument("--output", metavar="DIR", help=f"each run writes a new folder here (default {output})")
-    g.add_argument("--resume", metavar="RUN_FOLDER", help="complete this run folder, skipping what it holds")
-    g.add_argument("--shard", type=shard_value, metavar="K/N",
-                   help="run every N-th (model, image) from the K-th (SLURM job arrays)")
+    add_settings(g, RunSettings, {"output": output})
     g.add_argument("--merge", nargs="+", metavar="FOLDER", help="combine the run folders of shards into one")
     g.add_argument("--partial", action="store_true",
-                   help="with --merge: merge what there is when pairs of the experiment are missing, and say which")
-    g.add_argument("--jobs", type=jobs_value, metavar="N|auto",
-                   help="worker processes, each on one (model, image) at a time (default 1); 'auto': one per "
-                        "usable core")
-    g.add_argument("--threads", type=count(1, "--threads"), metavar="T",
-                   help="threads per process for torch and the BLAS libraries (default 1: processes side by "
-                        "side do not fight over cores)")
+                   help="with --merge: merge what there is when cells of the experiment are missing, and say which")
 
 
 def run_settings(args: argparse.Namespace, output: str) -> RunSettings:
@@ -188,8 +238,8 @@ def run_settings(args: argparse.Namespace, output: str) -> RunSettings:
     threads than usable cores are refused (docs/performance.md: two processes of two threads
     on two cores run 1.6-4x slower than two of one); more workers x threads than cores are
     allowed, with a warning (the scheduler may give the run more cores than it asks for)."""
-    default = RunSettings()
-    jobs, threads = args.jobs or default.jobs, args.threads or default.threads
+    run = given(RunSettings, args, output=args.output or output)
+    jobs, threads = run.jobs, run.threads
     if args.resume is not None and not Path(args.resume).is_dir():
         raise UserError(f"--resume {args.resume}: no such run folder")
     cores = usable_cores()
@@ -199,7 +249,7 @@ def run_settings(args: argparse.Namespace, output: str) -> RunSettings:
     if jobs * threads > cores:
         warn(f"{jobs} workers x {threads} threads on {cores} usable cores: they will fight over them "
              "(docs/performance.md)")
-    return RunSettings(args.output or output, args.resume, args.shard or default.shard, jobs, threads)
+    return run
 
 
 # =============================================================================
@@ -217,7 +267,7 @@ class Record:
     columns: tuple[str, ...]  # results.csv's
     row: Callable[[dict, str], dict]  # (entry, part) -> its row of results.csv
     is_entry: Callable[[object], bool]  # an entry as the program writes them, or as an older version wrote it
-    upgrade: Callable[[dict], dict]  # an entry as an older version wrote it -> as this one writes it (in place)
+    upgrade: Callable[[dict], dict]  # results.json as an older version wrote it -> as this one writes it (in place)
     defaults: dict  # the config of a run given no flags: a setting newer than a folder counts as this
     may_differ: frozenset[str]  # config keys besides RUN_ONLY that leave numbers alone
     program: str  # what writes such folders, for messages: "hybrid.py"
@@ -380,8 +430,7 @@ def read_results(folder: Path, flag: str, record: Record) -> dict:
         if not (isinstance(results.get("config"), dict) and isinstance(runs, list)
                 and all(record.is_entry(e) for e in runs)):
             raise ValueError
-        results["runs"] = [record.upgrade(e) for e in runs]
-        return results
+        return record.upgrade(results)
     except FileNotFoundError:
         raise UserError(f"{flag} {folder}: not a run folder (it holds no results.json)") from None
     except NotADirectoryError:

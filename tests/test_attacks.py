@@ -1,4 +1,5 @@
 """The attacks on small models with small iteration counts, and the experiment that runs them."""
+import functools
 import dataclasses
 import inspect
 import json
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 import hybrid as H
 from conftest import run_script
 
-QUICK = H.AttackSettings(**H.QUICK)
+QUICK = H.AttackSettings(**H.quick_iterations())
 
 
 def true_system(model, x, label, layer):
@@ -68,7 +69,7 @@ def test_functional_objective_is_the_autograd_one(name, layer, chelsea):
     grads, system, x = near_the_true_input(model, chelsea, layer)
     weights, shared = (1.0, 1.0, 0.1), H.gradients_from(model, grads, layer)
     eager = H.hybrid_grad_and_value(model, system, shared, chelsea.label, weights, compile=False)(x)
-    functional = torch.func.grad_and_value(H.functional_hybrid_objective, argnums=2)(
+    functional = torch.func.grad_and_value(functools.partial(H.hybrid_objective, functional=True), argnums=2)(
         model, system, x.detach(), shared, torch.tensor([chelsea.label]), weights)
     assert_same_value_and_gradient(eager, functional)
 

@@ -101,7 +101,7 @@ def test_the_study_figure_is_written_for_three_models_or_more(tmp_path, monkeypa
     for n_models in (2, 3):
         folder = tmp_path / str(n_models)
         folder.mkdir()
-        H.finish(sweeps.RunFolder(folder, {"runs": [H.upgraded(e) for e in runs_of(dict(list(STUDY.items())[:n_models]))]},
+        H.finish(sweeps.RunFolder(folder, H.upgraded({"runs": runs_of(dict(list(STUDY.items())[:n_models]))}),
                                                       H.RECORD))
         assert (folder / "index_vs_quality.png").exists() == (n_models >= 3)
         results = json.loads((folder / "results.json").read_text())

@@ -31,12 +31,28 @@ Examples:
     python hybrid.py --model cnn4_c2 --index 0-99 --quick --shard 0/4   # a quarter of a sweep
     python hybrid.py --merge output/*_cnn4_c2*         # its shards, summarised
 
-This file is the paper, in the order its data flows: data, models and their weights,
-the client's gradient, the linear systems and R-GAP's recursion, the hybrid, the
-baselines, metrics, the experiment on one (model, image), the analysis of the security
-index, the figures, and a short main. The machinery of long runs (run folders, the
-record, resume, shards, worker processes, merge) is sweeps.py, which knows nothing of
-the paper. Where this departs from the published code, and why: docs/departures.md.
+This file is the paper, in the order its data flows. Its sections:
+
+    the two paths users edit; the settings (each declared once, with its flag)
+    Data              CIFAR-10, scikit-image's photographs, the user's files
+    Models            the published zoo, architecture strings, random:N
+    Weights           as published, or trained first (--train-steps)
+    The client's gradient, and the label it gives away
+    Linear systems    each layer's equations and R-GAP's recursion; the security index
+    Attacks           the common signature; R-GAP; the hybrid (and hybrid_free, ours);
+                      DLG, iDLG and Cosine+TV; ATTACKS, one row per attack
+    Defences          DEFENCES, one row per kind: none, noise, prune, dp
+    Metrics           PSNR and SSIM
+    The experiment    one cell (model, image, defence); --analyse
+    Sweeps            the record's rows and how an older record is read; what sweeps.py runs
+    The command line  the parser from the declarations, the checks, and a short main
+
+To add an attack: its function and one row of ATTACKS; a defence: its function and one
+row of DEFENCES; a setting: one field declared with sweeps.setting. The machinery of long
+runs (run folders, the record, resume, shards, worker processes, merge) is sweeps.py,
+which knows nothing of the paper; what a run folder says (summaries, correlations,
+figures, the study tables) is report.py. Where this departs from the published code, and
+why: docs/departures.md.
 """
 from __future__ import annotations
 
@@ -101,19 +117,19 @@ class AttackSettings:
     code's (the paper's experiments); --quick takes each iteration count's `quick`."""
 
     dlg_iters: int = sweeps.setting(300, "L-BFGS steps of DLG and iDLG (paper: {default}; --quick: {quick})",
-                                    type=sweeps.count(0, "--dlg-iters"), metavar="N", meta=ATTACKING | {"quick": 5})
+                                    type=sweeps.at_least(0, "--dlg-iters"), metavar="N", meta=ATTACKING | {"quick": 5})
     cosine_iters: int = sweeps.setting(4800, "Adam steps of Cosine+TV (paper: {default}; --quick: {quick})",
-                                       type=sweeps.count(0, "--cosine-iters"), metavar="N",
+                                       type=sweeps.at_least(0, "--cosine-iters"), metavar="N",
                                        meta=ATTACKING | {"quick": 100})
     hybrid_iters: int = sweeps.setting(  # N, the schedule's base
         2000, "hybrid: N, with 4N Adam steps at layer 1 and N // 2 above (paper: {default}; --quick: {quick})",
-        type=sweeps.count(0, "--hybrid-iters"), metavar="N", meta=ATTACKING | {"quick": 20})
+        type=sweeps.at_least(0, "--hybrid-iters"), metavar="N", meta=ATTACKING | {"quick": 20})
     hybrid_iters_first: int = sweeps.setting(  # N0
         10000, "hybrid: N0, its Adam steps at layer 0, the image (paper: {default}; --quick: {quick})",
-        type=sweeps.count(0, "--hybrid-iters-first"), metavar="N", meta=ATTACKING | {"quick": 100})
+        type=sweeps.at_least(0, "--hybrid-iters-first"), metavar="N", meta=ATTACKING | {"quick": 100})
     restarts: int = sweeps.setting(1, "DLG, iDLG, Cosine+TV: R starts from random images, keeping the one with the "
                                       "lowest final objective of its own (default {default}: the paper's single run)",
-                                   type=sweeps.count(1, "--restarts"), metavar="R", meta=ATTACKING)
+                                   type=sweeps.at_least(1, "--restarts"), metavar="R", meta=ATTACKING)
     true_label: bool = sweeps.setting(False, "hand the true label to every attack (ablation)", action="store_true",
                                       meta=ATTACKING)
     compile: bool = sweeps.setting(False, "hybrid: torch.compile its objective and gradient (the same numbers; steps "
@@ -163,7 +179,7 @@ class Experiment:
                                      "published code's {default})", type=lambda text: seed_value(text), metavar="S")
     train_steps: int = sweeps.setting(0, "train the model first: K SGD steps on mini-batches of 32 images that never "
                                       "include the attacked one (default {default}: the published initialisation)",
-                                      type=sweeps.count(0, "--train-steps"), metavar="K")
+                                      type=sweeps.at_least(0, "--train-steps"), metavar="K")
     train_lr: float = sweeps.setting(0.01, "that SGD's learning rate (default {default})",
                                      type=lambda text: learning_rate(text), metavar="LR",
                                      meta={"needs": "train_steps"})
@@ -178,13 +194,13 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_torch(device: str, threads: int) -> None:
-    """Per process: `threads` threads for torch and the BLAS libraries (docs/performance.md:
-    batch-1 attack loops gain nothing from a second thread, and two processes of two
-    threads on two cores run 1.6-4x slower than two of one); PyTorch's own CPU convolutions."""
+    """Per process: `threads` threads for torch and the BLAS libraries, since batch-1 attack
+    loops gain nothing from a second thread and processes side by side fight over cores
+    (docs/performance.md); PyTorch's own CPU convolutions."""
     torch.set_num_threads(threads)
     threadpool_limits(threads)  # OpenBLAS of numpy and scipy (the pivoted QR of the solves)
     if device == "cpu":  # oneDNN's convolutions lose to PyTorch's own on the batch-1
-        torch.backends.mkldnn.enabled = False  # double backward (docs/performance.md: 25% per step)
+        torch.backends.mkldnn.enabled = False  # double backward (docs/performance.md)
 
 
 # =============================================================================
@@ -221,7 +237,7 @@ CIFAR10_TRAIN = 50_000  # images in CIFAR-10's training set: no --index reaches 
 FOOLBOX_IMAGES = 20  # foolbox's wheel ships CIFAR-10's first 20 test images (foolbox/data/cifar10_II_L.png)
 
 
-def load_cifar10(indices: list[int], root: str) -> list[PrivateImage] | None:
+def load_cifar10(image_indices: list[int], root: str) -> list[PrivateImage] | None:
     """CIFAR-10 training images, downloading if needed; None where that is impossible."""
     import torchvision
 
@@ -236,7 +252,7 @@ def load_cifar10(indices: list[int], root: str) -> list[PrivateImage] | None:
     finally:
         socket.setdefaulttimeout(old)
     out = []
-    for i in indices:
+    for i in image_indices:
         if not 0 <= i < len(data):
             raise UserError(f"--index {i} is out of range: CIFAR-10 has training images 0-{len(data) - 1}")
         img, label = data[i]
@@ -267,7 +283,7 @@ def foolbox_cifar10_test() -> list[tuple[np.ndarray, int]]:
     return [found[i] for i in range(FOOLBOX_IMAGES)]
 
 
-def load_cifar10_test(indices: list[int], root: str) -> tuple[list[PrivateImage], str]:
+def load_cifar10_test(image_indices: list[int], root: str) -> tuple[list[PrivateImage], str]:
     """CIFAR-10 test images, named cifar10-test:I (never to be taken for training images):
     the whole test set through torchvision where it is on disk or downloadable, else its
     first 20 from foolbox's wheel. Returns them and where they came from."""
@@ -284,11 +300,12 @@ def load_cifar10_test(indices: list[int], root: str) -> tuple[list[PrivateImage]
     finally:
         socket.setdefaulttimeout(old)
     out = []
-    for i in indices:
+    for i in image_indices:
         if not 0 <= i < size:
-            raise UserError(f"--index {i} is out of range: " + ("CIFAR-10 has test images 0-9999" if where == "torchvision"
-                            else f"only CIFAR-10's test images 0-{FOOLBOX_IMAGES - 1} ship without a download "
-                                 "(in foolbox's wheel); the rest needs CIFAR-10 in --data or a network"))
+            has = ("CIFAR-10 has test images 0-9999" if where == "torchvision"
+                   else f"only CIFAR-10's test images 0-{FOOLBOX_IMAGES - 1} ship without a download "
+                        "(in foolbox's wheel); the rest needs CIFAR-10 in --data or a network")
+            raise UserError(f"--index {i} is out of range: {has}")
         rgb, label = get(i)
         out.append(PrivateImage(f"cifar10-test:{i}", to_model_space(rgb), label))
     return out, where
@@ -319,17 +336,17 @@ def square_32(rgb: np.ndarray) -> np.ndarray:
     return resize(crop, (32, 32), anti_aliasing=True, preserve_range=False)
 
 
-def load_photographs(indices: list[int]) -> list[PrivateImage]:
-    for i in indices:
+def load_photographs(image_indices: list[int]) -> list[PrivateImage]:
+    for i in image_indices:
         if not 0 <= i < len(PHOTOGRAPHS):
             raise UserError(f"--index {i} is out of range: the bundled photographs are 0-{len(PHOTOGRAPHS) - 1}")
-    return [all_photographs()[i] for i in indices]
+    return [all_photographs()[i] for i in image_indices]
 
 
 @functools.cache
 def all_photographs() -> tuple[PrivateImage, ...]:
     """The bundled photographs at 32x32, read and resized once a process (training looks
-    for the attacked image among them on every pair)."""
+    for the attacked image among them on every cell)."""
     import skimage.data
 
     return tuple(PrivateImage(f"samples:{name}", to_model_space(square_32(load(skimage.data))), label)
@@ -434,7 +451,7 @@ def load_images(exp: Experiment) -> tuple[list[PrivateImage], str]:
     """The images to attack, and the source they actually came from (results.json records
     it): CIFAR-10's training set (the published code's), its test set, the bundled
     photographs, or the user's files. Where the training set is out of reach, the same
-    indices of the test set, as foolbox ships them, and the run says so."""
+    image indices of the test set, as foolbox ships them, and the run says so."""
     if exp.image_files:
         return load_files(image_files(exp.image_files), exp.label), "files"
     if exp.source == "cifar10":
@@ -539,7 +556,8 @@ def check_activation(act: str, where: str) -> None:
         if leaky_slope(act) == 0:
             raise UserError(f"{where}: '{act}' is a ReLU, which cannot be inverted (give a slope above 0)")
         return
-    raise UserError(f"{where}: unknown activation '{act}' (tanh, sigmoid, softplus, id, leaky or leakyA, e.g. leaky0.2)")
+    raise UserError(f"{where}: unknown activation '{act}' (tanh, sigmoid, softplus, id, leaky or leakyA, "
+                    "e.g. leaky0.2)")
 
 
 def parse_architecture(text: str) -> Arch:
@@ -551,7 +569,8 @@ def parse_architecture(text: str) -> Arch:
         where = f"architecture '{text}', layer {i} '{part}'"
         m = CONV_PATTERN.fullmatch(part)
         if m is None:
-            why = "fc must be the last layer" if part.startswith("fc") else "expected OUTkKsSpP[b]-ACT, e.g. 16k5s1p0-tanh"
+            why = ("fc must be the last layer" if part.startswith("fc")
+                   else "expected OUTkKsSpP[b]-ACT, e.g. 16k5s1p0-tanh")
             raise UserError(f"{where}: {why}")
         check_activation(m[6], where)
         convs.append(Conv(*map(int, m.groups()[:4]), m[5] == "b", m[6]))
@@ -571,7 +590,7 @@ def layer_shapes(arch: Arch, text: str = "") -> list[tuple[int, int, int]]:
     the one before, or whose system U would not fit in memory, is a UserError."""
     shapes, (c, h, w) = [], (3, 32, 32)
     for i, conv in enumerate(arch.convs):
-        bad = lambda why: UserError(f"architecture '{text or arch}', layer {i} '{str(arch).split(',')[i]}': {why}")  # noqa: E731
+        bad = lambda why, i=i: UserError(f"architecture '{text or arch}', layer {i} '{str(arch).split(',')[i]}': {why}")  # noqa: E731
         if 0 in (conv.out, conv.kernel, conv.stride):
             what = "0 output channels" if conv.out == 0 else "kernel 0" if conv.kernel == 0 else "stride 0"
             raise bad(f"with {what} its output would be empty")
@@ -602,9 +621,8 @@ def system_size(shape_in: tuple[int, int, int], shape_out: tuple[int, int, int],
 # RANDOM_COST bounds the solves (sum over convolutions of max(m, n) min(m, n)^2, the flops of
 # a QR of U up to a constant; cnn4_c2: 2.7e11, cnn3_c5 5.4e11 and cnn6d 6.2e11 would be
 # rejected), RANDOM_UNKNOWNS the hybrid's Adam steps (the unknowns of all layers; cnn4_c2
-# 16480) and RANDOM_SYSTEM_MIB the memory of the largest U (cnn4_c2: 322 MiB). In seconds
-# and memory, measured on 2 CPU cores (docs/usage.md): cnn4_c2's pair takes R-GAP 21 s and
-# the hybrid 40 s at N0 = 2500, N = 500, one of two workers, and 2.4 GB at its peak.
+# 16480) and RANDOM_SYSTEM_MIB the memory of the largest U (cnn4_c2: 322 MiB). What that
+# costs in seconds and memory: docs/usage.md.
 RANDOM_SEED = 0
 RANDOM_COST, RANDOM_UNKNOWNS, RANDOM_SYSTEM_MIB = 3e11, 20000, 512
 RANDOM_FC_ACTIVATIONS = ("id", "tanh", "sigmoid")
@@ -651,7 +669,7 @@ def architecture(model: str) -> Arch:
 
 
 class Net(nn.Module):
-    """Convolutions then one linear layer; x = act(layer(x)) for each pair, as published."""
+    """Convolutions then one linear layer; x = act(layer(x)) for each (layer, activation), as published."""
 
     def __init__(self, layers: list[nn.Module], acts: list[nn.Module], shapes: list[tuple]):
         super().__init__()
@@ -884,33 +902,33 @@ def activation_derivative(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def invert_fc(fc: nn.Linear, g_w: torch.Tensor, g_b: torch.Tensor,
-              kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              known: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Input a and dL/da of the linear layer from its gradients (step 1 above).
 
     gW = d a^T and gb = d, so a = gW^T gb / gb^T gb: the least-squares solution over
-    all rows (the published code divided one row by one entry). Under pruning (`kept`:
+    all rows (the published code divided one row by one entry). Under pruning (`known`:
     the entries of gW and gb that survive) the same least squares over what survives.
     """
     d, g_w = g_b.detach().double().cpu(), g_w.detach().double().cpu()
-    if kept is None:
+    if known is None:
         return g_w.T @ d / (d @ d), fc.weight.detach().double().cpu().T @ d
-    return invert_pruned_fc(fc, g_w, d, *kept)
+    return invert_pruned_fc(fc, g_w, d, *known)
 
 
-def invert_pruned_fc(fc: nn.Linear, g_w: torch.Tensor, d: torch.Tensor, kept_w: torch.Tensor,
-                     kept_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def invert_pruned_fc(fc: nn.Linear, g_w: torch.Tensor, d: torch.Tensor, known_w: torch.Tensor,
+                     known_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """invert_fc over the surviving entries: gW_ij = d_i a_j for each surviving (i, j).
 
     a_j = sum_i d_i gW_ij / sum_i d_i^2 over the rows i whose gW_ij and d_i both survive
     (0, the minimum norm, where none does); then each pruned d_i = sum_j gW_ij a_j /
     sum_j a_j^2 over its row's surviving j, the least squares of the same equations.
     """
-    both = (kept_w & kept_b[:, None]).double()  # (10, n): equations with d_i known
+    both = (known_w & known_b[:, None]).double()  # (10, n): equations with d_i known
     num, den = (both * d[:, None] * g_w).sum(0), (both * d[:, None] ** 2).sum(0)
     a = torch.where(den > 0, num / den.where(den > 0, 1.0), 0.0)
-    row = kept_w.double()
+    row = known_w.double()
     num, den = (row * g_w * a).sum(1), (row * a ** 2).sum(1)
-    d = torch.where(kept_b, d, torch.where(den > 0, num / den.where(den > 0, 1.0), 0.0))
+    d = torch.where(known_b, d, torch.where(den > 0, num / den.where(den > 0, 1.0), 0.0))
     return a, fc.weight.detach().double().cpu().T @ d
 
 
@@ -1026,12 +1044,12 @@ class LayerSystem:
     z_minus_b: torch.Tensor  # what M x must equal: z_l - b_l, shape (1, C_out, H, W)
     delta: torch.Tensor  # dL/dz_l, same shape
     g_w: torch.Tensor  # the shared weight gradient of the layer: what G(delta) x must equal
-    kept: torch.Tensor | None = None  # under pruning, gW's surviving entries: G's rows that are equations
+    known: torch.Tensor | None = None  # under pruning, gW's surviving entries: G's rows that are equations
 
     def to(self, dtype: torch.dtype, device: str | torch.device) -> LayerSystem:
-        kept = None if self.kept is None else self.kept.to(device)
+        known = None if self.known is None else self.known.to(device)
         return LayerSystem(self.layer, *(t.to(dtype=dtype, device=device) for t in
-                                         (self.z_minus_b, self.delta, self.g_w)), kept)
+                                         (self.z_minus_b, self.delta, self.g_w)), known)
 
     def matrices(self, model: Net) -> tuple[torch.Tensor, torch.Tensor]:
         """U = [M; G] and V = [z - b; gW], dense float64 on the CPU; under pruning, G and
@@ -1039,8 +1057,8 @@ class LayerSystem:
         conv, shape = model.layers[self.layer], model.shapes[self.layer]
         idx = patch_index(conv, shape)
         G, g_w = grad_matrix(conv, shape, self.delta, idx), self.g_w.flatten().double().cpu()
-        if self.kept is not None:
-            rows = self.kept.flatten().cpu()
+        if self.known is not None:
+            rows = self.known.flatten().cpu()
             G, g_w = G[rows], g_w[rows]
         return torch.cat([conv_matrix(conv, shape, idx), G]), torch.cat([self.z_minus_b.flatten().double().cpu(), g_w])
 
@@ -1056,16 +1074,16 @@ class LayerSystem:
         z = (conv.weight.flatten(1) @ cols).view_as(self.z_minus_b)
         weight_grad = self.delta.reshape(conv.out_channels, -1) @ cols.T  # (C_out, C_in*k*k)
         misfit = weight_grad - self.g_w.flatten(1)
-        if self.kept is not None:  # the pruned entries are no equations
-            misfit = misfit * self.kept.flatten(1)
+        if self.known is not None:  # the pruned entries are no equations
+            misfit = misfit * self.known.flatten(1)
         residual = (z - self.z_minus_b).square().sum() + misfit.square().sum()
         return (z if conv.bias is None else z + conv.bias.view(1, -1, 1, 1)), residual
 
 
 def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor,
-                 grads: list[torch.Tensor], kept: list[torch.Tensor] | None = None) -> LayerSystem:
+                 grads: list[torch.Tensor], known: list[torch.Tensor] | None = None) -> LayerSystem:
     """From the estimate of a layer's output and dL/d(output): z, delta and the equations
-    (under pruning, those of gW's entries that `kept`, per parameter, says survive)."""
+    (under pruning, those of gW's entries that `known`, per parameter, says survive)."""
     conv, act = model.layers[layer], model.acts[layer]
     c, h, w = model.shapes[layer + 1]
     z = inverse_activation(act, a_hat.reshape(1, c, h, w))
@@ -1073,7 +1091,7 @@ def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tenso
     if conv.bias is not None:  # the forward constraints hold for z - b
         z = z - conv.bias.detach().double().cpu().view(1, -1, 1, 1)
     return LayerSystem(layer, z, delta, by_layer(model, grads)[layer][0].double(),
-                       None if kept is None else by_layer(model, kept)[layer][0])
+                       None if known is None else by_layer(model, known)[layer][0])
 
 
 Corrector = Callable[[LayerSystem, torch.Tensor], torch.Tensor]  # (system, x_hat) -> the x passed down
@@ -1082,7 +1100,7 @@ Where = Callable[[list[int]], bool]  # the deficiencies of layers l, l+1, ... ->
 
 def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Corrector | None = None,
                              verbose: bool = False, where: Where | None = None,
-                             kept: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int]]:
+                             known: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int]]:
     """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image.
 
     Returns the image estimate (1, 3, 32, 32) and each convolution's rank deficiency
@@ -1090,16 +1108,16 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
     least-squares solution before it is passed down (gradient_matching): at every layer,
     or only at the layers l where `where(deficiency[l:])` holds (the recursion runs from
     the top, so layer l's and the deficiencies above it are known by then). Under
-    pruning, `kept` (per parameter, the surviving entries) drops the pruned equations.
+    pruning, `known` (per parameter, the surviving entries) drops the pruned equations.
     """
     n_layers = len(model.layers)
     grads = [g.detach().double().cpu() for g in grads]  # the recursion runs in float64 on the CPU
-    kept = None if kept is None else [k.cpu() for k in kept]
+    known = None if known is None else [k.cpu() for k in known]
     a_hat, dl_da = invert_fc(model.layers[-1], *by_layer(model, grads)[-1],
-                             None if kept is None else tuple(by_layer(model, kept)[-1]))
+                             None if known is None else tuple(by_layer(model, known)[-1]))
     deficiency = [0] * (n_layers - 1)
     for layer in progress(range(n_layers - 2, -1, -1), "layers"):
-        system = layer_system(model, layer, a_hat, dl_da, grads, kept)
+        system = layer_system(model, layer, a_hat, dl_da, grads, known)
         U, V = system.matrices(model)
         x_hat, rank = solve_min_norm(U, V)
         deficiency[layer] = rank - U.shape[1]
@@ -1129,9 +1147,8 @@ def worst_layer_fraction(deficiency: list[int], unknowns: list[int]) -> float:
     """Ours, beside the paper's index: min_l r_l / n_l, the largest fraction of any one
     convolution's n_l unknowns that its system leaves free (r_l = rank - n_l <= 0). In
     [-1, 0]: 0 exactly where the paper's index is 0 before rounding (every layer
-    determined), -1 where some layer's equations determine nothing. Chosen post hoc on the
-    photograph study (docs/study.md), where a count of free unknowns ordered the
-    rank-deficient models worse than a fraction of them; fixed before the held-out test."""
+    determined), -1 where some layer's equations determine nothing. How it was chosen, and
+    the test it was fixed before: docs/study.md."""
     return min(r / n for r, n in zip(deficiency, unknowns))
 
 
@@ -1148,10 +1165,10 @@ def indices_of(model: str, deficiency: list[int] | None) -> dict[str, float | No
             "worst_layer_fraction": worst_layer_fraction(deficiency, layer_unknowns(model))}
 
 
-def rank_deficiency(model: Net, grads: list[torch.Tensor], kept: list[torch.Tensor] | None = None) -> list[int]:
+def rank_deficiency(model: Net, grads: list[torch.Tensor], known: list[torch.Tensor] | None = None) -> list[int]:
     """Each convolution's rank deficiency (layer 0 first), from R-GAP's recursion alone;
-    with `kept`, of the equations that survive pruning."""
-    return recursive_reconstruction(model, grads, kept=kept)[1]
+    with `known`, of the equations that survive pruning."""
+    return recursive_reconstruction(model, grads, known=known)[1]
 
 
 
@@ -1211,11 +1228,11 @@ def best_start(start: Callable[[], AttackResult], restarts: int) -> AttackResult
     if restarts == 1:
         return starts[0]
     ends = [math.inf if s.info["objective_end"] is None else s.info["objective_end"] for s in starts]
-    kept = int(np.argmin(ends))
-    starts[kept].info |= {"kept": kept, "starts": [{"objective_start": s.info["objective_start"],
-                                                    "objective_end": s.info["objective_end"],
-                                                    "label": s.label} for s in starts]}
-    return starts[kept]
+    best = int(np.argmin(ends))
+    starts[best].info |= {"best_start": best, "starts": [{"objective_start": s.info["objective_start"],
+                                                          "objective_end": s.info["objective_end"],
+                                                          "label": s.label} for s in starts]}
+    return starts[best]
 
 
 # =============================================================================
@@ -1230,7 +1247,8 @@ def known_entries(grads: list[torch.Tensor], settings: AttackSettings) -> list[t
 
 
 def attack_rgap(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
-    x, deficiency = recursive_reconstruction(model, grads, verbose=settings.verbose, kept=known_entries(grads, settings))
+    x, deficiency = recursive_reconstruction(model, grads, verbose=settings.verbose,
+                                             known=known_entries(grads, settings))
     return AttackResult(x.to(grads[0].device), label,
                         {"rank_deficiency": deficiency, "security_index": security_index(deficiency)})
 
@@ -1266,11 +1284,11 @@ def hybrid_schedule(layer: int, settings: AttackSettings) -> tuple[float, float,
 
 def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, shared: list[torch.Tensor],
                      target: torch.Tensor, weights: tuple[float, float, float],
-                     kept: list[torch.Tensor] | None = None, functional: bool = False) -> torch.Tensor:
+                     known: list[torch.Tensor] | None = None, functional: bool = False) -> torch.Tensor:
     """The paper's J(x) at layer l = system.layer. `shared` is the shared gradient of
     layers l..L-1 (gradients_from), `target` the label as a (1,) tensor, and `system`
     holds tensors of x's dtype and device. Under pruning the cosine compares the surviving
-    entries alone (`kept`, as `shared`; the residual drops the pruned ones itself).
+    entries alone (`known`, as `shared`; the residual drops the pruned ones itself).
 
     The dummy gradient grad_p CE(f_{l:}(x), y) is taken by autograd's double backward, with
     layer l's forward shared between the residual ||Ux - V||^2 and f_{l:}(x); or, where
@@ -1286,8 +1304,8 @@ def hybrid_objective(model: Net, system: LayerSystem, x: torch.Tensor, shared: l
     else:
         output = model(model.acts[system.layer](z), system.layer + 1)  # f_{l:}(x)
         dummy = dummy_gradient(model, output, target, system.layer)  # p in layers l..L-1
-    if kept is not None:
-        dummy = [d * k for d, k in zip(dummy, kept)]
+    if known is not None:
+        dummy = [d * k for d, k in zip(dummy, known)]
     return w_cos * cosine_distance(dummy, shared) + w_tv * total_variation(x) + w_sq * residual
 
 
@@ -1304,15 +1322,15 @@ GradAndValue = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x 
 
 def hybrid_grad_and_value(model: Net, system: LayerSystem, shared: list[torch.Tensor], label: int,
                           weights: tuple[float, float, float], compile: bool,
-                          kept: list[torch.Tensor] | None = None) -> GradAndValue:
+                          known: list[torch.Tensor] | None = None) -> GradAndValue:
     """x -> (dJ/dx, J): a double backward through autograd, or with --compile the
     torch.func form of J, traced and compiled once per layer shape (compiled_grad_and_value)."""
     target = torch.tensor([label], device=system.z_minus_b.device)
     if compile:
-        return lambda x: compiled_grad_and_value()(model, system, x.detach(), shared, target, weights, kept)
+        return lambda x: compiled_grad_and_value()(model, system, x.detach(), shared, target, weights, known)
 
     def eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        objective = hybrid_objective(model, system, x, shared, target, weights, kept)
+        objective = hybrid_objective(model, system, x, shared, target, weights, known)
         return torch.autograd.grad(objective, [x])[0], objective
     return eager
 
@@ -1326,8 +1344,8 @@ def gradient_matching(model: Net, system: LayerSystem, x_hat: torch.Tensor, *, g
     *weights, steps = hybrid_schedule(system.layer, settings)
     system = system.to(torch.float32, device)
     shared = gradients_from(model, grads, system.layer)  # g_p, p in layers l..L-1
-    kept = known_entries(shared, settings)
-    grad_and_value = hybrid_grad_and_value(model, system, shared, label, tuple(weights), settings.compile, kept)
+    known = known_entries(shared, settings)
+    grad_and_value = hybrid_grad_and_value(model, system, shared, label, tuple(weights), settings.compile, known)
     x = x_hat.float().to(device).requires_grad_()
     opt = torch.optim.Adam([x], lr=1e-3)
     bar = progress(steps, f"hybrid layer {system.layer}")
@@ -1364,7 +1382,7 @@ def hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSe
         corrected.append(system.layer)
         return gradient_matching(model, system, x_hat, grads=grads, label=label, settings=settings)
     x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose, where=where,
-                                             kept=known_entries(grads, settings))
+                                             known=known_entries(grads, settings))
     info = {"rank_deficiency": deficiency} | ({} if where is None else {"corrected_layers": sorted(corrected)})
     return AttackResult(x.to(grads[0].device), label, info)
 
@@ -1467,6 +1485,9 @@ def cosine_start(model: Net, grads: list[torch.Tensor], label: int, steps: int) 
     return AttackResult(x.detach(), label, objective_info([first], objective().item()))
 
 
+# -- ATTACKS: one row per attack --------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Attack:
     """One row of ATTACKS: all that the program knows of an attack. Its order in ATTACKS
@@ -1484,7 +1505,8 @@ ATTACKS: dict[str, Attack] = {
     "dlg": Attack(attack_dlg, "DLG", "v", paper=True, settings=("dlg_iters", "restarts")),
     "idlg": Attack(attack_idlg, "iDLG", "^", paper=True, settings=("dlg_iters", "restarts")),
     "cosine": Attack(attack_cosine, "Cosine+TV", "D", paper=True, settings=("cosine_iters", "restarts")),
-    "hybrid": Attack(attack_hybrid, "Hybrid", "s", paper=True, settings=("hybrid_iters", "hybrid_iters_first", "compile")),
+    "hybrid": Attack(attack_hybrid, "Hybrid", "s", paper=True,
+                     settings=("hybrid_iters", "hybrid_iters_first", "compile")),
     "hybrid_free": Attack(attack_hybrid_free, "Hybrid, free layers", "P", paper=False,
                           settings=("hybrid_iters", "hybrid_iters_first", "compile", "correct_where")),
 }
@@ -1560,7 +1582,8 @@ DEFENCES: dict[str, DefenceKind] = {
     "prune": DefenceKind((Param("fraction", "P", lambda v: 0 <= v < 1, "in [0, 1)"),),
                          lambda grads, p, seed: [prune_smallest(g, p["fraction"]) for g in grads],
                          lambda p: p["fraction"], "the pruned fraction P", "P",
-                         "zeroes the fraction P of each tensor's entries of smallest magnitude", removes_equations=True),
+                         "zeroes the fraction P of each tensor's entries of smallest magnitude",
+                         removes_equations=True),
     "dp": DefenceKind((Param("clip", "C", lambda v: v > 0, "a finite number above 0"),
                        Param("noise_multiplier", "Z", NON_NEGATIVE, "a finite number of at least 0")),
                       clip_then_noise, lambda p: p["noise_multiplier"] * p["clip"],
@@ -1650,13 +1673,13 @@ def surviving(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [g != 0 for g in grads]
 
 
-def fc_inputs_undetermined(model: Net, kept: list[torch.Tensor]) -> float:
+def fc_inputs_undetermined(model: Net, known: list[torch.Tensor]) -> float:
     """The fraction of the fc layer's inputs a_j that no surviving equation gW_ij = d_i a_j
     with d_i = gb_i surviving determines (invert_pruned_fc leaves them at 0, the minimum
     norm). The paper's index counts the convolutions' systems only and weighs the top layer
     0; this is what pruning takes from the fc's inversion, for reading the index beside."""
-    kept_w, kept_b = by_layer(model, kept)[-1]
-    return float((~(kept_w & kept_b[:, None]).any(0)).double().mean())
+    known_w, known_b = by_layer(model, known)[-1]
+    return float((~(known_w & known_b[:, None]).any(0)).double().mean())
 
 
 # =============================================================================
@@ -1683,7 +1706,7 @@ def inf_to_none(value: float) -> float | None:
 
 
 # =============================================================================
-# The experiment on one (model, image), and the analysis of the security index
+# The experiment on one cell (model, image, defence), and the analysis of the security index
 # =============================================================================
 
 
@@ -1729,9 +1752,10 @@ def score_answer(name: str, result: AttackResult, seconds: float, image: Private
     return Answer(name, entry, recon)
 
 
-def experiment(model: Net, image: PrivateImage, attacks: list[str], settings: AttackSettings, seed: int,
-               device: str, defence: Defence = NO_DEFENCE, analyse_defence: bool = True) -> Iterator[Defended | Answer]:
-    """The paper's experiment on one (model, image): the client shares its gradient,
+def share_and_attack(model: Net, image: PrivateImage, attacks: list[str], settings: AttackSettings, seed: int,
+                     device: str, defence: Defence = NO_DEFENCE,
+                     analyse_defence: bool = True) -> Iterator[Defended | Answer]:
+    """The paper's experiment on one cell (model, image, defence): the client shares its gradient,
     defended, and each attack answers from what was shared alone, reseeded first. Yields
     what the defence did (under pruning with the ranks of the surviving equations, unless
     analyse_defence is False), then each attack's Answer as it finishes (R-GAP's carries
@@ -1739,9 +1763,9 @@ def experiment(model: Net, image: PrivateImage, attacks: list[str], settings: At
     grads = client_gradient(model, image.x.to(device), image.label)
     shared, info = defend(grads, defence, defence_seed(seed, image.name))
     if defence.removes_equations and analyse_defence:  # the analyst's: the client's own gradient, the surviving rows
-        kept = surviving(shared)
-        info |= {"rank_deficiency": rank_deficiency(model, grads, kept),
-                 "fc_inputs_undetermined": fc_inputs_undetermined(model, kept)}
+        known = surviving(shared)
+        info |= {"rank_deficiency": rank_deficiency(model, grads, known),
+                 "fc_inputs_undetermined": fc_inputs_undetermined(model, known)}
     yield Defended(info)
     del grads  # from here on, the attacks' side: what was shared alone
     label = image.label if settings.true_label else recover_label(shared)  # under noise it may be wrong
@@ -1778,7 +1802,8 @@ def nothing_to_attack(model: Net, image: PrivateImage, device: str) -> str | Non
     if all(torch.isfinite(g).all() for g in client_gradient(model, image.x.to(device), image.label)):
         return None
     weights = all(torch.isfinite(p).all() for p in model.parameters())
-    return "the client's gradient is not finite" + ("" if weights else " (the model's weights are not: its training diverged)")
+    return "the client's gradient is not finite" + (
+        "" if weights else " (the model's weights are not: its training diverged)")
 
 
 def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
@@ -1786,14 +1811,15 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
 
     One table per (model, image), and one per pruning defence of --defence (the equations
     that survive it); over several images, the security index per model (mean and range):
-    the paper's architecture comparison. A pair that cannot be analysed (a gradient that is
+    the paper's architecture comparison. A cell that cannot be analysed (a gradient that is
     not finite, memory that runs out) is one line on stderr, and the exit status is 1; the
     others are analysed.
     """
     table, failed = [], 0
     defences = [parse_defence(spec) for spec in exp.defences]
     prunings = [d for d in defences if d.removes_equations]
-    keeping = [DEFENCES[k].usage(k) for k in dict.fromkeys(d.kind for d in defences if d not in prunings) if k != "none"]
+    keeping = [DEFENCES[k].usage(k) for k in dict.fromkeys(d.kind for d in defences if d not in prunings)
+               if k != "none"]
     if keeping:
         say(f"{' and '.join(keeping)} leave every equation in place: the ranks under them are the undefended ones")
     for name in exp.models:
@@ -1805,9 +1831,9 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
                 try:
                     grads = client_gradient(model, image.x.to(exp.device), image.label)
                     deficiency = rank_deficiency(model, grads)
-                    kept = [surviving(defend(grads, d, 0)[0]) for d in prunings]
-                    pruned = [rank_deficiency(model, grads, k) for k in kept]
-                except Exception as e:  # as a sweep's pair: this one is lost, the rest go on
+                    known = [surviving(defend(grads, d, 0)[0]) for d in prunings]
+                    pruned = [rank_deficiency(model, grads, k) for k in known]
+                except Exception as e:  # as a sweep's cell: this one is lost, the rest go on
                     why = sweeps.reason(e)
             if why is not None:
                 print(f"hybrid.py: {name} on {image.name}: {why}", file=sys.stderr)
@@ -1815,7 +1841,7 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
                 continue
             indices.append(security_index(deficiency))
             say_ranks(model, f"{name} on {image.name}", deficiency, layer_unknowns(name))
-            for d, under, k in zip(prunings, pruned, kept):
+            for d, under, k in zip(prunings, pruned, known):
                 say_ranks(model, f"{name} on {image.name} under {d.spec}", under, layer_unknowns(name), k)
                 say(f"  and {fc_inputs_undetermined(model, k):.1%} of the fc's inputs left undetermined")
         if indices:
@@ -1829,21 +1855,21 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
 
 
 def say_ranks(model: Net, title: str, deficiency: list[int], unknowns: list[int],
-              kept: list[torch.Tensor] | None = None) -> None:
+              known: list[torch.Tensor] | None = None) -> None:
     """One (model, image)'s table of ranks and both indices; under pruning, of the
-    equations that survive it (`kept`, per parameter)."""
+    equations that survive it (`known`, per parameter)."""
     say(f"{title}: security index {security_index(deficiency)}, "
         f"worst layer's fraction {worst_layer_fraction(deficiency, unknowns):.4f}")
     say(f"  {'layer':>5} {'input':>9} {'unknowns':>9} {'equations':>10} {'rank':>6} {'deficiency':>11}")
     for layer, r in enumerate(deficiency):
         shape, n = model.shapes[layer], math.prod(model.shapes[layer])
-        weights = model.layers[layer].weight.numel() if kept is None else int(by_layer(model, kept)[layer][0].sum())
+        weights = model.layers[layer].weight.numel() if known is None else int(by_layer(model, known)[layer][0].sum())
         equations = math.prod(model.shapes[layer + 1]) + weights
         say(f"  {layer:5d} {'x'.join(map(str, shape)):>9} {n:9d} {equations:10d} {n + r:6d} {r:11d}")
 
 
 # =============================================================================
-# Sweeps of the experiment: the record's rows, the summaries, and what sweeps.py is handed
+# Sweeps of the experiment: the record's rows, older records, and what sweeps.py is handed
 # =============================================================================
 
 CSV_COLUMNS = ("model", "image", "defence", "attack", "label", "label_correct", "psnr", "ssim", "seconds",
@@ -1881,7 +1907,8 @@ RENAMED = {"indices": "image_indices", "images": "image_files"}  # config keys: 
 
 def upgraded(results: dict) -> dict:
     """results.json as this version writes it, from any earlier version's (in place): the
-    one place that knows older run folders. Settings renamed since (RENAMED). Before
+    one place that knows older run folders. Settings renamed since (RENAMED), and an
+    attack's best start (then "kept"). Before
     defences an entry had none (it is `none`'s); before the worst layer's fraction it had
     the security index alone (both indices follow from its rank deficiencies)."""
     config = results.get("config", {})
@@ -1890,6 +1917,9 @@ def upgraded(results: dict) -> dict:
             config[new] = config.pop(old)
     for entry in results["runs"]:
         entry.setdefault("defence", {"spec": "none"})
+        for answer in entry.get("attacks", {}).values():  # a best start was recorded as "kept"
+            if "kept" in answer and "starts" in answer:
+                answer["best_start"] = answer.pop("kept")
         for has in (entry, entry["defence"]):
             if has.get("rank_deficiency") is not None and any(has.get(k) is None for k in report.INDICES):
                 has |= indices_of(entry["model"], has["rank_deficiency"])
@@ -1918,7 +1948,7 @@ def finish(folder: sweeps.RunFolder) -> None:
 
 
 def is_entry(entry: object) -> bool:
-    """A pair's entry of results.json's runs as record_event writes it (what resume, merge
+    """A cell's entry of results.json's runs as record_event writes it (what resume, merge
     and the summaries read)."""
     scored = {"psnr", "ssim", "seconds", "label", "label_correct"}
     return (isinstance(entry, dict) and isinstance(entry.get("model"), str) and isinstance(entry.get("image"), str)
@@ -1927,7 +1957,7 @@ def is_entry(entry: object) -> bool:
                     for a, e in entry.get("attacks", {}).items()))
 
 
-class Pair(NamedTuple):
+class Cell(NamedTuple):
     """One (model, image, defence) of a sweep, with what is left to do on it."""
 
     model: str
@@ -1938,54 +1968,54 @@ class Pair(NamedTuple):
 
     @property
     def key(self) -> tuple[str, ...]:
-        return unit_key(self.model, self.image.name, self.defence.spec)
+        return cell_key(self.model, self.image.name, self.defence.spec)
 
     @property
     def parts(self) -> list[str]:  # what sweeps.py calls a unit's parts
         return self.attacks
 
 
-def unit_key(model: str, image: str, defence: str) -> tuple[str, ...]:
-    """A pair's name in the record: (model, image), and its defence where it has one (so
+def cell_key(model: str, image: str, defence: str) -> tuple[str, ...]:
+    """A cell's name in the record: (model, image), and its defence where it has one (so
     that folders written before defences keep their keys)."""
     return (model, image) + (() if defence == "none" else (defence,))
 
 
 def entry_key(entry: dict) -> tuple[str, ...]:
-    return unit_key(entry["model"], entry["image"], entry.get("defence", {}).get("spec", "none"))
+    return cell_key(entry["model"], entry["image"], entry.get("defence", {}).get("spec", "none"))
 
 
-def left_to_do(pair: Pair, entry: dict | None) -> Pair | None:
-    """The pair less what its entry of the record holds (attacks done, or skipped: a
+def left_to_do(cell: Cell, entry: dict | None) -> Cell | None:
+    """The cell less what its entry of the record holds (attacks done, or skipped: a
     gradient with nothing to attack stays so); None when nothing is left."""
     entry = entry or {}
     done = entry.get("attacks", {}).keys() | entry.get("skipped", {}).keys()
-    todo = [a for a in pair.attacks if a not in done]
-    known = "rank_deficiency" in entry and (not pair.defence.removes_equations
+    todo = [a for a in cell.attacks if a not in done]
+    known = "rank_deficiency" in entry and (not cell.defence.removes_equations
                                             or "rank_deficiency" in entry.get("defence", {}))
-    return pair._replace(attacks=todo, ranks_known=known) if todo else None
+    return cell._replace(attacks=todo, ranks_known=known) if todo else None
 
 
-def attack_pair(exp: Experiment, settings: AttackSettings, pair: Pair) -> Iterator[Training | RankAnalysis | Answer]:
+def run_cell(exp: Experiment, settings: AttackSettings, cell: Cell) -> Iterator[Training | RankAnalysis | Answer]:
     """The model as the client holds it (trained first with --train-steps), its rank
     deficiencies where the record lacks them and R-GAP will not give them, then the
     experiment."""
-    model, training = prepare_model(exp, pair.model, pair.image)
+    model, training = prepare_model(exp, cell.model, cell.image)
     if training is not None:
         yield Training(training)
-    why = nothing_to_attack(model, pair.image, exp.device)
+    why = nothing_to_attack(model, cell.image, exp.device)
     if why is not None:
-        yield Skipped(pair.attacks, why)
+        yield Skipped(cell.attacks, why)
         return
-    if not pair.ranks_known and ("rgap" not in pair.attacks or pair.defence != NO_DEFENCE):
-        held = (pair.model, pair.image.name, exp.model_seed, exp.train_steps, exp.train_lr, exp.data, exp.device)
-        yield undefended_ranks(held, model, pair.image, exp.device)  # R-GAP's, under a defence, are not the client's
-    yield from experiment(model, pair.image, pair.attacks, settings, exp.seed, exp.device, pair.defence,
-                          analyse_defence=not pair.ranks_known)
+    if not cell.ranks_known and ("rgap" not in cell.attacks or cell.defence != NO_DEFENCE):
+        held = (cell.model, cell.image.name, exp.model_seed, exp.train_steps, exp.train_lr, exp.data, exp.device)
+        yield undefended_ranks(held, model, cell.image, exp.device)  # R-GAP's, under a defence, are not the client's
+    yield from share_and_attack(model, cell.image, cell.attacks, settings, exp.seed, exp.device, cell.defence,
+                                analyse_defence=not cell.ranks_known)
 
 
 def file_stem(model_name: str, image: PrivateImage, defence: Defence = NO_DEFENCE) -> str:
-    """Where a pair's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9',
+    """Where a cell's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9',
     'cnn4_c2_cifar10-test-3_prune-0_9_<hash>'. Letters, digits, '-' and '_' only; distinct images
     keep distinct stems (a file's name ends in its hash), and so do distinct defences."""
     safe = lambda text: re.sub("[^A-Za-z0-9_-]", "_", text)  # noqa: E731
@@ -1996,45 +2026,45 @@ def file_stem(model_name: str, image: PrivateImage, defence: Defence = NO_DEFENC
     return f"{stem}_{safe(defence.spec.replace(':', '-'))}_{hashlib.sha256(defence.spec.encode()).hexdigest()[:6]}"
 
 
-def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAnalysis | Answer) -> None:
-    """Write what the experiment on a pair yields into its entry: per attack, the
+def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAnalysis | Answer) -> None:
+    """Write what the experiment on a cell yields into its entry: per attack, the
     reconstruction's .npy, then the record, then the row and the printed line. The
     training and the ranks go to disk with the next attack."""
-    stem = file_stem(pair.model, pair.image, pair.defence)
-    entry = folder.entry(pair.key) or folder.add(
-        {"model": pair.model, "architecture": str(architecture(pair.model)), "image": pair.image.name,
-         "defence": {"spec": pair.defence.spec}, "label": pair.image.label,
-         "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(pair.image.x).astype(np.float32))}})
+    stem = file_stem(cell.model, cell.image, cell.defence)
+    entry = folder.entry(cell.key) or folder.add(
+        {"model": cell.model, "architecture": str(architecture(cell.model)), "image": cell.image.name,
+         "defence": {"spec": cell.defence.spec}, "label": cell.image.label,
+         "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(cell.image.x).astype(np.float32))}})
     if isinstance(event, Defended):  # to disk with the next attack
         defence = entry["defence"]
         defence |= event.info
         if "rank_deficiency" in event.info:
-            defence |= indices_of(pair.model, event.info["rank_deficiency"])
+            defence |= indices_of(cell.model, event.info["rank_deficiency"])
         return
     if isinstance(event, Training):
         entry["training"] = event.info
         if event.info["diverged"]:
-            warn(f"{pair.model} on {pair.image.name}: training diverged (last loss {event.info['final_loss']}); "
+            warn(f"{cell.model} on {cell.image.name}: training diverged (last loss {event.info['final_loss']}); "
                  "recorded as diverged")
         return
     if isinstance(event, Skipped):
         entry.setdefault("skipped", {}).update(dict.fromkeys(event.attacks, event.why))
         folder.save()
-        warn(f"{pair.model} on {pair.image.name}: {', '.join(event.attacks)} skipped: {event.why}")
+        warn(f"{cell.model} on {cell.image.name}: {', '.join(event.attacks)} skipped: {event.why}")
         return
     if isinstance(event, RankAnalysis) or (event.attack == "rgap" and "rank_deficiency" not in entry
-                                           and pair.defence == NO_DEFENCE):
+                                           and cell.defence == NO_DEFENCE):
         deficiency = event.deficiency if isinstance(event, RankAnalysis) else event.entry["rank_deficiency"]
         entry["rank_deficiency"] = deficiency
-        entry |= indices_of(pair.model, deficiency)
+        entry |= indices_of(cell.model, deficiency)
     if isinstance(event, RankAnalysis):
         return
     npy = folder.save_array(f"{stem}_{event.attack}.npy", event.recon.astype(np.float32))
     e = entry.setdefault("attacks", {})[event.attack] = event.entry | {"npy": npy}
     not_finite = folder.finished(entry, event.attack)
     ssim = "nan" if not math.isfinite(e["ssim"]) else f"{e['ssim']:.3f}"
-    shown = "" if pair.defence == NO_DEFENCE else f"{pair.defence.spec:13s} "  # which cell of the grid
-    say(f"{pair.model:9s} {pair.image.name:18s} {shown}{ATTACKS[event.attack].shown:9s}  "
+    shown = "" if cell.defence == NO_DEFENCE else f"{cell.defence.spec:13s} "  # which cell of the grid
+    say(f"{cell.model:9s} {cell.image.name:18s} {shown}{ATTACKS[event.attack].shown:9s}  "
         f"PSNR {report.format_psnr(e['psnr'], 2):>9s}  "
         f"SSIM {ssim}  label {e['label']}{'' if e['label_correct'] else ' (wrong)'}  {e['seconds']:6.1f} s"
         + (f"  (not finite, recorded as null: {', '.join(not_finite)})" if not_finite else ""))
@@ -2042,7 +2072,7 @@ def record_event(folder: sweeps.RunFolder, pair: Pair, event: Training | RankAna
 
 def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings) -> dict:
     """results.json's `config`: every setting of the run, one flat dict (the attacker's
-    knowledge of a defence is the experiment's, per pair: not a setting)."""
+    knowledge of a defence is the experiment's, per cell: not a setting)."""
     method = {k: v for k, v in dataclasses.asdict(settings).items() if k != "zeros_are_missing"}
     return dataclasses.asdict(exp) | method | dataclasses.asdict(run)
 
@@ -2052,7 +2082,7 @@ RECORD = sweeps.Record(
     defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
     may_differ=frozenset({"data", "verbose", "compile", "device",
                           "image_files"}),  # the files' paths: grid.json holds the images themselves, by name and hash
-    program="hybrid.py", units_are="(model, image) pairs")
+    program="hybrid.py", cells_are="(model, image, defence) cells")
 
 
 def run_metadata(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings, argv: list[str]) -> dict:
@@ -2077,16 +2107,17 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     # Image by image, every model on each: a long study stopped part-way (or a shard of it)
     # holds whole images, a smaller study of its own, rather than some of the models.
     defences = [parse_defence(spec) for spec in exp.defences]
-    pairs = [Pair(name, image, exp.attacks, False, defence)
+    cells = [Cell(name, image, exp.attacks, False, defence)
              for image in images for name in exp.models for defence in defences]
     name = exp.models[0] if len(exp.models) == 1 else "grid"
-    return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), pairs, left_to_do,
-                        functools.partial(attack_pair, exp, settings), record_event, finish,
+    return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), cells, left_to_do,
+                        functools.partial(run_cell, exp, settings), record_event, finish,
                         functools.partial(configure_torch, exp.device, run.threads))
 
 
 # =============================================================================
-# The command line: every flag in one block, then the checks that need more than one value
+# The command line: the parser from the settings' declarations, the checks that need more
+# than one value, and main
 # =============================================================================
 
 
@@ -2096,7 +2127,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def seed_value(text: str) -> int:
-    value = sweeps.count(0, "a seed")(text)
+    value = sweeps.at_least(0, "a seed")(text)
     if value >= 2**32:  # what numpy.random.seed accepts
         raise argparse.ArgumentTypeError(f"a seed must be in 0..2^32-1, not {value}")
     return value
@@ -2172,14 +2203,14 @@ def check_combinations(args: argparse.Namespace, given: set[str]) -> None:
 
 
 def label_value(text: str) -> int:
-    value = sweeps.count(0, "--label")(text)
+    value = sweeps.at_least(0, "--label")(text)
     if value > 9:
         raise argparse.ArgumentTypeError(f"--label {value} is not a CIFAR-10 class (0-9)")
     return value
 
 
-def parse_indices(tokens: list[str]) -> list[int]:
-    """'3', '0-99', '0-9,20,31' (several tokens allowed) -> indices, in order, once each."""
+def parse_image_indices(tokens: list[str]) -> list[int]:
+    """'3', '0-99', '0-9,20,31' (several tokens allowed) -> image indices, in order, once each."""
     out = []
     for token in ",".join(tokens).split(","):
         first, dash, last = token.strip().partition("-")
@@ -2247,7 +2278,8 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
     settings = sweeps.given(AttackSettings, args, **quick)
     default = Experiment()
     exp = sweeps.given(Experiment, args, models=expand_models(args.models or default.models),
-                       image_indices=parse_indices(args.image_indices) if args.image_indices else default.image_indices,
+                       image_indices=(parse_image_indices(args.image_indices) if args.image_indices
+                                      else default.image_indices),
                        attacks=[a for a in ATTACKS if a in (args.attacks or default.attacks)],
                        defences=[parse_defence(spec).spec for spec in dict.fromkeys(args.defences or default.defences)],
                        device=resolve_device(args.device or default.device))
@@ -2284,7 +2316,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.analyse:
             return analyse(exp, images)
         sweeps.run(paper_sweep(exp, settings, run, argv, images), run)
-    except (UserError, sweeps.UnitsFailed, KeyboardInterrupt, sweeps.Terminated, OSError) as e:
+    except (UserError, sweeps.CellsFailed, KeyboardInterrupt, sweeps.Terminated, OSError) as e:
         return sweeps.stopped(e, "hybrid.py")
     return 0
 

@@ -181,7 +181,8 @@ def summarise_defence(rows: list[dict], defence: str, names: Names) -> list[dict
     for (model, attack), group in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         entry = {"model": model, "defence": defence, "attack": attack, "n": len(group)}
         if model in index:
-            entry |= {"index_mean": np.mean(index[model]), "index_min": min(index[model]), "index_max": max(index[model])}
+            values = index[model]
+            entry |= {"index_mean": np.mean(values), "index_min": min(values), "index_max": max(values)}
         if model in fraction:
             entry["fraction_mean"] = np.mean(fraction[model])
         for metric in ("psnr", "ssim"):
@@ -502,7 +503,7 @@ def finish(folder: sweeps.RunFolder, names: Names, removes_equations: set[str]) 
         plot_pruned_index_vs_quality(rows, folder.path / "pruned_index_vs_quality.png", names, removes_equations)
     notes, missing = [], folder.results.get("missing")
     if missing:
-        notes.append(f"\n{len(missing)} (model, image) pairs are missing from this partial merge: "
+        notes.append(f"\n{len(missing)} cells are missing from this partial merge: "
                      f"{'; '.join(' on '.join(k) for k in missing)}\n")
     notes += [f"\nSkipped on {e['model']} on {e['image']}: {', '.join(e['skipped'])} "
               f"({next(iter(e['skipped'].values()))})\n" for e in folder.results["runs"] if e.get("skipped")]
@@ -640,7 +641,8 @@ def mean_table(means: dict, models: list[str], attacks: list[str], specs: list[s
         for a in attacks:
             if (m, a, "none") in means:
                 lines.append(f"| {m} | {names.shown(a)} | "
-                             + " | ".join(show_psnr(means[m, a, s]) if (m, a, s) in means else "" for s in specs) + " |")
+                             + " | ".join(show_psnr(means[m, a, s]) if (m, a, s) in means else "" for s in specs)
+                             + " |")
     return lines + [""]
 
 

@@ -1,19 +1,19 @@
 """The machinery of long runs: run folders, the record, resume, shards, worker processes, merge.
 
 hybrid.py runs its experiment on one (model, image) at a time; this module runs such
-units over a grid for hours and keeps what finished. It knows nothing of the paper and
-imports nothing from hybrid.py: it is handed a `Sweep` (the units, the function that
+cells over a grid for hours and keeps what finished. It knows nothing of the paper and
+imports nothing from hybrid.py: it is handed a `Sweep` (the cells, the function that
 works on one, the one that writes what that yields) and a `Record` (how results.json
 keys and tables its entries).
 
 A run folder holds:
 
     results.json  the record: a header (config, versions, command) and one entry per
-                  unit, rewritten atomically after each finished part (an attack, for
+                  cell, rewritten atomically after each finished part (an attack, for
                   hybrid.py). What it holds is done.
     results.csv   its table, one row per finished part: appended as parts finish (for
                   `tail -f`), rebuilt from the record on resume and at the end.
-    grid.json     every unit of the experiment (all shards) and the parts each needs,
+    grid.json     every cell of the experiment (all shards) and the parts each needs,
                   written once when the run starts: what resume and merge check against.
     *.npy         the arrays that entries name.
     .lock         held (flock) while a run writes the folder.
@@ -57,14 +57,14 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2."""
 
 
-class UnitsFailed(Exception):
-    """Units of a sweep that could not be finished: the rest is recorded; --resume retries them."""
+class CellsFailed(Exception):
+    """Cells of a sweep that could not be finished: the rest is recorded; --resume retries them."""
 
 
 class Terminated(BaseException):
     """SIGTERM (a scheduler's time limit): raised in the main thread, so that the run stops
-    its workers and says how to resume, as after Ctrl-C. Not an Exception: a unit's error
-    handling must not take it for the unit's own."""
+    its workers and says how to resume, as after Ctrl-C. Not an Exception: a cell's error
+    handling must not take it for the cell's own."""
 
 
 def on_sigterm(signum: int, frame: object) -> None:
@@ -123,7 +123,7 @@ def printable(text: str, limit: int) -> str:
 RUN_ONLY = frozenset({"output", "resume", "jobs", "threads"})
 
 
-def count(low: int, what: str) -> Callable[[str], int]:
+def at_least(low: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer of at least `low`, refused in words that name `what`."""
     def convert(text: str) -> int:
         try:
@@ -145,7 +145,7 @@ def jobs_value(text: str) -> int:
     if text == "auto":
         return usable_cores()
     try:
-        return count(1, "a number of workers")(text)
+        return at_least(1, "a number of workers")(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a number of workers (1 or more) or 'auto', not '{text}'") from None
 
@@ -219,7 +219,7 @@ class RunSettings:
     jobs: int = setting(1, "worker processes, each on one cell at a time (default {default}); 'auto': one per "
                            "usable core", type=jobs_value, metavar="N|auto")
     threads: int = setting(1, "threads per process for torch and the BLAS libraries (default {default}: processes "
-                              "side by side do not fight over cores)", type=count(1, "--threads"),
+                              "side by side do not fight over cores)", type=at_least(1, "--threads"),
                            metavar="T")
 
 
@@ -235,8 +235,8 @@ def add_arguments(parser: argparse.ArgumentParser, output: str) -> None:
 
 def run_settings(args: argparse.Namespace, output: str) -> RunSettings:
     """The run's flags, checked: a resumed folder exists, and threads fit the cores. More
-    threads than usable cores are refused (docs/performance.md: two processes of two threads
-    on two cores run 1.6-4x slower than two of one); more workers x threads than cores are
+    threads than usable cores are refused (they make every step slower: docs/performance.md);
+    more workers x threads than cores are
     allowed, with a warning (the scheduler may give the run more cores than it asks for)."""
     run = given(RunSettings, args, output=args.output or output)
     jobs, threads = run.jobs, run.threads
@@ -262,7 +262,7 @@ class Record:
     """How results.json is laid out: for the run that writes it, and the resume and the
     merge that read it."""
 
-    key: Callable[[dict], tuple[str, ...]]  # an entry -> the unit it records, e.g. (model, image): as units' .key
+    key: Callable[[dict], tuple[str, ...]]  # an entry -> the cell it records, e.g. (model, image): as cells' .key
     parts: str  # the field of an entry that holds its finished parts, e.g. "attacks"
     columns: tuple[str, ...]  # results.csv's
     row: Callable[[dict, str], dict]  # (entry, part) -> its row of results.csv
@@ -271,7 +271,7 @@ class Record:
     defaults: dict  # the config of a run given no flags: a setting newer than a folder counts as this
     may_differ: frozenset[str]  # config keys besides RUN_ONLY that leave numbers alone
     program: str  # what writes such folders, for messages: "hybrid.py"
-    units_are: str  # what a unit is, for messages: "(model, image) pairs"
+    cells_are: str  # what a cell is, for messages: "(model, image) pairs"
     files: str = "npy"  # any dict in an entry names an array of the folder under this key
     skipped: str = "skipped"  # the field of an entry naming parts that cannot be done, with why
 
@@ -283,10 +283,10 @@ class Sweep:
     record: Record
     name: str  # the run folder's name, after its time
     header: dict  # results.json's header: config, versions, device, command
-    units: list  # every unit of the experiment, in order; each has .key (a tuple of str) and .parts
-    left: Callable[[object, dict | None], object | None]  # (unit, its entry) -> what is left of it, or None
-    work: Callable[[object], Iterator]  # unit -> its events; picklable: it runs in workers too
-    write: Callable[[RunFolder, object, object], None]  # (folder, unit, event), in this process alone
+    cells: list  # every cell of the experiment, in order; each has .key (a tuple of str) and .parts
+    left: Callable[[object, dict | None], object | None]  # (cell, its entry) -> what is left of it, or None
+    work: Callable[[object], Iterator]  # cell -> its events; picklable: it runs in workers too
+    write: Callable[[RunFolder, object, object], None]  # (folder, cell, event), in this process alone
     finish: Callable[[RunFolder], None]  # figures and summaries, at the end of every run and merge
     init_worker: Callable[[], None] = lambda: None  # e.g. the thread settings
 
@@ -347,7 +347,7 @@ def write_json(path: Path, data: dict) -> list[str]:
     where such numbers were (an attack's objective that overflowed, a diverged loss).
     The record is rewritten after every attack: json's C encoder alone where every number
     is finite (the usual case, as RunFolder.finished cleans each part as it lands), the
-    Python walk of finite_or_null (half as long again, 1.4 s at 35000 pairs) only where not."""
+    slower Python walk of finite_or_null only where not (docs/performance.md)."""
     replaced: list[str] = []
     try:
         text = json.dumps(data, indent=1, allow_nan=False)
@@ -371,7 +371,7 @@ class RunFolder:
 
     def __init__(self, path: Path, results: dict, record: Record):
         self.path, self.results, self.record = path, results, record
-        self.entries = {self.key_of(e): e for e in results["runs"]}  # results["runs"], by unit
+        self.entries = {self.key_of(e): e for e in results["runs"]}  # results["runs"], by cell
 
     def key_of(self, entry: dict) -> tuple:
         return self.record.key(entry)
@@ -380,7 +380,7 @@ class RunFolder:
         return self.entries.get(key)
 
     def add(self, entry: dict) -> dict:
-        """A new unit's entry; on disk with its first finished part."""
+        """A new cell's entry; on disk with its first finished part."""
         self.results["runs"].append(entry)
         self.entries[self.key_of(entry)] = entry
         return entry
@@ -448,12 +448,13 @@ def config_differences(before: dict, now: dict, record: Record, also: frozenset 
     return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in same and before.get(k) != v]
 
 
-def write_grid(path: Path, units: list) -> None:
-    write_json(path / "grid.json", {"units": [{"key": list(u.key), "parts": list(u.parts)} for u in units]})
+def write_grid(path: Path, cells: list) -> None:
+    # "units": the file's own word for its cells, kept so that every grid.json written reads alike
+    write_json(path / "grid.json", {"units": [{"key": list(u.key), "parts": list(u.parts)} for u in cells]})
 
 
 def read_grid(path: Path) -> dict[tuple, list[str]] | None:
-    """A folder's grid: unit -> the parts it needs; None for a folder made before grids were kept."""
+    """A folder's grid: cell -> the parts it needs; None for a folder made before grids were kept."""
     try:
         grid = json.loads((path / "grid.json").read_text(encoding="utf-8"))
         return {tuple(u["key"]): list(u["parts"]) for u in grid["units"]}
@@ -487,7 +488,7 @@ def file_damaged(path: Path) -> bool:
 
 def damaged_files(path: Path, entry: dict, record: Record) -> tuple[list[str], dict[str, list[str]]]:
     """The arrays an entry names that are missing or unreadable: those named outside its
-    parts (the unit's own, e.g. its target), and those of each part."""
+    parts (the cell's own, e.g. its target), and those of each part."""
     bad = lambda value: [d[record.files] for d in naming_files(value, record.files)  # noqa: E731
                          if file_damaged(path / d[record.files])]
     own = bad({k: v for k, v in entry.items() if k != record.parts})
@@ -497,7 +498,7 @@ def damaged_files(path: Path, entry: dict, record: Record) -> tuple[list[str], d
 
 def check_resumable(sweep: Sweep, path: Path) -> tuple[dict, dict | None]:
     """The folder's record and grid (None for an older folder), once it is known to hold
-    this experiment: the same config in all that can change a number, and the same units
+    this experiment: the same config in all that can change a number, and the same cells
     (compared by their keys, so that image files spelled from another directory are the
     same files)."""
     old = read_results(path, "--resume", sweep.record)
@@ -505,9 +506,9 @@ def check_resumable(sweep: Sweep, path: Path) -> tuple[dict, dict | None]:
     if differ:
         raise UserError(f"--resume {path}: it holds another experiment ({'; '.join(differ)}); "
                         f"its command was: {old.get('command')}")
-    units, recorded = {u.key for u in sweep.units}, read_grid(path)
+    cells, recorded = {u.key for u in sweep.cells}, read_grid(path)
     strangers = [describe(key) for key in (recorded or {sweep.record.key(e) for e in old["runs"]})
-                 if key not in units]
+                 if key not in cells]
     if strangers:  # the same command, other inputs: a file changed since (its hash), or an older program's names
         raise UserError(f"--resume {path}: it holds inputs that this command does not name ({', '.join(strangers[:3])}"
                         f"{', ...' if len(strangers) > 3 else ''}); was an image file changed since?")
@@ -520,7 +521,7 @@ def open_folder(sweep: Sweep, path: Path, resume: bool) -> RunFolder:
     again under the lock, with what its damaged arrays held dropped (to be done again)
     and its table rebuilt."""
     if not resume:
-        write_grid(path, sweep.units)
+        write_grid(path, sweep.cells)
         write_json(path / "results.json", sweep.header | {"runs": []})
         return RunFolder(path, sweep.header | {"runs": []}, sweep.record)
     old, grid = check_resumable(sweep, path)
@@ -537,7 +538,7 @@ def open_folder(sweep: Sweep, path: Path, resume: bool) -> RunFolder:
         for part in parts:
             del entry[sweep.record.parts][part]
     if grid is None:  # an older folder: from now on it has one
-        write_grid(path, sweep.units)
+        write_grid(path, sweep.cells)
     folder.save()
     folder.write_table()
     return folder
@@ -562,14 +563,14 @@ def lock_folder(folder: Path) -> io.TextIOWrapper:
 
 
 # =============================================================================
-# A sweep: this shard's units, less what the folder holds, here or in workers
+# A sweep: this shard's cells, less what the folder holds, here or in workers
 # =============================================================================
 
 
 def run(sweep: Sweep, settings: RunSettings) -> None:
-    """Every unit of this shard, every part not yet recorded in the folder (a new one, or
-    --resume's); then the experiment's figures and summaries. Raises UnitsFailed naming
-    the units it lost. Whatever it raises carries the folder as `run_folder`."""
+    """Every cell of this shard, every part not yet recorded in the folder (a new one, or
+    --resume's); then the experiment's figures and summaries. Raises CellsFailed naming
+    the cells it lost. Whatever it raises carries the folder as `run_folder`."""
     path = Path(settings.resume) if settings.resume else None
     try:
         if path is not None:
@@ -580,52 +581,52 @@ def run(sweep: Sweep, settings: RunSettings) -> None:
             folder = open_folder(sweep, path, settings.resume is not None)
             say(f"run folder: {path}")
             k, n = settings.shard
-            units = [left for unit in sweep.units[k::n] if (left := sweep.left(unit, folder.entry(unit.key)))]
-            record = lambda unit, events: [sweep.write(folder, unit, e) for e in events]  # noqa: E731
+            cells = [left for cell in sweep.cells[k::n] if (left := sweep.left(cell, folder.entry(cell.key)))]
+            record = lambda cell, events: [sweep.write(folder, cell, e) for e in events]  # noqa: E731
             if settings.jobs == 1:
-                failed = in_this_process(units, sweep.work, record)
+                failed = in_this_process(cells, sweep.work, record)
             else:
-                failed = in_workers(units, sweep.work, record, settings.jobs, sweep.init_worker)
+                failed = in_workers(cells, sweep.work, record, settings.jobs, sweep.init_worker)
             folder.write_table()
             sweep.finish(folder)
         if failed:
-            raise UnitsFailed("; ".join(f"{describe(key)}: {why}" for key, why in failed.items()))
+            raise CellsFailed("; ".join(f"{describe(key)}: {why}" for key, why in failed.items()))
     except BaseException as e:
         e.run_folder = path
         raise
 
 
 def reason(error: BaseException) -> str:
-    """Why a unit failed, in one phrase."""
+    """Why a cell failed, in one phrase."""
     if isinstance(error, MemoryError):
         return "out of memory"
     return f"{type(error).__name__}: {error}"
 
 
-def in_this_process(units: list, work: Callable, record: Callable) -> dict[tuple, str]:
-    """The units one after another, each event recorded as it comes. As in the workers,
-    an error in a unit's work costs that unit alone (returned with the reason); the
+def in_this_process(cells: list, work: Callable, record: Callable) -> dict[tuple, str]:
+    """The cells one after another, each event recorded as it comes. As in the workers,
+    an error in a cell's work costs that cell alone (returned with the reason); the
     recording's own errors (a full disk) stop the run."""
     failed = {}
-    for unit in progress(units, "sweep") if len(units) > 1 else units:
-        events = work(unit)
-        while True:  # not a for loop: an error of `record` must not be taken for the unit's
+    for cell in progress(cells, "sweep") if len(cells) > 1 else cells:
+        events = work(cell)
+        while True:  # not a for loop: an error of `record` must not be taken for the cell's
             try:
                 event = next(events)
             except StopIteration:
                 break
             except Exception as e:
-                failed[unit.key] = reason(e)
+                failed[cell.key] = reason(e)
                 break
-            record(unit, [event])
+            record(cell, [event])
     return failed
 
 
-# -- --jobs N: units in worker processes; the parent alone writes the folder ---------------
-# concurrent.futures with spawned workers. A unit's numbers must not depend on the worker
+# -- --jobs N: cells in worker processes; the parent alone writes the folder ---------------
+# concurrent.futures with spawned workers. A cell's numbers must not depend on the worker
 # that ran it (hybrid.py reseeds every attack).
 
-_started = None  # in a worker: the pipe on which it announces each unit it starts
+_started = None  # in a worker: the pipe on which it announces each cell it starts
 
 
 def start_worker(init: Callable[[], None], started: multiprocessing.connection.Connection, parent: int) -> None:
@@ -645,57 +646,57 @@ def start_worker(init: Callable[[], None], started: multiprocessing.connection.C
     init()
 
 
-def work_in_worker(work: Callable, unit: object) -> list:
-    _started.send(unit.key)  # a few bytes: one write, whole, among the other workers'
-    return list(work(unit))
+def work_in_worker(work: Callable, cell: object) -> list:
+    _started.send(cell.key)  # a few bytes: one write, whole, among the other workers'
+    return list(work(cell))
 
 
-def in_workers(units: list, work: Callable, record: Callable, jobs: int,
+def in_workers(cells: list, work: Callable, record: Callable, jobs: int,
                init: Callable[[], None]) -> dict[tuple, str]:
-    """The units in `jobs` workers, each recorded by the parent as it comes back.
+    """The cells in `jobs` workers, each recorded by the parent as it comes back.
 
     A worker that dies (killed, out of memory) breaks concurrent.futures' pool and every
-    unit then in flight; those run again one at a time, so that only a unit that kills
-    its worker on its own is lost. Returns the units lost, with the reason.
+    cell then in flight; those run again one at a time, so that only a cell that kills
+    its worker on its own is lost. Returns the cells lost, with the reason.
     """
-    failed, queue, suspects = {}, list(units), []
+    failed, queue, suspects = {}, list(cells), []
     while queue or suspects:
         if suspects:
             in_flight, not_started = one_pool([suspects.pop(0)], work, record, 1, init, failed)
             failed |= {u.key: "its worker died (killed, or out of memory?)" for u in in_flight + not_started}
         else:
             suspects, queue = one_pool(queue, work, record, jobs, init, failed)
-            if queue and not suspects:  # a worker died before it could say which unit it ran
+            if queue and not suspects:  # a worker died before it could say which cell it ran
                 suspects, queue = queue, []
     return failed
 
 
-def one_pool(units: list, work: Callable, record: Callable, jobs: int, init: Callable[[], None],
+def one_pool(cells: list, work: Callable, record: Callable, jobs: int, init: Callable[[], None],
              failed: dict) -> tuple[list, list]:
-    """Run units in a pool of `jobs` workers until all are back or a worker dies; then
-    return the units in flight and those not started (both empty if none died)."""
+    """Run cells in a pool of `jobs` workers until all are back or a worker dies; then
+    return the cells in flight and those not started (both empty if none died)."""
     spawn = multiprocessing.get_context("spawn")
     # A pipe, not a multiprocessing queue: its semaphores would outlive a Ctrl-C ("leaked semaphore")
     announced, started = spawn.Pipe(duplex=False)
     pool = ProcessPoolExecutor(jobs, spawn, start_worker, (init, started, os.getpid()))
-    futures, running, finished = {pool.submit(work_in_worker, work, u): u for u in units}, set(), set()
-    bar = progress(len(units), "pairs")
+    futures, running, finished = {pool.submit(work_in_worker, work, u): u for u in cells}, set(), set()
+    bar = progress(len(cells), "pairs")
     try:
         while futures.keys() - finished:
             done, _ = wait(futures.keys() - finished, timeout=2, return_when=FIRST_COMPLETED)
             while announced.poll():
                 running.add(announced.recv())
             for future in done:
-                unit = futures[future]
+                cell = futures[future]
                 try:
                     events = future.result()
                 except BrokenProcessPool:
                     return ([u for f, u in futures.items() if f not in finished and u.key in running],
                             [u for f, u in futures.items() if f not in finished and u.key not in running])
-                except Exception as e:  # a bug on one unit: the others go on
-                    failed[unit.key] = f"{type(e).__name__}: {e}"
+                except Exception as e:  # a bug on one cell: the others go on
+                    failed[cell.key] = f"{type(e).__name__}: {e}"
                 else:
-                    record(unit, events)  # the parent's own errors (a full disk) stop the run
+                    record(cell, events)  # the parent's own errors (a full disk) stop the run
                 finished.add(future)
                 bar.update()
             bar.set_postfix_str(", ".join(" ".join(k) for k in sorted(running - {futures[f].key for f in finished})))
@@ -716,9 +717,9 @@ WORKER_GRACE_SECONDS = 5.0  # after SIGTERM; then SIGKILL
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:
     """Workers end with the pool; on Ctrl-C or a failure they are stopped, not awaited
-    for their units. A worker inside a long library call (a least-squares solve) handles
+    for their cells. A worker inside a long library call (a least-squares solve) handles
     SIGTERM only when the call returns, which can take a minute, so after a grace period
-    it is killed: workers write nothing, the parent records every unit. The pool's own
+    it is killed: workers write nothing, the parent records every cell. The pool's own
     manager thread is then joined, so that its queues (and their semaphores) are released
     before the process exits, not reported as leaked."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # private, but no public way before 3.14
@@ -759,7 +760,7 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
 
     A folder given twice counts once; the folders must hold one experiment (their configs
     may differ in the shard and in what leaves numbers alone, their grids not at all), and
-    together every unit of its grid, unless `partial` (the record then lists what is
+    together every cell of its grid, unless `partial` (the record then lists what is
     missing). A shard left with no work adds nothing; a folder being written (its lock
     held) or one whose arrays are damaged is refused. Everything is checked before the new
     folder is made, which a failure removes again; arrays stay where they are, named
@@ -783,7 +784,7 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
         done = lambda e: set(e.get(record.parts, {})) | set(e.get(record.skipped, {}))  # noqa: E731
         missing = [k for k, parts in (grid or {}).items() if k not in entries or not set(parts) <= done(entries[k])]
         if missing and not partial:
-            raise UserError(f"--merge: {len(missing)} of the experiment's {len(grid)} {record.units_are} are missing "
+            raise UserError(f"--merge: {len(missing)} of the experiment's {len(grid)} {record.cells_are} are missing "
                             f"({', '.join(describe(k) for k in missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                             "--partial merges what there is")
         path = new_run_folder(output, "merged")
@@ -821,7 +822,7 @@ def check_mergeable(sources: list[Path], shards: list[dict], record: Record, par
                         "complete; --partial merges what there is")
     known = [g for g in grids if g is not None]
     if any(g != known[0] for g in known[1:]):
-        raise UserError(f"--merge: the folders hold different grids of {record.units_are}: not one experiment")
+        raise UserError(f"--merge: the folders hold different grids of {record.cells_are}: not one experiment")
     for src, shard in zip(sources, shards):
         for entry in shard["runs"]:
             own, parts = damaged_files(src, entry, record)
@@ -845,7 +846,7 @@ def rebase(entry: dict, src: Path, path: Path, key: str) -> None:
 
 def stopped(error: BaseException, name: str) -> int:
     """One line on stderr for what stopped a run, and its exit status: 2 for the user's
-    mistakes, 1 for units lost or a full disk, 130 for Ctrl-C, 143 for SIGTERM. What
+    mistakes, 1 for cells lost or a full disk, 130 for Ctrl-C, 143 for SIGTERM. What
     finished stays, and the line names the folder that --resume completes. `name`: the
     program's."""
     folder = getattr(error, "run_folder", None)
@@ -853,7 +854,7 @@ def stopped(error: BaseException, name: str) -> int:
     if isinstance(error, UserError):
         print(f"{name}: error: {printable(str(error), 4000)}", file=sys.stderr)  # one line, whatever a path holds
         return 2
-    if isinstance(error, UnitsFailed):
+    if isinstance(error, CellsFailed):
         print(f"{name}: not finished, the rest is recorded: {printable(str(error), 4000)}; "
               f"--resume {folder} retries them", file=sys.stderr)
         return 1

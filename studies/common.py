@@ -7,7 +7,7 @@ import hybrid as H
 
 def image_names(spec: str | None) -> set[str] | None:
     """The CIFAR-10 test images an --images spec such as 0-4 names; None (all) without one."""
-    return None if spec is None else {f"cifar10-test:{i}" for i in H.parse_indices([spec])}
+    return None if spec is None else {f"cifar10-test:{i}" for i in H.parse_image_indices([spec])}
 
 
 def read_rows(path: str, images: set[str] | None = None, models: list[str] | None = None) -> list[dict]:

@@ -46,8 +46,9 @@ def table(paths: list[str]) -> str:
               "mean (worst) | mean SSIM | seconds per image, all six models |", "|---|---|---|---|---|"]
     for b, rows in runs:
         loss = [f["psnr"] - e["psnr"] for m in models for e, f in zip(rows[m], full[m])]
-        lines.append(f"| {fraction[b]} ({b[1]}, {b[0]}) | {np.mean([e['psnr'] for m in models for e in rows[m]]):.2f} | "
-                     f"{np.mean(loss):+.2f} ({max(loss):+.2f}) | {np.mean([e['ssim'] for m in models for e in rows[m]]):.3f} | "
+        every = [e for m in models for e in rows[m]]
+        lines.append(f"| {fraction[b]} ({b[1]}, {b[0]}) | {np.mean([e['psnr'] for e in every]):.2f} | "
+                     f"{np.mean(loss):+.2f} ({max(loss):+.2f}) | {np.mean([e['ssim'] for e in every]):.3f} | "
                      f"{sum(np.mean([e['seconds'] for e in rows[m]]) for m in models):.0f} |")
     return "\n".join(lines) + "\n"
 

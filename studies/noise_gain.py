@@ -70,7 +70,8 @@ def dp_lines(run: dict, gains: dict[str, float], models: list[str]) -> list[str]
         return []
     lines = ["R-GAP under dp:C:Z, read as noise of std Z C / min(1, C/|g|) on the unclipped gradient "
              "(R-GAP is invariant to the gradient's scale; an extension made after the study, not a prediction "
-             "fixed before it):", "", "| model | spec | effective SIGMA (mean) | added MSE, measured | predicted | ratio |",
+             "fixed before it):", "",
+             "| model | spec | effective SIGMA (mean) | added MSE, measured | predicted | ratio |",
              "|---|---|---|---|---|---|"]
     for m, spec in sorted(keys, key=lambda k: (models.index(k[0]), k[1])):
         p = float(np.mean([(gains[m] * s) ** 2 for s in sigmas[m, spec]]))
@@ -92,7 +93,8 @@ def table(paths: list[str], standin_index: int, s0: float, draws: int) -> str:
         pairs = [(m, spec) for m, spec in mse if spec.startswith("noise:") and (m, "none") in mse]
         if not pairs:
             continue
-        lines += [f"{H.ATTACKS[attack].shown}:", "", "| model | gain | SIGMA | added MSE, measured | predicted | ratio |",
+        lines += [f"{H.ATTACKS[attack].shown}:", "",
+                  "| model | gain | SIGMA | added MSE, measured | predicted | ratio |",
                   "|---|---|---|---|---|---|"]
         predicted, added = [], []
         for m, spec in sorted(pairs, key=lambda k: (models.index(k[0]), H.parse_defence(k[1]).params["sigma"])):

@@ -139,7 +139,7 @@ TINY = dataclasses.replace(QUICK, dlg_iters=1, cosine_iters=10, hybrid_iters=4, 
 
 def answers(model, sample, attacks, settings=TINY, seed=H.PUBLISHED_SEED):
     """attack -> its Answer, through the experiment as the script runs it (no seeding here)."""
-    events = H.experiment(model, sample, attacks, settings, seed, "cpu")
+    events = H.share_and_attack(model, sample, attacks, settings, seed, "cpu")
     return {e.attack: e for e in events if isinstance(e, H.Answer)}
 
 
@@ -167,9 +167,9 @@ def test_restarts_keep_the_start_with_the_lowest_own_objective(attack, chelsea):
     assert len(starts) == 4 and len({s["objective_start"] for s in starts}) == 4  # four different starts
     assert starts[0]["objective_end"] == single.info["objective_end"]  # the first is the paper's run
     ends = [s["objective_end"] for s in starts]
-    assert best.info["kept"] == ends.index(min(ends)) and best.info["objective_end"] == min(ends)
+    assert best.info["best_start"] == ends.index(min(ends)) and best.info["objective_end"] == min(ends)
     if attack == "dlg":  # its objective has the soft label, which the result does not carry
-        assert best.label == starts[best.info["kept"]]["label"]
+        assert best.label == starts[best.info["best_start"]]["label"]
     else:
         assert own_objective(attack, model, grads, best) == pytest.approx(min(ends), rel=1e-4)
     assert "starts" not in single.info  # one start: the results look as they always did

@@ -31,7 +31,7 @@ def test_rgap_end_to_end(tmp_path):
     assert results["device"] == "cpu" and results["config"]["models"] == ["cnn4_c2"]
     (run,) = results["runs"]
     assert run["model"] == "cnn4_c2" and run["image"] == "samples:chelsea" and run["label"] == 3
-    assert run["rank_deficiency"][0] == 0 and run["rank_deficiency"][1] < 0  # cnn4_c2's middle layer leaves unknowns free
+    assert run["rank_deficiency"][0] == 0 and run["rank_deficiency"][1] < 0  # cnn4_c2's middle layer leaves some free
     assert run["security_index"] == sum(round(r * (3 - l) / 3) for l, r in enumerate(run["rank_deficiency"]))
     rgap = run["attacks"]["rgap"]
     assert math.isfinite(rgap["psnr"]) and 10 < rgap["psnr"] < 60 and 0 < rgap["ssim"] <= 1
@@ -104,7 +104,8 @@ def test_bad_input_is_one_line_and_exit_2(args, names, capsys, tmp_path):
 def test_bad_input_from_the_shell_is_one_line_and_exit_2():
     """The same, as a user runs it (one case: the rest run in this process)."""
     out = run_script("--threads", "0")
-    assert out.returncode == 2 and out.stderr == "hybrid.py: error: argument --threads: --threads must be 1 or more, not 0\n"
+    assert out.returncode == 2
+    assert out.stderr == "hybrid.py: error: argument --threads: --threads must be 1 or more, not 0\n"
 
 
 def test_compile_without_a_compiler_is_one_line(monkeypatch, capsys):

@@ -34,7 +34,7 @@ def test_none_shares_the_gradient_itself(cnn2_c4):
 def test_none_gives_the_attacks_numbers_without_a_defence(chelsea, cnn2_c4):
     """`none` is today's experiment: each answer equals the attack run on the client's gradient."""
     model, grads = cnn2_c4
-    events = list(H.experiment(model, chelsea, ["rgap", "hybrid", "idlg"], TINY, 10, "cpu"))
+    events = list(H.share_and_attack(model, chelsea, ["rgap", "hybrid", "idlg"], TINY, 10, "cpu"))
     answers = {e.attack: e for e in events if isinstance(e, H.Answer)}
     for name, answer in answers.items():
         H.seed_everything(10)
@@ -52,18 +52,20 @@ def test_noise_is_seeded_and_recorded(cnn2_c4):
     assert ra["norm_after"] == pytest.approx(H.global_norm(a)) and ra["norm_before"] == H.global_norm(grads)
     added = torch.cat([(x - g).flatten() for x, g in zip(a, grads)])
     assert added.std().item() == pytest.approx(0.01, rel=0.05)  # N(0, SIGMA^2) in every entry
-    assert H.defence_seed(10, "cifar10-test:0") == H.defence_seed(10, "cifar10-test:0") != H.defence_seed(11, "cifar10-test:0")
+    seed = H.defence_seed
+    assert seed(10, "cifar10-test:0") == seed(10, "cifar10-test:0") != seed(11, "cifar10-test:0")
 
 
 def test_the_same_command_shares_the_same_noisy_gradient(chelsea, cnn2_c4, monkeypatch):
     """Through the experiment: the defence's noise comes from --seed, and only from it."""
     model, _ = cnn2_c4
     seen = []
-    monkeypatch.setitem(H.ATTACKS, "rgap", dataclasses.replace(H.ATTACKS["rgap"], run=lambda model, grads, label, settings: (
-        seen.append([g.clone() for g in grads]), H.AttackResult(torch.zeros(1, 3, 32, 32), label))[1]))
+    spy = lambda model, grads, label, settings: (  # noqa: E731
+        seen.append([g.clone() for g in grads]), H.AttackResult(torch.zeros(1, 3, 32, 32), label))[1]
+    monkeypatch.setitem(H.ATTACKS, "rgap", dataclasses.replace(H.ATTACKS["rgap"], run=spy))
     for seed in (10, 10, 11):
         torch.randn(5)  # whatever the global generator did before must not matter
-        list(H.experiment(model, chelsea, ["rgap"], TINY, seed, "cpu", H.parse_defence("noise:1e-3")))
+        list(H.share_and_attack(model, chelsea, ["rgap"], TINY, seed, "cpu", H.parse_defence("noise:1e-3")))
     assert all(torch.equal(x, y) for x, y in zip(seen[0], seen[1]))
     assert not any(torch.equal(x, y) for x, y in zip(seen[0], seen[2]))
 
@@ -103,7 +105,8 @@ def test_dp_clips_to_c_before_the_noise(cnn2_c4):
     ("blur:1", "unknown kind 'blur'"), ("prune:1", "[0, 1)"), ("prune:1.5", "[0, 1)"), ("prune:-0.1", "fraction"),
     ("noise:-1", "sigma"), ("noise:nan", "sigma"), ("dp:0:1", "clip"), ("dp:-1:1", "clip"),
     ("dp:1:-1", "noise_multiplier"), ("noise:abc", "not a number"), ("noise", "expected noise:SIGMA"),
-    ("dp:1", "expected dp:CLIP:NOISE_MULTIPLIER"), ("none:1", "expected none"), ("prune:0.5:1", "expected prune:FRACTION"),
+    ("dp:1", "expected dp:CLIP:NOISE_MULTIPLIER"), ("none:1", "expected none"),
+    ("prune:0.5:1", "expected prune:FRACTION"),
 ])
 def test_bad_defence_is_one_line_and_exit_2(spec, says, capsys):
     assert H.main(["--defence", "none", spec, "--model", "cnn2_c4", "--source", "samples"]) == 2
@@ -124,7 +127,7 @@ def test_attacks_see_only_the_defended_gradient(chelsea, cnn2_c4, monkeypatch, s
         spy = lambda model, grads, label, settings, name=name: (  # noqa: E731
             seen.__setitem__(name, (grads, settings)), H.AttackResult(torch.zeros(1, 3, 32, 32), label))[1]
         monkeypatch.setitem(H.ATTACKS, name, dataclasses.replace(H.ATTACKS[name], run=spy))
-    list(H.experiment(model, chelsea, list(H.ATTACKS), TINY, 10, "cpu", defence))
+    list(H.share_and_attack(model, chelsea, list(H.ATTACKS), TINY, 10, "cpu", defence))
     assert set(seen) == set(H.ATTACKS)
     for name, (given, settings) in seen.items():
         assert all(torch.equal(a, b) for a, b in zip(given, shared)), name
@@ -212,7 +215,8 @@ def defended_run(tmp_path_factory):
 def test_the_grid_runs_every_model_image_and_defence(defended_run):
     rows = rows_of(defended_run)
     assert {(r["model"], r["defence"], r["attack"]) for r in rows} == {
-        (m, d, a) for m in ("cnn2_c4", "cnn2_c2") for d in ("none", "prune:0.5", "noise:1e-3") for a in ("rgap", "idlg")}
+        (m, d, a) for m in ("cnn2_c4", "cnn2_c2") for d in ("none", "prune:0.5", "noise:1e-3")
+        for a in ("rgap", "idlg")}
     results = json.loads((defended_run / "results.json").read_text())
     for entry in results["runs"]:
         defence = entry["defence"]
@@ -232,7 +236,8 @@ def test_the_grid_runs_every_model_image_and_defence(defended_run):
 
 def test_rows_under_pruning_carry_the_index_of_the_surviving_equations(defended_run):
     results = json.loads((defended_run / "results.json").read_text())
-    pruned = {e["model"]: e["defence"]["security_index"] for e in results["runs"] if e["defence"]["spec"] == "prune:0.5"}
+    pruned = {e["model"]: e["defence"]["security_index"] for e in results["runs"]
+              if e["defence"]["spec"] == "prune:0.5"}
     plain = {e["model"]: e["security_index"] for e in results["runs"] if e["defence"]["spec"] == "none"}
     for r in rows_of(defended_run):
         expected = pruned if r["defence"] == "prune:0.5" else plain

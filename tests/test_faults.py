@@ -77,7 +77,8 @@ def test_a_kill_at_any_write_loses_nothing_finished(tmp_path, clean, fault):
     assert out.returncode == -9, out.stderr
     (folder,) = list((tmp_path / "out").iterdir())
     done = recorded(folder)
-    rows = {(r["model"], r["image"], r["attack"]) for r in rows_of(folder)} if (folder / "results.csv").exists() else set()
+    written = (folder / "results.csv").exists()
+    rows = {(r["model"], r["image"], r["attack"]) for r in rows_of(folder)} if written else set()
     assert rows <= set(done) and len(done) - len(rows) <= 1  # the table lags the record by the attack in flight
     check_resumes_to_the_clean_run(folder, clean)
 

@@ -205,19 +205,20 @@ def shards(tmp_path_factory):
 
 def test_a_merge_that_misses_pairs_is_refused_unless_partial(shards, tmp_path, capsys):
     assert H.main(["--merge", str(shards[0]), str(shards[1]), "--output", str(tmp_path / "a")]) == 2
-    assert "1 of the experiment's 4 (model, image) pairs are missing" in one_line(capsys.readouterr().err)
+    assert "1 of the experiment's 4 (model, image, defence) cells are missing" in one_line(capsys.readouterr().err)
     assert not (tmp_path / "a").exists() or not list((tmp_path / "a").iterdir())
     assert H.main(["--merge", str(shards[0]), str(shards[1]), "--partial", "--output", str(tmp_path / "b")]) == 0
     merged = the_folder(tmp_path / "b")
     results = json.loads((merged / "results.json").read_text())
-    assert results["missing"] == [["cnn2_c0", "samples:chelsea"]]  # pair 2: image by image, the second image's first model
+    # cell 2: image by image, the second image's first model
+    assert results["missing"] == [["cnn2_c0", "samples:chelsea"]]
     assert "missing" in (merged / "summary.md").read_text()
 
 
 def test_shards_of_another_split_that_drop_a_pair_are_refused(shards, tmp_path, capsys):
     """0/3 and 1/2 of a 4-pair grid: pairs 0, 3 and 1, 3; pair 2 is in neither."""
     assert H.main(["--merge", str(shards[0]), str(shards[3]), "--output", str(tmp_path)]) == 2
-    assert "pairs are missing" in one_line(capsys.readouterr().err)
+    assert "cells are missing" in one_line(capsys.readouterr().err)
 
 
 def test_the_whole_grid_merges(shards, tmp_path):

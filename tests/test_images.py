@@ -150,7 +150,8 @@ def test_cifar10_test_ships_its_first_20_images_offline(tmp_path):
     assert [i.label for i in images] == FOOLBOX_LABELS
     for image in images:
         pixels = (image.x + 0.5) * 255
-        assert image.x.shape == (1, 3, 32, 32) and float((pixels - pixels.round()).abs().max()) < 1e-4  # 8-bit, as stored
+        assert image.x.shape == (1, 3, 32, 32)
+        assert float((pixels - pixels.round()).abs().max()) < 1e-4  # 8-bit, as stored
         assert -0.5 <= float(image.x.min()) and float(image.x.max()) <= 0.5
     assert len({tuple(i.x.flatten()[:50].tolist()) for i in images}) == 20
     with pytest.raises(H.UserError, match="only CIFAR-10's test images 0-19 ship without a download"):
@@ -193,7 +194,8 @@ def test_offline_the_default_attacks_a_cifar10_test_image_and_records_it(tmp_pat
 def test_training_offline_on_cifar10_test_leaves_the_attacked_image_out(monkeypatch):
     red = np.zeros((32, 32, 3), np.uint8)
     red[..., 0] = 255
-    shipped = [(red if i == 3 else np.full((32, 32, 3), 9 * i, np.uint8), label) for i, label in enumerate(FOOLBOX_LABELS)]
+    shipped = [(red if i == 3 else np.full((32, 32, 3), 9 * i, np.uint8), label)
+               for i, label in enumerate(FOOLBOX_LABELS)]
     monkeypatch.setattr(H, "foolbox_cifar10_test", lambda: shipped)
     monkeypatch.setattr(H, "CROP_POOL", 256)
     H.cifar10_test_crops.cache_clear()

@@ -25,9 +25,10 @@ def test_every_model_builds_and_runs(name, chelsea):
         assert torch.equal(p, q) and not torch.equal(p, r)
 
 
-# The zoo as hybrid.py had it before architecture strings (transcribed from the published code): (in, out, kernel, stride, padding) per
-# convolution, the activations (the fc's last), conv bias, leaky slope. Copied here so that the
-# architecture strings of hybrid.py are checked against an independent transcription.
+# The zoo as hybrid.py had it before architecture strings (transcribed from the published code):
+# (in, out, kernel, stride, padding) per convolution, the activations (the fc's last), conv bias,
+# leaky slope. Copied here so that the architecture strings of hybrid.py are checked against an
+# independent transcription.
 PUBLISHED_ZOO = {
     "cnn2_c0": ([(3, 1, 3, 2, 0)], "tanh tanh", False, 0.01),
     "cnn2_c1": ([(3, 6, 3, 1, 0)], "tanh id", False, 0.01),
@@ -63,7 +64,8 @@ PUBLISHED_ZOO = {
     "cnn4_c3": ([(3, 6, 5, 1, 0), (6, 16, 5, 2, 0), (16, 16, 5, 1, 2)], "tanh tanh tanh id", False, 0.01),
     "lenet2": ([(3, 12, 3, 2, 1), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)], "tanh tanh tanh id", False, 0.01),
     "lenet": ([(3, 12, 5, 2, 2), (12, 12, 5, 2, 2), (12, 12, 5, 1, 2)], "leaky leaky leaky id", True, 0.01),
-    "cnn6d": ([(3, 12, 4, 2, 2), (12, 20, 3, 2, 1), (20, 36, 3, 1, 1), (36, 36, 3, 1, 1), (36, 64, 3, 2, 1), (64, 128, 3, 1, 1)], "leaky leaky leaky leaky leaky leaky id", False, 0.2),
+    "cnn6d": ([(3, 12, 4, 2, 2), (12, 20, 3, 2, 1), (20, 36, 3, 1, 1), (36, 36, 3, 1, 1), (36, 64, 3, 2, 1),
+               (64, 128, 3, 1, 1)], "leaky leaky leaky leaky leaky leaky id", False, 0.2),
 }
 
 
@@ -88,7 +90,8 @@ def test_every_zoo_string_rebuilds_its_model_bit_for_bit(name):
     assert set(H.MODELS) == set(PUBLISHED_ZOO)
     for built in (model, from_string):
         assert [type(a) for a in built.acts] == [type(a) for a in acts]
-        assert [getattr(a, "negative_slope", None) for a in built.acts] == [getattr(a, "negative_slope", None) for a in acts]
+        slopes = lambda activations: [getattr(a, "negative_slope", None) for a in activations]  # noqa: E731
+        assert slopes(built.acts) == slopes(acts)
         ours, theirs = list(built.parameters()), [p for layer in layers for p in layer.parameters()]
         assert len(ours) == len(theirs) and all(torch.equal(p, q) for p, q in zip(ours, theirs))
         assert [(m.stride, m.padding) for m in built.layers[:-1]] == [(m.stride, m.padding) for m in layers[:-1]]
@@ -97,8 +100,8 @@ def test_every_zoo_string_rebuilds_its_model_bit_for_bit(name):
 @pytest.mark.slow
 def test_every_zoo_string_gives_the_rank_deficiencies_recorded_before_strings(chelsea):
     """assets/study_random.json was written by the tuple-table zoo (commit 3a89664)."""
-    recorded = {r["model"]: r["rank_deficiency"] for r in json.loads(
-        (Path(__file__).parents[1] / "assets" / "study_random.json").read_text())["runs"] if r["image"] == "samples:chelsea"}
+    study = json.loads((Path(__file__).parents[1] / "assets" / "study_random.json").read_text())
+    recorded = {r["model"]: r["rank_deficiency"] for r in study["runs"] if r["image"] == "samples:chelsea"}
     for name, text in H.MODELS.items():
         model = H.build_model(text)
         assert H.rank_deficiency(model, H.client_gradient(model, chelsea.x, chelsea.label)) == recorded[name], name
@@ -117,7 +120,8 @@ def test_architecture_strings_round_trip(text):
 def test_a_string_gives_each_layer_what_it_says():
     model = H.build_model("8k3s1p0b-leaky0.2,4k4s2p1-softplus,fc-sigmoid")
     conv0, conv1, fc = model.layers
-    assert (conv0.in_channels, conv0.out_channels, conv0.kernel_size, conv0.stride, conv0.padding) == (3, 8, (3, 3), (1, 1), (0, 0))
+    assert (conv0.in_channels, conv0.out_channels, conv0.kernel_size, conv0.stride, conv0.padding) == (
+        3, 8, (3, 3), (1, 1), (0, 0))
     assert conv0.bias is not None and conv1.bias is None and conv1.in_channels == 8 and conv1.padding == (1, 1)
     assert fc.in_features == 4 * 15 * 15 and fc.out_features == 10 and fc.bias is not None
     assert model.acts[0].negative_slope == 0.2 and isinstance(model.acts[1], nn.Softplus)
@@ -126,7 +130,8 @@ def test_a_string_gives_each_layer_what_it_says():
 
 BAD_STRINGS = [
     ("8k3s1p0-relu,fc-id", "layer 0 '8k3s1p0-relu': unknown activation 'relu'"),
-    ("8k5s4p0-tanh,4k9s1p0-tanh,fc-id", "layer 1 '4k9s1p0-tanh': kernel 9 is larger than its padded input (7x7 with padding 0)"),
+    ("8k5s4p0-tanh,4k9s1p0-tanh,fc-id",
+     "layer 1 '4k9s1p0-tanh': kernel 9 is larger than its padded input (7x7 with padding 0)"),
     ("8k3s1p0-tanh,0k3s1p0-tanh,fc-id", "layer 1 '0k3s1p0-tanh': with 0 output channels its output would be empty"),
     ("8k3s0p0-tanh,fc-id", "layer 0 '8k3s0p0-tanh': with stride 0 its output would be empty"),
     ("8k3s1p0-tanh,4k3s1p0-tanh", "it must end in fc-ACT"),

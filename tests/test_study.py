@@ -70,7 +70,8 @@ def test_correlations_are_scipys_on_each_models_own_numbers():
         {"n": 4, "spearman_rho": rho, "spearman_p": exact, "kendall_tau": tau, "kendall_p": q})
     points = [(i, p) for m in STUDY.values() for i, ps in m.values() for a, p in ps.items() if a == "rgap"]
     assert corr["security_index"]["rgap"]["pairs"]["spearman_rho"] == pytest.approx(stats.spearmanr(*zip(*points))[0])
-    assert corr["security_index"]["rgap"]["pairs"]["n"] == 8 and corr["security_index"]["rgap"]["models"]["spearman_rho"] == pytest.approx(1.0)
+    rgap = corr["security_index"]["rgap"]
+    assert rgap["pairs"]["n"] == 8 and rgap["models"]["spearman_rho"] == pytest.approx(1.0)
 
 
 def test_the_join_pairs_each_models_index_with_its_own_psnr():

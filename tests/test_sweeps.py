@@ -30,14 +30,14 @@ def full_sweep(tmp_path_factory):
     (["1", "4-5"], [1, 4, 5]), (["2,2,1-2"], [2, 1]),
 ])
 def test_index_ranges(text, expected):
-    assert H.parse_indices(text) == expected
+    assert H.parse_image_indices(text) == expected
 
 
 @pytest.mark.parametrize("text", [["a"], ["3-1"], ["-2"], ["1-"], ["1,,2"], ["50000"], ["0-100000000000000"],
                                   ["9" * 5000]])
 def test_bad_index_ranges(text):
     with pytest.raises(H.UserError, match="--index"):
-        H.parse_indices(text)
+        H.parse_image_indices(text)
 
 
 def test_bad_index_range_on_the_command_line(capsys):
@@ -73,7 +73,8 @@ def test_sweep_writes_a_row_per_item_and_a_true_summary(full_sweep):
         assert float(entry["index_mean"]) == pytest.approx(np.mean([i for _, i in indices]))
     index = int(next(r["security_index"] for r in rows if r["model"] == "cnn2_c4"))
     fraction = float(next(r["worst_layer_fraction"] for r in rows if r["model"] == "cnn2_c4"))
-    assert f"| cnn2_c4 | {index} [{index}, {index}] | {fraction:.4f} | Hybrid | 2 |" in (full_sweep / "summary.md").read_text()
+    summary = (full_sweep / "summary.md").read_text()
+    assert f"| cnn2_c4 | {index} [{index}, {index}] | {fraction:.4f} | Hybrid | 2 |" in summary
     assert (full_sweep / "comparison.png").exists()
 
 

@@ -1976,13 +1976,13 @@ class Cell(NamedTuple):
 
 
 def cell_key(model: str, image: str, defence: str) -> tuple[str, ...]:
-    """A cell's name in the record: (model, image), and its defence where it has one (so
-    that folders written before defences keep their keys)."""
+    """A cell's name in the record and its grid.json: (model, image) undefended, (model,
+    image, defence) under a defence."""
     return (model, image) + (() if defence == "none" else (defence,))
 
 
 def entry_key(entry: dict) -> tuple[str, ...]:
-    return cell_key(entry["model"], entry["image"], entry.get("defence", {}).get("spec", "none"))
+    return cell_key(entry["model"], entry["image"], entry["defence"]["spec"])  # upgraded: every entry has one
 
 
 def left_to_do(cell: Cell, entry: dict | None) -> Cell | None:

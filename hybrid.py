@@ -162,7 +162,8 @@ class Experiment:
         "where it is out of reach); cifar10-test: the test set; samples: scikit-image's sample photographs",
         choices=["cifar10", "cifar10-test", "samples"], meta={"not_with": "image_files"})
     image_files: list[str] = sweeps.setting([], "attack these image files (or the image files in these folders) "
-                                            "instead", "--image", action="extend", nargs="+", metavar="PATH")
+                                            "instead", "--image", action="extend", nargs="+", metavar="PATH",
+                                            type=sweeps.path_value)
     label: int = sweeps.setting(0, "the class of the --image files (0-9; default {default})",
                                 type=lambda text: label_value(text), metavar="K", meta={"needs": "image_files"})
     attacks: list[str] = sweeps.setting(
@@ -184,7 +185,8 @@ class Experiment:
                                      type=lambda text: learning_rate(text), metavar="LR",
                                      meta={"needs": "train_steps"})
     device: str = sweeps.setting("auto", "auto (the default): CUDA where available", choices=["auto", "cpu", "cuda"])
-    data: str = sweeps.setting(DATA_PATH, "where CIFAR-10 is, or is downloaded to (default {default})", metavar="DIR")
+    data: str = sweeps.setting(DATA_PATH, "where CIFAR-10 is, or is downloaded to (default {default})", metavar="DIR",
+                               type=sweeps.path_value)
 
 
 def seed_everything(seed: int) -> None:
@@ -1552,12 +1554,17 @@ class DefenceKind:
     what: str  # what it does, for --help
     seeded: bool = False  # draws noise from the seed (recorded)
     removes_equations: bool = False  # the shared zeros are missing entries, not equations (pruning)
+    curve: tuple[str, ...] = ()  # the parameters held fixed along one curve of the figures (dp: its clip C)
+    max_strength: float = math.inf  # beyond it the shared gradient would leave what float32 holds
 
     def usage(self, kind: str) -> str:
         return ":".join([kind, *(p.letter for p in self.params)])
 
 
 NON_NEGATIVE = lambda v: v >= 0  # noqa: E731
+# float32 holds up to 3.4e38: noise of a larger std, times a draw of a few units, overflows to
+# inf in the shared gradient, and every solve and objective after it fails.
+MAX_NOISE = 1e30
 
 
 def add_noise(grads: list[torch.Tensor], sigma: float, seed: int) -> list[torch.Tensor]:
@@ -1578,7 +1585,7 @@ DEFENCES: dict[str, DefenceKind] = {
     "noise": DefenceKind((Param("sigma", "SIGMA", NON_NEGATIVE, "a finite number of at least 0"),),
                          lambda grads, p, seed: add_noise(grads, p["sigma"], seed), lambda p: p["sigma"],
                          "the noise's standard deviation SIGMA", "SIGMA", "adds N(0, SIGMA^2) to every entry",
-                         seeded=True),
+                         seeded=True, max_strength=MAX_NOISE),
     "prune": DefenceKind((Param("fraction", "P", lambda v: 0 <= v < 1, "in [0, 1)"),),
                          lambda grads, p, seed: [prune_smallest(g, p["fraction"]) for g in grads],
                          lambda p: p["fraction"], "the pruned fraction P", "P",
@@ -1588,7 +1595,8 @@ DEFENCES: dict[str, DefenceKind] = {
                        Param("noise_multiplier", "Z", NON_NEGATIVE, "a finite number of at least 0")),
                       clip_then_noise, lambda p: p["noise_multiplier"] * p["clip"],
                       "the noise's standard deviation Z C", "Z C",
-                      "DP-SGD: clips the whole gradient to norm C, then adds N(0, (Z C)^2)", seeded=True),
+                      "DP-SGD: clips the whole gradient to norm C, then adds N(0, (Z C)^2)", seeded=True,
+                      curve=("clip",), max_strength=MAX_NOISE),
 }
 
 
@@ -1634,7 +1642,12 @@ def parse_defence(text: str) -> Defence:
     for param, value in zip(params, numbers):
         if not (math.isfinite(value) and param.valid(value)):
             raise UserError(f"--defence '{text}': {param.name} must be {param.rule}, not {value:g}")
-    return Defence(text, kind, {p.name: v for p, v in zip(params, numbers)})
+    values = {p.name: v for p, v in zip(params, numbers)}
+    strength = DEFENCES[kind].strength(values)
+    if not strength <= DEFENCES[kind].max_strength:
+        raise UserError(f"--defence '{text}': {DEFENCES[kind].axis} is {strength:g}, beyond the "
+                        f"{DEFENCES[kind].max_strength:g} above which the shared gradient leaves what float32 holds")
+    return Defence(text, kind, values)
 
 
 def defence_seed(seed: int, image: str) -> int:
@@ -1797,13 +1810,18 @@ def undefended_ranks(key: tuple, model: Net, image: PrivateImage, device: str) -
 
 
 def nothing_to_attack(model: Net, image: PrivateImage, device: str) -> str | None:
-    """Why the client's gradient on `image` cannot be attacked (a model whose training
-    diverged shares NaNs), or None: every linear system and every objective would be NaN."""
-    if all(torch.isfinite(g).all() for g in client_gradient(model, image.x.to(device), image.label)):
-        return None
-    weights = all(torch.isfinite(p).all() for p in model.parameters())
-    return "the client's gradient is not finite" + (
-        "" if weights else " (the model's weights are not: its training diverged)")
+    """Why the client's gradient on `image` cannot be attacked, or None. A gradient that is
+    not finite (a model whose training diverged shares NaNs) makes every linear system and
+    every objective NaN; one that is exactly zero (a saturated output layer) carries nothing:
+    no label to read, every system 0 = 0, every objective flat."""
+    grads = client_gradient(model, image.x.to(device), image.label)
+    if not all(torch.isfinite(g).all() for g in grads):
+        weights = all(torch.isfinite(p).all() for p in model.parameters())
+        return "the client's gradient is not finite" + (
+            "" if weights else " (the model's weights are not: its training diverged)")
+    if not any(g.any() for g in grads):
+        return "the client's gradient is exactly zero, so it carries nothing to attack (a saturated output layer?)"
+    return None
 
 
 def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
@@ -1887,8 +1905,16 @@ def row(entry: dict, attack: str) -> dict:
             "label": e["label"], "label_correct": e["label_correct"],
             "psnr": math.inf if e["psnr"] is None else e["psnr"],  # null: an exact (infinite-PSNR) reconstruction
             "ssim": e["ssim"], "seconds": e["seconds"], **{k: has.get(k) for k in report.INDICES},
-            "kind": d.kind, "strength": d.strength, "first_activation": first_activation(entry["model"]),
+            "kind": d.kind, "strength": d.strength, "curve": curve_of(d),
+            "first_activation": first_activation(entry["model"]),
             "fc_inputs_undetermined": defence.get("fc_inputs_undetermined", math.nan) if d.removes_equations else 0.0}
+
+
+def curve_of(defence: Defence) -> str:
+    """Which curve of its kind a defence lies on, as the figures name it: its parameters held
+    fixed along one ("C=1" for dp:1:Z); "" for a kind of one curve."""
+    kind = DEFENCES[defence.kind]
+    return ", ".join(f"{p.letter}={defence.params[p.name]:g}" for p in kind.params if p.name in kind.curve)
 
 
 def first_activation(model: str) -> str:
@@ -1949,12 +1975,33 @@ def finish(folder: sweeps.RunFolder) -> None:
 
 def is_entry(entry: object) -> bool:
     """A cell's entry of results.json's runs as record_event writes it (what resume, merge
-    and the summaries read)."""
-    scored = {"psnr", "ssim", "seconds", "label", "label_correct"}
-    return (isinstance(entry, dict) and isinstance(entry.get("model"), str) and isinstance(entry.get("image"), str)
-            and isinstance(entry.get("attacks", {}), dict)
-            and all(a in ATTACKS and isinstance(e, dict) and scored <= e.keys()
-                    for a, e in entry.get("attacks", {}).items()))
+    and the summaries read), every field of the type it is written with: a record that was
+    edited by hand is refused, not trusted until a figure fails on a string."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("model"), str) and isinstance(entry.get("image"), str)):
+        return False
+    attacks, defence, skipped = entry.get("attacks", {}), entry.get("defence", {}), entry.get("skipped", {})
+    return (isinstance(attacks, dict) and all(a in ATTACKS and is_answer(e) for a, e in attacks.items())
+            and isinstance(defence, dict) and isinstance(defence.get("spec", ""), str)
+            and all(has_ranks(e) for e in (entry, defence))
+            and isinstance(skipped, dict) and all(isinstance(v, str) for v in skipped.values()))
+
+
+def is_number(value: object, or_null: bool = False) -> bool:
+    return (value is None and or_null) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def is_answer(e: object) -> bool:
+    """An attack's record: its scores, time and label, typed."""
+    return (isinstance(e, dict) and is_number(e.get("psnr"), or_null=True) and is_number(e.get("ssim"), or_null=True)
+            and is_number(e.get("seconds")) and isinstance(e.get("label"), int) and not isinstance(e.get("label"), bool)
+            and isinstance(e.get("label_correct"), bool) and {"psnr", "ssim"} <= e.keys())
+
+
+def has_ranks(e: dict) -> bool:
+    """Rank deficiencies and indices, where a record holds them, typed."""
+    ranks = e.get("rank_deficiency")
+    return ((ranks is None or (isinstance(ranks, list) and all(is_number(r) for r in ranks)))
+            and all(is_number(e.get(index), or_null=True) for index in report.INDICES))
 
 
 class Cell(NamedTuple):
@@ -2086,18 +2133,21 @@ RECORD = sweeps.Record(
 
 
 def run_metadata(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings, argv: list[str]) -> dict:
-    """results.json's header: the config, library versions, device and command line."""
-    import matplotlib
-    import skimage
-    import torchvision
+    """results.json's header: the config, library versions, device and command line. The
+    versions are the installed distributions' (importlib.metadata), read without importing
+    them: a torchvision that does not match torch fails on import, and must not stop a run
+    that never uses it."""
+    import importlib.metadata
 
     name = torch.cuda.get_device_name() if exp.device == "cuda" else \
         f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {"config": flat_config(exp, settings, run),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "numpy": np.__version__,
-                         "scipy": scipy.__version__, "scikit-image": skimage.__version__,
-                         "matplotlib": matplotlib.__version__},
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "numpy", "scipy", "scikit-image", "matplotlib"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"config": flat_config(exp, settings, run), "versions": versions,
             "device": exp.device, "device_name": name, "command": shlex.join(["python", "hybrid.py", *argv])}
 
 

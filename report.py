@@ -12,7 +12,8 @@ A row is one attack on one (model, image, defence) cell, with typed values:
     label: int, label_correct: bool
     psnr: float (inf for an exact reconstruction), ssim, seconds: float
     security_index, worst_layer_fraction: float or None (of the equations the attacker has)
-    kind: the defence's kind; strength: float (its figures' x, 0 for none)
+    kind: the defence's kind; strength: float (its figures' x, 0 for none); curve: str (the
+        parameters held fixed along one curve, "C=1"; "" where a kind has one curve)
     first_activation: str (the study figure's colour); fc_inputs_undetermined: float
 
 Sections: correlations; summaries; the figures of a run (comparison, index against quality,
@@ -244,7 +245,9 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -
     from matplotlib.figure import Figure
 
     columns = ["target"] + [a for a in names.attacks if any(a in cell["attacks"] for cell in cells)]
-    titles = [f"{cell['model']}  |  {cell['image']}  |  label {cell['label']}" for cell in cells]
+    defended = [[] if cell["defence"]["spec"] == "none" else [cell["defence"]["spec"]] for cell in cells]
+    titles = ["  |  ".join([cell["model"], cell["image"], *spec, f"label {cell['label']}"])
+              for cell, spec in zip(cells, defended)]
     width = max(1.7 * len(columns), 0.085 * max(map(len, titles)) + 0.4)  # 10-point text: about 0.08 in a character
     fig = Figure(figsize=(width, 2.35 * len(cells)), layout="constrained")
     rows = np.atleast_1d(fig.subfigures(len(cells), 1))
@@ -260,7 +263,7 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -
                 continue
             ax.imshow(np.load(folder / entry["npy"]), interpolation="nearest")
             if name != "target":
-                ax.set_xlabel(f"{format_psnr(entry['psnr'])} / {entry['ssim']:.2f}", fontsize=8)
+                ax.set_xlabel(f"{format_psnr(entry['psnr'])} / SSIM {entry['ssim']:.2f}", fontsize=8)
     fig.savefig(path, dpi=120)
     return fig
 
@@ -402,18 +405,26 @@ def plot_index_vs_quality(rows: list[dict], path: Path, names: Names, which: str
     return fig
 
 
+LINE_STYLES = ("-", "--", ":", "-.")  # the curves of one kind (dp at each clip C), one style each
+
+
 def plot_defence_vs_quality(rows: list[dict], path: Path, names: Names) -> object:
     """PSNR and SSIM against each defence's strength: one column per kind of defence, one
     line per (model, attack) through the mean over images, colour by attack, marker by
     model; no defence at strength 0 on every panel. PSNRs above the cap drawn at it."""
     from matplotlib.figure import Figure
 
-    curves: dict[tuple, dict[float, list[float]]] = {}  # (kind, model, attack, metric) -> strength -> values
+    # (kind, curve, model, attack, metric) -> strength -> values over images: a point is one
+    # defence's, never a mean over defences that share a strength (dp:1:0.1 and dp:0.1:1)
+    curves: dict[tuple, dict[float, list[float]]] = {}
+    lines = {(r["kind"], r["curve"]) for r in rows if r["kind"] != "none"}
     for r in rows:
-        for k in [r["kind"]] if r["kind"] != "none" else names.strengths:
+        on = [(r["kind"], r["curve"])] if r["kind"] != "none" else lines  # none: at 0 on every curve
+        for (k, c) in on:
             for metric in ("psnr", "ssim"):
                 value = min(r[metric], PSNR_CAP) if metric == "psnr" else r[metric]
-                curves.setdefault((k, r["model"], r["attack"], metric), {}).setdefault(r["strength"], []).append(value)
+                curves.setdefault((k, c, r["model"], r["attack"], metric), {}).setdefault(r["strength"], []).append(
+                    value)
     present = {r["kind"] for r in rows}
     kinds = [k for k in names.strengths if k in present]
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -426,10 +437,13 @@ def plot_defence_vs_quality(rows: list[dict], path: Path, names: Names) -> objec
             ax = axes[row, col]
             for m, model in enumerate(models):
                 for a, attack in enumerate(attacks):
-                    curve = sorted((x, np.mean(v)) for x, v in curves.get((kind, model, attack, metric), {}).items())
-                    if curve:
-                        ax.plot(*zip(*curve), marker=markers[m % len(markers)], ms=4, lw=1, alpha=0.8,
-                                color=f"C{a}", label=f"{names.shown(attack)}, {model}")
+                    for c, which in enumerate(sorted(w for k, w in lines if k == kind)):
+                        curve = sorted((x, np.mean(v)) for x, v in
+                                       curves.get((kind, which, model, attack, metric), {}).items())
+                        if curve:
+                            ax.plot(*zip(*curve), marker=markers[m % len(markers)], ms=4, lw=1, alpha=0.8,
+                                    color=f"C{a}", ls=LINE_STYLES[c % len(LINE_STYLES)],
+                                    label=", ".join([names.shown(attack), model] + [which] * bool(which)))
             if kind != "prune":  # noise levels span decades; none (0) stays on the linear part
                 positive = [x for (k, *_), c in curves.items() if k == kind for x in c if x > 0]
                 ax.set_xscale("symlog", linthresh=min(positive, default=1) / 2)
@@ -628,9 +642,20 @@ def images_per_mean(rows: list[dict], attacks: list[str], names: Names) -> str:
     return ", ".join(f"{names.shown(a)} {lo}" + (f"-{hi}" if hi > lo else "") for a, lo, hi in spans)
 
 
-def specs_of(rows: list[dict]) -> dict[str, tuple[str, float]]:
-    """defence spec -> (its kind, its strength), as the rows carry them."""
-    return {r["defence"]: (r["kind"], r["strength"]) for r in rows}
+def specs_of(rows: list[dict]) -> dict[str, tuple[str, float, str]]:
+    """defence spec -> (its kind, its strength, its curve), as the rows carry them."""
+    return {r["defence"]: (r["kind"], r["strength"], r["curve"]) for r in rows}
+
+
+def curves_of(specs: dict[str, tuple[str, float, str]], names: Names) -> list[tuple[str, str]]:
+    """The (kind, curve) of the specs but none's, in Names' order of kinds."""
+    have = {(kind, curve) for kind, _, curve in specs.values() if kind != "none"}
+    return [(k, c) for k in names.strengths for c in sorted(c for kind, c in have if kind == k)]
+
+
+def curve_name(kind: str, curve: str, curves: list[tuple[str, str]]) -> str:
+    """A kind's name, with its curve's where the kind has several ('dp C=1')."""
+    return f"{kind} {curve}" if sum(k == kind for k, _ in curves) > 1 else kind
 
 
 def mean_table(means: dict, models: list[str], attacks: list[str], specs: list[str], images: str,
@@ -646,28 +671,29 @@ def mean_table(means: dict, models: list[str], attacks: list[str], specs: list[s
     return lines + [""]
 
 
-def stopping_table(means: dict, models: list[str], attacks: list[str], specs: dict[str, tuple[str, float]],
+def stopping_table(means: dict, models: list[str], attacks: list[str], specs: dict[str, tuple[str, float, str]],
                    names: Names) -> list[str]:
     """The weakest strength of each kind from which on the mean PSNR stays below STOPPED
     (at it and at every stronger one), and the mean there; '-' where no strength in the
     grid gets there, 'already' where no defence is needed."""
-    kinds = [k for k in names.strengths if any(kind == k for kind, _ in specs.values())]
+    curves = curves_of(specs, names)  # a column per curve: strengths of different curves are not one grid
     lines = [f"The weakest strength in the grid from which on each defence keeps an attack's mean PSNR below "
              f"{STOPPED:g} dB, there and at every stronger point (the mean there in brackets; '-': not within the "
              "grid; 'already': below it undefended):",
-             "", "| model | attack | " + " | ".join(f"{k} ({names.strengths[k][1]})" for k in kinds) + " |",
-             "|---|---|" + "---|" * len(kinds)]
+             "", "| model | attack | " + " | ".join(f"{curve_name(k, c, curves)} ({names.strengths[k][1]})"
+                                                  for k, c in curves) + " |",
+             "|---|---|" + "---|" * len(curves)]
     for m in models:
         for a in attacks:
             if (m, a, "none") not in means:
                 continue
             if means[m, a, "none"] < STOPPED:
-                lines.append(f"| {m} | {names.shown(a)} | " + " | ".join("already" for _ in kinds) + " |")
+                lines.append(f"| {m} | {names.shown(a)} | " + " | ".join("already" for _ in curves) + " |")
                 continue
             cells = []
-            for k in kinds:
-                grid = sorted((s for s, (kind, _) in specs.items() if kind == k and (m, a, s) in means),
-                              key=lambda s: specs[s][1])
+            for k, c in curves:
+                grid = sorted((s for s, (kind, _, curve) in specs.items() if (kind, curve) == (k, c)
+                               and (m, a, s) in means), key=lambda s: specs[s][1])
                 # from here on every stronger point too: a chaotic attack (DLG) can dip below the line at one
                 # strength and rise above it at the next, and a defence that stops it must stop it when stronger
                 hit = next((s for i, s in enumerate(grid) if all(means[m, a, t] < STOPPED for t in grid[i:])), None)
@@ -676,7 +702,7 @@ def stopping_table(means: dict, models: list[str], attacks: list[str], specs: di
     return lines + [""]
 
 
-def pruning_table(rows: list[dict], models: list[str], specs: dict[str, tuple[str, float]], names: Names,
+def pruning_table(rows: list[dict], models: list[str], specs: dict[str, tuple[str, float, str]], names: Names,
                   removes_equations: set[str]) -> list[str]:
     """Under pruning: the security index of the surviving equations (mean over the images)
     beside each attack's mean PSNR, and the rank correlation of the two over the points."""
@@ -692,7 +718,7 @@ def pruning_table(rows: list[dict], models: list[str], specs: dict[str, tuple[st
              "|---|---|---|---|---|---|---|"]
     by = grouped(linear, "model", "defence")
     for m in models:
-        for s in [s for s, (kind, _) in specs.items() if kind == "none" or kind in removes_equations]:
+        for s in [s for s, (kind, _, _) in specs.items() if kind == "none" or kind in removes_equations]:
             if (m, s) not in by:
                 continue
             g = by[m, s]
@@ -715,11 +741,11 @@ def pruning_table(rows: list[dict], models: list[str], specs: dict[str, tuple[st
     return lines + [""]
 
 
-def ordered_specs(rows: list[dict], names: Names) -> dict[str, tuple[str, float]]:
-    """The rows' defence specs: none first, then by kind (Names' order) and strength."""
+def ordered_specs(rows: list[dict], names: Names) -> dict[str, tuple[str, float, str]]:
+    """The rows' defence specs: none first, then by kind (Names' order), curve and strength."""
     specs = specs_of(rows)
     kinds = list(names.strengths)
-    order = lambda s: (kinds.index(specs[s][0]) + 1 if specs[s][0] != "none" else 0, specs[s][1])  # noqa: E731
+    order = lambda s: (kinds.index(specs[s][0]) + 1 if specs[s][0] != "none" else 0, specs[s][2], specs[s][1])  # noqa: E731
     return {s: specs[s] for s in sorted(specs, key=order)}
 
 
@@ -742,22 +768,22 @@ def plot_defence_table(rows: list[dict], path: Path, names: Names) -> object:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     specs = specs_of(rows)
-    kinds = [k for k in names.strengths if any(kind == k for kind, _ in specs.values())]
+    curves = curves_of(specs, names)  # a column per curve (dp at each clip C): never one line through two
     attacks = names.present(rows)
     means = mean_psnr(rows, PSNR_CAP)
-    fig = Figure(figsize=(3.2 * len(kinds) + 1.6, 2.1 * len(models) + 0.6), layout="constrained")
-    axes = fig.subplots(len(models), len(kinds), sharey=True, squeeze=False)
+    fig = Figure(figsize=(3.2 * len(curves) + 1.6, 2.1 * len(models) + 0.6), layout="constrained")
+    axes = fig.subplots(len(models), len(curves), sharey=True, squeeze=False)
     for r, m in enumerate(models):
-        for c, kind in enumerate(kinds):
+        for c, (kind, which) in enumerate(curves):
             ax = axes[r, c]
             for a in attacks:
                 curve = sorted((specs[s][1], v) for (mm, aa, s), v in means.items()
-                               if mm == m and aa == a and specs[s][0] in (kind, "none"))
+                               if mm == m and aa == a and (specs[s][0] == "none" or specs[s][::2] == (kind, which)))
                 if len(curve) > 1:
                     ax.plot(*zip(*curve), marker=names.marker(a), ms=3.5, lw=1, label=names.shown(a),
                             color=f"C{list(names.attacks).index(a)}")
             ax.axhline(STOPPED, color="grey", lw=0.8, ls="--")
-            positive = sorted(x for k, x in specs.values() if k == kind)
+            positive = sorted(x for k, x, w in specs.values() if (k, w) == (kind, which))
             if kind != "prune":
                 ax.set_xscale("symlog", linthresh=positive[0] / 2)
                 ax.set_xlim(left=-positive[0] / 8)  # no negative decades: none sits at 0, on the left
@@ -766,7 +792,7 @@ def plot_defence_table(rows: list[dict], path: Path, names: Names) -> object:
             ax.minorticks_off()
             ax.grid(alpha=0.3)
             if r == 0:
-                ax.set_title(f"{kind} ({names.strengths[kind][1]})")
+                ax.set_title(f"{curve_name(kind, which, curves)} ({names.strengths[kind][1]})")
             if c == 0:
                 ax.set_ylabel(f"{m}\nPSNR (dB)")
     handles, labels = axes[0, 0].get_legend_handles_labels()

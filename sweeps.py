@@ -140,6 +140,14 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def path_value(text: str) -> str:
+    """An argparse type for a path: refused where empty (a script's unset variable), which
+    would otherwise read as "not given" or as the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (is a variable in the command unset?)")
+    return text
+
+
 def jobs_value(text: str) -> int:
     """N worker processes, or 'auto': one per core this process may run on."""
     if text == "auto":
@@ -212,8 +220,10 @@ def given(settings: type, args: argparse.Namespace, **values: object) -> object:
 class RunSettings:
     """How a sweep runs, never what it computes."""
 
-    output: str = setting("output", "each run writes a new folder here (default {default})", metavar="DIR")
-    resume: str | None = setting(None, "complete this run folder, skipping what it holds", metavar="RUN_FOLDER")
+    output: str = setting("output", "each run writes a new folder here (default {default})", metavar="DIR",
+                          type=path_value)
+    resume: str | None = setting(None, "complete this run folder, skipping what it holds", metavar="RUN_FOLDER",
+                                 type=path_value)
     shard: tuple[int, int] = setting((0, 1), "run every N-th cell of the grid from the K-th (SLURM job arrays)",
                                      type=shard_value, metavar="K/N")
     jobs: int = setting(1, "worker processes, each on one cell at a time (default {default}); 'auto': one per "
@@ -228,7 +238,8 @@ def add_arguments(parser: argparse.ArgumentParser, output: str) -> None:
     merge's, in their own group of the --help."""
     g = parser.add_argument_group("long runs (none of these changes a number)")
     add_settings(g, RunSettings, {"output": output})
-    g.add_argument("--merge", nargs="+", metavar="FOLDER", help="combine the run folders of shards into one")
+    g.add_argument("--merge", nargs="+", metavar="FOLDER", type=path_value,
+                   help="combine the run folders of shards into one")
     g.add_argument("--partial", action="store_true",
                    help="with --merge: merge what there is when cells of the experiment are missing, and say which")
 
@@ -430,7 +441,13 @@ def read_results(folder: Path, flag: str, record: Record) -> dict:
         if not (isinstance(results.get("config"), dict) and isinstance(runs, list)
                 and all(record.is_entry(e) for e in runs)):
             raise ValueError
-        return record.upgrade(results)
+        results = record.upgrade(results)
+        keys = [record.key(e) for e in results["runs"]]
+        twice = [k for k in dict.fromkeys(keys) if keys.count(k) > 1]
+        if twice:
+            raise UserError(f"{flag} {folder}: its results.json holds {describe(twice[0])} twice; "
+                            f"{record.program} writes each of its {record.cells_are} once")
+        return results
     except FileNotFoundError:
         raise UserError(f"{flag} {folder}: not a run folder (it holds no results.json)") from None
     except NotADirectoryError:
@@ -507,8 +524,8 @@ def check_resumable(sweep: Sweep, path: Path) -> tuple[dict, dict | None]:
         raise UserError(f"--resume {path}: it holds another experiment ({'; '.join(differ)}); "
                         f"its command was: {old.get('command')}")
     cells, recorded = {u.key for u in sweep.cells}, read_grid(path)
-    strangers = [describe(key) for key in (recorded or {sweep.record.key(e) for e in old["runs"]})
-                 if key not in cells]
+    held = [*(recorded or {}), *(sweep.record.key(e) for e in old["runs"])]  # the grid's and the record's own
+    strangers = [describe(key) for key in dict.fromkeys(held) if key not in cells]
     if strangers:  # the same command, other inputs: a file changed since (its hash), or an older program's names
         raise UserError(f"--resume {path}: it holds inputs that this command does not name ({', '.join(strangers[:3])}"
                         f"{', ...' if len(strangers) > 3 else ''}); was an image file changed since?")
@@ -525,6 +542,7 @@ def open_folder(sweep: Sweep, path: Path, resume: bool) -> RunFolder:
         write_json(path / "results.json", sweep.header | {"runs": []})
         return RunFolder(path, sweep.header | {"runs": []}, sweep.record)
     old, grid = check_resumable(sweep, path)
+    old.pop("missing", None)  # a partial merge's: what this run does not finish, it reports itself
     folder = RunFolder(path, old | {"resumed": old.get("resumed", []) + [sweep.header["command"]]}, sweep.record)
     for key, entry in list(folder.entries.items()):
         own, parts = damaged_files(path, entry, sweep.record)
@@ -791,7 +809,10 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
         try:
             for entry in entries.values():
                 rebase(entry, entry.pop("source"), path, record.files)
-            header = {k: v for k, v in shards[0].items() if k != "runs"}  # config, versions
+            # the experiment's header (config, versions, command), not a shard's state: the merge
+            # holds the whole grid (shard 0/1), and what it lacks, merged or resumed is its own
+            header = {k: v for k, v in shards[0].items() if k not in FOLDER_STATE}
+            header["config"] = header["config"] | {"shard": [0, 1]}
             folder = RunFolder(path, header | {"merged": [str(s) for s in sources], "runs": list(entries.values())},
                                record)
             if missing:
@@ -805,6 +826,9 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
             shutil.rmtree(path, ignore_errors=True)  # it holds nothing of its own: the arrays are the shards'
             raise
     return path
+
+
+FOLDER_STATE = ("runs", "missing", "merged", "resumed", "correlations", "correlations_by_defence", "peak_memory_mb")
 
 
 def check_mergeable(sources: list[Path], shards: list[dict], record: Record, partial: bool) -> dict | None:

@@ -139,7 +139,7 @@ def test_an_exact_reconstruction_is_shown_as_exact(tmp_path, chelsea):
     target = H.to_image(chelsea.x).astype(np.float32)
     np.save(tmp_path / "t.npy", target)
     run = {"model": "cnn2_c1", "image": chelsea.name, "label": 3, "target": {"npy": "t.npy"},
-           "attacks": {"rgap": {"psnr": None, "ssim": 1.0, "npy": "t.npy"}}}
+           "defence": {"spec": "none"}, "attacks": {"rgap": {"psnr": None, "ssim": 1.0, "npy": "t.npy"}}}
     H.report.plot_comparison([run], tmp_path, tmp_path / "c.png", H.names())
     assert (tmp_path / "c.png").stat().st_size > 1000
     entry = {"model": "cnn2_c1", "image": chelsea.name, "security_index": 0,
@@ -155,7 +155,7 @@ def test_the_comparison_figure_is_as_wide_as_its_titles(tmp_path, chelsea):
     np.save(tmp_path / "t.npy", H.to_image(chelsea.x).astype(np.float32))
     name = "file:" + "my_face_photographed_at_the_seaside" + "@2bdeb236c4"
     run = {"model": "cnn2_c1", "image": name, "label": 3, "target": {"npy": "t.npy"},
-           "attacks": {"rgap": {"psnr": 20.0, "ssim": 0.5, "npy": "t.npy"}}}
+           "defence": {"spec": "none"}, "attacks": {"rgap": {"psnr": 20.0, "ssim": 0.5, "npy": "t.npy"}}}
     fig = H.report.plot_comparison([run], tmp_path, tmp_path / "c.png", H.names())
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

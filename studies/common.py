@@ -1,17 +1,82 @@
-"""What the table scripts of studies/ share: a committed run's rows, filtered."""
+"""What the table scripts of studies/ share: a committed run's rows, read and checked, and
+how a script refuses an input (one line, exit 2, before any output)."""
+import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hybrid as H
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, refusing in one line (its usage is --help's)."""
+
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class Refused(Exception):
+    """An input a table script cannot tabulate: one line on stderr, exit status 2."""
+
+
 def image_names(spec: str | None) -> set[str] | None:
     """The CIFAR-10 test images an --images spec such as 0-4 names; None (all) without one."""
-    return None if spec is None else {f"cifar10-test:{i}" for i in H.parse_image_indices([spec])}
+    if spec is None:
+        return None
+    try:
+        return {f"cifar10-test:{i}" for i in H.parse_image_indices([spec])}
+    except H.UserError as e:
+        raise Refused(str(e)) from None
+
+
+def read_results(path: str, attack: str | None = None) -> dict:
+    """A results.json that hybrid.py wrote (upgraded to this version's form), or Refused
+    saying why not: missing, empty, truncated, another kind of file, no cells, or no
+    `attack` where the table needs one."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Refused(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise Refused(f"{path}: a folder, not a results.json (its results.json is inside)") from None
+    except (ValueError, UnicodeDecodeError):
+        raise Refused(f"{path}: not JSON (empty, or truncated?)") from None
+    except OSError as e:
+        raise Refused(f"{path}: {e.strerror or e}") from None
+    if not (isinstance(results, dict) and isinstance(results.get("config"), dict)
+            and isinstance(results.get("runs"), list) and all(H.is_entry(e) for e in results["runs"])):
+        raise Refused(f"{path}: not a results.json that hybrid.py wrote")
+    if not any(e.get("attacks") for e in results["runs"]):
+        raise Refused(f"{path}: holds no attack's results")
+    if attack is not None and not any(attack in e.get("attacks", {}) for e in results["runs"]):
+        raise Refused(f"{path}: holds no {attack} results, which this table reads")
+    return H.upgraded(results)
 
 
 def read_rows(path: str, images: set[str] | None = None, models: list[str] | None = None) -> list[dict]:
-    """The rows of a run's results.json (report.py's), only `images` and `models` where given."""
-    results = json.loads(Path(path).read_text())
-    return [r for r in H.rows_in(results)
+    """The rows of a run's results.json (report.py's), only `images` and `models` where given;
+    Refused where none is left."""
+    rows = [r for r in H.rows_in(read_results(path))
             if (images is None or r["image"] in images) and (models is None or r["model"] in models)]
+    if not rows:
+        raise Refused(f"{path}: no results left of the images and models asked for")
+    return rows
+
+
+def printed(name: str, make: Callable[[], str]) -> int:
+    """Print what `make` returns and exit 0, or refuse in one line with exit 2: nothing is
+    printed before every input has been read."""
+    try:
+        text = make()
+    except (Refused, H.UserError) as e:  # hybrid.py's own refusals (an image index out of range) too
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":  # python -m studies.common FILE...: the make_*.sh scripts check their inputs first
+    sys.exit(max(printed("python -m studies.common", lambda path=path: read_results(path) and "")
+                 for path in sys.argv[1:]) if sys.argv[1:] else 0)

@@ -5,15 +5,18 @@ the largest budget, image by image.
 
 Usage: python -m studies.convergence_table assets/convergence/N0_*.json > table.md
 """
-import json
 import sys
 
 import numpy as np
 
+from studies.common import Parser, Refused, printed, read_results
+
 
 def budget_rows(path: str) -> tuple[tuple[int, int], dict[str, list[dict]]]:
     """(N, N0) of one run and its hybrid entries by model, in image order."""
-    run = json.load(open(path))
+    run = read_results(path, "hybrid")
+    if not all("hybrid" in e.get("attacks", {}) for e in run["runs"]):
+        raise Refused(f"{path}: not every (model, image) holds the hybrid's results")
     budget = run["config"]["hybrid_iters"], run["config"]["hybrid_iters_first"]
     by_model: dict[str, list[dict]] = {}
     for row in sorted(run["runs"], key=lambda r: r["image"]):
@@ -28,6 +31,8 @@ def mean_std(values: list[float], digits: int) -> str:
 
 def table(paths: list[str]) -> str:
     runs = sorted(budget_rows(p) for p in paths)
+    if len({tuple(sorted(rows)) for _, rows in runs}) > 1:
+        raise Refused("the runs hold different models: one table needs every budget on the same ones")
     (full_n, full_n0), full = runs[-1]
     models = list(full)
     fraction = {b: f"{b[1] / full_n0:g}" for b, _ in runs}
@@ -53,5 +58,12 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m studies.convergence_table")
+    p.add_argument("runs", nargs="+", help="one results.json per budget")
+    a = p.parse_args(argv)
+    return printed(p.prog, lambda: table(a.runs))
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1:]), end="")
+    sys.exit(main())

@@ -7,18 +7,27 @@ Usage: python -m studies.defence_table STUDY.json [STUDY.json ...] [--figure PNG
 (several results.json, e.g. the linear attacks' and the baselines', are read as one study;
 --figure draws the PSNR against each defence's strength, a panel per model and kind)
 """
-import argparse
+import sys
 
 import hybrid as H
 import report
-from studies.common import read_rows
+from studies.common import Parser, printed, read_rows
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m studies.defence_table")
     p.add_argument("studies", nargs="+")
     p.add_argument("--figure", help="also draw the study's figure here")
-    a = p.parse_args()
-    rows = [r for path in a.studies for r in read_rows(path)]
-    print(report.defence_table(rows, H.names(), H.removing_equations()), end="")
-    if a.figure:
-        report.plot_defence_table(rows, a.figure, H.names())
+    a = p.parse_args(argv)
+
+    def make() -> str:
+        rows = [r for path in a.studies for r in read_rows(path)]
+        text = report.defence_table(rows, H.names(), H.removing_equations())
+        if a.figure:
+            report.plot_defence_table(rows, a.figure, H.names())
+        return text
+    return printed(p.prog, make)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

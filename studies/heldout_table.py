@@ -6,17 +6,25 @@ the same images and settings.
 
 Usage: python -m studies.heldout_table HELDOUT.json ZOO.json [--images 0-4] > table.md
 """
-import argparse
+import sys
 
 import hybrid as H
 import report
-from studies.common import image_names, read_rows
+from studies.common import Parser, image_names, printed, read_rows
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m studies.heldout_table")
     p.add_argument("heldout")
     p.add_argument("zoo")
     p.add_argument("--images", help="CIFAR-10 test indices to keep from both, e.g. 0-4")
-    a = p.parse_args()
-    names = image_names(a.images)
-    print(report.side_by_side(read_rows(a.heldout, names), read_rows(a.zoo, names), H.names()), end="")
+    a = p.parse_args(argv)
+
+    def make() -> str:
+        names = image_names(a.images)
+        return report.side_by_side(read_rows(a.heldout, names), read_rows(a.zoo, names), H.names())
+    return printed(p.prog, make)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,13 +20,18 @@ paper="cnn2_c1 cnn2_c2 cnn4_c1 cnn4_c2"
 linear="--model $paper cnn3_c1 lenet --index 0-4 --attacks rgap hybrid --hybrid-iters 500 --hybrid-iters-first 2500"
 parts=("${@:2}")
 [ ${#parts[@]} -gt 0 ] || parts=(linear linear_bends baselines cosine)
+for part in "${parts[@]}"; do  # every part checked before the first, which runs for an hour, starts
+    case "$part" in
+        linear | linear_bends | baselines | cosine) ;;
+        *) echo "make_defences.sh: unknown part '$part' (linear, linear_bends, baselines or cosine)" >&2; exit 2 ;;
+    esac
+done
 for part in "${parts[@]}"; do
     case "$part" in
         linear) study="$linear"; defences="$grid" ;;
         linear_bends) study="$linear"; defences="$bends" ;;
         baselines) study="--model $paper --index 0-2 --attacks dlg idlg --restarts 4"; defences="$grid $bends" ;;
         cosine) study="--model $paper --index 0-2 --attacks cosine"; defences="$grid $bends" ;;
-        *) echo "make_defences.sh: unknown part '$part' (linear, linear_bends, baselines or cosine)" >&2; exit 2 ;;
     esac
     dir="$out/$part"
     where=$(where_to_run "$dir")  # a folder a stopped call left is resumed

@@ -10,6 +10,7 @@
 source "$(dirname "$0")/preamble.sh"
 study=${1:?the results.json of the CIFAR-10 study}
 out=${2:?an output folder, kept between calls so that a stopped run resumes}
+need_results "$study"
 models="cnn3_c1 cnn3_c6 cnn3_c7 cnn3_c8 cnn3_c11 cnn3_c12 cnn3_c13 cnn3_c5 cnn3_c14 cnn3_c15 cnn4_c1 cnn4_c2 cnn4_c3 cnn6d"
 where=$(where_to_run "$out")  # a folder a stopped call left is resumed
 # shellcheck disable=SC2086

@@ -12,14 +12,13 @@ study measured: mean MSE under the noise minus mean MSE without it.
 Usage: python -m studies.noise_gain DEFENCE_STUDY.json [MORE.json ...] [--standin 19] [--s0 1e-4] [--draws 3] > table.md
 (several results.json of one study, e.g. its grid's and its added points', are read as one)
 """
-import argparse
-import json
-from pathlib import Path
+import sys
 
 import numpy as np
 from scipy import stats
 
 import hybrid as H
+from studies.common import Parser, Refused, printed, read_results
 
 
 def gain(model_name: str, standin: H.PrivateImage, s0: float, draws: int) -> float:
@@ -81,7 +80,9 @@ def dp_lines(run: dict, gains: dict[str, float], models: list[str]) -> list[str]
 
 
 def table(paths: list[str], standin_index: int, s0: float, draws: int) -> str:
-    run = {"runs": [e for path in paths for e in json.loads(Path(path).read_text())["runs"]]}
+    run = {"runs": [e for path in paths for e in read_results(path)["runs"]]}
+    if not any(e["defence"]["spec"].startswith("noise:") for e in run["runs"]):
+        raise Refused(f"{', '.join(paths)}: no noise:SIGMA defence, which this table reads")
     (standin,), _ = H.load_cifar10_test([standin_index], H.DATA_PATH)
     models = list(dict.fromkeys(e["model"] for e in run["runs"]))
     gains = {m: gain(m, standin, s0, draws) for m in models}
@@ -109,12 +110,16 @@ def table(paths: list[str], standin_index: int, s0: float, draws: int) -> str:
     return "\n".join(lines + dp_lines(run, gains, models)) + "\n"
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m studies.noise_gain")
     p.add_argument("studies", nargs="+")
     p.add_argument("--standin", type=int, default=19, help="CIFAR-10 test image the gain is measured on")
     p.add_argument("--s0", type=float, default=1e-4)
     p.add_argument("--draws", type=int, default=3)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     H.configure_torch("cpu", 1)
-    print(table(a.studies, a.standin, a.s0, a.draws), end="")
+    return printed(p.prog, lambda: table(a.studies, a.standin, a.s0, a.draws))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

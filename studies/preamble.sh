@@ -3,6 +3,8 @@
 #   PYTHON: the interpreter (default python).
 #   last_run DIR: the newest run folder under DIR, or nothing.
 #   where_to_run DIR: "--resume" that folder (a stopped call left it: resumed), or "--output DIR".
+#   need_results FILE...: each a results.json that hybrid.py wrote, or one line and exit 2, before
+#     any long run starts.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
@@ -12,3 +14,4 @@ where_to_run() {
     run=$(last_run "$1")
     if [ -n "$run" ]; then echo "--resume $run"; else echo "--output $1"; fi
 }
+need_results() { "$PYTHON" -m studies.common "$@" || exit 2; }

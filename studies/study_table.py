@@ -9,21 +9,29 @@ the ranks are the architecture's).
 Usage: python -m studies.study_table FIRST.json SECOND.json [--names CIFAR-10 photographs]
            [--images 0-9] [--models cnn2_c2 lenet ...] > table.md
 """
-import argparse
+import sys
 
 import hybrid as H
 import report
-from studies.common import image_names, read_rows
+from studies.common import Parser, image_names, printed, read_rows
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m studies.study_table")
     p.add_argument("first")
     p.add_argument("second")
     p.add_argument("--names", nargs=2, default=["CIFAR-10", "photographs"], help="the two studies' names")
     p.add_argument("--images", help="CIFAR-10 test indices to keep from both, e.g. 0-9")
     p.add_argument("--models", nargs="+", help="models to keep from both (default: all)")
-    a = p.parse_args()
-    images, labels = image_names(a.images), tuple(a.names)
-    first, second = read_rows(a.first, images, a.models), read_rows(a.second, images, a.models)
-    print(report.side_by_side(first, second, H.names(), labels, ("models", "models"), "model"), end="")
-    print("\n".join(report.model_rows(first, second, labels, H.names())))
+    a = p.parse_args(argv)
+
+    def make() -> str:
+        images, labels = image_names(a.images), tuple(a.names)
+        first, second = read_rows(a.first, images, a.models), read_rows(a.second, images, a.models)
+        return (report.side_by_side(first, second, H.names(), labels, ("models", "models"), "model")
+                + "\n".join(report.model_rows(first, second, labels, H.names())) + "\n")
+    return printed(p.prog, make)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,16 +9,14 @@ some of the models and the same images (compared on those pairs only).
 
 Usage: python -m studies.variant_table STUDY.json [OTHER_RULE.json ...] [--images 0-4] > table.md
 """
-import argparse
-import json
 import math
-from pathlib import Path
+import sys
 
 import numpy as np
 
 import hybrid as H
 import report
-from studies.common import image_names
+from studies.common import Parser, Refused, image_names, printed, read_results
 
 MARGIN = 0.5  # dB: "at least as good" allows this much below the better of the two
 
@@ -28,11 +26,16 @@ def psnr(entry: dict, attack: str) -> float:
     return math.inf if value is None else value  # null: an exact reconstruction
 
 
-def entries(path: str, images: set[str] | None) -> tuple[str, dict[tuple[str, str], dict]]:
-    run = json.loads(Path(path).read_text())
+def entries(path: str, images: set[str] | None, attacks: tuple[str, ...] = ("hybrid_free",)
+            ) -> tuple[str, dict[tuple[str, str], dict]]:
+    """A run's rule and its entries by (model, image), each holding `attacks`; Refused where none is left."""
+    run = read_results(path, "hybrid_free")
     rule = run["config"].get("correct_where", "free-at-or-above")
-    return rule, {(e["model"], e["image"]): e for e in run["runs"]
-                  if (images is None or e["image"] in images) and e.get("attacks")}
+    kept = {(e["model"], e["image"]): e for e in run["runs"]
+            if (images is None or e["image"] in images) and set(attacks) <= e.get("attacks", {}).keys()}
+    if not kept:
+        raise Refused(f"{path}: no (model, image) of the images asked for holds {', '.join(attacks)}")
+    return rule, kept
 
 
 def good_enough(variant: float, rgap: float, hybrid: float) -> bool:
@@ -44,7 +47,7 @@ def show(value: float) -> str:
 
 
 def table(study: str, others: list[str], images: set[str] | None) -> str:
-    rule, pairs = entries(study, images)
+    rule, pairs = entries(study, images, ("rgap", "hybrid", "hybrid_free"))
     runs = dict([(rule, pairs), *(entries(path, images) for path in others)])  # rule -> its entries
     rules = {r: {k: psnr(e, "hybrid_free") for k, e in run.items()} for r, run in runs.items()}
     models = list(dict.fromkeys(m for m, _ in pairs))
@@ -83,10 +86,14 @@ def table(study: str, others: list[str], images: set[str] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m studies.variant_table")
     p.add_argument("study")
     p.add_argument("others", nargs="*")
     p.add_argument("--images", help="CIFAR-10 test indices to keep, e.g. 0-4")
-    a = p.parse_args()
-    print(table(a.study, a.others, image_names(a.images)), end="")
+    a = p.parse_args(argv)
+    return printed(p.prog, lambda: table(a.study, a.others, image_names(a.images)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -182,3 +182,65 @@ def test_the_record_reads_versions_without_importing(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torchvision)
     header = H.run_metadata(H.Experiment(device="cpu"), H.AttackSettings(), H.sweeps.RunSettings(), [])
     assert header["versions"]["torchvision"] and header["versions"]["scikit-image"]
+
+
+# -- 7. The study scripts check every input first, and refuse in one line --------------------------
+
+TABLES = {  # script -> the arguments that make one of its committed tables, the input to damage first
+    "study_table": ["INPUT", "assets/study_random.json"],
+    "heldout_table": ["INPUT", "assets/study_cifar_random.json", "--images", "0-4"],
+    "defence_table": ["INPUT"],
+    "variant_table": ["INPUT"],
+    "convergence_table": ["INPUT"],
+    "noise_gain": ["INPUT"],
+}
+DAMAGED = {"missing": None, "empty": "", "truncated": '{"config": {}, "runs": [', "a list": "[1, 2]",
+           "another program's": '{"config": {}, "runs": [{"model": 1}]}', "no runs": '{"config": {}, "runs": []}'}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED))
+@pytest.mark.parametrize("script", list(TABLES))
+def test_a_table_script_refuses_a_damaged_input_in_one_line(script, damage, tmp_path, capsys):
+    import importlib
+
+    path = tmp_path / "results.json"
+    if DAMAGED[damage] is not None:
+        path.write_text(DAMAGED[damage])
+    args = [str(path) if a == "INPUT" else a for a in TABLES[script]]
+    assert importlib.import_module(f"studies.{script}").main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and str(path) in one_line(err)
+
+
+@pytest.mark.parametrize("script", list(TABLES))
+def test_a_table_script_without_its_arguments_is_one_line(script, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"studies.{script}").main([])
+    assert stop.value.code == 2 and "required" in one_line(capsys.readouterr().err)
+
+
+def test_a_table_of_a_run_without_the_attack_it_reads_is_refused(capsys):
+    from studies import variant_table
+
+    assert variant_table.main(["assets/study_random.json"]) == 2  # rgap and hybrid, no hybrid_free
+    assert "hybrid_free" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("make_variant.sh", ["/nonexistent/results.json", "OUT"]),
+    ("make_defences.sh", ["OUT", "linear", "bogus"]),
+])
+def test_a_study_driver_refuses_its_inputs_before_it_runs_anything(script, args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    done = subprocess.run(["bash", str(ROOT / "studies" / script), *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2 and one_line(done.stderr)
+    assert not (tmp_path / "out").exists()  # no run started

@@ -93,6 +93,13 @@ try:  # torch takes seconds to load: a Ctrl-C meanwhile ends quietly, as it does
     from sweeps import UserError, printable, progress, say, warn
 except KeyboardInterrupt:
     raise SystemExit(130) from None
+except ImportError as e:  # a Ctrl-C inside an extension's import (numpy's) reaches here as its ImportError
+    cause = e
+    while cause is not None and not isinstance(cause, KeyboardInterrupt):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        raise
+    raise SystemExit(130) from None
 
 # -----------------------------------------------------------------------------
 # Paths users edit (the command line overrides both)
@@ -235,6 +242,7 @@ def to_image(x: torch.Tensor) -> np.ndarray:
     return (x.detach().double().cpu()[0].permute(1, 2, 0).numpy() + 0.5).clip(0, 1)
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_TRAIN = 50_000  # images in CIFAR-10's training set: no --index reaches beyond
 FOOLBOX_IMAGES = 20  # foolbox's wheel ships CIFAR-10's first 20 test images (foolbox/data/cifar10_II_L.png)
 
@@ -562,26 +570,33 @@ def check_activation(act: str, where: str) -> None:
                     "e.g. leaky0.2)")
 
 
+def shown_architecture(text: str) -> str:
+    """An architecture string as a message echoes it: cut short, so that a long one leaves room
+    for the reason."""
+    return printable(text, 80)
+
+
 def parse_architecture(text: str) -> Arch:
     """An architecture string (above) as an Arch, every layer checked; a bad one is a
     UserError naming the layer and why."""
-    parts = text.split(",")
+    parts, shown = text.split(","), shown_architecture(text)
     convs = []
     for i, part in enumerate(parts[:-1]):
-        where = f"architecture '{text}', layer {i} '{part}'"
+        where = f"architecture '{shown}', layer {i} '{printable(part, 60)}'"
         m = CONV_PATTERN.fullmatch(part)
         if m is None:
             why = ("fc must be the last layer" if part.startswith("fc")
-                   else "expected OUTkKsSpP[b]-ACT, e.g. 16k5s1p0-tanh")
+                   else "a leaky ReLU's slope is a decimal (leaky0.001), not written with an exponent"
+                   if re.search(r"-leaky[0-9.]*e", part) else "expected OUTkKsSpP[b]-ACT, e.g. 16k5s1p0-tanh")
             raise UserError(f"{where}: {why}")
         check_activation(m[6], where)
         convs.append(Conv(*map(int, m.groups()[:4]), m[5] == "b", m[6]))
     fc = FC_PATTERN.fullmatch(parts[-1])
     if fc is None:
-        raise UserError(f"architecture '{text}': it must end in fc-ACT (e.g. fc-id), not '{parts[-1]}'")
-    check_activation(fc[1], f"architecture '{text}', its fc layer")
+        raise UserError(f"architecture '{shown}': it must end in fc-ACT (e.g. fc-id), not '{printable(parts[-1], 60)}'")
+    check_activation(fc[1], f"architecture '{shown}', its fc layer")
     if not convs:
-        raise UserError(f"architecture '{text}': it needs a convolution before fc (the attacks solve their systems)")
+        raise UserError(f"architecture '{shown}': it needs a convolution before fc (the attacks solve their systems)")
     arch = Arch(tuple(convs), fc[1])
     layer_shapes(arch, text)
     return arch
@@ -592,7 +607,8 @@ def layer_shapes(arch: Arch, text: str = "") -> list[tuple[int, int, int]]:
     the one before, or whose system U would not fit in memory, is a UserError."""
     shapes, (c, h, w) = [], (3, 32, 32)
     for i, conv in enumerate(arch.convs):
-        bad = lambda why, i=i: UserError(f"architecture '{text or arch}', layer {i} '{str(arch).split(',')[i]}': {why}")  # noqa: E731
+        bad = lambda why, i=i: UserError(f"architecture '{shown_architecture(text or str(arch))}', layer {i} "
+                                         f"'{str(arch).split(',')[i]}': {why}")  # noqa: E731
         if 0 in (conv.out, conv.kernel, conv.stride):
             what = "0 output channels" if conv.out == 0 else "kernel 0" if conv.kernel == 0 else "stride 0"
             raise bad(f"with {what} its output would be empty")
@@ -1960,7 +1976,7 @@ def rows_in(results: dict) -> list[dict]:
 def names() -> report.Names:
     """What report.py's figures and tables call the attacks and the defences: their rows'."""
     return report.Names({name: (a.shown, a.marker) for name, a in ATTACKS.items()},
-                        {kind: (d.axis, d.symbol) for kind, d in DEFENCES.items() if kind != "none"})
+                        {kind: (d.axis, d.symbol) for kind, d in DEFENCES.items() if kind != "none"}, CIFAR10_CLASSES)
 
 
 def removing_equations() -> set[str]:
@@ -2061,13 +2077,18 @@ def run_cell(exp: Experiment, settings: AttackSettings, cell: Cell) -> Iterator[
                                 analyse_defence=not cell.ranks_known)
 
 
+def model_stem(model_name: str) -> str:
+    """A model as file and folder names give it: a zoo name, or 'arch-' and a hash of its
+    architecture string (the record holds the string)."""
+    return model_name if model_name in MODELS else "arch-" + hashlib.sha256(model_name.encode()).hexdigest()[:10]
+
+
 def file_stem(model_name: str, image: PrivateImage, defence: Defence = NO_DEFENCE) -> str:
     """Where a cell's arrays go: 'cnn4_c2_samples-chelsea', 'cnn4_c2_file-cat_png_3fa2b1c0d9',
     'cnn4_c2_cifar10-test-3_prune-0_9_<hash>'. Letters, digits, '-' and '_' only; distinct images
     keep distinct stems (a file's name ends in its hash), and so do distinct defences."""
     safe = lambda text: re.sub("[^A-Za-z0-9_-]", "_", text)  # noqa: E731
-    model = model_name if model_name in MODELS else "arch-" + hashlib.sha256(model_name.encode()).hexdigest()[:10]
-    stem = f"{model}_{safe(image.name.replace(':', '-', 1))}"
+    stem = f"{model_stem(model_name)}_{safe(image.name.replace(':', '-', 1))}"
     if defence == NO_DEFENCE:
         return stem
     return f"{stem}_{safe(defence.spec.replace(':', '-'))}_{hashlib.sha256(defence.spec.encode()).hexdigest()[:6]}"
@@ -2159,7 +2180,7 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     defences = [parse_defence(spec) for spec in exp.defences]
     cells = [Cell(name, image, exp.attacks, False, defence)
              for image in images for name in exp.models for defence in defences]
-    name = exp.models[0] if len(exp.models) == 1 else "grid"
+    name = model_stem(exp.models[0]) if len(exp.models) == 1 else "grid"  # a string's commas make no folder name
     return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), cells, left_to_do,
                         functools.partial(run_cell, exp, settings), record_event, finish,
                         functools.partial(configure_torch, exp.device, run.threads))
@@ -2272,7 +2293,8 @@ def parse_image_indices(tokens: list[str]) -> list[int]:
         if hi < lo:
             raise UserError(f"--index: the range '{token.strip()}' is empty")
         if hi >= CIFAR10_TRAIN:  # checked before a range the size of the request is made
-            raise UserError(f"--index {hi} is out of range: CIFAR-10 has training images 0-{CIFAR10_TRAIN - 1}")
+            raise UserError(f"--index {hi} is out of range: no source holds more than {CIFAR10_TRAIN} images "
+                            f"(CIFAR-10's training set, 0-{CIFAR10_TRAIN - 1})")
         out.extend(range(lo, hi + 1))
     return list(dict.fromkeys(out))
 

@@ -44,6 +44,10 @@ class Names:
 
     attacks: dict[str, tuple[str, str]]  # attack -> (its name shown, its marker), in the columns' order
     strengths: dict[str, tuple[str, str]]  # defence kind but none -> (its strength's axis, its symbol), in order
+    classes: tuple[str, ...] = ()  # the labels' class names, where the data names them
+
+    def label(self, label: int) -> str:
+        return f"label {label}" + (f" ({self.classes[label]})" if 0 <= label < len(self.classes) else "")
 
     def shown(self, attack: str) -> str:
         return self.attacks[attack][0]
@@ -246,7 +250,7 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -
 
     columns = ["target"] + [a for a in names.attacks if any(a in cell["attacks"] for cell in cells)]
     defended = [[] if cell["defence"]["spec"] == "none" else [cell["defence"]["spec"]] for cell in cells]
-    titles = ["  |  ".join([cell["model"], cell["image"], *spec, f"label {cell['label']}"])
+    titles = ["  |  ".join([cell["model"], cell["image"], *spec, names.label(cell["label"])])
               for cell, spec in zip(cells, defended)]
     width = max(1.7 * len(columns), 0.085 * max(map(len, titles)) + 0.4)  # 10-point text: about 0.08 in a character
     fig = Figure(figsize=(width, 2.35 * len(cells)), layout="constrained")

@@ -452,6 +452,8 @@ def read_results(folder: Path, flag: str, record: Record) -> dict:
         raise UserError(f"{flag} {folder}: not a run folder (it holds no results.json)") from None
     except NotADirectoryError:
         raise UserError(f"{flag} {folder}: not a run folder (not a folder)") from None
+    except IsADirectoryError:
+        raise UserError(f"{flag} {folder}: its results.json is a folder, not a record") from None
     except (ValueError, AttributeError, UnicodeDecodeError):
         raise UserError(f"{flag} {folder}: its results.json is not one that {record.program} wrote") from None
 
@@ -562,20 +564,22 @@ def open_folder(sweep: Sweep, path: Path, resume: bool) -> RunFolder:
     return folder
 
 
-def lock_folder(folder: Path) -> io.TextIOWrapper:
-    """An exclusive lock on the run folder, held while the run writes or a merge reads it
-    (until the returned file is closed): two runs (two --resume of one folder) never write
-    one folder, and a merge never takes half of a running shard."""
+def lock_folder(folder: Path, shared: bool = False) -> io.TextIOWrapper:
+    """A lock on the run folder until the returned file is closed: exclusive while a run
+    writes it, shared while a merge reads it. Two runs (two --resume of one folder) never
+    write one folder, a merge never takes half of a running shard, and merges, which only
+    read, never refuse each other."""
     try:
         handle = (folder / ".lock").open("a")
     except OSError as e:  # a read-only file system, a folder not ours: resuming cannot help
         raise UserError(f"cannot write to run folder {folder}: {e.strerror or e}") from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as e:
         handle.close()
         if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise UserError(f"{folder} is being written by another run (its .lock is held)") from None
+            by = "another run" if shared else "another run, or read by a merge"
+            raise UserError(f"{folder} is being written by {by} (its .lock is held)") from None
         raise UserError(f"cannot lock run folder {folder}: {e.strerror or e}") from None
     return handle
 
@@ -789,7 +793,7 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
         shards = []
         for src in sources:
             read_results(src, "--merge", record)  # a folder that is not a run gets no .lock
-            locks.enter_context(lock_folder(src))
+            locks.enter_context(lock_folder(src, shared=True))
             shards.append(read_results(src, "--merge", record))  # as it is under the lock
         grid = check_mergeable(sources, shards, record, partial)
         entries: dict[tuple, dict] = {}

@@ -244,3 +244,78 @@ def test_a_study_driver_refuses_its_inputs_before_it_runs_anything(script, args,
                           timeout=120, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 2 and one_line(done.stderr)
     assert not (tmp_path / "out").exists()  # no run started
+
+
+# -- 8. Messages that say what happened -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["cifar10-test", "samples"])
+def test_an_index_beyond_every_source_does_not_speak_of_training_images_only(source, capsys):
+    assert H.main([*QUICK, "--model", "cnn2_c4", "--source", source, "--index", "60000"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "60000" in err and "training images 0-49999" not in err
+
+
+def test_a_flag_with_merge_is_named_as_it_is_spelled(capsys):
+    assert H.main(["--merge", "a", "--defence", "noise:1"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "--defence has no effect with --merge" in err
+
+
+def test_a_slope_with_an_exponent_is_told_so(capsys):
+    assert H.main(["--analyse", "--source", "samples", "--model", "6k3s1p0-leaky1e-3,fc-id"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "exponent" in err and "leaky0.001" in err
+
+
+def test_a_long_architectures_refusal_keeps_its_reason(capsys):
+    text = ",".join(["2k3s1p1-tanh"] * 400 + ["2k3s1p1-bogus", "fc-id"])
+    assert H.main(["--analyse", "--source", "samples", "--model", text]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "unknown activation 'bogus'" in err and len(err) < 1000
+
+
+def test_two_merges_of_the_same_shards_do_not_refuse_each_other(halves, tmp_path):
+    import sweeps
+
+    reading = sweeps.lock_folder(halves[0], shared=True)  # as a first merge holds it
+    try:
+        assert H.main(["--merge", *map(str, halves), "--output", str(tmp_path)]) == 0
+    finally:
+        reading.close()
+
+
+def test_a_merge_still_refuses_a_folder_being_written(halves, tmp_path, capsys):
+    import sweeps
+
+    writing = sweeps.lock_folder(halves[0])
+    try:
+        assert H.main(["--merge", *map(str, halves), "--output", str(tmp_path)]) == 2
+        assert "being written" in one_line(capsys.readouterr().err)
+    finally:
+        writing.close()
+
+
+def test_a_results_json_that_is_a_folder_is_refused_without_advice(tmp_path, capsys):
+    (tmp_path / "run" / "results.json").mkdir(parents=True)
+    assert H.main([*QUICK, "--model", "cnn2_c4", "--resume", str(tmp_path / "run")]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "folder" in err and "retries" not in err and "--resume" in err
+
+
+# -- 13. Small things ---------------------------------------------------------------------------
+
+
+def test_a_run_on_an_architecture_string_has_a_short_stable_name(tmp_path):
+    text = "4k3s1p0-tanh,fc-id"
+    assert H.main([*QUICK, "--model", text, "--index", "3", "--output", str(tmp_path)]) == 0
+    name = the_folder(tmp_path).name
+    assert "," not in name and name.endswith(H.model_stem(text))
+    assert json.loads((the_folder(tmp_path) / "results.json").read_text())["runs"][0]["architecture"] == text
+
+
+def test_the_comparison_names_the_class_of_the_label(tmp_path):
+    assert H.main([*QUICK, "--model", "cnn2_c4", "--index", "3", "--output", str(tmp_path)]) == 0
+    results = json.loads((the_folder(tmp_path) / "results.json").read_text())
+    fig = report.plot_comparison(results["runs"], the_folder(tmp_path), tmp_path / "c.png", H.names())
+    assert "label 3 (cat)" in fig.subfigs[0]._suptitle.get_text()

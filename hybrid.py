@@ -499,7 +499,7 @@ class Conv(NamedTuple):
     stride: int
     padding: int
     bias: bool
-    act: str  # as written: tanh sigmoid softplus id leaky leakyA
+    act: str  # tanh sigmoid softplus id leaky leakyA, in its canonical spelling (canonical_activation)
 
 
 class Arch(NamedTuple):
@@ -570,6 +570,15 @@ def check_activation(act: str, where: str) -> None:
                     "e.g. leaky0.2)")
 
 
+def canonical_activation(act: str) -> str:
+    """An activation as its one spelling: leaky, leaky0.01 and leaky.01 are one leaky ReLU,
+    'leaky' (the default slope); another slope as a plain decimal (leaky0.2)."""
+    slope = leaky_slope(act)
+    if slope is None:
+        return act
+    return "leaky" if slope == 0.01 else "leaky" + np.format_float_positional(slope, trim="-")
+
+
 def shown_architecture(text: str) -> str:
     """An architecture string as a message echoes it: cut short, so that a long one leaves room
     for the reason."""
@@ -590,14 +599,14 @@ def parse_architecture(text: str) -> Arch:
                    if re.search(r"-leaky[0-9.]*e", part) else "expected OUTkKsSpP[b]-ACT, e.g. 16k5s1p0-tanh")
             raise UserError(f"{where}: {why}")
         check_activation(m[6], where)
-        convs.append(Conv(*map(int, m.groups()[:4]), m[5] == "b", m[6]))
+        convs.append(Conv(*map(int, m.groups()[:4]), m[5] == "b", canonical_activation(m[6])))
     fc = FC_PATTERN.fullmatch(parts[-1])
     if fc is None:
         raise UserError(f"architecture '{shown}': it must end in fc-ACT (e.g. fc-id), not '{printable(parts[-1], 60)}'")
     check_activation(fc[1], f"architecture '{shown}', its fc layer")
     if not convs:
         raise UserError(f"architecture '{shown}': it needs a convolution before fc (the attacks solve their systems)")
-    arch = Arch(tuple(convs), fc[1])
+    arch = Arch(tuple(convs), canonical_activation(fc[1]))
     layer_shapes(arch, text)
     return arch
 
@@ -1549,12 +1558,21 @@ def paper_attacks() -> list[str]:
 # defence before any attack. DLG, iDLG and Cosine+TV run unchanged, as in the literature.
 
 class Param(NamedTuple):
-    """A defence's parameter: its name in the record, its letter in a spec, and its range."""
+    """A defence's parameter: its name in the record, its letter in a spec, its range, and
+    how its canonical spelling writes it."""
 
     name: str
     letter: str  # as the usage writes it: noise:SIGMA
     valid: Callable[[float], bool]  # on a finite number
     rule: str  # what `valid` asks, for the refusal
+    scientific: bool = False  # below 1 written 1e-4, 3e-2 (a noise level spans decades); else a decimal, 0.5
+
+    def spelled(self, value: float) -> str:
+        """The value's one spelling in a canonical spec."""
+        if self.scientific and 0 < value < 1:
+            mantissa, exponent = f"{value:.12e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return np.format_float_positional(value, trim="-")
 
 
 @dataclass(frozen=True)
@@ -1598,7 +1616,7 @@ def clip_then_noise(grads: list[torch.Tensor], p: dict[str, float], seed: int) -
 
 DEFENCES: dict[str, DefenceKind] = {
     "none": DefenceKind((), lambda grads, p, seed: grads, lambda p: 0.0, "", "", "the default: the gradient itself"),
-    "noise": DefenceKind((Param("sigma", "SIGMA", NON_NEGATIVE, "a finite number of at least 0"),),
+    "noise": DefenceKind((Param("sigma", "SIGMA", NON_NEGATIVE, "a finite number of at least 0", scientific=True),),
                          lambda grads, p, seed: add_noise(grads, p["sigma"], seed), lambda p: p["sigma"],
                          "the noise's standard deviation SIGMA", "SIGMA", "adds N(0, SIGMA^2) to every entry",
                          seeded=True, max_strength=MAX_NOISE),
@@ -1663,7 +1681,8 @@ def parse_defence(text: str) -> Defence:
     if not strength <= DEFENCES[kind].max_strength:
         raise UserError(f"--defence '{text}': {DEFENCES[kind].axis} is {strength:g}, beyond the "
                         f"{DEFENCES[kind].max_strength:g} above which the shared gradient leaves what float32 holds")
-    return Defence(text, kind, values)
+    spec = ":".join([kind, *(p.spelled(v) for p, v in zip(params, numbers))])  # noise:0.01 and noise:1e-2 are one
+    return Defence(spec, kind, values)
 
 
 def defence_seed(seed: int, image: str) -> int:
@@ -1957,8 +1976,14 @@ def upgraded(results: dict) -> dict:
     for old, new in RENAMED.items():
         if old in config:
             config[new] = config.pop(old)
+    if isinstance(config.get("defences"), list):  # specs and models in their one spelling, as now recorded
+        config["defences"] = list(dict.fromkeys(canonical_spec(d) for d in config["defences"]))
+    if isinstance(config.get("models"), list):
+        config["models"] = list(dict.fromkeys(canonical_name(m) for m in config["models"]))
     for entry in results["runs"]:
         entry.setdefault("defence", {"spec": "none"})
+        entry["defence"]["spec"] = canonical_spec(entry["defence"]["spec"])
+        entry["model"] = canonical_name(entry["model"])
         for answer in entry.get("attacks", {}).values():  # a best start was recorded as "kept"
             if "kept" in answer and "starts" in answer:
                 answer["best_start"] = answer.pop("kept")
@@ -1966,6 +1991,28 @@ def upgraded(results: dict) -> dict:
             if has.get("rank_deficiency") is not None and any(has.get(k) is None for k in report.INDICES):
                 has |= indices_of(entry["model"], has["rank_deficiency"])
     return results
+
+
+def canonical_spec(spec: str) -> str:
+    """A recorded defence spec in its canonical spelling (as it was, where it no longer parses)."""
+    try:
+        return parse_defence(spec).spec
+    except UserError:
+        return spec
+
+
+def canonical_name(model: str) -> str:
+    """A recorded model in its canonical name (as it was, where it no longer parses)."""
+    try:
+        return canonical_model(model)
+    except UserError:
+        return model
+
+
+def upgraded_key(key: tuple) -> tuple:
+    """A grid.json key as this version names the cell: the model's and the defence's one spelling."""
+    model, image, *defence = key
+    return cell_key(canonical_name(model), image, canonical_spec(defence[0]) if defence else "none")
 
 
 def rows_in(results: dict) -> list[dict]:
@@ -2147,6 +2194,7 @@ def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
 
 RECORD = sweeps.Record(
     key=entry_key, parts="attacks", columns=CSV_COLUMNS, row=row, is_entry=is_entry, upgrade=upgraded,
+    upgrade_key=upgraded_key,
     defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
     may_differ=frozenset({"data", "verbose", "compile", "device",
                           "image_files"}),  # the files' paths: grid.json holds the images themselves, by name and hash
@@ -2320,7 +2368,33 @@ def expand_models(names: list[str]) -> list[str]:
             raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models; or give an "
                             "architecture string, e.g. 8k3s1p0-tanh,fc-id)")
         else:
-            out.append(str(parse_architecture(name)))  # checked now, named by its canonical string
+            canonical = canonical_model(name)  # checked now
+            if canonical != name:
+                say(f"--model {printable(name, 80)} is {canonical}: run as that")
+            out.append(canonical)
+    if len(set(out)) < len(out):
+        say("models given twice (in whatever spelling) run once")
+    return list(dict.fromkeys(out))
+
+
+def canonical_model(name: str) -> str:
+    """A model's one name: a zoo name, or an architecture string in its canonical spelling,
+    which is the zoo's name where it is a zoo model's string."""
+    if name in MODELS:
+        return name
+    text = str(parse_architecture(name))
+    return next((m for m, t in MODELS.items() if t == text), text)
+
+
+def canonical_defences(specs: list[str]) -> list[str]:
+    """The specs in their canonical spelling, each once: two spellings of one defence are one
+    cell of the grid, and the record names it so (a resume and a merge agree on it)."""
+    out = [parse_defence(spec).spec for spec in specs]
+    if len(set(out)) < len(out):
+        say("defences given twice (in whatever spelling) run once")
+    for spec, canonical in dict.fromkeys(zip(specs, out)):
+        if spec != canonical and spec.strip() != canonical:
+            say(f"--defence {printable(spec, 60)} is {canonical}")
     return list(dict.fromkeys(out))
 
 
@@ -2353,7 +2427,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
                        image_indices=(parse_image_indices(args.image_indices) if args.image_indices
                                       else default.image_indices),
                        attacks=[a for a in ATTACKS if a in (args.attacks or default.attacks)],
-                       defences=[parse_defence(spec).spec for spec in dict.fromkeys(args.defences or default.defences)],
+                       defences=canonical_defences(args.defences or default.defences),
                        device=resolve_device(args.device or default.device))
     if settings.compile:
         check_compiler(exp.device)

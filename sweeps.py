@@ -279,6 +279,7 @@ class Record:
     row: Callable[[dict, str], dict]  # (entry, part) -> its row of results.csv
     is_entry: Callable[[object], bool]  # an entry as the program writes them, or as an older version wrote it
     upgrade: Callable[[dict], dict]  # results.json as an older version wrote it -> as this one writes it (in place)
+    upgrade_key: Callable[[tuple], tuple]  # a grid.json key as an older version wrote it -> as this one names the cell
     defaults: dict  # the config of a run given no flags: a setting newer than a folder counts as this
     may_differ: frozenset[str]  # config keys besides RUN_ONLY that leave numbers alone
     program: str  # what writes such folders, for messages: "hybrid.py"
@@ -472,11 +473,12 @@ def write_grid(path: Path, cells: list) -> None:
     write_json(path / "grid.json", {"units": [{"key": list(u.key), "parts": list(u.parts)} for u in cells]})
 
 
-def read_grid(path: Path) -> dict[tuple, list[str]] | None:
-    """A folder's grid: cell -> the parts it needs; None for a folder made before grids were kept."""
+def read_grid(path: Path, record: Record) -> dict[tuple, list[str]] | None:
+    """A folder's grid: cell -> the parts it needs, each cell named as this version names it;
+    None for a folder made before grids were kept."""
     try:
         grid = json.loads((path / "grid.json").read_text(encoding="utf-8"))
-        return {tuple(u["key"]): list(u["parts"]) for u in grid["units"]}
+        return {record.upgrade_key(tuple(u["key"])): list(u["parts"]) for u in grid["units"]}
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -525,7 +527,7 @@ def check_resumable(sweep: Sweep, path: Path) -> tuple[dict, dict | None]:
     if differ:
         raise UserError(f"--resume {path}: it holds another experiment ({'; '.join(differ)}); "
                         f"its command was: {old.get('command')}")
-    cells, recorded = {u.key for u in sweep.cells}, read_grid(path)
+    cells, recorded = {u.key for u in sweep.cells}, read_grid(path, sweep.record)
     held = [*(recorded or {}), *(sweep.record.key(e) for e in old["runs"])]  # the grid's and the record's own
     strangers = [describe(key) for key in dict.fromkeys(held) if key not in cells]
     if strangers:  # the same command, other inputs: a file changed since (its hash), or an older program's names
@@ -843,7 +845,7 @@ def check_mergeable(sources: list[Path], shards: list[dict], record: Record, par
         differ = config_differences(base, shard["config"], record, frozenset({"shard"}))
         if differ:
             raise UserError(f"--merge: {src} holds another experiment than {sources[0]} ({'; '.join(differ)})")
-    grids = [read_grid(src) for src in sources]
+    grids = [read_grid(src, record) for src in sources]
     if None in grids and not partial:
         src = sources[grids.index(None)]
         raise UserError(f"--merge: {src} holds no grid.json (an older folder), so the merge cannot be checked to be "

@@ -93,3 +93,10 @@ def test_every_committed_result_has_a_row_and_every_row_a_result():
     names = [n for row in result_rows() for n in row]
     assert [f for f in files if not any(covers(n, f) for n in names)] == []
     assert [n for n in names if not any(covers(n, f) for f in files)] == []
+
+
+def test_the_cpu_install_line_comes_first_and_pins_a_matched_pair():
+    lines = ROOT.joinpath("README.md").read_text().splitlines()
+    cpu = next(i for i, line in enumerate(lines) if "whl/cpu" in line)
+    plain = next(i for i, line in enumerate(lines) if line.startswith("pip install -r requirements.txt"))
+    assert cpu < plain and re.search(r"torch==\d+\.\d+\.\d+ torchvision==\d+\.\d+\.\d+", lines[cpu])

@@ -319,3 +319,38 @@ def test_the_comparison_names_the_class_of_the_label(tmp_path):
     results = json.loads((the_folder(tmp_path) / "results.json").read_text())
     fig = report.plot_comparison(results["runs"], the_folder(tmp_path), tmp_path / "c.png", H.names())
     assert "label 3 (cat)" in fig.subfigs[0]._suptitle.get_text()
+
+
+# -- 9. One defence, one model, one spelling -----------------------------------------------------
+
+
+def test_spellings_of_one_defence_are_one_cell(tmp_path):
+    assert H.main([*QUICK, "--model", "cnn2_c4", "--index", "3", "--defence", "noise:0.01", "noise:1e-2",
+                   "noise:0.01 ", "--output", str(tmp_path)]) == 0
+    results = json.loads((the_folder(tmp_path) / "results.json").read_text())
+    assert [e["defence"]["spec"] for e in results["runs"]] == ["noise:1e-2"]
+    assert results["config"]["defences"] == ["noise:1e-2"]
+
+
+def test_the_committed_specs_are_their_own_canonical_spelling():
+    for path in ["assets/defences_linear_results.json", "assets/defences_linear_bends_results.json"]:
+        for spec in json.loads(open(path).read())["config"]["defences"]:
+            assert H.parse_defence(spec).spec == spec
+
+
+def test_a_zoo_models_string_and_a_slopes_spellings_are_one_model():
+    assert H.expand_models(["cnn2_c1", "6k3s1p0-tanh,fc-id"]) == ["cnn2_c1"]
+    assert H.expand_models(["3k3s1p0-leaky,fc-id", "3k3s1p0-leaky0.01,fc-id", "3k3s1p0-leaky.01,fc-id"]) == [
+        "3k3s1p0-leaky,fc-id"]
+
+
+def test_a_folder_of_another_spelling_resumes_and_merges_as_one(tmp_path):
+    args = [*QUICK, "--model", "cnn2_c4", "--index", "3", "--defence", "noise:1e-2"]
+    assert H.main([*args, "--output", str(tmp_path / "out")]) == 0
+    folder = the_folder(tmp_path / "out")
+    for name in ("results.json", "grid.json"):  # as a version that kept the spelling given wrote them
+        path = folder / name
+        path.write_text(path.read_text().replace("noise:1e-2", "noise:0.01"))
+    assert H.main([*QUICK, "--model", "cnn2_c4", "--index", "3", "--defence", "noise:0.01", "--resume",
+                   str(folder)]) == 0
+    assert len(rows_of(folder)) == 1  # found done, not run again

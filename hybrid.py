@@ -56,31 +56,31 @@ why: docs/departures.md.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import fnmatch
-import functools
-import hashlib
-import importlib.util
-import io
-import logging
-import math
-import os
-import platform
-import re
-import shlex
-import shutil
-import signal
-import socket
-import stat
-import sys
-import threading
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+try:  # the libraries take seconds to load: a Ctrl-C meanwhile ends quietly, as it does later
+    import argparse
+    import dataclasses
+    import fnmatch
+    import functools
+    import hashlib
+    import importlib.util
+    import io
+    import logging
+    import math
+    import os
+    import platform
+    import re
+    import shlex
+    import shutil
+    import signal
+    import socket
+    import stat
+    import sys
+    import threading
+    import time
+    from dataclasses import dataclass, field
+    from pathlib import Path
+    from typing import Callable, Iterator, NamedTuple
 
-try:  # torch takes seconds to load: a Ctrl-C meanwhile ends quietly, as it does later
     import numpy as np
     import scipy.linalg
     import torch

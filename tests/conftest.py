@@ -59,6 +59,22 @@ def run_script(*args: str, timeout: int = 300, env: dict | None = None) -> subpr
                           text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+QUICK = ["--quick", "--source", "samples", "--attacks", "rgap"]  # a smoke test's attack on the photographs
+
+
+def one_line(err: str) -> str:
+    """A refusal's text: one line, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def the_folder(output: Path) -> Path:
+    """The one run folder under an output folder."""
+    (folder,) = [p for p in output.iterdir() if p.is_dir()]
+    return folder
+
+
 def rows_of(folder: Path) -> list[dict]:
     with (folder / "results.csv").open() as f:
         return list(csv.DictReader(f))

@@ -16,21 +16,7 @@ from PIL import Image
 
 import hybrid as H
 import sweeps
-from conftest import HUNG_RUNS, ROOT, rows_of, run_script
-
-QUICK = ["--quick", "--source", "samples", "--attacks", "rgap"]
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def the_folder(output):
-    (folder,) = [p for p in output.iterdir() if p.is_dir()]
-    return folder
-
+from conftest import HUNG_RUNS, QUICK, ROOT, one_line, rows_of, run_script, the_folder
 
 # -- A non-finite number never poisons the record ----------------------------------------
 

@@ -9,21 +9,7 @@ import pytest
 
 import hybrid as H
 import report
-from conftest import rows_of
-
-QUICK = ["--quick", "--source", "samples", "--attacks", "rgap"]
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def the_folder(output):
-    (folder,) = [p for p in output.iterdir() if p.is_dir()]
-    return folder
-
+from conftest import QUICK, one_line, rows_of, the_folder
 
 # -- 1. A figure never pools different defences ---------------------------------------------
 

@@ -2382,7 +2382,7 @@ def canonical_model(name: str) -> str:
     which is the zoo's name where it is a zoo model's string."""
     if name in MODELS:
         return name
-    text = str(parse_architecture(name))
+    text = str(architecture(name))  # parsed once a process: every entry of a record read asks
     return next((m for m, t in MODELS.items() if t == text), text)
 
 

@@ -43,6 +43,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -434,28 +435,38 @@ def rows_of(results: dict, record: Record) -> list[dict]:
     return [record.row(entry, part) for entry in results["runs"] for part in entry.get(record.parts, {})]
 
 
+class NotARecord(ValueError):
+    """A results.json that the program did not write as it stands; says how, after "its results.json"."""
+
+
+def read_record(path: Path, record: Record) -> dict:
+    """A results.json file, checked (every entry as the program writes it, each cell once)
+    and upgraded to this version's form; NotARecord where it is not one, OSError as the
+    file system says, ValueError (json's) where it is not JSON."""
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if not (isinstance(results, dict) and isinstance(results.get("config"), dict)
+            and isinstance(results.get("runs"), list) and all(record.is_entry(e) for e in results["runs"])):
+        raise NotARecord(f"is not one that {record.program} wrote")
+    results = record.upgrade(results)
+    twice = next((k for k, n in Counter(record.key(e) for e in results["runs"]).items() if n > 1), None)
+    if twice is not None:
+        raise NotARecord(f"holds {describe(twice)} twice; {record.program} writes each of its {record.cells_are} once")
+    return results
+
+
 def read_results(folder: Path, flag: str, record: Record) -> dict:
     """A run folder's results.json, or one line saying why it is not one."""
     try:
-        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-        runs = results.get("runs")
-        if not (isinstance(results.get("config"), dict) and isinstance(runs, list)
-                and all(record.is_entry(e) for e in runs)):
-            raise ValueError
-        results = record.upgrade(results)
-        keys = [record.key(e) for e in results["runs"]]
-        twice = [k for k in dict.fromkeys(keys) if keys.count(k) > 1]
-        if twice:
-            raise UserError(f"{flag} {folder}: its results.json holds {describe(twice[0])} twice; "
-                            f"{record.program} writes each of its {record.cells_are} once")
-        return results
+        return read_record(folder / "results.json", record)
     except FileNotFoundError:
         raise UserError(f"{flag} {folder}: not a run folder (it holds no results.json)") from None
     except NotADirectoryError:
         raise UserError(f"{flag} {folder}: not a run folder (not a folder)") from None
     except IsADirectoryError:
         raise UserError(f"{flag} {folder}: its results.json is a folder, not a record") from None
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except NotARecord as e:
+        raise UserError(f"{flag} {folder}: its results.json {e}") from None
+    except (ValueError, UnicodeDecodeError):
         raise UserError(f"{flag} {folder}: its results.json is not one that {record.program} wrote") from None
 
 

@@ -1,12 +1,12 @@
 """What the table scripts of studies/ share: a committed run's rows, read and checked, and
 how a script refuses an input (one line, exit 2, before any output)."""
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hybrid as H
+import sweeps
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,23 +36,22 @@ def read_results(path: str, attack: str | None = None) -> dict:
     saying why not: missing, empty, truncated, another kind of file, no cells, or no
     `attack` where the table needs one."""
     try:
-        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        results = sweeps.read_record(Path(path), H.RECORD)  # what a resume and a merge check, upgraded
     except FileNotFoundError:
         raise Refused(f"{path}: no such file") from None
     except IsADirectoryError:
         raise Refused(f"{path}: a folder, not a results.json (its results.json is inside)") from None
+    except sweeps.NotARecord as e:
+        raise Refused(f"{path}: {e}") from None
     except (ValueError, UnicodeDecodeError):
         raise Refused(f"{path}: not JSON (empty, or truncated?)") from None
     except OSError as e:
         raise Refused(f"{path}: {e.strerror or e}") from None
-    if not (isinstance(results, dict) and isinstance(results.get("config"), dict)
-            and isinstance(results.get("runs"), list) and all(H.is_entry(e) for e in results["runs"])):
-        raise Refused(f"{path}: not a results.json that hybrid.py wrote")
     if not any(e.get("attacks") for e in results["runs"]):
         raise Refused(f"{path}: holds no attack's results")
     if attack is not None and not any(attack in e.get("attacks", {}) for e in results["runs"]):
         raise Refused(f"{path}: holds no {attack} results, which this table reads")
-    return H.upgraded(results)
+    return results
 
 
 def read_rows(path: str, images: set[str] | None = None, models: list[str] | None = None) -> list[dict]:

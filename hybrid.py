@@ -202,6 +202,13 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def configure_process(device: str, threads: int, verbose: bool) -> None:
+    """Per process (the run's and each worker's): torch's threads and kernels, and with -v
+    progress lines in logs."""
+    configure_torch(device, threads)
+    sweeps.progress_in_logs(verbose)
+
+
 def configure_torch(device: str, threads: int) -> None:
     """Per process: `threads` threads for torch and the BLAS libraries, since batch-1 attack
     loops gain nothing from a second thread and processes side by side fight over cores
@@ -247,20 +254,51 @@ CIFAR10_TRAIN = 50_000  # images in CIFAR-10's training set: no --index reaches 
 FOOLBOX_IMAGES = 20  # foolbox's wheel ships CIFAR-10's first 20 test images (foolbox/data/cifar10_II_L.png)
 
 
-def load_cifar10(image_indices: list[int], root: str) -> list[PrivateImage] | None:
-    """CIFAR-10 training images, downloading if needed; None where that is impossible."""
+class Unavailable(Exception):
+    """A dataset that cannot be had, and why: not there and not downloadable, or there but
+    damaged (`damaged`: torchvision's checksums fail), which no download here mends."""
+
+    def __init__(self, reason: str, damaged: bool) -> None:
+        super().__init__(reason)
+        self.damaged = damaged
+
+
+def torchvision_set(root: str, train: bool, download: bool = True):
+    """CIFAR-10's training or test set through torchvision, downloading it if needed (and
+    `download`); Unavailable where it cannot be had."""
     import torchvision
 
+    split = "training" if train else "test"
+    try:
+        return torchvision.datasets.CIFAR10(root=root, train=train, download=False)
+    except (OSError, RuntimeError, ValueError):
+        pass
+    folder = Path(root) / torchvision.datasets.CIFAR10.base_folder
+    if not download:
+        damaged = folder.is_dir() and any(folder.iterdir())
+        raise Unavailable(f"CIFAR-10's {split} set is {'damaged' if damaged else 'not'} in {root}/", damaged)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # an offline machine must not hang on the download
     try:
-        data = torchvision.datasets.CIFAR10(root=root, train=True, download=True)
+        return torchvision.datasets.CIFAR10(root=root, train=train, download=True)
     except (OSError, RuntimeError, ValueError) as e:  # no network, no disk, bad archive
+        if folder.is_dir() and any(folder.iterdir()):
+            raise Unavailable(f"CIFAR-10's {split} set in {folder}/ is damaged (its files fail torchvision's "
+                              f"checksums); remove {folder}/ to download it again", damaged=True) from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        warn(f"CIFAR-10's training set is not in {root}/ and could not be downloaded ({reason})")
-        return None
+        raise Unavailable(f"CIFAR-10's {split} set is not in {root}/ and could not be downloaded ({reason})",
+                          damaged=False) from None
     finally:
         socket.setdefaulttimeout(old)
+
+
+def load_cifar10(image_indices: list[int], root: str, download: bool = True) -> list[PrivateImage] | str:
+    """CIFAR-10 training images, downloading if needed (and `download`), or why they
+    cannot be had."""
+    try:
+        data = torchvision_set(root, train=True, download=download)
+    except Unavailable as e:
+        return str(e)
     out = []
     for i in image_indices:
         if not 0 <= i < len(data):
@@ -270,10 +308,13 @@ def load_cifar10(image_indices: list[int], root: str) -> list[PrivateImage] | No
     return out
 
 
-def foolbox_cifar10_test() -> list[tuple[np.ndarray, int]]:
-    """CIFAR-10's first 20 test images and labels, from the files of the installed foolbox
-    distribution (found by importlib.metadata, without importing foolbox), or a UserError
-    saying what to install."""
+REINSTALL = "pip install --force-reinstall foolbox"
+
+
+def foolbox_files() -> dict[int, tuple]:
+    """Where foolbox's wheel keeps CIFAR-10's first 20 test images, and their labels: image
+    i -> (file, label), found by importlib.metadata, without importing foolbox; or a
+    UserError saying what to install."""
     import importlib.metadata
 
     try:
@@ -285,30 +326,42 @@ def foolbox_cifar10_test() -> list[tuple[np.ndarray, int]]:
     for f in files:
         match = re.fullmatch(r"cifar10_(\d\d)_(\d)\.png", f.name)
         if match and f.parent.name == "data":
-            # np.array, a copy: PIL's buffer is read-only, and torch warns when a tensor wraps one
-            found[int(match[1])] = (np.array(read_image(str(f.locate()))), int(match[2]))
+            found[int(match[1])] = (f, int(match[2]))
     if sorted(found) != list(range(FOOLBOX_IMAGES)):
         raise UserError(f"foolbox's wheel should hold CIFAR-10 test images 0-{FOOLBOX_IMAGES - 1}; this one holds "
-                        f"{len(found)} (pip install --force-reinstall foolbox)")
-    return [found[i] for i in range(FOOLBOX_IMAGES)]
+                        f"{len(found)} ({REINSTALL})")
+    return found
 
 
-def load_cifar10_test(image_indices: list[int], root: str) -> tuple[list[PrivateImage], str]:
+def foolbox_image(i: int) -> tuple[np.ndarray, int]:
+    """CIFAR-10 test image i (< FOOLBOX_IMAGES) from foolbox's wheel, read alone: a damaged
+    file costs its own image, and says how to mend it."""
+    f, label = foolbox_files()[i]
+    try:
+        # np.array, a copy: PIL's buffer is read-only, and torch warns when a tensor wraps one
+        return np.array(read_image(str(f.locate()))), label
+    except Exception as e:  # Pillow's errors, a file removed since
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"foolbox's copy of CIFAR-10 test image {i} ({f.name}) cannot be read: "
+                        f"{printable(why, 200)} ({REINSTALL})") from None
+
+
+def foolbox_cifar10_test() -> list[tuple[np.ndarray, int]]:
+    """CIFAR-10's first 20 test images and labels, from foolbox's wheel."""
+    return [foolbox_image(i) for i in range(FOOLBOX_IMAGES)]
+
+
+def load_cifar10_test(image_indices: list[int], root: str, download: bool = True) -> tuple[list[PrivateImage], str]:
     """CIFAR-10 test images, named cifar10-test:I (never to be taken for training images):
     the whole test set through torchvision where it is on disk or downloadable, else its
     first 20 from foolbox's wheel. Returns them and where they came from."""
-    import torchvision
-
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(20)
     try:
-        data = torchvision.datasets.CIFAR10(root=root, train=False, download=True)
+        data = torchvision_set(root, train=False, download=download)
         get, size, where = (lambda i: (np.asarray(data[i][0]), int(data[i][1]))), len(data), "torchvision"
-    except (OSError, RuntimeError, ValueError):  # no network, no disk, bad archive: foolbox's 20
-        shipped = foolbox_cifar10_test()
-        get, size, where = shipped.__getitem__, len(shipped), "foolbox"
-    finally:
-        socket.setdefaulttimeout(old)
+    except Unavailable as e:  # foolbox's 20; a damaged copy is worth a word, an absent one not
+        if e.damaged:
+            warn(str(e))
+        get, size, where = foolbox_image, FOOLBOX_IMAGES, "foolbox"
     out = []
     for i in image_indices:
         if not 0 <= i < size:
@@ -417,13 +470,18 @@ def load_files(paths: list[str], label: int) -> list[PrivateImage]:
     two images, and a resumed run finds its images however their paths are spelled."""
     from PIL import UnidentifiedImageError
 
-    out = {}
+    from PIL import Image
+
+    out, converted = {}, []
     for p in paths:
         try:
             data = read_regular_file(p)  # read once: hashed, then decoded
             if len(data) > 32 << 20:
                 say(f"reading {printable(p, 200)} ({len(data) >> 20} MB) and shrinking it to 32x32")
             digest, rgb = hashlib.sha256(data).hexdigest(), read_image(io.BytesIO(data))
+            with Image.open(io.BytesIO(data)) as im:  # its header: what the file was before conversion
+                if im.mode != "RGB" or im.size != (32, 32):
+                    converted.append(f"{printable(Path(p).name, 60)}, {im.size[0]}x{im.size[1]} {im.mode}")
         except UnidentifiedImageError:  # its message names the BytesIO, not the file
             raise UserError(f"cannot read image {printable(p, 200)}: not an image file Pillow knows") from None
         except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError...
@@ -431,6 +489,9 @@ def load_files(paths: list[str], label: int) -> list[PrivateImage]:
             raise UserError(f"cannot read image {printable(p, 200)}: {printable(why, 200)}") from None
         name = f"file:{printable(Path(p).name, 60)}@{digest[:10]}"
         out.setdefault(name, PrivateImage(name, to_model_space(square_32(rgb)), label))
+    if converted:  # the models take 32x32 RGB
+        warn(f"{len(converted)} of the {len(paths)} --image files {'is' if len(converted) == 1 else 'are'} not "
+            f"32x32 RGB (e.g. {converted[0]}): attacked centre-cropped, resized to 32x32, as RGB")
     return list(out.values())
 
 
@@ -457,23 +518,28 @@ def image_files(paths: list[str]) -> list[str]:
     return out
 
 
-def load_images(exp: Experiment) -> tuple[list[PrivateImage], str]:
-    """The images to attack, and the source they actually came from (results.json records
-    it): CIFAR-10's training set (the published code's), its test set, the bundled
-    photographs, or the user's files. Where the training set is out of reach, the same
-    image indices of the test set, as foolbox ships them, and the run says so."""
+def load_images(exp: Experiment, analysing: bool = False) -> tuple[list[PrivateImage], str]:
+    """The images to attack (or to analyse, which downloads nothing), and the source they
+    actually came from (results.json records it): CIFAR-10's training set (the published
+    code's), its test set, the bundled photographs, or the user's files. Where the training
+    set is out of reach, the same image indices of the test set, as foolbox ships them, and
+    the run says so."""
     if exp.image_files:
         return load_files(image_files(exp.image_files), exp.label), "files"
     if exp.source == "cifar10":
-        images = load_cifar10(exp.image_indices, exp.data)
-        if images is not None:
+        images = load_cifar10(exp.image_indices, exp.data, download=not analysing)
+        if not isinstance(images, str):
             return images, "cifar10"
-        images, _ = load_cifar10_test(exp.image_indices, exp.data)
-        warn(f"attacking CIFAR-10 test image{'s' if len(images) > 1 else ''} "
-             f"{', '.join(i.name for i in images)} instead (its first 20 ship with foolbox)")
+        why = images
+        images, _ = load_cifar10_test(exp.image_indices, exp.data, download=not analysing)
+        if not analysing:
+            warn(why)
+        warn(f"{'analysing' if analysing else 'attacking'} CIFAR-10 test image{'s' if len(images) > 1 else ''} "
+             f"{', '.join(i.name for i in images)} instead (its first 20 ship with foolbox)"
+             + (f": {why}" if analysing else ""))
         return images, "cifar10-test"
     if exp.source == "cifar10-test":
-        return load_cifar10_test(exp.image_indices, exp.data)[0], "cifar10-test"
+        return load_cifar10_test(exp.image_indices, exp.data, download=not analysing)[0], "cifar10-test"
     return load_photographs(exp.image_indices), "samples"
 
 
@@ -1380,7 +1446,7 @@ def gradient_matching(model: Net, system: LayerSystem, x_hat: torch.Tensor, *, g
         x.grad, objective = grad_and_value(x)
         opt.step()
         if step % 100 == 0:
-            bar.set_postfix(J=f"{objective.item():.4g}")
+            bar.set_postfix(J=f"{objective.item():.4g}", refresh=False)
     return x.detach()
 
 
@@ -1467,7 +1533,7 @@ def lbfgs_attack(model: Net, grads: list[torch.Tensor], label: int | None, steps
         if not all(torch.isfinite(v).all() for v in variables):  # diverged: keep the last finite
             break
         last = [v.detach().clone() for v in variables]
-        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
     found = label if y is None else int(last[1].argmax())
     with torch.no_grad():
         target = torch.tensor([found], device=device) if y is None else last[1].softmax(-1)
@@ -1508,7 +1574,7 @@ def cosine_start(model: Net, grads: list[torch.Tensor], label: int, steps: int) 
         (x.grad,) = torch.autograd.grad(loss, [x])
         opt.step()
         if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4g}")
+            bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
     return AttackResult(x.detach(), label, objective_info([first], objective().item()))
 
 
@@ -1976,6 +2042,8 @@ def upgraded(results: dict) -> dict:
     for old, new in RENAMED.items():
         if old in config:
             config[new] = config.pop(old)
+    if not config.get("image_files") and "label" in config:  # recorded before it was the files' alone
+        config["label"] = None
     if isinstance(config.get("defences"), list):  # specs and models in their one spelling, as now recorded
         config["defences"] = list(dict.fromkeys(canonical_spec(d) for d in config["defences"]))
     if isinstance(config.get("models"), list):
@@ -2189,7 +2257,10 @@ def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     """results.json's `config`: every setting of the run, one flat dict (the attacker's
     knowledge of a defence is the experiment's, per cell: not a setting)."""
     method = {k: v for k, v in dataclasses.asdict(settings).items() if k != "zeros_are_missing"}
-    return dataclasses.asdict(exp) | method | dataclasses.asdict(run)
+    config = dataclasses.asdict(exp) | method | dataclasses.asdict(run)
+    if not exp.image_files:  # --label is the --image files' class; the data's images carry their own
+        config["label"] = None
+    return config
 
 
 RECORD = sweeps.Record(
@@ -2231,7 +2302,7 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     name = model_stem(exp.models[0]) if len(exp.models) == 1 else "grid"  # a string's commas make no folder name
     return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), cells, left_to_do,
                         functools.partial(run_cell, exp, settings), record_event, finish,
-                        functools.partial(configure_torch, exp.device, run.threads))
+                        functools.partial(configure_process, exp.device, run.threads, settings.verbose))
 
 
 # =============================================================================
@@ -2455,8 +2526,9 @@ def main(argv: list[str] | None = None) -> int:
             sweeps.merge(args.merge, RECORD, args.output or OUTPUT_PATH, finish, args.partial)
             return 0
         exp, settings, run = settings_from(args)
-        configure_torch(exp.device, run.threads)
-        images, used = load_images(exp)  # after the settings, so that an unknown model fails before any download
+        configure_process(exp.device, run.threads, settings.verbose)
+        # after the settings, so that an unknown model fails before any download
+        images, used = load_images(exp, analysing=args.analyse)
         if not exp.image_files:  # the record names the source the images came from: a fallback is another experiment
             exp = dataclasses.replace(exp, source=used)
         if args.analyse:

@@ -16,7 +16,7 @@ A run folder holds:
     grid.json     every cell of the experiment (all shards) and the parts each needs,
                   written once when the run starts: what resume and merge check against.
     *.npy         the arrays that entries name.
-    .lock         held (flock) while a run writes the folder.
+    .lock         held (flock) while a run writes the folder, and removed after.
 
 Each part is written in one order: its arrays, then results.json, then its row. A kill
 at any point costs the part in flight at most, and a resume makes the table whole.
@@ -101,9 +101,40 @@ def warn(text: str) -> None:
     tqdm.write(f"warning: {text}", file=sys.stderr)
 
 
+LOG_EVERY_SECONDS = 60.0
+_progress_in_logs = False  # set by progress_in_logs, in the parent and in each worker
+
+
+def progress_in_logs(on: bool) -> None:
+    """Where stderr is not a terminal (a SLURM job's log), progress bars print nothing
+    unless this is on (-v). Then each bar is a line when it starts, a line at most every
+    LOG_EVERY_SECONDS, and a line when it ends: a log shows how far each layer got."""
+    global _progress_in_logs
+    _progress_in_logs = on
+
+
+class _Lines:
+    """A file for tqdm that turns its carriage-return redraws into whole lines."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def write(self, text: str) -> None:
+        line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", text).rstrip()  # nested bars' cursor moves
+        if line:
+            self.file.write(line + "\n")
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def progress(steps: int | Iterable, desc: str) -> tqdm:
-    """A progress bar where stderr is a terminal (tqdm's disable=None), silent in logs."""
+    """A progress bar where stderr is a terminal (tqdm's disable=None); in a log, a line
+    now and then with -v (progress_in_logs), and nothing without it."""
     steps = range(steps) if isinstance(steps, int) else steps
+    if _progress_in_logs and not sys.stderr.isatty():
+        return tqdm(steps, desc=desc, file=_Lines(sys.stderr), mininterval=LOG_EVERY_SECONDS, ascii=True,
+                    ncols=100, leave=True)
     return tqdm(steps, desc=desc, leave=False, disable=None, dynamic_ncols=True)
 
 
@@ -399,7 +430,12 @@ class RunFolder:
         return entry
 
     def save_array(self, name: str, array: np.ndarray) -> str:
-        np.save(self.path / name, array)
+        """An .npy file. Written through Python's file object, not numpy's own writes, whose
+        error on a full disk is "N requested and M written", with no errno."""
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        with open(self.path / name, "wb") as f:
+            f.write(buffer.getbuffer())
         return name
 
     def finished(self, entry: dict, part: str) -> list[str]:
@@ -577,24 +613,68 @@ def open_folder(sweep: Sweep, path: Path, resume: bool) -> RunFolder:
     return folder
 
 
-def lock_folder(folder: Path, shared: bool = False) -> io.TextIOWrapper:
-    """A lock on the run folder until the returned file is closed: exclusive while a run
-    writes it, shared while a merge reads it. Two runs (two --resume of one folder) never
-    write one folder, a merge never takes half of a running shard, and merges, which only
-    read, never refuse each other."""
-    try:
-        handle = (folder / ".lock").open("a")
-    except OSError as e:  # a read-only file system, a folder not ours: resuming cannot help
-        raise UserError(f"cannot write to run folder {folder}: {e.strerror or e}") from None
-    try:
-        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except OSError as e:
-        handle.close()
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            by = "another run" if shared else "another run, or read by a merge"
-            raise UserError(f"{folder} is being written by {by} (its .lock is held)") from None
-        raise UserError(f"cannot lock run folder {folder}: {e.strerror or e}") from None
-    return handle
+class FolderLock:
+    """A lock on a run folder (flock on its .lock) until closed: exclusive while a run
+    writes the folder, shared while a merge reads it. Two runs (two --resume of one folder)
+    never write one folder, a merge never takes half of a running shard, and merges,
+    which only read, never refuse each other.
+
+    The last holder removes .lock, so that a finished folder holds only its results. A
+    lock is taken only on the file that is at .lock's path once it is held (its inode
+    checked): a process that opened the file just before it was removed locks nothing
+    that counts, and tries again."""
+
+    ATTEMPTS = 5
+
+    def __init__(self, folder: Path, shared: bool = False) -> None:
+        self.path, self.handle = folder / ".lock", None
+        for _ in range(self.ATTEMPTS):
+            try:
+                handle = self.path.open("a")
+            except OSError as e:  # a read-only file system, a folder not ours: resuming cannot help
+                raise UserError(f"cannot write to run folder {folder}: {e.strerror or e}") from None
+            try:
+                fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError as e:
+                held_here = self.is_at_path(handle)
+                handle.close()
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise UserError(f"cannot lock run folder {folder}: {e.strerror or e}") from None
+                if held_here:
+                    by = "another run" if shared else "another run, or read by a merge"
+                    raise UserError(f"{folder} is being written by {by} (its .lock is held)") from None
+                time.sleep(0.05)  # held by a holder that was removing it: once more, on the new file
+                continue
+            if self.is_at_path(handle):
+                self.handle = handle
+                return
+            handle.close()  # removed by its last holder after we opened it
+        raise UserError(f"cannot lock run folder {folder}: its .lock keeps being replaced")
+
+    def is_at_path(self, handle: io.TextIOWrapper) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        """Release the lock; the last holder (the one that can hold it alone) removes .lock."""
+        if self.handle is None:
+            return
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a merge's shared lock: alone?
+            if self.is_at_path(self.handle):
+                self.path.unlink()
+        except OSError:  # another holder: it removes it; a read-only folder keeps it
+            pass
+        self.handle.close()
+        self.handle = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # =============================================================================
@@ -612,7 +692,7 @@ def run(sweep: Sweep, settings: RunSettings) -> None:
             check_resumable(sweep, path)  # before the lock: a refusal says why, whatever the file system
         else:
             path = new_run_folder(settings.output, sweep.name)
-        with lock_folder(path):  # released however the sweep ends, not when an exception's frames are collected
+        with FolderLock(path):  # released however the sweep ends, not when an exception's frames are collected
             folder = open_folder(sweep, path, settings.resume is not None)
             say(f"run folder: {path}")
             k, n = settings.shard
@@ -734,7 +814,8 @@ def one_pool(cells: list, work: Callable, record: Callable, jobs: int, init: Cal
                     record(cell, events)  # the parent's own errors (a full disk) stop the run
                 finished.add(future)
                 bar.update()
-            bar.set_postfix_str(", ".join(" ".join(k) for k in sorted(running - {futures[f].key for f in finished})))
+            running_now = sorted(running - {futures[f].key for f in finished})
+            bar.set_postfix_str(", ".join(" ".join(k) for k in running_now), refresh=False)
         pool.shutdown()
         return [], []
     except BaseException:  # Ctrl-C, SIGTERM, the parent's own error: no second one while the workers stop
@@ -806,7 +887,7 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
         shards = []
         for src in sources:
             read_results(src, "--merge", record)  # a folder that is not a run gets no .lock
-            locks.enter_context(lock_folder(src, shared=True))
+            locks.enter_context(FolderLock(src, shared=True))
             shards.append(read_results(src, "--merge", record))  # as it is under the lock
         grid = check_mergeable(sources, shards, record, partial)
         entries: dict[tuple, dict] = {}

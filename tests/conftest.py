@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hybrid as H  # noqa: E402
+import sweeps  # noqa: E402
 
 HUNG_RUNS: list[str] = []  # what a test's subprocess was doing when it hung (test_hostile.py)
 
@@ -26,13 +27,15 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(autouse=True)
-def threads_as_they_were():
-    """main() sets its process's thread counts (configure_torch); a test that calls it in
-    process must not leave the rest of the suite on one thread."""
+def process_as_it_was():
+    """main() sets its process's thread counts and progress lines (configure_process); a
+    test that calls it in process must not leave the rest of the suite on one thread, or
+    printing progress."""
     torch_threads, blas = torch.get_num_threads(), {i["user_api"]: i["num_threads"] for i in threadpool_info()}
     yield
     torch.set_num_threads(torch_threads)
     threadpool_limits(blas)
+    sweeps.progress_in_logs(False)
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def test_an_error_in_one_pair_costs_that_pair_alone_and_frees_the_folder(tmp_pat
     try:
         assert H.main([*RUN, "--output", str(tmp_path)]) == 1
         (folder,) = list(tmp_path.iterdir())
-        sweeps.lock_folder(folder).close()  # free
+        sweeps.FolderLock(folder).close()  # free
     finally:
         gc.enable()
     err = capsys.readouterr().err

@@ -213,7 +213,7 @@ def test_the_whole_grid_merges(shards, tmp_path):
 
 
 def test_a_merge_of_a_folder_being_written_is_refused(shards, tmp_path, capsys):
-    lock = sweeps.lock_folder(shards[0])
+    lock = sweeps.FolderLock(shards[0])
     try:
         assert H.main(["--merge", *map(str, shards[:3]), "--output", str(tmp_path)]) == 2
         assert "is being written by another run" in one_line(capsys.readouterr().err)
@@ -257,7 +257,7 @@ def test_resume_on_a_folder_it_cannot_write_says_so_without_advice(two_pairs, tm
 
 
 def test_resume_of_another_experiment_says_so_before_the_lock(two_pairs, monkeypatch, capsys):
-    monkeypatch.setattr(sweeps, "lock_folder", lambda folder: pytest.fail("locked before checking"))
+    monkeypatch.setattr(sweeps, "FolderLock", lambda folder: pytest.fail("locked before checking"))
     assert H.main([*QUICK, "--model", "cnn2_c4", "--index", "0,3", "--resume", str(two_pairs)]) == 2
     assert "it holds another experiment" in one_line(capsys.readouterr().err)
 
@@ -488,7 +488,7 @@ def test_a_bundled_photograph_given_as_a_file_is_not_trained_on(tmp_path):
 
 
 def test_ctrl_c_before_any_folder_names_none(monkeypatch, tmp_path, capsys):
-    def interrupted(exp):
+    def interrupted(exp, analysing):
         raise KeyboardInterrupt
     monkeypatch.setattr(H, "load_images", interrupted)
     assert H.main([*QUICK, "--model", "cnn2_c0", "--output", str(tmp_path)]) == 130

@@ -2,14 +2,23 @@
 
 Each test names the class of fault it checks (the issue's numbering); the fix is at the
 class's root, which the closing note names."""
+import fcntl
 import json
+import os
+import re
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 import hybrid as H
 import report
-from conftest import QUICK, one_line, rows_of, the_folder
+import sweeps
+from conftest import QUICK, ROOT, one_line, rows_of, the_folder
 
 # -- 1. A figure never pools different defences ---------------------------------------------
 
@@ -262,9 +271,7 @@ def test_a_long_architectures_refusal_keeps_its_reason(capsys):
 
 
 def test_two_merges_of_the_same_shards_do_not_refuse_each_other(halves, tmp_path):
-    import sweeps
-
-    reading = sweeps.lock_folder(halves[0], shared=True)  # as a first merge holds it
+    reading = sweeps.FolderLock(halves[0], shared=True)  # as a first merge holds it
     try:
         assert H.main(["--merge", *map(str, halves), "--output", str(tmp_path)]) == 0
     finally:
@@ -272,9 +279,7 @@ def test_two_merges_of_the_same_shards_do_not_refuse_each_other(halves, tmp_path
 
 
 def test_a_merge_still_refuses_a_folder_being_written(halves, tmp_path, capsys):
-    import sweeps
-
-    writing = sweeps.lock_folder(halves[0])
+    writing = sweeps.FolderLock(halves[0])
     try:
         assert H.main(["--merge", *map(str, halves), "--output", str(tmp_path)]) == 2
         assert "being written" in one_line(capsys.readouterr().err)
@@ -287,6 +292,71 @@ def test_a_results_json_that_is_a_folder_is_refused_without_advice(tmp_path, cap
     assert H.main([*QUICK, "--model", "cnn2_c4", "--resume", str(tmp_path / "run")]) == 2
     err = one_line(capsys.readouterr().err)
     assert "folder" in err and "retries" not in err and "--resume" in err
+
+
+def limit_file_size():  # in the child: a write past 8 KiB fails as on a full disk (EFBIG, not a signal)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+
+def test_an_array_that_cannot_be_written_says_why_in_the_systems_words(tmp_path):
+    """The first array (12 KiB) is cut short: numpy's own writes said "N requested and M written"."""
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid.py"), *QUICK, "--model", "cnn2_c0", "--index", "3",
+                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 1
+    line = one_line(proc.stderr)
+    assert "File too large" in line and "requested" not in line and "--resume" in line
+
+
+def damaged_cifar10(root):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(b"not a pickle")
+    return root
+
+
+def test_a_damaged_cifar10_is_called_damaged_not_missing(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    root = damaged_cifar10(tmp_path / "data")
+    assert H.main([*QUICK, "--source", "cifar10", "--model", "cnn2_c0", "--data", str(root),
+                   "--output", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "damaged" in err and f"remove {root / 'cifar-10-batches-py'}/" in err and "not in" not in err
+
+
+def test_a_damaged_foolbox_image_costs_its_own_index_and_says_how_to_mend_it(tmp_path, monkeypatch, capsys):
+    real = H.read_image
+
+    def damaged_fifth(file):
+        if re.search(r"cifar10_05_\d\.png$", str(file)):
+            raise OSError("broken data stream when reading image file")
+        return real(file)
+    monkeypatch.setattr(H, "read_image", damaged_fifth)
+    args = ["--quick", "--attacks", "rgap", "--model", "cnn2_c0", "--source", "cifar10-test", "--data",
+            str(tmp_path / "nothing")]
+    assert H.main([*args, "--index", "3", "--output", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert H.main([*args, "--index", "5", "--output", str(tmp_path / "b")]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "cifar10_05_6.png" in err and "pip install --force-reinstall foolbox" in err
+
+
+# -- 12. Progress in a log ----------------------------------------------------------------------
+
+
+def test_a_log_shows_each_layers_progress_with_v_and_nothing_without(tmp_path, capsys):
+    args = [*QUICK, "--attacks", "hybrid", "--model", "cnn2_c2", "--index", "3", "--output", str(tmp_path)]
+    assert H.main(args) == 0
+    assert "hybrid layer" not in capsys.readouterr().err  # stderr is no terminal here: a log
+    assert H.main([*args, "-v"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if line.startswith("hybrid layer 0:") and "100/100" in line]  # its last line
+    assert not [line for line in lines if "\r" in line or "\x1b" in line]  # lines, not a terminal's redraws
 
 
 # -- 13. Small things ---------------------------------------------------------------------------
@@ -305,6 +375,85 @@ def test_the_comparison_names_the_class_of_the_label(tmp_path):
     results = json.loads((the_folder(tmp_path) / "results.json").read_text())
     fig = report.plot_comparison(results["runs"], the_folder(tmp_path), tmp_path / "c.png", H.names())
     assert "label 3 (cat)" in fig.subfigs[0]._suptitle.get_text()
+
+
+def test_a_finished_folder_holds_no_lock(tmp_path, halves):
+    assert H.main([*QUICK, "--model", "cnn2_c0", "--index", "3", "--output", str(tmp_path / "run")]) == 0
+    assert not (the_folder(tmp_path / "run") / ".lock").exists()
+    assert H.main(["--merge", *map(str, halves), "--output", str(tmp_path / "merged")]) == 0
+    assert not any((half / ".lock").exists() for half in halves)
+
+
+def test_the_last_of_two_readers_removes_the_lock(tmp_path):
+    first, second = sweeps.FolderLock(tmp_path, shared=True), sweeps.FolderLock(tmp_path, shared=True)
+    first.close()
+    assert (tmp_path / ".lock").exists()  # the second still reads
+    second.close()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_counts_only_on_the_file_at_its_path(tmp_path, monkeypatch):
+    """Its last holder removes .lock: a process that opened the old file just before must
+    not lock that one, or two runs would each hold "the" lock of one folder."""
+    real, replaced = fcntl.flock, []
+
+    def replaced_before_the_first(handle, operation):
+        if not replaced:  # the holder removes it, and another run makes a new one
+            replaced.append((tmp_path / ".lock").stat().st_ino)
+            (tmp_path / ".lock").unlink()
+            (tmp_path / ".lock").touch()
+        return real(handle, operation)
+    monkeypatch.setattr(fcntl, "flock", replaced_before_the_first)
+    lock = sweeps.FolderLock(tmp_path)
+    try:
+        assert os.fstat(lock.handle.fileno()).st_ino == os.stat(tmp_path / ".lock").st_ino
+    finally:
+        lock.close()
+
+
+def test_the_label_is_recorded_only_for_image_files(tmp_path):
+    from PIL import Image
+
+    assert H.main([*QUICK, "--model", "cnn2_c0", "--index", "3", "--output", str(tmp_path / "data")]) == 0
+    folder = the_folder(tmp_path / "data")
+    assert json.loads((folder / "results.json").read_text())["config"]["label"] is None
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "x.png")
+    assert H.main(["--quick", "--attacks", "rgap", "--model", "cnn2_c0", "--image", str(tmp_path / "x.png"),
+                   "--label", "5", "--output", str(tmp_path / "files")]) == 0
+    assert json.loads((the_folder(tmp_path / "files") / "results.json").read_text())["config"]["label"] == 5
+    results = json.loads((folder / "results.json").read_text())
+    results["config"]["label"] = 0  # as earlier versions recorded it
+    (folder / "results.json").write_text(json.dumps(results))
+    assert H.main([*QUICK, "--model", "cnn2_c0", "--index", "3", "--resume", str(folder)]) == 0
+
+
+def test_an_image_file_that_is_converted_is_said_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(np.full((50, 40), 90, np.uint8)).save(tmp_path / "gray.png")
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "rgb.png")
+    args = ["--quick", "--attacks", "rgap", "--model", "cnn2_c0", "--output", str(tmp_path / "out")]
+    assert H.main([*args, "--image", str(tmp_path / "rgb.png")]) == 0
+    assert "32x32 RGB" not in capsys.readouterr().err
+    assert H.main([*args, "--image", str(tmp_path / "gray.png"), str(tmp_path / "rgb.png")]) == 0
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "32x32 RGB" in line]
+    assert "1 of the 2" in line and "gray.png, 40x50 L" in line
+
+
+def test_analyse_downloads_nothing_and_says_it_analyses(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    asked = []
+
+    class Offline(torchvision.datasets.CIFAR10):
+        def __init__(self, *args, download=False, **kwargs):
+            asked.append(download)
+            super().__init__(*args, download=False, **kwargs)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    assert H.main(["--analyse", "--model", "cnn2_c0", "--data", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert asked and True not in asked
+    assert "analysing CIFAR-10 test image cifar10-test:3" in one_line(err) and "attacking" not in err
 
 
 # -- 9. One defence, one model, one spelling -----------------------------------------------------

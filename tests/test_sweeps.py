@@ -206,7 +206,7 @@ def test_resume_accepts_settings_that_leave_the_numbers(quick_run):
 def test_a_second_run_on_a_locked_folder_is_refused(tmp_path, capsys):
     assert H.main([*QUICK_RUN, "--output", str(tmp_path)]) == 0
     (folder,) = list(tmp_path.iterdir())
-    lock = sweeps.lock_folder(folder)  # as a first resume holds it
+    lock = sweeps.FolderLock(folder)  # as a first resume holds it
     try:
         assert H.main([*QUICK_RUN, "--resume", str(folder)]) == 2
         assert "is being written by another run" in capsys.readouterr().err

@@ -6,13 +6,13 @@ Reference reproduction of
     Gradients through Linear Systems and Gradient Matching", BMVC 2022
     (arXiv:2210.13231).
 
-A client computes the cross-entropy gradient of one 32x32 image on a small CNN and
-shares it. From the architecture, the weights and that gradient alone, this script
-reconstructs the image with the paper's hybrid attack (a least-squares solve of each
-layer's linear system, corrected by gradient matching) and with the baselines R-GAP,
-DLG, iDLG and Cosine+TV; it scores them with PSNR and SSIM and reports each layer's
-rank deficiency, the paper's security index and our worst layer's fraction of free
-unknowns.
+A client computes the cross-entropy gradient of one image (CIFAR-10's 3x32x32 in the
+paper; CIFAR-100, MNIST and Fashion-MNIST too) on a small CNN and shares it. From the
+architecture, the weights and that gradient alone, this script reconstructs the image
+with the paper's hybrid attack (a least-squares solve of each layer's linear system,
+corrected by gradient matching) and with the baselines R-GAP, DLG, iDLG and Cosine+TV;
+it scores them with PSNR and SSIM and reports each layer's rank deficiency, the paper's
+security index and our worst layer's fraction of free unknowns.
 
 Examples:
 
@@ -24,6 +24,7 @@ Examples:
     python hybrid.py --model random:40 --index 0-4 --attacks rgap hybrid   # 40 random architectures
     python hybrid.py --attacks rgap hybrid hybrid_free # and ours: correct only where the ranks leave freedom
     python hybrid.py --image cat.png --label 3 --model cnn2_c1 --attacks rgap
+    python hybrid.py --source mnist-test --index 0-3 --attacks rgap idlg   # MNIST's 1x28x28, 10 classes
     python hybrid.py --attacks dlg idlg --restarts 4   # the baselines, each the best of 4 starts
     python hybrid.py --model all --source samples --index 0-4 --attacks rgap hybrid --jobs auto
                                                        # does the security index predict leakage?
@@ -34,7 +35,8 @@ Examples:
 This file is the paper, in the order its data flows. Its sections:
 
     the two paths users edit; the settings (each declared once, with its flag)
-    Data              CIFAR-10, scikit-image's photographs, the user's files
+    Data              CIFAR-10 (CIFAR-100, MNIST, Fashion-MNIST: DATASETS), scikit-image's
+                      photographs, the user's files
     Models            the published zoo, architecture strings, random:N
     Weights           as published, or trained first (--train-steps)
     The client's gradient, and the label it gives away
@@ -161,18 +163,27 @@ class Experiment:
                                        "shell patterns such as 'cnn3_*'", "--model", action="extend", nargs="+",
                                        metavar="NAME")
     image_indices: list[int] = sweeps.setting(
-        [3], "CIFAR-10 training images (default {default}), or positions in the bundled photographs with --source "
+        [3], "images of --source (default {default}), or positions in the bundled photographs with --source "
         "samples; ranges such as 0-99 or 0-9,20,31", "--index", action="extend", nargs="+", metavar="I",
         meta={"not_with": "image_files"})
     source: str = sweeps.setting(
-        "cifar10", "cifar10: the training set (the default; the test set's first 20 images, which foolbox ships, "
-        "where it is out of reach); cifar10-test: the test set; samples: scikit-image's sample photographs",
-        choices=["cifar10", "cifar10-test", "samples"], meta={"not_with": "image_files"})
+        "cifar10", "a training set: cifar10 (the default), cifar100, mnist or fashion-mnist (where it is out of "
+        "reach, its test set's first 20 images, which foolbox ships); a test set: cifar10-test, cifar100-test, "
+        "mnist-test or fashion-mnist-test; samples: scikit-image's sample photographs",
+        choices=lambda: SOURCES, meta={"not_with": "image_files"})
     image_files: list[str] = sweeps.setting([], "attack these image files (or the image files in these folders) "
                                             "instead", "--image", action="extend", nargs="+", metavar="PATH",
                                             type=sweeps.path_value)
-    label: int = sweeps.setting(0, "the class of the --image files (0-9; default {default})",
-                                type=lambda text: label_value(text), metavar="K", meta={"needs": "image_files"})
+    label: int = sweeps.setting(0, "the class of the --image files (0 to --classes - 1; default {default})",
+                                type=sweeps.at_least(0, "--label"), metavar="K", meta={"needs": "image_files"})
+    # The input and the classes come from the data; these two set them where nothing does.
+    input_shape: list[int] | None = sweeps.setting(
+        None, lambda: "the models' input where no data gives it: the --image files are made C channels (1 or 3), "
+        f"HxW (default {' '.join(map(str, PHOTOGRAPH_SHAPE))}, as published)", nargs=3, metavar=("C", "H", "W"),
+        type=sweeps.at_least(1, "--input-shape"), meta={"needs": "image_files"})
+    classes: int | None = sweeps.setting(
+        None, lambda: f"the models' classes where no data gives them (--image files: default {PHOTOGRAPH_CLASSES})",
+        type=sweeps.at_least(2, "--classes"), metavar="K", meta={"needs": "image_files"})
     attacks: list[str] = sweeps.setting(
         lambda: paper_attacks(), lambda: f"from {' '.join(ATTACKS)} (default: the paper's "
         f"{' '.join(paper_attacks())}; hybrid_free is ours: the hybrid, correcting only layers the systems leave "
@@ -220,15 +231,16 @@ def configure_torch(device: str, threads: int) -> None:
 
 
 # =============================================================================
-# Data: CIFAR-10, or photographs bundled with scikit-image, or the user's files
+# Data: CIFAR-10 (CIFAR-100, MNIST, Fashion-MNIST), photographs bundled with
+# scikit-image, or the user's files
 # =============================================================================
 
 
 class PrivateImage(NamedTuple):
     """An image the client trains on, with its label: what the attacks try to recover."""
 
-    name: str  # e.g. "cifar10:3", "samples:chelsea", "file:cat.png@3fa2b1c0d9"
-    x: torch.Tensor  # (1, 3, 32, 32), values in [-0.5, 0.5] (ToTensor() - 0.5)
+    name: str  # e.g. "cifar10:3", "mnist-test:7", "samples:chelsea", "file:cat.png@3fa2b1c0d9"
+    x: torch.Tensor  # (1, C, H, W): (1, 3, 32, 32) for CIFAR; values in [-0.5, 0.5] (ToTensor() - 0.5)
     label: int
 
 
@@ -250,8 +262,46 @@ def to_image(x: torch.Tensor) -> np.ndarray:
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CIFAR10_TRAIN = 50_000  # images in CIFAR-10's training set: no --index reaches beyond
-FOOLBOX_IMAGES = 20  # foolbox's wheel ships CIFAR-10's first 20 test images (foolbox/data/cifar10_II_L.png)
+CIFAR100_CLASSES = tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+    butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup
+    dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion
+    lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
+    pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew
+    skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television
+    tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())  # fine labels
+FASHION_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot")
+
+
+class Dataset(NamedTuple):
+    """One of the datasets the attacks read: through torchvision where it is under --data
+    (or downloadable), its first FOOLBOX_IMAGES test images from foolbox's wheel offline."""
+
+    shown: str  # as a message names it
+    torchvision: str  # its class in torchvision.datasets
+    foolbox: str  # foolbox's wheel holds its test image i, label L, as foolbox/data/{foolbox}_ii_L.png
+    shape: tuple[int, int, int]  # (C, H, W): what the models built for it take
+    classes: tuple[str, ...]
+    sizes: tuple[int, int]  # images in the training set and in the test set
+
+
+DATASETS: dict[str, Dataset] = {
+    "cifar10": Dataset("CIFAR-10", "CIFAR10", "cifar10", (3, 32, 32), CIFAR10_CLASSES, (50_000, 10_000)),
+    "cifar100": Dataset("CIFAR-100", "CIFAR100", "cifar100", (3, 32, 32), CIFAR100_CLASSES, (50_000, 10_000)),
+    "mnist": Dataset("MNIST", "MNIST", "mnist", (1, 28, 28), tuple("0123456789"), (60_000, 10_000)),
+    "fashion-mnist": Dataset("Fashion-MNIST", "FashionMNIST", "fashionMNIST", (1, 28, 28), FASHION_CLASSES,
+                             (60_000, 10_000)),
+}
+SOURCES = [*(f"{name}{split}" for name in DATASETS for split in ("", "-test")), "samples"]
+MAX_IMAGES = max(size for d in DATASETS.values() for size in d.sizes)  # no --index reaches beyond
+FOOLBOX_IMAGES = 20  # foolbox's wheel ships each dataset's first 20 test images
+PHOTOGRAPH_SHAPE, PHOTOGRAPH_CLASSES = (3, 32, 32), 10  # the photographs and --image files, as the published code
+
+
+def dataset_of(source: str) -> tuple[str, bool]:
+    """'mnist-test' -> ('mnist', False): the dataset and whether it is the training set."""
+    name = source.removesuffix("-test")
+    return name, name == source
 
 
 class Unavailable(Exception):
@@ -263,114 +313,133 @@ class Unavailable(Exception):
         self.damaged = damaged
 
 
-def torchvision_set(root: str, train: bool, download: bool = True):
-    """CIFAR-10's training or test set through torchvision, downloading it if needed (and
+def torchvision_set(name: str, root: str, train: bool, download: bool = True):
+    """A dataset's training or test set through torchvision, downloading it if needed (and
     `download`); Unavailable where it cannot be had."""
     import torchvision
 
-    split = "training" if train else "test"
+    data, split = DATASETS[name], "training" if train else "test"
+    kind = getattr(torchvision.datasets, data.torchvision)
     try:
-        return torchvision.datasets.CIFAR10(root=root, train=train, download=False)
+        return kind(root=root, train=train, download=False)
     except (OSError, RuntimeError, ValueError):
         pass
-    folder = Path(root) / torchvision.datasets.CIFAR10.base_folder
+    # where torchvision keeps it: CIFAR's base_folder; MNIST's ROOT/<class>/raw
+    folder = Path(root) / (kind.base_folder if hasattr(kind, "base_folder") else Path(kind.__name__, "raw"))
+    damaged = folder.is_dir() and any(folder.iterdir())
     if not download:
-        damaged = folder.is_dir() and any(folder.iterdir())
-        raise Unavailable(f"CIFAR-10's {split} set is {'damaged' if damaged else 'not'} in {root}/", damaged)
+        raise Unavailable(f"{data.shown}'s {split} set is {'damaged' if damaged else 'not'} in {root}/", damaged)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # an offline machine must not hang on the download
     try:
-        return torchvision.datasets.CIFAR10(root=root, train=train, download=True)
+        return kind(root=root, train=train, download=True)
     except (OSError, RuntimeError, ValueError) as e:  # no network, no disk, bad archive
-        if folder.is_dir() and any(folder.iterdir()):
-            raise Unavailable(f"CIFAR-10's {split} set in {folder}/ is damaged (its files fail torchvision's "
+        if damaged:
+            raise Unavailable(f"{data.shown}'s {split} set in {folder}/ is damaged (its files fail torchvision's "
                               f"checksums); remove {folder}/ to download it again", damaged=True) from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise Unavailable(f"CIFAR-10's {split} set is not in {root}/ and could not be downloaded ({reason})",
+        raise Unavailable(f"{data.shown}'s {split} set is not in {root}/ and could not be downloaded ({reason})",
                           damaged=False) from None
     finally:
         socket.setdefaulttimeout(old)
 
 
-def load_cifar10(image_indices: list[int], root: str, download: bool = True) -> list[PrivateImage] | str:
-    """CIFAR-10 training images, downloading if needed (and `download`), or why they
-    cannot be had."""
+def as_pixels(image) -> np.ndarray:
+    """A torchvision image (PIL, RGB or grayscale) as HWC uint8, a copy (PIL's buffer is
+    read-only, and torch warns when a tensor wraps one)."""
+    pixels = np.array(image)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def load_split(source: str, image_indices: list[int], root: str, download: bool = True) -> list[PrivateImage] | str:
+    """Images of a training set through torchvision, downloading if needed (and
+    `download`), or why they cannot be had."""
+    name, _ = dataset_of(source)
     try:
-        data = torchvision_set(root, train=True, download=download)
+        data = torchvision_set(name, root, train=True, download=download)
     except Unavailable as e:
         return str(e)
     out = []
     for i in image_indices:
         if not 0 <= i < len(data):
-            raise UserError(f"--index {i} is out of range: CIFAR-10 has training images 0-{len(data) - 1}")
+            raise UserError(f"--index {i} is out of range: {DATASETS[name].shown} has training images "
+                            f"0-{len(data) - 1}")
         img, label = data[i]
-        out.append(PrivateImage(f"cifar10:{i}", to_model_space(np.asarray(img)), int(label)))
+        out.append(PrivateImage(f"{source}:{i}", to_model_space(as_pixels(img)), int(label)))
     return out
 
 
 REINSTALL = "pip install --force-reinstall foolbox"
 
 
-def foolbox_files() -> dict[int, tuple]:
-    """Where foolbox's wheel keeps CIFAR-10's first 20 test images, and their labels: image
-    i -> (file, label), found by importlib.metadata, without importing foolbox; or a
+def foolbox_files(name: str = "cifar10") -> dict[int, tuple]:
+    """Where foolbox's wheel keeps a dataset's first 20 test images, and their labels:
+    image i -> (file, label), found by importlib.metadata, without importing foolbox; or a
     UserError saying what to install."""
     import importlib.metadata
 
+    data = DATASETS[name]
     try:
         files = importlib.metadata.files("foolbox") or []
     except importlib.metadata.PackageNotFoundError:
-        raise UserError("CIFAR-10's test set is neither on disk nor downloadable here, and foolbox, whose wheel "
+        raise UserError(f"{data.shown}'s test set is neither on disk nor downloadable here, and foolbox, whose wheel "
                         "ships its first 20 images, is not installed: pip install foolbox") from None
     found = {}
     for f in files:
-        match = re.fullmatch(r"cifar10_(\d\d)_(\d)\.png", f.name)
+        match = re.fullmatch(rf"{data.foolbox}_(\d\d)_(\d+)\.png", f.name)
         if match and f.parent.name == "data":
             found[int(match[1])] = (f, int(match[2]))
     if sorted(found) != list(range(FOOLBOX_IMAGES)):
-        raise UserError(f"foolbox's wheel should hold CIFAR-10 test images 0-{FOOLBOX_IMAGES - 1}; this one holds "
+        raise UserError(f"foolbox's wheel should hold {data.shown} test images 0-{FOOLBOX_IMAGES - 1}; this one holds "
                         f"{len(found)} ({REINSTALL})")
     return found
 
 
-def foolbox_image(i: int) -> tuple[np.ndarray, int]:
-    """CIFAR-10 test image i (< FOOLBOX_IMAGES) from foolbox's wheel, read alone: a damaged
-    file costs its own image, and says how to mend it."""
-    f, label = foolbox_files()[i]
+def foolbox_image(i: int, name: str = "cifar10") -> tuple[np.ndarray, int]:
+    """A dataset's test image i (< FOOLBOX_IMAGES) from foolbox's wheel as HWC uint8, read
+    alone: a damaged file costs its own image, and says how to mend it."""
+    f, label = foolbox_files(name)[i]
     try:
-        # np.array, a copy: PIL's buffer is read-only, and torch warns when a tensor wraps one
+        if DATASETS[name].shape[0] == 1:
+            from PIL import Image
+
+            with Image.open(f.locate()) as im:
+                return as_pixels(im.convert("L")), label
         return np.array(read_image(str(f.locate()))), label
     except Exception as e:  # Pillow's errors, a file removed since
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise UserError(f"foolbox's copy of CIFAR-10 test image {i} ({f.name}) cannot be read: "
+        raise UserError(f"foolbox's copy of {DATASETS[name].shown} test image {i} ({f.name}) cannot be read: "
                         f"{printable(why, 200)} ({REINSTALL})") from None
 
 
-def foolbox_cifar10_test() -> list[tuple[np.ndarray, int]]:
-    """CIFAR-10's first 20 test images and labels, from foolbox's wheel."""
-    return [foolbox_image(i) for i in range(FOOLBOX_IMAGES)]
+def foolbox_test_set(name: str = "cifar10") -> list[tuple[np.ndarray, int]]:
+    """A dataset's first 20 test images and labels, from foolbox's wheel."""
+    return [foolbox_image(i, name) for i in range(FOOLBOX_IMAGES)]
 
 
-def load_cifar10_test(image_indices: list[int], root: str, download: bool = True) -> tuple[list[PrivateImage], str]:
-    """CIFAR-10 test images, named cifar10-test:I (never to be taken for training images):
-    the whole test set through torchvision where it is on disk or downloadable, else its
-    first 20 from foolbox's wheel. Returns them and where they came from."""
+def load_test_split(source: str, image_indices: list[int], root: str,
+                    download: bool = True) -> tuple[list[PrivateImage], str]:
+    """Test images, named SOURCE:I (e.g. cifar10-test:3, never to be taken for training
+    images): the whole test set through torchvision where it is on disk or downloadable,
+    else its first 20 from foolbox's wheel. Returns them and where they came from."""
+    name, _ = dataset_of(source)
+    shown = DATASETS[name].shown
     try:
-        data = torchvision_set(root, train=False, download=download)
-        get, size, where = (lambda i: (np.asarray(data[i][0]), int(data[i][1]))), len(data), "torchvision"
+        data = torchvision_set(name, root, train=False, download=download)
+        get, size, where = (lambda i: (as_pixels(data[i][0]), int(data[i][1]))), len(data), "torchvision"
     except Unavailable as e:  # foolbox's 20; a damaged copy is worth a word, an absent one not
         if e.damaged:
             warn(str(e))
-        get, size, where = foolbox_image, FOOLBOX_IMAGES, "foolbox"
+        get, size, where = (lambda i: foolbox_image(i, name)), FOOLBOX_IMAGES, "foolbox"
     out = []
     for i in image_indices:
         if not 0 <= i < size:
-            has = ("CIFAR-10 has test images 0-9999" if where == "torchvision"
-                   else f"only CIFAR-10's test images 0-{FOOLBOX_IMAGES - 1} ship without a download "
-                        "(in foolbox's wheel); the rest needs CIFAR-10 in --data or a network")
+            has = (f"{shown} has test images 0-{size - 1}" if where == "torchvision"
+                   else f"only {shown}'s test images 0-{FOOLBOX_IMAGES - 1} ship without a download "
+                        f"(in foolbox's wheel); the rest needs {shown} in --data or a network")
             raise UserError(f"--index {i} is out of range: {has}")
-        rgb, label = get(i)
-        out.append(PrivateImage(f"cifar10-test:{i}", to_model_space(rgb), label))
+        pixels, label = get(i)
+        out.append(PrivateImage(f"{name}-test:{i}", to_model_space(pixels), label))
     return out, where
 
 
@@ -386,17 +455,27 @@ PHOTOGRAPHS = [
 ]
 
 
-def square_32(rgb: np.ndarray) -> np.ndarray:
-    """Centre-crop to a square, resize to 32x32 with anti-aliasing; 32x32 stays exact."""
+LUMINANCE = (0.299, 0.587, 0.114)  # RGB -> gray, as PIL's convert("L")
+
+
+def fit_image(pixels: np.ndarray, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> np.ndarray:
+    """HWC pixels as the model's input `shape` (C, H, W): centre-cropped to its aspect and
+    resized with anti-aliasing where the size differs (an image of its size stays exact),
+    made gray (PIL's luminance) for one channel."""
     from skimage.transform import resize
 
-    if rgb.shape[:2] == (32, 32):
-        return rgb
-    h, w = rgb.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    crop = rgb[top : top + s, left : left + s]
-    return resize(crop, (32, 32), anti_aliasing=True, preserve_range=False)
+    c, h, w = shape
+    if pixels.shape[:2] != (h, w):
+        rows, cols = pixels.shape[:2]
+        keep_rows, keep_cols = min(rows, cols * h // w), min(cols, rows * w // h)
+        top, left = (rows - keep_rows) // 2, (cols - keep_cols) // 2
+        pixels = resize(pixels[top : top + keep_rows, left : left + keep_cols], (h, w), anti_aliasing=True,
+                        preserve_range=False)
+    if c == 1 and pixels.shape[2] == 3:
+        same = (pixels[..., :1] == pixels[..., 1:]).all()  # a grayscale file read as RGB: exact
+        gray = pixels[..., :1] if same else pixels @ np.array(LUMINANCE)[:, None]
+        pixels = gray if same or pixels.dtype != np.uint8 else gray / 255.0
+    return pixels
 
 
 def load_photographs(image_indices: list[int]) -> list[PrivateImage]:
@@ -412,7 +491,7 @@ def all_photographs() -> tuple[PrivateImage, ...]:
     for the attacked image among them on every cell)."""
     import skimage.data
 
-    return tuple(PrivateImage(f"samples:{name}", to_model_space(square_32(load(skimage.data))), label)
+    return tuple(PrivateImage(f"samples:{name}", to_model_space(fit_image(load(skimage.data))), label)
                  for name, load, label in PHOTOGRAPHS)
 
 
@@ -464,23 +543,25 @@ def read_regular_file(path: str) -> bytes:
         os.close(fd)
 
 
-def load_files(paths: list[str], label: int) -> list[PrivateImage]:
-    """The user's image files; the same image (the same bytes) given twice counts once.
-    Each is named by its file name and a hash of its bytes: two files of one name are
-    two images, and a resumed run finds its images however their paths are spelled."""
-    from PIL import UnidentifiedImageError
+def load_files(paths: list[str], label: int, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> list[PrivateImage]:
+    """The user's image files as inputs of `shape` (fit_image); the same image (the same
+    bytes) given twice counts once. Each is named by its file name and a hash of its bytes:
+    two files of one name are two images, and a resumed run finds its images however their
+    paths are spelled."""
+    from PIL import Image, UnidentifiedImageError
 
-    from PIL import Image
+    c, h, w = shape = tuple(shape)
+    as_given = f"{h}x{w} {'RGB' if c == 3 else 'grayscale'}"
 
     out, converted = {}, []
     for p in paths:
         try:
             data = read_regular_file(p)  # read once: hashed, then decoded
             if len(data) > 32 << 20:
-                say(f"reading {printable(p, 200)} ({len(data) >> 20} MB) and shrinking it to 32x32")
+                say(f"reading {printable(p, 200)} ({len(data) >> 20} MB) and shrinking it to {h}x{w}")
             digest, rgb = hashlib.sha256(data).hexdigest(), read_image(io.BytesIO(data))
             with Image.open(io.BytesIO(data)) as im:  # its header: what the file was before conversion
-                if im.mode != "RGB" or im.size != (32, 32):
+                if im.mode != ("RGB" if c == 3 else "L") or im.size != (w, h):
                     converted.append(f"{printable(Path(p).name, 60)}, {im.size[0]}x{im.size[1]} {im.mode}")
         except UnidentifiedImageError:  # its message names the BytesIO, not the file
             raise UserError(f"cannot read image {printable(p, 200)}: not an image file Pillow knows") from None
@@ -488,10 +569,11 @@ def load_files(paths: list[str], label: int) -> list[PrivateImage]:
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise UserError(f"cannot read image {printable(p, 200)}: {printable(why, 200)}") from None
         name = f"file:{printable(Path(p).name, 60)}@{digest[:10]}"
-        out.setdefault(name, PrivateImage(name, to_model_space(square_32(rgb)), label))
-    if converted:  # the models take 32x32 RGB
+        out.setdefault(name, PrivateImage(name, to_model_space(fit_image(rgb, shape)), label))
+    if converted:
         warn(f"{len(converted)} of the {len(paths)} --image files {'is' if len(converted) == 1 else 'are'} not "
-            f"32x32 RGB (e.g. {converted[0]}): attacked centre-cropped, resized to 32x32, as RGB")
+             f"{as_given} (e.g. {converted[0]}): attacked centre-cropped, resized to {h}x{w}, as "
+             f"{as_given.split()[1]} (--input-shape sets it)")
     return list(out.values())
 
 
@@ -520,27 +602,29 @@ def image_files(paths: list[str]) -> list[str]:
 
 def load_images(exp: Experiment, analysing: bool = False) -> tuple[list[PrivateImage], str]:
     """The images to attack (or to analyse, which downloads nothing), and the source they
-    actually came from (results.json records it): CIFAR-10's training set (the published
-    code's), its test set, the bundled photographs, or the user's files. Where the training
-    set is out of reach, the same image indices of the test set, as foolbox ships them, and
-    the run says so."""
+    actually came from (results.json records it): a dataset's training set (CIFAR-10's is
+    the published code's) or test set, the bundled photographs, or the user's files. Where
+    a training set is out of reach, the same image indices of its test set, as foolbox
+    ships them, and the run says so."""
     if exp.image_files:
-        return load_files(image_files(exp.image_files), exp.label), "files"
-    if exp.source == "cifar10":
-        images = load_cifar10(exp.image_indices, exp.data, download=not analysing)
+        return load_files(image_files(exp.image_files), exp.label, exp.input_shape), "files"
+    if exp.source == "samples":
+        return load_photographs(exp.image_indices), "samples"
+    name, train = dataset_of(exp.source)
+    if train:
+        images = load_split(exp.source, exp.image_indices, exp.data, download=not analysing)
         if not isinstance(images, str):
-            return images, "cifar10"
+            return images, exp.source
         why = images
-        images, _ = load_cifar10_test(exp.image_indices, exp.data, download=not analysing)
+        images, _ = load_test_split(exp.source, exp.image_indices, exp.data, download=not analysing)
         if not analysing:
             warn(why)
-        warn(f"{'analysing' if analysing else 'attacking'} CIFAR-10 test image{'s' if len(images) > 1 else ''} "
-             f"{', '.join(i.name for i in images)} instead (its first 20 ship with foolbox)"
-             + (f": {why}" if analysing else ""))
-        return images, "cifar10-test"
-    if exp.source == "cifar10-test":
-        return load_cifar10_test(exp.image_indices, exp.data, download=not analysing)[0], "cifar10-test"
-    return load_photographs(exp.image_indices), "samples"
+        warn(f"{'analysing' if analysing else 'attacking'} {DATASETS[name].shown} test "
+             f"image{'s' if len(images) > 1 else ''} {', '.join(i.name for i in images)} instead (its first 20 "
+             "ship with foolbox)" + (f": {why}" if analysing else ""))
+    else:
+        images, _ = load_test_split(exp.source, exp.image_indices, exp.data, download=not analysing)
+    return images, f"{name}-test"
 
 
 # =============================================================================
@@ -551,8 +635,9 @@ def load_images(exp: Experiment, analysing: bool = False) -> tuple[list[PrivateI
 # An architecture is one string: convolutions OUTkKsSpP[b]-ACT, comma-separated, then
 # fc-ACT. OUT output channels, kernel K, stride S, zero padding P, b: the convolution has a
 # bias; ACT tanh, sigmoid, softplus, id, leaky (slope 0.01) or leakyA (slope A). Input
-# channels follow from the layer before (3 first), the input is 3x32x32, and the fc layer
-# has 10 outputs and a bias. This grammar is the interface: scripts rely on it.
+# channels follow from the layer before (the data's first), the input is the data's
+# (3x32x32 for CIFAR, 1x28x28 for MNIST), and the fc layer has a bias and one output per
+# class. This grammar is the interface: scripts rely on it.
 ACTIVATIONS = ("tanh", "sigmoid", "softplus", "id", "leaky")
 CONV_PATTERN = re.compile(r"(\d+)k(\d+)s(\d+)p(\d+)(b?)-([a-z]+[0-9.]*)")
 FC_PATTERN = re.compile(r"fc-([a-z]+[0-9.]*)")
@@ -651,9 +736,9 @@ def shown_architecture(text: str) -> str:
     return printable(text, 80)
 
 
-def parse_architecture(text: str) -> Arch:
-    """An architecture string (above) as an Arch, every layer checked; a bad one is a
-    UserError naming the layer and why."""
+def parse_architecture(text: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> Arch:
+    """An architecture string (above) as an Arch, every layer checked on inputs of `shape`;
+    a bad one is a UserError naming the layer and why."""
     parts, shown = text.split(","), shown_architecture(text)
     convs = []
     for i, part in enumerate(parts[:-1]):
@@ -673,14 +758,16 @@ def parse_architecture(text: str) -> Arch:
     if not convs:
         raise UserError(f"architecture '{shown}': it needs a convolution before fc (the attacks solve their systems)")
     arch = Arch(tuple(convs), canonical_activation(fc[1]))
-    layer_shapes(arch, text)
+    layer_shapes(arch, text, shape)
     return arch
 
 
-def layer_shapes(arch: Arch, text: str = "") -> list[tuple[int, int, int]]:
-    """The input shape (C, H, W) of every layer, the fc's last; a layer that cannot follow
-    the one before, or whose system U would not fit in memory, is a UserError."""
-    shapes, (c, h, w) = [], (3, 32, 32)
+def layer_shapes(arch: Arch, text: str = "",
+                 shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> list[tuple[int, int, int]]:
+    """The input shape (C, H, W) of every layer on inputs of `shape`, the fc's last; a layer
+    that cannot follow the one before, or whose system U would not fit in memory, is a
+    UserError."""
+    shapes, (c, h, w) = [], shape
     for i, conv in enumerate(arch.convs):
         bad = lambda why, i=i: UserError(f"architecture '{shown_architecture(text or str(arch))}', layer {i} "
                                          f"'{str(arch).split(',')[i]}': {why}")  # noqa: E731
@@ -721,9 +808,9 @@ RANDOM_COST, RANDOM_UNKNOWNS, RANDOM_SYSTEM_MIB = 3e11, 20000, 512
 RANDOM_FC_ACTIVATIONS = ("id", "tanh", "sigmoid")
 
 
-def solve_cost(arch: Arch) -> tuple[float, int, float]:
+def solve_cost(arch: Arch, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> tuple[float, int, float]:
     """(the solves' flops up to a constant, all convolutions' unknowns, the largest U in MiB)."""
-    shapes, flops, mib = layer_shapes(arch), 0.0, 0.0
+    shapes, flops, mib = layer_shapes(arch, shape=shape), 0.0, 0.0
     for conv, shape_in, shape_out in zip(arch.convs, shapes, shapes[1:]):
         m, n = system_size(shape_in, shape_out, conv.kernel)
         flops += max(m, n) * min(m, n) ** 2
@@ -731,23 +818,24 @@ def solve_cost(arch: Arch) -> tuple[float, int, float]:
     return flops, sum(math.prod(shape) for shape in shapes[:-1]), mib
 
 
-def within_random_bound(arch: Arch) -> bool:
-    flops, unknowns, mib = solve_cost(arch)
+def within_random_bound(arch: Arch, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> bool:
+    flops, unknowns, mib = solve_cost(arch, shape)
     return flops <= RANDOM_COST and unknowns <= RANDOM_UNKNOWNS and mib <= RANDOM_SYSTEM_MIB
 
 
-def random_architectures(n: int, seed: int = RANDOM_SEED) -> list[str]:
-    """The sampler above: n distinct architecture strings, the same for the same seed."""
+def random_architectures(n: int, seed: int = RANDOM_SEED, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> list[str]:
+    """The sampler above: n distinct architecture strings for inputs of `shape`, the same
+    for the same seed and shape."""
     rng, out = np.random.default_rng(seed), []
     for _ in range(1000 * n + 1000):
         convs = [f"{rng.integers(1, 33)}k{rng.integers(3, 6)}s{rng.integers(1, 3)}p{rng.integers(0, 3)}-"
                  f"{rng.choice(ACTIVATIONS)}" for _ in range(rng.integers(1, 5))]
         text = ",".join([*convs, f"fc-{rng.choice(RANDOM_FC_ACTIVATIONS)}"])
         try:
-            arch = parse_architecture(text)
+            arch = parse_architecture(text, shape)
         except UserError:
             continue  # a kernel larger than its input, or a system too large
-        if within_random_bound(arch) and text not in out:
+        if within_random_bound(arch, shape) and text not in out:
             out.append(text)
             if len(out) == n:
                 return out
@@ -755,10 +843,10 @@ def random_architectures(n: int, seed: int = RANDOM_SEED) -> list[str]:
 
 
 @functools.cache
-def architecture(model: str) -> Arch:
-    """A zoo name's architecture, or the architecture a string gives (parsed once a
-    process: rows, figure points and entries all ask for it)."""
-    return parse_architecture(MODELS.get(model, model))
+def architecture(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> Arch:
+    """A zoo name's architecture, or the architecture a string gives, checked for inputs of
+    `shape` (parsed once a process: rows, figure points and entries all ask for it)."""
+    return parse_architecture(MODELS.get(model, model), shape)
 
 
 class Net(nn.Module):
@@ -784,15 +872,17 @@ def make_activation(name: str) -> nn.Module:
     return {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "id": nn.Identity}[name]()
 
 
-def build_model(name: str, seed: int = PUBLISHED_SEED) -> Net:
-    """A zoo model or an architecture string, initialised as published: seed, then
-    PyTorch's default init, layer by layer (so a zoo model's string gives its weights)."""
-    arch = architecture(name)
-    shapes = layer_shapes(arch)
+def build_model(name: str, seed: int = PUBLISHED_SEED, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE,
+                classes: int = PHOTOGRAPH_CLASSES) -> Net:
+    """A zoo model or an architecture string for inputs of `shape` and `classes` classes,
+    initialised as published: seed, then PyTorch's default init, layer by layer (so a zoo
+    model's string gives its weights)."""
+    arch = architecture(name, shape)
+    shapes = layer_shapes(arch, shape=shape)
     seed_everything(seed)
     layers: list[nn.Module] = [nn.Conv2d(shape[0], conv.out, conv.kernel, conv.stride, conv.padding, bias=conv.bias)
                                for conv, shape in zip(arch.convs, shapes)]
-    layers.append(nn.Linear(math.prod(shapes[-1]), 10))
+    layers.append(nn.Linear(math.prod(shapes[-1]), classes))
     acts = [make_activation(conv.act) for conv in arch.convs] + [make_activation(arch.fc_act)]
     return Net(layers, acts, shapes)
 
@@ -821,27 +911,29 @@ CROP_POOL = 2048  # crops made once per set of photographs; batches are drawn fr
 
 
 @functools.cache
-def photograph_crops(exclude: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def photograph_crops(exclude: str, seed: int,
+                     shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> tuple[torch.Tensor, torch.Tensor, str]:
     """random_crops of the bundled photographs other than `exclude`, and their names."""
     import skimage.data
 
     sources = [(name, torch.as_tensor(load(skimage.data)).permute(2, 0, 1)[None] / 255.0, label)
                for name, load, label in PHOTOGRAPHS if name != exclude]
-    return *random_crops(sources, seed), " ".join(name for name, _, _ in sources)
+    return *random_crops(sources, seed, shape), " ".join(name for name, _, _ in sources)
 
 
 @functools.cache
-def cifar10_test_crops(exclude: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """random_crops of foolbox's CIFAR-10 test images other than the attacked one."""
-    sources = [(i, torch.as_tensor(rgb).permute(2, 0, 1)[None] / 255.0, label)
-               for i, (rgb, label) in enumerate(foolbox_cifar10_test()) if i != exclude]
-    return random_crops(sources, seed)
+def test_set_crops(name: str, exclude: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """random_crops of foolbox's test images of a dataset other than the attacked one."""
+    sources = [(i, torch.as_tensor(pixels).permute(2, 0, 1)[None] / 255.0, label)
+               for i, (pixels, label) in enumerate(foolbox_test_set(name)) if i != exclude]
+    return random_crops(sources, seed, DATASETS[name].shape)
 
 
-def random_crops(sources: list[tuple], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_crops(sources: list[tuple], seed: int, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """CROP_POOL random crops (a square of 30-100% of the shorter side, anywhere, flipped
-    half the time) of the (name, (1, 3, H, W) image in [0, 1], label) `sources`, resized to
-    32x32 with anti-aliasing, in model space, and their labels."""
+    half the time) of the (name, (1, C, H, W) image in [0, 1], label) `sources`, resized to
+    the model's H x W with anti-aliasing (and made gray for a 1-channel model), in model
+    space, and their labels."""
     g = torch.Generator().manual_seed(seed)
     xs, ys = [], []
     for i in torch.randint(len(sources), (CROP_POOL,), generator=g).tolist():
@@ -849,46 +941,53 @@ def random_crops(sources: list[tuple], seed: int) -> tuple[torch.Tensor, torch.T
         h, w = photo.shape[-2:]
         side = int(min(h, w) * (0.3 + 0.7 * torch.rand(1, generator=g).item()))
         top, left = (int(torch.randint(n - side + 1, (1,), generator=g)) for n in (h, w))
-        crop = F.interpolate(photo[..., top : top + side, left : left + side], size=(32, 32),
+        crop = F.interpolate(photo[..., top : top + side, left : left + side], size=shape[1:],
                              mode="bilinear", antialias=True, align_corners=False)
+        if shape[0] == 1 and crop.shape[1] == 3:
+            crop = torch.einsum("c,nchw->nhw", torch.tensor(LUMINANCE), crop)[:, None]
         xs.append(crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop)
         ys.append(label)
     return torch.cat(xs) - 0.5, torch.tensor(ys)
 
 
 @functools.cache
-def cifar10_train(root: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10's training images (N, 3, 32, 32, uint8 until batched) and labels, read once a process."""
+def training_set(name: str, root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset's training images (N, C, H, W, uint8 until batched) and labels, read once a
+    process; OSError or RuntimeError where it is not on disk."""
     import torchvision
 
-    data = torchvision.datasets.CIFAR10(root=root, train=True, download=False)
-    return torch.as_tensor(data.data).permute(0, 3, 1, 2), torch.as_tensor(data.targets)
+    data = getattr(torchvision.datasets, DATASETS[name].torchvision)(root=root, train=True, download=False)
+    x = torch.as_tensor(np.asarray(data.data))  # CIFAR's NHWC numpy, MNIST's NHW tensor
+    return (x.permute(0, 3, 1, 2) if x.ndim == 4 else x[:, None]), torch.as_tensor(data.targets)
 
 
-def training_data(image: PrivateImage, seed: int, data_root: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+def training_data(image: PrivateImage, seed: int, data_root: str,
+                  classes: int = PHOTOGRAPH_CLASSES) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Images, labels and a description of the training set for a model attacked on `image`."""
     source, _, key = image.name.partition(":")
-    if source == "cifar10":
-        x, y = cifar10_train(data_root)
+    if source in DATASETS:
+        x, y = training_set(source, data_root)
         keep = torch.arange(len(x)) != int(key)  # every training image but the attacked one
-        return x[keep], y[keep], f"CIFAR-10 training set less image {key}"
-    if source == "cifar10-test":
+        return x[keep], y[keep], f"{DATASETS[source].shown} training set less image {key}"
+    name, train = dataset_of(source)
+    if name in DATASETS and not train:
+        shown = DATASETS[name].shown
         try:
-            x, y = cifar10_train(data_root)  # the attacked test image is not among them
-            return x, y, "CIFAR-10 training set"
+            x, y = training_set(name, data_root)  # the attacked test image is not among them
+            return x, y, f"{shown} training set"
         except (OSError, RuntimeError):  # offline: the other 19 test images that foolbox ships
-            x, y = cifar10_test_crops(int(key), seed)
-            return x, y, (f"{CROP_POOL} crops of CIFAR-10 test images 0-{FOOLBOX_IMAGES - 1} (foolbox's) "
-                          f"less image {key}")
-    x, y, names = photograph_crops(key if source == "samples" else bundled_twin(image), seed)
-    return x, y, f"{CROP_POOL} crops of the bundled photographs {names}"
+            x, y = test_set_crops(name, int(key), seed)
+            return x, y, f"{CROP_POOL} crops of {shown} test images 0-{FOOLBOX_IMAGES - 1} (foolbox's) less image {key}"
+    shape = tuple(image.x.shape[1:])
+    x, y, names = photograph_crops(key if source == "samples" else bundled_twin(image), seed, shape)
+    return x, y % classes, f"{CROP_POOL} crops of the bundled photographs {names}"  # labels up to 5
 
 
 def bundled_twin(image: PrivateImage) -> str:
     """The bundled photograph that `image` is (an --image file of skimage's chelsea, say),
     after the same crop and resize: within 2/255 at every pixel; "" where there is none."""
     twins = [photo.name.partition(":")[2] for photo in all_photographs()
-             if float((photo.x - image.x).abs().max()) <= 2 / 255]
+             if photo.x.shape == image.x.shape and float((photo.x - image.x).abs().max()) <= 2 / 255]
     return twins[0] if twins else ""
 
 
@@ -911,10 +1010,11 @@ def train(model: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, s
 def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net, dict | None]:
     """The model the client holds when it computes its gradient on `image`, and what
     training it had (None: the published initialisation)."""
-    model = build_model(name, exp.model_seed).to(exp.device)
+    classes = exp.classes or data_classes(exp)  # an Experiment made in Python leaves them to the data
+    model = build_model(name, exp.model_seed, tuple(image.x.shape[1:]), classes).to(exp.device)
     if exp.train_steps == 0:
         return model, None
-    x, y, data = training_data(image, exp.model_seed, exp.data)
+    x, y, data = training_data(image, exp.model_seed, exp.data, classes)
     loss = train(model, x, y, exp.train_steps, exp.train_lr, exp.model_seed)
     diverged = not (math.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters()))
     return model, {"steps": exp.train_steps, "lr": exp.train_lr, "batch": TRAIN_BATCH, "seed": exp.model_seed,
@@ -971,9 +1071,9 @@ def inverse_activation(act: nn.Module, a: torch.Tensor) -> torch.Tensor:
         return torch.log(a / (1 - a))
     if isinstance(act, nn.LeakyReLU):
         return torch.where(a >= 0, a, a / act.negative_slope)
-    if isinstance(act, nn.Softplus):  # log(expm1(a)), written to not overflow for large a
-        a = a.clamp_min(1e-12)
-        return a + torch.log(-torch.expm1(-a))
+    if isinstance(act, nn.Softplus):  # log(expm1(beta a)) / beta, written to not overflow for large a
+        a = (act.beta * a).clamp_min(1e-12)
+        return (a + torch.log(-torch.expm1(-a))) / act.beta
     if isinstance(act, nn.Identity):
         return a
     raise TypeError(f"no inverse for {act}")
@@ -988,7 +1088,7 @@ def activation_derivative(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
     if isinstance(act, nn.LeakyReLU):
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, act.negative_slope))
     if isinstance(act, nn.Softplus):
-        return torch.sigmoid(z)
+        return torch.sigmoid(act.beta * z)
     if isinstance(act, nn.Identity):
         return torch.ones_like(z)
     raise TypeError(f"no derivative for {act}")
@@ -1245,17 +1345,18 @@ def worst_layer_fraction(deficiency: list[int], unknowns: list[int]) -> float:
     return min(r / n for r, n in zip(deficiency, unknowns))
 
 
-def layer_unknowns(model: str) -> list[int]:
-    """n_l: each convolution's unknowns, the size of its input."""
-    return [math.prod(shape) for shape in layer_shapes(architecture(model))[:-1]]
+def layer_unknowns(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> list[int]:
+    """n_l: each convolution's unknowns, the size of its input, on inputs of `shape`."""
+    return [math.prod(s) for s in layer_shapes(architecture(model, shape), shape=shape)[:-1]]
 
 
-def indices_of(model: str, deficiency: list[int] | None) -> dict[str, float | None]:
+def indices_of(model: str, deficiency: list[int] | None,
+               shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> dict[str, float | None]:
     """Both indices of a (model, image) from its rank deficiencies (None where unknown)."""
     if deficiency is None:
         return dict.fromkeys(report.INDICES)
     return {"security_index": security_index(deficiency),
-            "worst_layer_fraction": worst_layer_fraction(deficiency, layer_unknowns(model))}
+            "worst_layer_fraction": worst_layer_fraction(deficiency, layer_unknowns(model, shape))}
 
 
 def rank_deficiency(model: Net, grads: list[torch.Tensor], known: list[torch.Tensor] | None = None) -> list[int]:
@@ -1514,8 +1615,8 @@ def lbfgs_attack(model: Net, grads: list[torch.Tensor], label: int | None, steps
                  name: str) -> AttackResult:
     """Dummy image (and, where label is None, dummy label logits) ~ N(0, 1), L-BFGS lr 1."""
     device = grads[0].device
-    x = torch.randn(1, 3, 32, 32, device=device, requires_grad=True)
-    y = torch.randn(1, 10, device=device, requires_grad=True) if label is None else None
+    x = torch.randn(1, *model.shapes[0], device=device, requires_grad=True)
+    y = torch.randn(1, model.layers[-1].out_features, device=device, requires_grad=True) if label is None else None
     variables = [x] if y is None else [x, y]
     opt = torch.optim.LBFGS(variables, lr=1)
 
@@ -1562,7 +1663,7 @@ def attack_cosine(model: Net, grads: list[torch.Tensor], label: int, settings: A
 
 def cosine_start(model: Net, grads: list[torch.Tensor], label: int, steps: int) -> AttackResult:
     device = grads[0].device
-    x = torch.randn(1, 3, 32, 32, device=device, requires_grad=True)
+    x = torch.randn(1, *model.shapes[0], device=device, requires_grad=True)
     target = torch.tensor([label], device=device)
     tv_weight = 0.01 * len(grads)  # the published code added 0.01 TV once per tensor
     opt = torch.optim.Adam([x], lr=1e-3)
@@ -1959,9 +2060,10 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
                 failed += 1
                 continue
             indices.append(security_index(deficiency))
-            say_ranks(model, f"{name} on {image.name}", deficiency, layer_unknowns(name))
+            unknowns = [math.prod(shape) for shape in model.shapes[:-1]]
+            say_ranks(model, f"{name} on {image.name}", deficiency, unknowns)
             for d, under, k in zip(prunings, pruned, known):
-                say_ranks(model, f"{name} on {image.name} under {d.spec}", under, layer_unknowns(name), k)
+                say_ranks(model, f"{name} on {image.name} under {d.spec}", under, unknowns, k)
                 say(f"  and {fc_inputs_undetermined(model, k):.1%} of the fc's inputs left undetermined")
         if indices:
             table.append((name, np.mean(indices), min(indices), max(indices)))
@@ -2044,6 +2146,11 @@ def upgraded(results: dict) -> dict:
             config[new] = config.pop(old)
     if not config.get("image_files") and "label" in config:  # recorded before it was the files' alone
         config["label"] = None
+    if config and "input_shape" not in config:  # before other datasets: CIFAR-10's, the photographs' or files'
+        config |= {"input_shape": list(PHOTOGRAPH_SHAPE), "classes": PHOTOGRAPH_CLASSES}
+    shape = config.get("input_shape")
+    shape = tuple(shape) if isinstance(shape, list) and len(shape) == 3 and all(
+        isinstance(n, int) and n > 0 for n in shape) else PHOTOGRAPH_SHAPE
     if isinstance(config.get("defences"), list):  # specs and models in their one spelling, as now recorded
         config["defences"] = list(dict.fromkeys(canonical_spec(d) for d in config["defences"]))
     if isinstance(config.get("models"), list):
@@ -2057,7 +2164,7 @@ def upgraded(results: dict) -> dict:
                 answer["best_start"] = answer.pop("kept")
         for has in (entry, entry["defence"]):
             if has.get("rank_deficiency") is not None and any(has.get(k) is None for k in report.INDICES):
-                has |= indices_of(entry["model"], has["rank_deficiency"])
+                has |= indices_of(entry["model"], has["rank_deficiency"], shape)
     return results
 
 
@@ -2088,10 +2195,20 @@ def rows_in(results: dict) -> list[dict]:
     return [row(entry, attack) for entry in upgraded(results)["runs"] for attack in entry.get("attacks", {})]
 
 
-def names() -> report.Names:
-    """What report.py's figures and tables call the attacks and the defences: their rows'."""
+def names(config: dict | None = None) -> report.Names:
+    """What report.py's figures and tables call the attacks and the defences (their rows'),
+    and the classes of a record's data (CIFAR-10's, where it does not name them: the
+    photographs, and --image files with 10 classes)."""
     return report.Names({name: (a.shown, a.marker) for name, a in ATTACKS.items()},
-                        {kind: (d.axis, d.symbol) for kind, d in DEFENCES.items() if kind != "none"}, CIFAR10_CLASSES)
+                        {kind: (d.axis, d.symbol) for kind, d in DEFENCES.items() if kind != "none"},
+                        class_names(config or {}))
+
+
+def class_names(config: dict) -> tuple[str, ...]:
+    name = dataset_of(config.get("source") or "cifar10")[0]
+    if name in DATASETS and not config.get("image_files"):
+        return DATASETS[name].classes
+    return CIFAR10_CLASSES if config.get("classes", PHOTOGRAPH_CLASSES) == PHOTOGRAPH_CLASSES else ()
 
 
 def removing_equations() -> set[str]:
@@ -2101,7 +2218,7 @@ def removing_equations() -> set[str]:
 
 def finish(folder: sweeps.RunFolder) -> None:
     """What a sweep and a merge end with: report.py's figures and summaries."""
-    report.finish(folder, names(), removing_equations())
+    report.finish(folder, names(folder.results.get("config")), removing_equations())
 
 
 def is_entry(entry: object) -> bool:
@@ -2213,16 +2330,16 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
     """Write what the experiment on a cell yields into its entry: per attack, the
     reconstruction's .npy, then the record, then the row and the printed line. The
     training and the ranks go to disk with the next attack."""
-    stem = file_stem(cell.model, cell.image, cell.defence)
+    stem, shape = file_stem(cell.model, cell.image, cell.defence), tuple(cell.image.x.shape[1:])
     entry = folder.entry(cell.key) or folder.add(
-        {"model": cell.model, "architecture": str(architecture(cell.model)), "image": cell.image.name,
+        {"model": cell.model, "architecture": str(architecture(cell.model, shape)), "image": cell.image.name,
          "defence": {"spec": cell.defence.spec}, "label": cell.image.label,
          "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(cell.image.x).astype(np.float32))}})
     if isinstance(event, Defended):  # to disk with the next attack
         defence = entry["defence"]
         defence |= event.info
         if "rank_deficiency" in event.info:
-            defence |= indices_of(cell.model, event.info["rank_deficiency"])
+            defence |= indices_of(cell.model, event.info["rank_deficiency"], shape)
         return
     if isinstance(event, Training):
         entry["training"] = event.info
@@ -2239,7 +2356,7 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
                                            and cell.defence == NO_DEFENCE):
         deficiency = event.deficiency if isinstance(event, RankAnalysis) else event.entry["rank_deficiency"]
         entry["rank_deficiency"] = deficiency
-        entry |= indices_of(cell.model, deficiency)
+        entry |= indices_of(cell.model, deficiency, shape)
     if isinstance(event, RankAnalysis):
         return
     npy = folder.save_array(f"{stem}_{event.attack}.npy", event.recon.astype(np.float32))
@@ -2392,13 +2509,6 @@ def check_combinations(args: argparse.Namespace, given: set[str]) -> None:
         raise UserError(f"{flag(dest)} has no effect {why}")
 
 
-def label_value(text: str) -> int:
-    value = sweeps.at_least(0, "--label")(text)
-    if value > 9:
-        raise argparse.ArgumentTypeError(f"--label {value} is not a CIFAR-10 class (0-9)")
-    return value
-
-
 def parse_image_indices(tokens: list[str]) -> list[int]:
     """'3', '0-99', '0-9,20,31' (several tokens allowed) -> image indices, in order, once each."""
     out = []
@@ -2411,16 +2521,17 @@ def parse_image_indices(tokens: list[str]) -> list[int]:
             raise UserError(f"--index: '{token.strip()}' is not an index or a range such as 0-99") from None
         if hi < lo:
             raise UserError(f"--index: the range '{token.strip()}' is empty")
-        if hi >= CIFAR10_TRAIN:  # checked before a range the size of the request is made
-            raise UserError(f"--index {hi} is out of range: no source holds more than {CIFAR10_TRAIN} images "
-                            f"(CIFAR-10's training set, 0-{CIFAR10_TRAIN - 1})")
+        if hi >= MAX_IMAGES:  # checked before a range the size of the request is made
+            raise UserError(f"--index {hi} is out of range: no source holds more than {MAX_IMAGES} images "
+                            f"(MNIST's training set, 0-{MAX_IMAGES - 1})")
         out.extend(range(lo, hi + 1))
     return list(dict.fromkeys(out))
 
 
-def expand_models(names: list[str]) -> list[str]:
+def expand_models(names: list[str], shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> list[str]:
     """'all' -> every model; a shell pattern (fnmatch) -> the models it matches, in the
-    zoo's order; a name stays. Each model once, in the order given."""
+    zoo's order; random:N -> N draws for inputs of `shape`; a name stays. Each model once,
+    in the order given."""
     out = []
     for name in names:
         if name == "all" or any(c in name for c in "*?["):
@@ -2434,12 +2545,12 @@ def expand_models(names: list[str]) -> list[str]:
             m = re.fullmatch(r"random:(\d+)(?:@(\d+))?", name)
             if m is None or int(m[1]) == 0:
                 raise UserError(f"--model '{name}': expected random:N or random:N@SEED, N at least 1")
-            out += random_architectures(int(m[1]), int(m[2]) if m[2] else RANDOM_SEED)
+            out += random_architectures(int(m[1]), int(m[2]) if m[2] else RANDOM_SEED, shape)
         elif "-" not in name:
             raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models; or give an "
                             "architecture string, e.g. 8k3s1p0-tanh,fc-id)")
         else:
-            canonical = canonical_model(name)  # checked now
+            canonical = canonical_model(name, shape)  # checked now
             if canonical != name:
                 say(f"--model {printable(name, 80)} is {canonical}: run as that")
             out.append(canonical)
@@ -2448,12 +2559,12 @@ def expand_models(names: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def canonical_model(name: str) -> str:
+def canonical_model(name: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> str:
     """A model's one name: a zoo name, or an architecture string in its canonical spelling,
-    which is the zoo's name where it is a zoo model's string."""
+    which is the zoo's name where it is a zoo model's string (checked on inputs of `shape`)."""
     if name in MODELS:
         return name
-    text = str(architecture(name))  # parsed once a process: every entry of a record read asks
+    text = str(architecture(name, shape))  # parsed once a process: every entry of a record read asks
     return next((m for m, t in MODELS.items() if t == text), text)
 
 
@@ -2494,7 +2605,12 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
     quick = {name: n for name, n in quick_iterations().items() if args.quick and getattr(args, name) is None}
     settings = sweeps.given(AttackSettings, args, **quick)
     default = Experiment()
-    exp = sweeps.given(Experiment, args, models=expand_models(args.models or default.models),
+    shape, classes = data_shape(args), data_classes(args)
+    if args.image_files and args.label is not None and args.label >= classes:
+        raise UserError(f"--label {args.label} is not a class of a model with {classes} (0-{classes - 1}; "
+                        "--classes K for more)")
+    exp = sweeps.given(Experiment, args, models=expand_models(args.models or default.models, shape),
+                       input_shape=list(shape), classes=classes,
                        image_indices=(parse_image_indices(args.image_indices) if args.image_indices
                                       else default.image_indices),
                        attacks=[a for a in ATTACKS if a in (args.attacks or default.attacks)],
@@ -2503,6 +2619,26 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
     if settings.compile:
         check_compiler(exp.device)
     return exp, settings, sweeps.run_settings(args, OUTPUT_PATH)
+
+
+def data_shape(args: argparse.Namespace | Experiment) -> tuple[int, int, int]:
+    """The models' input (C, H, W): the data's, or --input-shape's for --image files."""
+    if args.image_files:
+        shape = tuple(args.input_shape or PHOTOGRAPH_SHAPE)
+        if shape[0] not in (1, 3):
+            raise UserError(f"--input-shape {' '.join(map(str, shape))}: image files are made 1 channel (grayscale) "
+                            "or 3 (RGB)")
+        return shape
+    source = args.source or Experiment().source
+    return PHOTOGRAPH_SHAPE if source == "samples" else DATASETS[dataset_of(source)[0]].shape
+
+
+def data_classes(args: argparse.Namespace | Experiment) -> int:
+    """The models' classes: the data's, or --classes' for --image files."""
+    if args.image_files:
+        return args.classes or PHOTOGRAPH_CLASSES
+    source = args.source or Experiment().source
+    return PHOTOGRAPH_CLASSES if source == "samples" else len(DATASETS[dataset_of(source)[0]].classes)
 
 
 def list_models() -> int:

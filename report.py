@@ -47,7 +47,8 @@ class Names:
     classes: tuple[str, ...] = ()  # the labels' class names, where the data names them
 
     def label(self, label: int) -> str:
-        return f"label {label}" + (f" ({self.classes[label]})" if 0 <= label < len(self.classes) else "")
+        named = 0 <= label < len(self.classes) and self.classes[label] != str(label)  # MNIST's digits are their names
+        return f"label {label}" + (f" ({self.classes[label]})" if named else "")
 
     def shown(self, attack: str) -> str:
         return self.attacks[attack][0]
@@ -265,7 +266,11 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -
             if entry is None:
                 ax.set_axis_off()
                 continue
-            ax.imshow(np.load(folder / entry["npy"]), interpolation="nearest")
+            pixels = np.load(folder / entry["npy"])
+            if pixels.shape[-1] == 1:  # one channel (MNIST): gray, on the pixels' [0, 1]
+                ax.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(pixels, interpolation="nearest")
             if name != "target":
                 ax.set_xlabel(f"{format_psnr(entry['psnr'])} / SSIM {entry['ssim']:.2f}", fontsize=8)
     fig.savefig(path, dpi=120)

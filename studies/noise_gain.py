@@ -83,7 +83,7 @@ def table(paths: list[str], standin_index: int, s0: float, draws: int) -> str:
     run = {"runs": [e for path in paths for e in read_results(path)["runs"]]}
     if not any(e["defence"]["spec"].startswith("noise:") for e in run["runs"]):
         raise Refused(f"{', '.join(paths)}: no noise:SIGMA defence, which this table reads")
-    (standin,), _ = H.load_cifar10_test([standin_index], H.DATA_PATH)
+    (standin,), _ = H.load_test_split("cifar10-test", [standin_index], H.DATA_PATH)
     models = list(dict.fromkeys(e["model"] for e in run["runs"]))
     gains = {m: gain(m, standin, s0, draws) for m in models}
     lines = [f"The noise's gain through R-GAP's recursion on {standin.name} (s0 = {s0:g}, {draws} draws), and the "

@@ -72,7 +72,8 @@ def test_solve_min_norm_matches_numpy_lstsq(U):
     np.testing.assert_allclose(x.numpy(), x_ref, rtol=1e-8, atol=1e-8)
 
 
-ACTIVATIONS = [nn.Tanh(), nn.Sigmoid(), nn.LeakyReLU(0.01), nn.LeakyReLU(0.2), nn.Softplus(), nn.Identity()]
+ACTIVATIONS = [nn.Tanh(), nn.Sigmoid(), nn.LeakyReLU(0.01), nn.LeakyReLU(0.2), nn.Softplus(), nn.Softplus(beta=2.5),
+               nn.Identity()]
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: repr(a))

@@ -196,6 +196,12 @@ class Experiment:
                                type=lambda text: seed_value(text), metavar="S", meta=ATTACKING)
     model_seed: int = sweeps.setting(PUBLISHED_SEED, "seed set before a model's layers are built (default: the "
                                      "published code's {default})", type=lambda text: seed_value(text), metavar="S")
+    weights: str | None = sweeps.setting(None, "load the model's weights from this state_dict (torch.save(model."
+                                         "state_dict(), FILE)) instead of its initialisation", metavar="FILE.pt",
+                                         type=sweeps.path_value)
+    init: str | None = sweeps.setting(None, "uniform:A: draw every parameter uniform(-A, A) after --model-seed, as "
+                                      "the DLG papers initialise their LeNet", metavar="uniform:A",
+                                      type=lambda text: init_value(text), meta={"not_with": "weights"})
     train_steps: int = sweeps.setting(0, "train the model first: K SGD steps on mini-batches of 32 images that never "
                                       "include the attacked one (default {default}: the published initialisation)",
                                       type=sweeps.at_least(0, "--train-steps"), metavar="K")
@@ -850,12 +856,14 @@ def architecture(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> 
 
 
 class Net(nn.Module):
-    """Convolutions then one linear layer; x = act(layer(x)) for each (layer, activation), as published."""
+    """Convolutions then linear layers (one, as published); x = act(layer(x)) for each
+    (layer, activation)."""
 
     def __init__(self, layers: list[nn.Module], acts: list[nn.Module], shapes: list[tuple]):
         super().__init__()
         self.layers, self.acts = nn.ModuleList(layers), nn.ModuleList(acts)
         self.shapes = shapes  # input shape (C, H, W) of every layer, the fc's last
+        self.first_linear = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear))
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Layers start..L-1: f_{l:} of the paper when start = l."""
@@ -873,10 +881,12 @@ def make_activation(name: str) -> nn.Module:
 
 
 def build_model(name: str, seed: int = PUBLISHED_SEED, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE,
-                classes: int = PHOTOGRAPH_CLASSES) -> Net:
+                classes: int = PHOTOGRAPH_CLASSES, weights: str | None = None) -> Net:
     """A zoo model or an architecture string for inputs of `shape` and `classes` classes,
     initialised as published: seed, then PyTorch's default init, layer by layer (so a zoo
-    model's string gives its weights)."""
+    model's string gives its weights). PATH.py:NAME is your own module (module_model)."""
+    if is_module_spec(name):
+        return module_model(name, seed, shape, classes, weights)
     arch = architecture(name, shape)
     shapes = layer_shapes(arch, shape=shape)
     seed_everything(seed)
@@ -884,7 +894,290 @@ def build_model(name: str, seed: int = PUBLISHED_SEED, shape: tuple[int, int, in
                                for conv, shape in zip(arch.convs, shapes)]
     layers.append(nn.Linear(math.prod(shapes[-1]), classes))
     acts = [make_activation(conv.act) for conv in arch.convs] + [make_activation(arch.fc_act)]
-    return Net(layers, acts, shapes)
+    model = Net(layers, acts, shapes)
+    if weights is not None:
+        load_weights(model, weights, f"--weights {printable(weights, 200)}")
+    return model
+
+
+def load_weights(model: nn.Module, path: str, where: str) -> None:
+    """A state_dict from `path` into `model`, every tensor in place (strict): a key or a shape
+    that does not match is a UserError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing file, a pickle that is not tensors
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise UserError(f"{where}: cannot be read as a state_dict ({printable(why, 200)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{where}: holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
+    own = model.state_dict()
+    for key in own.keys() - state.keys():
+        raise UserError(f"{where}: has no '{key}' (it holds {', '.join(sorted(state)[:4])}...)")
+    for key in state.keys() - own.keys():
+        raise UserError(f"{where}: its '{key}' is no parameter of the model ({', '.join(sorted(own)[:4])}...)")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise UserError(f"{where}: '{key}' is {tuple(value.shape)}, the model's {tuple(own[key].shape)}")
+    model.load_state_dict(state)
+
+
+def draw_uniform(model: nn.Module, a: float, seed: int) -> None:
+    """--init uniform:A: every parameter uniform(-A, A), in the model's order, after seeding."""
+    seed_everything(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-a, a)
+
+
+def init_value(text: str) -> str:
+    """'uniform:0.5' as given, checked (A > 0, finite)."""
+    kind, _, value = text.partition(":")
+    try:
+        a = float(value)
+    except ValueError:
+        a = float("nan")
+    if kind != "uniform" or not (math.isfinite(a) and a > 0):
+        raise argparse.ArgumentTypeError(f"--init {printable(text, 60)}: expected uniform:A with A > 0, "
+                                         "e.g. uniform:0.5")
+    return f"uniform:{np.format_float_positional(a, trim='-')}"
+
+
+# -- --model PATH.py:NAME: your own nn.Module, read with torch.fx into the layer sequence ---
+# The attacks need a chain: convolutions, each followed by at most one invertible
+# activation, a flatten, then linear layers, each with a bias (its input follows from its
+# own gradient: gW = d a^T, gb = d). read_module traces the module (torch.fx) and takes
+# that chain from the graph, refusing anything else by name; the layers are the module's
+# own, so are the weights. The Net it gives is checked against the module's own forward.
+
+INVERTIBLE_MODULES = (nn.Tanh, nn.Sigmoid, nn.Softplus, nn.LeakyReLU, nn.Identity)
+NOT_INVERTIBLE = {"relu": "ReLU is not invertible (a leaky ReLU is: nn.LeakyReLU)",
+                  "relu6": "ReLU6 is not invertible", "gelu": "GELU is not invertible on its whole range",
+                  "silu": "SiLU is not invertible on its whole range", "elu": "ELU is not supported",
+                  "max_pool2d": "pooling discards what the attacks solve for", "avg_pool2d": "pooling is not supported",
+                  "maxpool2d": "pooling discards what the attacks solve for", "avgpool2d": "pooling is not supported",
+                  "batchnorm2d": "batch normalisation couples the batch and is not supported",
+                  "add": "a residual addition: the attacks need a chain of layers",
+                  "cat": "a concatenation: the attacks need a chain of layers",
+                  "dropout": "dropout makes the gradient depend on a random mask"}
+
+
+def functional_activation(node) -> nn.Module | None:
+    """The activation module a torch.fx call (torch.tanh, F.softplus(x, beta=2), x.sigmoid(),
+    F.leaky_relu(x, 0.2), ...) stands for, or None where it is none of them."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    kwargs = dict(node.kwargs)
+    if name in ("tanh", "sigmoid"):
+        return nn.Tanh() if name == "tanh" else nn.Sigmoid()
+    if name == "softplus":
+        beta = node.args[1] if len(node.args) > 1 else kwargs.get("beta", 1.0)
+        threshold = node.args[2] if len(node.args) > 2 else kwargs.get("threshold", 20.0)
+        return nn.Softplus(beta, threshold)
+    if name == "leaky_relu":
+        return nn.LeakyReLU(node.args[1] if len(node.args) > 1 else kwargs.get("negative_slope", 0.01))
+    return None
+
+
+def is_size(node, helpers: set) -> bool:
+    """x.size(0), x.shape and x.shape[0]: sizes a view or a reshape is given."""
+    import operator
+
+    if node.op == "call_method":
+        return node.target == "size"
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] == "shape"
+    return node.op == "call_function" and node.target is operator.getitem and node.args[0] in helpers
+
+
+def is_flatten(node, module: nn.Module | None) -> bool:
+    """nn.Flatten, torch.flatten(x, 1), x.flatten(1), x.view(x.size(0), -1), x.reshape(...)."""
+    if module is not None:
+        return isinstance(module, nn.Flatten)
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name in ("flatten", "view", "reshape")
+
+
+def read_module(net: nn.Module, shape: tuple[int, int, int], where: str = "the model") -> Net:
+    """The attacks' layer sequence of `net` on inputs of `shape`: its own Conv2d and Linear
+    layers and its activations, as a Net; anything else a UserError naming the layer or call
+    and why."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(net).graph
+    except Exception as e:  # data-dependent control flow, and the like
+        raise UserError(f"{where}: torch.fx cannot trace it ({type(e).__name__}: {printable(str(e), 200)})") from None
+    modules = dict(net.named_modules())
+    layers, acts, flattened, data, helpers = [], [], False, None, set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            data = node if data is None else data
+            continue
+        if node.op == "output":
+            if node.args[0] is not data:
+                raise UserError(f"{where}: its output is not the end of its chain of layers")
+            break
+        module = modules[node.target] if node.op == "call_module" else None
+        what = (f"{type(module).__name__} '{node.target}'" if module is not None
+                else f"'{getattr(node.target, '__name__', node.target)}'")
+        name = (type(module).__name__.lower() if module is not None
+                else node.target if isinstance(node.target, str) else getattr(node.target, "__name__", ""))
+        if node.op == "get_attr":
+            raise UserError(f"{where}: {what} reads a parameter directly (F.conv2d(x, self.w)?); "
+                            "use nn.Conv2d and nn.Linear modules")
+        if is_size(node, helpers):  # x.size(0), x.shape[0]: a view's arguments, not a layer
+            helpers.add(node)
+            continue
+        if not node.args or node.args[0] is not data:
+            raise UserError(f"{where}: {what} does not take the output of the layer before "
+                            "(the attacks need a chain of layers)")
+        if any(isinstance(a, torch.fx.Node) and a is not data and a not in helpers for a in node.args[1:]):
+            raise UserError(f"{where}: {what} combines two branches ({NOT_INVERTIBLE['add']})")
+        data = node
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            check_layer(module, what, where, flattened, layers)
+            layers.append(module)
+            acts.append(None)
+            continue
+        act = module if isinstance(module, INVERTIBLE_MODULES) else None if module else functional_activation(node)
+        if act is not None:
+            if not layers or acts[-1] is not None:
+                raise UserError(f"{where}: {what} follows no Conv2d or Linear of its own (one activation per layer)")
+            if isinstance(act, nn.LeakyReLU) and act.negative_slope <= 0:
+                raise UserError(f"{where}: {what} has slope {act.negative_slope}: {NOT_INVERTIBLE['relu']}")
+            acts[-1] = act
+            continue
+        if is_flatten(node, module):
+            flattened = True
+            continue
+        why = NOT_INVERTIBLE.get(name.rstrip("_"), "not a layer the attacks can invert")
+        raise UserError(f"{where}: {what}: {why} (supported: Conv2d, Linear, Tanh, Sigmoid, Softplus, "
+                        "LeakyReLU, Identity and a flatten)")
+    if not layers or not isinstance(layers[-1], nn.Linear):
+        raise UserError(f"{where}: it must end in an nn.Linear (R-GAP starts from the last layer's gradient)")
+    if not isinstance(layers[0], nn.Conv2d):
+        raise UserError(f"{where}: it needs a convolution before its linear layers (the attacks solve their systems)")
+    model = Net(layers, [a if a is not None else nn.Identity() for a in acts], module_shapes(layers, shape, where))
+    check_reproduces(net, model, shape, where)
+    return model
+
+
+MODULE_SPEC = re.compile(r"(?P<path>.+\.py):(?P<name>[A-Za-z_]\w*)")
+
+
+def is_module_spec(model: str) -> bool:
+    return MODULE_SPEC.fullmatch(model) is not None
+
+
+def load_module(spec: str, seed: int) -> nn.Module:
+    """--model PATH.py:NAME: NAME from that file, a class or a function, called with no
+    arguments after seeding (its own initialisation, under --model-seed)."""
+    path, name = MODULE_SPEC.fullmatch(spec).group("path", "name")
+    where = f"--model {printable(spec, 200)}"
+    if not Path(path).is_file():
+        raise UserError(f"{where}: no file {printable(path, 200)}")
+    loader = importlib.util.spec_from_file_location(f"model_file_{hashlib.sha256(path.encode()).hexdigest()[:8]}",
+                                                    path)
+    source = importlib.util.module_from_spec(loader)
+    try:
+        loader.loader.exec_module(source)
+    except Exception as e:  # the user's code: whatever it raises is theirs
+        raise UserError(f"{where}: importing {printable(path, 200)} fails: {type(e).__name__}: "
+                        f"{printable(str(e), 200)}") from None
+    make = getattr(source, name, None)
+    if not callable(make):
+        raise UserError(f"{where}: {printable(path, 200)} defines no class or function {name}")
+    seed_everything(seed)
+    try:
+        net = make()
+    except Exception as e:
+        raise UserError(f"{where}: {name}() fails: {type(e).__name__}: {printable(str(e), 200)}") from None
+    if not isinstance(net, nn.Module):
+        raise UserError(f"{where}: {name}() gives a {type(net).__name__}, not an nn.Module")
+    return net.float()
+
+
+def module_model(spec: str, seed: int, shape: tuple[int, int, int], classes: int, weights: str | None = None) -> Net:
+    """The Net of --model PATH.py:NAME on inputs of `shape`: the module's own layers and
+    weights (its initialisation, or the state_dict in `weights`)."""
+    where = f"--model {printable(spec, 200)}"
+    net = load_module(spec, seed)
+    if weights is not None:
+        load_weights(net, weights, f"--weights {printable(weights, 200)}")
+    model = read_module(net, shape, where)
+    if model.layers[-1].out_features != classes:
+        raise UserError(f"{where}: it has {model.layers[-1].out_features} outputs, and the data {classes} classes")
+    return model
+
+
+@functools.cache
+def module_layout(spec: str, shape: tuple[int, int, int]) -> tuple[str, tuple[int, ...]]:
+    """What the record says of a module model: its layers in the grammar's words (extended
+    where the grammar has none: KxK' kernels, softplusB, a hidden fcN), and each layer's
+    unknowns. Read once a process."""
+    model = read_module(load_module(spec, PUBLISHED_SEED), shape, f"--model {printable(spec, 200)}")
+    return describe(model), tuple(math.prod(s) for s in model.shapes[:-1])
+
+
+def describe(model: Net) -> str:
+    """A Net in the architecture grammar's words (the grammar's own string where it is one)."""
+    def act_name(act: nn.Module) -> str:
+        if isinstance(act, nn.LeakyReLU):
+            return canonical_activation(f"leaky{np.format_float_positional(act.negative_slope, trim='-')}")
+        if isinstance(act, nn.Softplus):
+            return "softplus" if act.beta == 1 else f"softplus{act.beta:g}"
+        return {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "id"}[type(act)]
+
+    def pair(values: tuple) -> str:
+        return str(values[0]) if values[0] == values[1] else "x".join(map(str, values))
+
+    parts = []
+    for i, (layer, act) in enumerate(zip(model.layers, model.acts)):
+        if isinstance(layer, nn.Conv2d):
+            parts.append(f"{layer.out_channels}k{pair(layer.kernel_size)}s{pair(layer.stride)}"
+                         f"p{pair(layer.padding)}{'b' * (layer.bias is not None)}-{act_name(act)}")
+        else:
+            parts.append(f"fc{'' if i == len(model.layers) - 1 else layer.out_features}-{act_name(act)}")
+    return ",".join(parts)
+
+
+def check_layer(module: nn.Module, what: str, where: str, flattened: bool, layers: list[nn.Module]) -> None:
+    if isinstance(module, nn.Linear):
+        if module.bias is None:
+            raise UserError(f"{where}: {what} has no bias: its input cannot be read from its gradient (bias=True)")
+        return
+    if layers and isinstance(layers[-1], nn.Linear) or flattened:
+        raise UserError(f"{where}: {what} comes after the flatten: convolutions first, then linear layers")
+    if module.groups != 1 or module.dilation != (1, 1):
+        raise UserError(f"{where}: {what} has groups {module.groups} and dilation {module.dilation}: "
+                        "only groups 1 and dilation 1 are supported")
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise UserError(f"{where}: {what}: give its padding as numbers, padded with zeros "
+                        f"(not padding={module.padding!r}, padding_mode={module.padding_mode!r})")
+
+
+def module_shapes(layers: list[nn.Module], shape: tuple[int, int, int], where: str) -> list[tuple]:
+    """The input shape of every layer (a linear layer's: what its first one is flattened
+    from, then its input size), from one forward of zeros; a size mismatch is a UserError."""
+    shapes, x = [], torch.zeros(1, *shape)
+    with torch.no_grad():
+        for layer in layers:
+            shapes.append(tuple(x.shape[1:]))
+            try:
+                x = layer(x.flatten(1) if isinstance(layer, nn.Linear) else x)
+            except RuntimeError as e:
+                raise UserError(f"{where}: on {'x'.join(map(str, shape))} inputs its layer {len(shapes) - 1} "
+                                f"({type(layer).__name__}) fails: {printable(str(e).splitlines()[0], 200)}") from None
+    return shapes
+
+
+def check_reproduces(net: nn.Module, model: Net, shape: tuple[int, int, int], where: str) -> None:
+    """The layer sequence must compute what the module computes: on a random input, to
+    float rounding. (A forward that does more than its graph shows, say, is refused.)"""
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, ours = net(x), model(x)
+    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-5, atol=1e-6):
+        raise UserError(f"{where}: the layers read from it do not reproduce its forward")
 
 
 def by_layer(model: Net, grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -1011,7 +1304,10 @@ def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net,
     """The model the client holds when it computes its gradient on `image`, and what
     training it had (None: the published initialisation)."""
     classes = exp.classes or data_classes(exp)  # an Experiment made in Python leaves them to the data
-    model = build_model(name, exp.model_seed, tuple(image.x.shape[1:]), classes).to(exp.device)
+    model = build_model(name, exp.model_seed, tuple(image.x.shape[1:]), classes, exp.weights)
+    if exp.init:
+        draw_uniform(model, float(exp.init.partition(":")[2]), exp.model_seed)
+    model = model.to(exp.device)
     if exp.train_steps == 0:
         return model, None
     x, y, data = training_data(image, exp.model_seed, exp.data, classes)
@@ -1296,8 +1592,8 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
                              known: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int]]:
     """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image.
 
-    Returns the image estimate (1, 3, 32, 32) and each convolution's rank deficiency
-    (layer 0 first). `correct` (the hybrid's gradient matching) may replace each
+    Returns the image estimate (1, C, H, W) and each layer's rank deficiency but the
+    last's (layer 0 first; a linear layer's is 0). `correct` (the hybrid's gradient matching) may replace each
     least-squares solution before it is passed down (gradient_matching): at every layer,
     or only at the layers l where `where(deficiency[l:])` holds (the recursion runs from
     the top, so layer l's and the deficiencies above it are known by then). Under
@@ -1306,10 +1602,13 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
     n_layers = len(model.layers)
     grads = [g.detach().double().cpu() for g in grads]  # the recursion runs in float64 on the CPU
     known = None if known is None else [k.cpu() for k in known]
-    a_hat, dl_da = invert_fc(model.layers[-1], *by_layer(model, grads)[-1],
-                             None if known is None else tuple(by_layer(model, known)[-1]))
+    # the first linear layer's input, from its own gradient (with several, those above it
+    # are determined each by its own gradient too: deficiency 0, nothing to solve)
+    top = model.first_linear
+    a_hat, dl_da = invert_fc(model.layers[top], *by_layer(model, grads)[top],
+                             None if known is None else tuple(by_layer(model, known)[top]))
     deficiency = [0] * (n_layers - 1)
-    for layer in progress(range(n_layers - 2, -1, -1), "layers"):
+    for layer in progress(range(top - 1, -1, -1), "layers"):
         system = layer_system(model, layer, a_hat, dl_da, grads, known)
         U, V = system.matrices(model)
         x_hat, rank = solve_min_norm(U, V)
@@ -1346,7 +1645,9 @@ def worst_layer_fraction(deficiency: list[int], unknowns: list[int]) -> float:
 
 
 def layer_unknowns(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> list[int]:
-    """n_l: each convolution's unknowns, the size of its input, on inputs of `shape`."""
+    """n_l: each layer's unknowns but the last's, the size of its input, on inputs of `shape`."""
+    if is_module_spec(model):
+        return list(module_layout(model, shape)[1])
     return [math.prod(s) for s in layer_shapes(architecture(model, shape), shape=shape)[:-1]]
 
 
@@ -1893,7 +2194,7 @@ def fc_inputs_undetermined(model: Net, known: list[torch.Tensor]) -> float:
     with d_i = gb_i surviving determines (invert_pruned_fc leaves them at 0, the minimum
     norm). The paper's index counts the convolutions' systems only and weighs the top layer
     0; this is what pruning takes from the fc's inversion, for reading the index beside."""
-    known_w, known_b = by_layer(model, known)[-1]
+    known_w, known_b = by_layer(model, known)[model.first_linear]
     return float((~(known_w & known_b[:, None]).any(0)).double().mean())
 
 
@@ -2109,7 +2410,7 @@ def row(entry: dict, attack: str) -> dict:
             "psnr": math.inf if e["psnr"] is None else e["psnr"],  # null: an exact (infinite-PSNR) reconstruction
             "ssim": e["ssim"], "seconds": e["seconds"], **{k: has.get(k) for k in report.INDICES},
             "kind": d.kind, "strength": d.strength, "curve": curve_of(d),
-            "first_activation": first_activation(entry["model"]),
+            "first_activation": first_activation(entry.get("architecture") or entry["model"]),
             "fc_inputs_undetermined": defence.get("fc_inputs_undetermined", math.nan) if d.removes_equations else 0.0}
 
 
@@ -2120,15 +2421,15 @@ def curve_of(defence: Defence) -> str:
     return ", ".join(f"{p.letter}={defence.params[p.name]:g}" for p in kind.params if p.name in kind.curve)
 
 
-def first_activation(model: str) -> str:
-    """The activation after a model's first convolution (with a leaky ReLU's slope): the
-    study figure's colour, since a leaky ReLU's inverse divides by its slope, so errors
-    grow on the way down."""
-    try:
-        act = architecture(model).convs[0].act
-    except UserError:
+def first_activation(text: str) -> str:
+    """The activation after a model's first convolution (with a leaky ReLU's slope), from
+    its name or its recorded architecture: the study figure's colour, since a leaky ReLU's
+    inverse divides by its slope, so errors grow on the way down."""
+    first = re.match(r"\d+k[\dx]+s[\dx]+p[\dx]+b?-([a-z]+[0-9.]*)", MODELS.get(text, text))
+    if first is None or first[1].rstrip("0123456789.") not in ACTIVATIONS:
         return "other"
-    return f"leaky {leaky_slope(act):g}" if act.startswith("leaky") else act
+    act = canonical_activation(first[1]) if first[1].startswith("leaky") else first[1]
+    return f"leaky {leaky_slope(act):g}" if act.startswith("leaky") else act.rstrip("0123456789.") or act
 
 
 RENAMED = {"indices": "image_indices", "images": "image_files"}  # config keys: older name -> this version's
@@ -2177,7 +2478,10 @@ def canonical_spec(spec: str) -> str:
 
 
 def canonical_name(model: str) -> str:
-    """A recorded model in its canonical name (as it was, where it no longer parses)."""
+    """A recorded model in its canonical name (as it was, where it no longer parses; a
+    module's spec as it is: its file is not read back)."""
+    if is_module_spec(model):
+        return model
     try:
         return canonical_model(model)
     except UserError:
@@ -2309,9 +2613,16 @@ def run_cell(exp: Experiment, settings: AttackSettings, cell: Cell) -> Iterator[
                                 analyse_defence=not cell.ranks_known)
 
 
+def model_text(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> str:
+    """A model's architecture as the record states it."""
+    return module_layout(model, shape)[0] if is_module_spec(model) else str(architecture(model, shape))
+
+
 def model_stem(model_name: str) -> str:
     """A model as file and folder names give it: a zoo name, or 'arch-' and a hash of its
     architecture string (the record holds the string)."""
+    if is_module_spec(model_name):  # lenet.py:LeNet -> LeNet-<hash of the spec>
+        return f"{MODULE_SPEC.fullmatch(model_name)['name']}-{hashlib.sha256(model_name.encode()).hexdigest()[:10]}"
     return model_name if model_name in MODELS else "arch-" + hashlib.sha256(model_name.encode()).hexdigest()[:10]
 
 
@@ -2332,7 +2643,7 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
     training and the ranks go to disk with the next attack."""
     stem, shape = file_stem(cell.model, cell.image, cell.defence), tuple(cell.image.x.shape[1:])
     entry = folder.entry(cell.key) or folder.add(
-        {"model": cell.model, "architecture": str(architecture(cell.model, shape)), "image": cell.image.name,
+        {"model": cell.model, "architecture": model_text(cell.model, shape), "image": cell.image.name,
          "defence": {"spec": cell.defence.spec}, "label": cell.image.label,
          "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(cell.image.x).astype(np.float32))}})
     if isinstance(event, Defended):  # to disk with the next attack
@@ -2546,9 +2857,9 @@ def expand_models(names: list[str], shape: tuple[int, int, int] = PHOTOGRAPH_SHA
             if m is None or int(m[1]) == 0:
                 raise UserError(f"--model '{name}': expected random:N or random:N@SEED, N at least 1")
             out += random_architectures(int(m[1]), int(m[2]) if m[2] else RANDOM_SEED, shape)
-        elif "-" not in name:
+        elif "-" not in name and not is_module_spec(name):
             raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models; or give an "
-                            "architecture string, e.g. 8k3s1p0-tanh,fc-id)")
+                            "architecture string, e.g. 8k3s1p0-tanh,fc-id, or your module as PATH.py:NAME)")
         else:
             canonical = canonical_model(name, shape)  # checked now
             if canonical != name:
@@ -2563,6 +2874,9 @@ def canonical_model(name: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -
     """A model's one name: a zoo name, or an architecture string in its canonical spelling,
     which is the zoo's name where it is a zoo model's string (checked on inputs of `shape`)."""
     if name in MODELS:
+        return name
+    if is_module_spec(name):
+        module_layout(name, shape)  # read now: a module the attacks cannot take is refused before any folder
         return name
     text = str(architecture(name, shape))  # parsed once a process: every entry of a record read asks
     return next((m for m, t in MODELS.items() if t == text), text)

@@ -25,6 +25,7 @@ Examples:
     python hybrid.py --attacks rgap hybrid hybrid_free # and ours: correct only where the ranks leave freedom
     python hybrid.py --image cat.png --label 3 --model cnn2_c1 --attacks rgap
     python hybrid.py --source mnist-test --index 0-3 --attacks rgap idlg   # MNIST's 1x28x28, 10 classes
+    python hybrid.py --model lenet.py:LeNet --init uniform:0.5 --source mnist-test   # your nn.Module
     python hybrid.py --attacks dlg idlg --restarts 4   # the baselines, each the best of 4 starts
     python hybrid.py --model all --source samples --index 0-4 --attacks rgap hybrid --jobs auto
                                                        # does the security index predict leakage?
@@ -37,7 +38,8 @@ This file is the paper, in the order its data flows. Its sections:
     the two paths users edit; the settings (each declared once, with its flag)
     Data              CIFAR-10 (CIFAR-100, MNIST, Fashion-MNIST: DATASETS), scikit-image's
                       photographs, the user's files
-    Models            the published zoo, architecture strings, random:N
+    Models            the published zoo, architecture strings, random:N, your own
+                      nn.Module (--model PATH.py:NAME, read with torch.fx)
     Weights           as published, or trained first (--train-steps)
     The client's gradient, and the label it gives away
     Linear systems    each layer's equations and R-GAP's recursion; the security index
@@ -184,6 +186,9 @@ class Experiment:
     classes: int | None = sweeps.setting(
         None, lambda: f"the models' classes where no data gives them (--image files: default {PHOTOGRAPH_CLASSES})",
         type=sweeps.at_least(2, "--classes"), metavar="K", meta={"needs": "image_files"})
+    normalize: list[float] | None = sweeps.setting(
+        None, "torchvision's Normalize on [0, 1] pixels, the models' input: MEAN STD for every channel, or C means "
+        "then C stds (default 0.5 1: the published code's pixels - 0.5)", nargs="+", type=float, metavar="V")
     attacks: list[str] = sweeps.setting(
         lambda: paper_attacks(), lambda: f"from {' '.join(ATTACKS)} (default: the paper's "
         f"{' '.join(paper_attacks())}; hybrid_free is ours: the hybrid, correcting only layers the systems leave "
@@ -242,12 +247,23 @@ def configure_torch(device: str, threads: int) -> None:
 # =============================================================================
 
 
+PUBLISHED_NORMALIZE = ((0.5,), (1.0,))  # (mean, std): the published code's ToTensor() - 0.5
+
+
 class PrivateImage(NamedTuple):
     """An image the client trains on, with its label: what the attacks try to recover."""
 
     name: str  # e.g. "cifar10:3", "mnist-test:7", "samples:chelsea", "file:cat.png@3fa2b1c0d9"
-    x: torch.Tensor  # (1, C, H, W): (1, 3, 32, 32) for CIFAR; values in [-0.5, 0.5] (ToTensor() - 0.5)
+    x: torch.Tensor  # (1, C, H, W): (1, 3, 32, 32) for CIFAR; (pixels - mean) / std, in [-0.5, 0.5] by default
     label: int
+    normalize: tuple = PUBLISHED_NORMALIZE  # (mean, std), per channel or one for all
+
+
+def normalized(image: PrivateImage, mean: tuple, std: tuple) -> PrivateImage:
+    """`image` as torchvision's Normalize(mean, std) gives it from [0, 1] pixels (--normalize)."""
+    pixels = image.x + 0.5  # the published space's pixels
+    m, s = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+    return image._replace(x=(pixels - m) / s, normalize=(tuple(mean), tuple(std)))
 
 
 def to_model_space(rgb: np.ndarray) -> torch.Tensor:
@@ -262,9 +278,12 @@ def to_model_space(rgb: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None] - 0.5
 
 
-def to_image(x: torch.Tensor) -> np.ndarray:
-    """Model space -> HWC float in [0, 1] for metrics, figures and .npy files."""
-    return (x.detach().double().cpu()[0].permute(1, 2, 0).numpy() + 0.5).clip(0, 1)
+def to_image(x: torch.Tensor, normalize: tuple = PUBLISHED_NORMALIZE) -> np.ndarray:
+    """Model space -> HWC float in [0, 1] for metrics, figures and .npy files (x std + mean)."""
+    if normalize == PUBLISHED_NORMALIZE:  # the published code's: + 0.5
+        return (x.detach().double().cpu()[0].permute(1, 2, 0).numpy() + 0.5).clip(0, 1)
+    mean, std = (np.array(v, dtype=np.float64) for v in normalize)
+    return (x.detach().double().cpu()[0].permute(1, 2, 0).numpy() * std + mean).clip(0, 1)
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -1276,16 +1295,24 @@ def training_data(image: PrivateImage, seed: int, data_root: str,
     return x, y % classes, f"{CROP_POOL} crops of the bundled photographs {names}"  # labels up to 5
 
 
+def same_space(photo: PrivateImage, image: PrivateImage) -> torch.Tensor:
+    """A photograph's x as `image` is normalised."""
+    return photo.x if image.normalize == PUBLISHED_NORMALIZE else normalized(photo, *image.normalize).x
+
+
 def bundled_twin(image: PrivateImage) -> str:
     """The bundled photograph that `image` is (an --image file of skimage's chelsea, say),
     after the same crop and resize: within 2/255 at every pixel; "" where there is none."""
     twins = [photo.name.partition(":")[2] for photo in all_photographs()
-             if photo.x.shape == image.x.shape and float((photo.x - image.x).abs().max()) <= 2 / 255]
+             if photo.x.shape == image.x.shape and float((same_space(photo, image) - image.x).abs().max()) <= 2 / 255]
     return twins[0] if twins else ""
 
 
-def train(model: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, seed: int) -> float:
-    """`steps` SGD steps on random mini-batches of (x, y), seeded; the last batch's loss."""
+def train(model: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, seed: int,
+          normalize: tuple = PUBLISHED_NORMALIZE) -> float:
+    """`steps` SGD steps on random mini-batches of (x, y), seeded; the last batch's loss.
+    The batches are normalised as the attacked image is (`normalize`)."""
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in normalize)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     device = next(model.parameters()).device
@@ -1293,6 +1320,8 @@ def train(model: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, s
     for _ in progress(steps, "training"):
         batch = torch.randint(len(x), (TRAIN_BATCH,), generator=g)
         xb = x[batch] / 255.0 - 0.5 if x.dtype == torch.uint8 else x[batch]  # as to_model_space
+        if normalize != PUBLISHED_NORMALIZE:
+            xb = (xb + 0.5 - mean) / std
         loss = F.cross_entropy(model(xb.to(device)), y[batch].to(device))
         opt.zero_grad()
         loss.backward()
@@ -1311,7 +1340,7 @@ def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net,
     if exp.train_steps == 0:
         return model, None
     x, y, data = training_data(image, exp.model_seed, exp.data, classes)
-    loss = train(model, x, y, exp.train_steps, exp.train_lr, exp.model_seed)
+    loss = train(model, x, y, exp.train_steps, exp.train_lr, exp.model_seed, image.normalize)
     diverged = not (math.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters()))
     return model, {"steps": exp.train_steps, "lr": exp.train_lr, "batch": TRAIN_BATCH, "seed": exp.model_seed,
                    "data": data, "final_loss": loss if math.isfinite(loss) else None, "diverged": diverged}
@@ -2261,8 +2290,8 @@ class Answer(NamedTuple):
 
 
 def score_answer(name: str, result: AttackResult, seconds: float, image: PrivateImage) -> Answer:
-    recon = to_image(result.x)
-    metrics = score(to_image(image.x), recon)
+    recon = to_image(result.x, image.normalize)
+    metrics = score(to_image(image.x, image.normalize), recon)
     entry = {"psnr": inf_to_none(metrics["psnr"]), "ssim": metrics["ssim"], "seconds": round(seconds, 3),
              "label": result.label, "label_correct": result.label == image.label, **result.info}
     return Answer(name, entry, recon)
@@ -2642,10 +2671,11 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
     reconstruction's .npy, then the record, then the row and the printed line. The
     training and the ranks go to disk with the next attack."""
     stem, shape = file_stem(cell.model, cell.image, cell.defence), tuple(cell.image.x.shape[1:])
+    target = to_image(cell.image.x, cell.image.normalize).astype(np.float32)
     entry = folder.entry(cell.key) or folder.add(
         {"model": cell.model, "architecture": model_text(cell.model, shape), "image": cell.image.name,
          "defence": {"spec": cell.defence.spec}, "label": cell.image.label,
-         "target": {"npy": folder.save_array(f"{stem}_target.npy", to_image(cell.image.x).astype(np.float32))}})
+         "target": {"npy": folder.save_array(f"{stem}_target.npy", target)}})
     if isinstance(event, Defended):  # to disk with the next attack
         defence = entry["defence"]
         defence |= event.info
@@ -2923,6 +2953,8 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
     if args.image_files and args.label is not None and args.label >= classes:
         raise UserError(f"--label {args.label} is not a class of a model with {classes} (0-{classes - 1}; "
                         "--classes K for more)")
+    if args.normalize is not None:
+        normalize_of(args.normalize, shape[0])  # checked now
     exp = sweeps.given(Experiment, args, models=expand_models(args.models or default.models, shape),
                        input_shape=list(shape), classes=classes,
                        image_indices=(parse_image_indices(args.image_indices) if args.image_indices
@@ -2933,6 +2965,18 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
     if settings.compile:
         check_compiler(exp.device)
     return exp, settings, sweeps.run_settings(args, OUTPUT_PATH)
+
+
+def normalize_of(values: list[float], channels: int) -> tuple[tuple, tuple]:
+    """--normalize's values as (mean, std) per channel or for all."""
+    shown = " ".join(f"{v:g}" for v in values)
+    if len(values) not in (2, 2 * channels):
+        raise UserError(f"--normalize {shown}: give MEAN STD, or {channels} means then {channels} stds")
+    half = len(values) // 2
+    mean, std = tuple(values[:half]), tuple(values[half:])
+    if not all(math.isfinite(v) for v in values) or min(std) <= 0:
+        raise UserError(f"--normalize {shown}: the means must be finite and the stds above 0")
+    return mean, std
 
 
 def data_shape(args: argparse.Namespace | Experiment) -> tuple[int, int, int]:
@@ -2979,6 +3023,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_process(exp.device, run.threads, settings.verbose)
         # after the settings, so that an unknown model fails before any download
         images, used = load_images(exp, analysing=args.analyse)
+        if exp.normalize is not None:
+            images = [normalized(image, *normalize_of(exp.normalize, exp.input_shape[0])) for image in images]
         if not exp.image_files:  # the record names the source the images came from: a fallback is another experiment
             exp = dataclasses.replace(exp, source=used)
         if args.analyse:

@@ -146,3 +146,36 @@ def test_the_figure_of_a_one_channel_run_is_gray(tmp_path):
     fig = report.plot_comparison([run], tmp_path, tmp_path / "c.png", H.names({"source": "mnist-test"}))
     (image,) = fig.subfigs[0].axes[0].get_images()
     assert image.get_array().ndim == 2 and image.get_cmap().name == "gray"
+
+
+# -- --normalize: torchvision's Normalize on [0, 1] pixels ----------------------------------
+
+
+def test_normalize_maps_pixels_in_and_reconstructions_back_out():
+    (image,), _ = H.load_test_split("cifar10-test", [3], "nowhere")
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+    moved = H.normalized(image, mean, std)
+    pixels = image.x + 0.5
+    expected = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(moved.x, expected, atol=1e-6) and not torch.allclose(moved.x, image.x)
+    np.testing.assert_allclose(H.to_image(moved.x, moved.normalize), H.to_image(image.x), atol=1e-6)
+
+
+def test_a_normalised_mnist_run_reconstructs_and_records_pixels(tmp_path):
+    args = ["--quick", "--source", "mnist-test", "--index", "0", "--model", "cnn2_c2", "--attacks", "rgap"]
+    assert H.main([*args, "--normalize", "0.1307", "0.3081", "--output", str(tmp_path / "n")]) == 0
+    assert H.main([*args, "--output", str(tmp_path / "plain")]) == 0
+    (n,), (plain,) = (json.loads((the_folder(tmp_path / k) / "results.json").read_text())["runs"]
+                      for k in ("n", "plain"))
+    assert json.loads((the_folder(tmp_path / "n") / "results.json").read_text())["config"]["normalize"] == [
+        0.1307, 0.3081]
+    assert n["attacks"]["rgap"]["psnr"] > 60  # full rank: exact in any input scale
+    targets = [np.load(the_folder(tmp_path / k) / e["target"]["npy"]) for k, e in (("n", n), ("plain", plain))]
+    np.testing.assert_allclose(*targets, atol=1e-6)  # the record holds pixels, whatever the scale
+
+
+@pytest.mark.parametrize("values, why", [(["0.5", "0.5", "1"], "give MEAN STD"), (["0.5", "0"], "stds above 0"),
+                                         (["nan", "1"], "finite")])
+def test_a_bad_normalisation_is_one_line(values, why, capsys):
+    assert H.main(["--analyse", "--source", "cifar10-test", "--normalize", *values]) == 2
+    assert why in one_line(capsys.readouterr().err)

@@ -279,9 +279,8 @@ def to_model_space(rgb: np.ndarray) -> torch.Tensor:
 
 
 def to_image(x: torch.Tensor, normalize: tuple = PUBLISHED_NORMALIZE) -> np.ndarray:
-    """Model space -> HWC float in [0, 1] for metrics, figures and .npy files (x std + mean)."""
-    if normalize == PUBLISHED_NORMALIZE:  # the published code's: + 0.5
-        return (x.detach().double().cpu()[0].permute(1, 2, 0).numpy() + 0.5).clip(0, 1)
+    """Model space -> HWC float in [0, 1] for metrics, figures and .npy files: x std + mean
+    (by default x * 1 + 0.5, the published code's x + 0.5 to the bit)."""
     mean, std = (np.array(v, dtype=np.float64) for v in normalize)
     return (x.detach().double().cpu()[0].permute(1, 2, 0).numpy() * std + mean).clip(0, 1)
 
@@ -420,17 +419,14 @@ def foolbox_files(name: str = "cifar10") -> dict[int, tuple]:
     return found
 
 
-def foolbox_image(i: int, name: str = "cifar10") -> tuple[np.ndarray, int]:
-    """A dataset's test image i (< FOOLBOX_IMAGES) from foolbox's wheel as HWC uint8, read
-    alone: a damaged file costs its own image, and says how to mend it."""
-    f, label = foolbox_files(name)[i]
+def foolbox_image(i: int, name: str = "cifar10", files: dict | None = None) -> tuple[np.ndarray, int]:
+    """A dataset's test image i (< FOOLBOX_IMAGES) from foolbox's wheel (`files`, its
+    foolbox_files) as HWC uint8 with the data's channels, read alone: a damaged file costs
+    its own image, and says how to mend it."""
+    f, label = (files or foolbox_files(name))[i]
     try:
-        if DATASETS[name].shape[0] == 1:
-            from PIL import Image
-
-            with Image.open(f.locate()) as im:
-                return as_pixels(im.convert("L")), label
-        return np.array(read_image(str(f.locate()))), label
+        # np.array, a copy: PIL's buffer is read-only, and torch warns when a tensor wraps one
+        return fit_image(np.array(read_image(str(f.locate()))), DATASETS[name].shape), label
     except Exception as e:  # Pillow's errors, a file removed since
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UserError(f"foolbox's copy of {DATASETS[name].shown} test image {i} ({f.name}) cannot be read: "
@@ -439,7 +435,8 @@ def foolbox_image(i: int, name: str = "cifar10") -> tuple[np.ndarray, int]:
 
 def foolbox_test_set(name: str = "cifar10") -> list[tuple[np.ndarray, int]]:
     """A dataset's first 20 test images and labels, from foolbox's wheel."""
-    return [foolbox_image(i, name) for i in range(FOOLBOX_IMAGES)]
+    files = foolbox_files(name)
+    return [foolbox_image(i, name, files) for i in range(FOOLBOX_IMAGES)]
 
 
 def load_test_split(source: str, image_indices: list[int], root: str,
@@ -904,7 +901,7 @@ def build_model(name: str, seed: int = PUBLISHED_SEED, shape: tuple[int, int, in
     """A zoo model or an architecture string for inputs of `shape` and `classes` classes,
     initialised as published: seed, then PyTorch's default init, layer by layer (so a zoo
     model's string gives its weights). PATH.py:NAME is your own module (module_model)."""
-    if is_module_spec(name):
+    if is_model_file(name):
         return module_model(name, seed, shape, classes, weights)
     arch = architecture(name, shape)
     shapes = layer_shapes(arch, shape=shape)
@@ -930,13 +927,14 @@ def load_weights(model: nn.Module, path: str, where: str) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{where}: holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
     own = model.state_dict()
-    for key in own.keys() - state.keys():
-        raise UserError(f"{where}: has no '{key}' (it holds {', '.join(sorted(state)[:4])}...)")
-    for key in state.keys() - own.keys():
-        raise UserError(f"{where}: its '{key}' is no parameter of the model ({', '.join(sorted(own)[:4])}...)")
-    for key, value in state.items():
-        if value.shape != own[key].shape:
-            raise UserError(f"{where}: '{key}' is {tuple(value.shape)}, the model's {tuple(own[key].shape)}")
+    missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing:
+        raise UserError(f"{where}: has no '{missing[0]}' (it holds {', '.join(sorted(state)[:4])}...)")
+    if extra:
+        raise UserError(f"{where}: its '{extra[0]}' is no parameter of the model ({', '.join(sorted(own)[:4])}...)")
+    wrong = next((key for key, value in state.items() if value.shape != own[key].shape), None)
+    if wrong is not None:
+        raise UserError(f"{where}: '{wrong}' is {tuple(state[wrong].shape)}, the model's {tuple(own[wrong].shape)}")
     model.load_state_dict(state)
 
 
@@ -969,10 +967,11 @@ def init_value(text: str) -> str:
 # own, so are the weights. The Net it gives is checked against the module's own forward.
 
 INVERTIBLE_MODULES = (nn.Tanh, nn.Sigmoid, nn.Softplus, nn.LeakyReLU, nn.Identity)
+# what is refused, and why: by module class or function name, lower case, without underscores
+# (nn.MaxPool2d and F.max_pool2d are one entry; F.relu_ is F.relu)
 NOT_INVERTIBLE = {"relu": "ReLU is not invertible (a leaky ReLU is: nn.LeakyReLU)",
                   "relu6": "ReLU6 is not invertible", "gelu": "GELU is not invertible on its whole range",
                   "silu": "SiLU is not invertible on its whole range", "elu": "ELU is not supported",
-                  "max_pool2d": "pooling discards what the attacks solve for", "avg_pool2d": "pooling is not supported",
                   "maxpool2d": "pooling discards what the attacks solve for", "avgpool2d": "pooling is not supported",
                   "batchnorm2d": "batch normalisation couples the batch and is not supported",
                   "add": "a residual addition: the attacks need a chain of layers",
@@ -980,11 +979,15 @@ NOT_INVERTIBLE = {"relu": "ReLU is not invertible (a leaky ReLU is: nn.LeakyReLU
                   "dropout": "dropout makes the gradient depend on a random mask"}
 
 
+def call_name(node) -> str:
+    """What a torch.fx node calls: a method's name ('view'), a function's ('leaky_relu')."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
 def functional_activation(node) -> nn.Module | None:
     """The activation module a torch.fx call (torch.tanh, F.softplus(x, beta=2), x.sigmoid(),
     F.leaky_relu(x, 0.2), ...) stands for, or None where it is none of them."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    kwargs = dict(node.kwargs)
+    name, kwargs = call_name(node), dict(node.kwargs)
     if name in ("tanh", "sigmoid"):
         return nn.Tanh() if name == "tanh" else nn.Sigmoid()
     if name == "softplus":
@@ -1011,8 +1014,7 @@ def is_flatten(node, module: nn.Module | None) -> bool:
     """nn.Flatten, torch.flatten(x, 1), x.flatten(1), x.view(x.size(0), -1), x.reshape(...)."""
     if module is not None:
         return isinstance(module, nn.Flatten)
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name in ("flatten", "view", "reshape")
+    return call_name(node) in ("flatten", "view", "reshape")
 
 
 def read_module(net: nn.Module, shape: tuple[int, int, int], where: str = "the model") -> Net:
@@ -1038,8 +1040,7 @@ def read_module(net: nn.Module, shape: tuple[int, int, int], where: str = "the m
         module = modules[node.target] if node.op == "call_module" else None
         what = (f"{type(module).__name__} '{node.target}'" if module is not None
                 else f"'{getattr(node.target, '__name__', node.target)}'")
-        name = (type(module).__name__.lower() if module is not None
-                else node.target if isinstance(node.target, str) else getattr(node.target, "__name__", ""))
+        name = type(module).__name__ if module is not None else call_name(node)
         if node.op == "get_attr":
             raise UserError(f"{where}: {what} reads a parameter directly (F.conv2d(x, self.w)?); "
                             "use nn.Conv2d and nn.Linear modules")
@@ -1068,7 +1069,7 @@ def read_module(net: nn.Module, shape: tuple[int, int, int], where: str = "the m
         if is_flatten(node, module):
             flattened = True
             continue
-        why = NOT_INVERTIBLE.get(name.rstrip("_"), "not a layer the attacks can invert")
+        why = NOT_INVERTIBLE.get(name.lower().replace("_", ""), "not a layer the attacks can invert")
         raise UserError(f"{where}: {what}: {why} (supported: Conv2d, Linear, Tanh, Sigmoid, Softplus, "
                         "LeakyReLU, Identity and a flatten)")
     if not layers or not isinstance(layers[-1], nn.Linear):
@@ -1080,18 +1081,18 @@ def read_module(net: nn.Module, shape: tuple[int, int, int], where: str = "the m
     return model
 
 
-MODULE_SPEC = re.compile(r"(?P<path>.+\.py):(?P<name>[A-Za-z_]\w*)")
+MODEL_FILE = re.compile(r"(?P<path>.+\.py):(?P<name>[A-Za-z_]\w*)")
 
 
-def is_module_spec(model: str) -> bool:
-    return MODULE_SPEC.fullmatch(model) is not None
+def is_model_file(model: str) -> bool:
+    return MODEL_FILE.fullmatch(model) is not None
 
 
-def load_module(spec: str, seed: int) -> nn.Module:
+def load_module(model_file: str, seed: int) -> nn.Module:
     """--model PATH.py:NAME: NAME from that file, a class or a function, called with no
     arguments after seeding (its own initialisation, under --model-seed)."""
-    path, name = MODULE_SPEC.fullmatch(spec).group("path", "name")
-    where = f"--model {printable(spec, 200)}"
+    path, name = MODEL_FILE.fullmatch(model_file).group("path", "name")
+    where = f"--model {printable(model_file, 200)}"
     if not Path(path).is_file():
         raise UserError(f"{where}: no file {printable(path, 200)}")
     loader = importlib.util.spec_from_file_location(f"model_file_{hashlib.sha256(path.encode()).hexdigest()[:8]}",
@@ -1115,11 +1116,12 @@ def load_module(spec: str, seed: int) -> nn.Module:
     return net.float()
 
 
-def module_model(spec: str, seed: int, shape: tuple[int, int, int], classes: int, weights: str | None = None) -> Net:
+def module_model(model_file: str, seed: int, shape: tuple[int, int, int], classes: int,
+                 weights: str | None = None) -> Net:
     """The Net of --model PATH.py:NAME on inputs of `shape`: the module's own layers and
     weights (its initialisation, or the state_dict in `weights`)."""
-    where = f"--model {printable(spec, 200)}"
-    net = load_module(spec, seed)
+    where = f"--model {printable(model_file, 200)}"
+    net = load_module(model_file, seed)
     if weights is not None:
         load_weights(net, weights, f"--weights {printable(weights, 200)}")
     model = read_module(net, shape, where)
@@ -1129,11 +1131,11 @@ def module_model(spec: str, seed: int, shape: tuple[int, int, int], classes: int
 
 
 @functools.cache
-def module_layout(spec: str, shape: tuple[int, int, int]) -> tuple[str, tuple[int, ...]]:
+def module_layout(model_file: str, shape: tuple[int, int, int]) -> tuple[str, tuple[int, ...]]:
     """What the record says of a module model: its layers in the grammar's words (extended
     where the grammar has none: KxK' kernels, softplusB, a hidden fcN), and each layer's
     unknowns. Read once a process."""
-    model = read_module(load_module(spec, PUBLISHED_SEED), shape, f"--model {printable(spec, 200)}")
+    model = read_module(load_module(model_file, PUBLISHED_SEED), shape, f"--model {printable(model_file, 200)}")
     return describe(model), tuple(math.prod(s) for s in model.shapes[:-1])
 
 
@@ -1332,7 +1334,7 @@ def train(model: Net, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, s
 def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net, dict | None]:
     """The model the client holds when it computes its gradient on `image`, and what
     training it had (None: the published initialisation)."""
-    classes = exp.classes or data_classes(exp)  # an Experiment made in Python leaves them to the data
+    classes = exp.classes or data_format(exp)[1]  # an Experiment made in Python leaves them to the data
     model = build_model(name, exp.model_seed, tuple(image.x.shape[1:]), classes, exp.weights)
     if exp.init:
         draw_uniform(model, float(exp.init.partition(":")[2]), exp.model_seed)
@@ -1622,8 +1624,9 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
     """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image.
 
     Returns the image estimate (1, C, H, W) and each layer's rank deficiency but the
-    last's (layer 0 first; a linear layer's is 0). `correct` (the hybrid's gradient matching) may replace each
-    least-squares solution before it is passed down (gradient_matching): at every layer,
+    last's (layer 0 first; a linear layer's is 0). `correct` (the hybrid's gradient
+    matching) may replace each least-squares solution before it is passed down
+    (gradient_matching): at every layer,
     or only at the layers l where `where(deficiency[l:])` holds (the recursion runs from
     the top, so layer l's and the deficiencies above it are known by then). Under
     pruning, `known` (per parameter, the surviving entries) drops the pruned equations.
@@ -1675,7 +1678,7 @@ def worst_layer_fraction(deficiency: list[int], unknowns: list[int]) -> float:
 
 def layer_unknowns(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> list[int]:
     """n_l: each layer's unknowns but the last's, the size of its input, on inputs of `shape`."""
-    if is_module_spec(model):
+    if is_model_file(model):
         return list(module_layout(model, shape)[1])
     return [math.prod(s) for s in layer_shapes(architecture(model, shape), shape=shape)[:-1]]
 
@@ -2454,11 +2457,10 @@ def first_activation(text: str) -> str:
     """The activation after a model's first convolution (with a leaky ReLU's slope), from
     its name or its recorded architecture: the study figure's colour, since a leaky ReLU's
     inverse divides by its slope, so errors grow on the way down."""
-    first = re.match(r"\d+k[\dx]+s[\dx]+p[\dx]+b?-([a-z]+[0-9.]*)", MODELS.get(text, text))
-    if first is None or first[1].rstrip("0123456789.") not in ACTIVATIONS:
+    first = re.match(r"\d+k[\dx]+s[\dx]+p[\dx]+b?-([a-z]+)([0-9.]*)", MODELS.get(text, text))
+    if first is None or first[1] not in ACTIVATIONS:
         return "other"
-    act = canonical_activation(first[1]) if first[1].startswith("leaky") else first[1]
-    return f"leaky {leaky_slope(act):g}" if act.startswith("leaky") else act.rstrip("0123456789.") or act
+    return f"leaky {leaky_slope(first[1] + first[2]):g}" if first[1] == "leaky" else first[1]  # softplus2: softplus
 
 
 RENAMED = {"indices": "image_indices", "images": "image_files"}  # config keys: older name -> this version's
@@ -2508,8 +2510,8 @@ def canonical_spec(spec: str) -> str:
 
 def canonical_name(model: str) -> str:
     """A recorded model in its canonical name (as it was, where it no longer parses; a
-    module's spec as it is: its file is not read back)."""
-    if is_module_spec(model):
+    model file's PATH.py:NAME as it is: its file is not read back)."""
+    if is_model_file(model):
         return model
     try:
         return canonical_model(model)
@@ -2644,14 +2646,14 @@ def run_cell(exp: Experiment, settings: AttackSettings, cell: Cell) -> Iterator[
 
 def model_text(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> str:
     """A model's architecture as the record states it."""
-    return module_layout(model, shape)[0] if is_module_spec(model) else str(architecture(model, shape))
+    return module_layout(model, shape)[0] if is_model_file(model) else str(architecture(model, shape))
 
 
 def model_stem(model_name: str) -> str:
     """A model as file and folder names give it: a zoo name, or 'arch-' and a hash of its
     architecture string (the record holds the string)."""
-    if is_module_spec(model_name):  # lenet.py:LeNet -> LeNet-<hash of the spec>
-        return f"{MODULE_SPEC.fullmatch(model_name)['name']}-{hashlib.sha256(model_name.encode()).hexdigest()[:10]}"
+    if is_model_file(model_name):  # lenet.py:LeNet -> LeNet-<hash of PATH.py:NAME as given>
+        return f"{MODEL_FILE.fullmatch(model_name)['name']}-{hashlib.sha256(model_name.encode()).hexdigest()[:10]}"
     return model_name if model_name in MODELS else "arch-" + hashlib.sha256(model_name.encode()).hexdigest()[:10]
 
 
@@ -2671,11 +2673,13 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
     reconstruction's .npy, then the record, then the row and the printed line. The
     training and the ranks go to disk with the next attack."""
     stem, shape = file_stem(cell.model, cell.image, cell.defence), tuple(cell.image.x.shape[1:])
-    target = to_image(cell.image.x, cell.image.normalize).astype(np.float32)
-    entry = folder.entry(cell.key) or folder.add(
-        {"model": cell.model, "architecture": model_text(cell.model, shape), "image": cell.image.name,
-         "defence": {"spec": cell.defence.spec}, "label": cell.image.label,
-         "target": {"npy": folder.save_array(f"{stem}_target.npy", target)}})
+    entry = folder.entry(cell.key)
+    if entry is None:
+        target = to_image(cell.image.x, cell.image.normalize).astype(np.float32)
+        entry = folder.add({"model": cell.model, "architecture": model_text(cell.model, shape),
+                            "image": cell.image.name, "defence": {"spec": cell.defence.spec},
+                            "label": cell.image.label,
+                            "target": {"npy": folder.save_array(f"{stem}_target.npy", target)}})
     if isinstance(event, Defended):  # to disk with the next attack
         defence = entry["defence"]
         defence |= event.info
@@ -2887,7 +2891,7 @@ def expand_models(names: list[str], shape: tuple[int, int, int] = PHOTOGRAPH_SHA
             if m is None or int(m[1]) == 0:
                 raise UserError(f"--model '{name}': expected random:N or random:N@SEED, N at least 1")
             out += random_architectures(int(m[1]), int(m[2]) if m[2] else RANDOM_SEED, shape)
-        elif "-" not in name and not is_module_spec(name):
+        elif "-" not in name and not is_model_file(name):
             raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models; or give an "
                             "architecture string, e.g. 8k3s1p0-tanh,fc-id, or your module as PATH.py:NAME)")
         else:
@@ -2905,7 +2909,7 @@ def canonical_model(name: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -
     which is the zoo's name where it is a zoo model's string (checked on inputs of `shape`)."""
     if name in MODELS:
         return name
-    if is_module_spec(name):
+    if is_model_file(name):
         module_layout(name, shape)  # read now: a module the attacks cannot take is refused before any folder
         return name
     text = str(architecture(name, shape))  # parsed once a process: every entry of a record read asks
@@ -2949,7 +2953,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
     quick = {name: n for name, n in quick_iterations().items() if args.quick and getattr(args, name) is None}
     settings = sweeps.given(AttackSettings, args, **quick)
     default = Experiment()
-    shape, classes = data_shape(args), data_classes(args)
+    shape, classes = data_format(args)
     if args.image_files and args.label is not None and args.label >= classes:
         raise UserError(f"--label {args.label} is not a class of a model with {classes} (0-{classes - 1}; "
                         "--classes K for more)")
@@ -2979,24 +2983,20 @@ def normalize_of(values: list[float], channels: int) -> tuple[tuple, tuple]:
     return mean, std
 
 
-def data_shape(args: argparse.Namespace | Experiment) -> tuple[int, int, int]:
-    """The models' input (C, H, W): the data's, or --input-shape's for --image files."""
+def data_format(args: argparse.Namespace | Experiment) -> tuple[tuple[int, int, int], int]:
+    """The models' input (C, H, W) and classes: the data's, or --input-shape's and
+    --classes' for --image files."""
     if args.image_files:
         shape = tuple(args.input_shape or PHOTOGRAPH_SHAPE)
         if shape[0] not in (1, 3):
             raise UserError(f"--input-shape {' '.join(map(str, shape))}: image files are made 1 channel (grayscale) "
                             "or 3 (RGB)")
-        return shape
+        return shape, args.classes or PHOTOGRAPH_CLASSES
     source = args.source or Experiment().source
-    return PHOTOGRAPH_SHAPE if source == "samples" else DATASETS[dataset_of(source)[0]].shape
-
-
-def data_classes(args: argparse.Namespace | Experiment) -> int:
-    """The models' classes: the data's, or --classes' for --image files."""
-    if args.image_files:
-        return args.classes or PHOTOGRAPH_CLASSES
-    source = args.source or Experiment().source
-    return PHOTOGRAPH_CLASSES if source == "samples" else len(DATASETS[dataset_of(source)[0]].classes)
+    if source == "samples":
+        return PHOTOGRAPH_SHAPE, PHOTOGRAPH_CLASSES
+    data = DATASETS[dataset_of(source)[0]]
+    return data.shape, len(data.classes)
 
 
 def list_models() -> int:

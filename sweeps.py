@@ -113,6 +113,9 @@ def progress_in_logs(on: bool) -> None:
     _progress_in_logs = on
 
 
+REDRAWS = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\r")  # a bar's carriage returns, nested bars' cursor moves
+
+
 class _Lines:
     """A file for tqdm that turns its carriage-return redraws into whole lines."""
 
@@ -120,7 +123,7 @@ class _Lines:
         self.file = file
 
     def write(self, text: str) -> None:
-        line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", text).rstrip()  # nested bars' cursor moves
+        line = REDRAWS.sub("", text).rstrip()
         if line:
             self.file.write(line + "\n")
 

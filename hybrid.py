@@ -176,16 +176,20 @@ class Experiment:
     image_files: list[str] = sweeps.setting([], "attack these image files (or the image files in these folders) "
                                             "instead", "--image", action="extend", nargs="+", metavar="PATH",
                                             type=sweeps.path_value)
-    label: int = sweeps.setting(0, "the class of the --image files (0 to --classes - 1; default {default})",
-                                type=sweeps.at_least(0, "--label"), metavar="K", meta={"needs": "image_files"})
+    label: int | None = sweeps.setting(
+        0, "the class of the --image files (0 to --classes - 1; default {default}); with --gradient the true label, "
+        "where it is known (none by default)", type=sweeps.at_least(0, "--label"), metavar="K",
+        meta={"needs": ("image_files", "gradient")})
     # The input and the classes come from the data; these two set them where nothing does.
     input_shape: list[int] | None = sweeps.setting(
         None, lambda: "the models' input where no data gives it: the --image files are made C channels (1 or 3), "
-        f"HxW (default {' '.join(map(str, PHOTOGRAPH_SHAPE))}, as published)", nargs=3, metavar=("C", "H", "W"),
-        type=sweeps.at_least(1, "--input-shape"), meta={"needs": "image_files"})
+        f"HxW (default {' '.join(map(str, PHOTOGRAPH_SHAPE))}, as published); with --gradient, the input it was "
+        "computed on (default: --source's)", nargs=3, metavar=("C", "H", "W"),
+        type=sweeps.at_least(1, "--input-shape"), meta={"needs": ("image_files", "gradient")})
     classes: int | None = sweeps.setting(
-        None, lambda: f"the models' classes where no data gives them (--image files: default {PHOTOGRAPH_CLASSES})",
-        type=sweeps.at_least(2, "--classes"), metavar="K", meta={"needs": "image_files"})
+        None, lambda: f"the models' classes where no data gives them (--image files: default {PHOTOGRAPH_CLASSES}; "
+        "--gradient: --source's)", type=sweeps.at_least(2, "--classes"), metavar="K",
+        meta={"needs": ("image_files", "gradient")})
     normalize: list[float] | None = sweeps.setting(
         None, "torchvision's Normalize on [0, 1] pixels, the models' input: MEAN STD for every channel, or C means "
         "then C stds (default 0.5 1: the published code's pixels - 0.5)", nargs="+", type=float, metavar="V")
@@ -207,9 +211,15 @@ class Experiment:
     init: str | None = sweeps.setting(None, "uniform:A: draw every parameter uniform(-A, A) after --model-seed, as "
                                       "the DLG papers initialise their LeNet", metavar="uniform:A",
                                       type=lambda text: init_value(text), meta={"not_with": "weights"})
+    gradient: str | None = sweeps.setting(
+        None, "attack this gradient, captured elsewhere, instead of computing one: torch.save of a list of tensors "
+        "in model.parameters() order, or of {{name: p.grad for name, p in model.named_parameters()}}; for one --model "
+        "(with its --weights). --image FILE or --index I names the true image, to score against; alone, nothing is "
+        "scored", metavar="FILE.pt", type=sweeps.path_value)
     train_steps: int = sweeps.setting(0, "train the model first: K SGD steps on mini-batches of 32 images that never "
                                       "include the attacked one (default {default}: the published initialisation)",
-                                      type=sweeps.at_least(0, "--train-steps"), metavar="K")
+                                      type=sweeps.at_least(0, "--train-steps"), metavar="K",
+                                      meta={"not_with": "gradient"})  # a captured gradient is of the weights given
     train_lr: float = sweeps.setting(0.01, "that SGD's learning rate (default {default})",
                                      type=lambda text: learning_rate(text), metavar="LR",
                                      meta={"needs": "train_steps"})
@@ -251,12 +261,20 @@ PUBLISHED_NORMALIZE = ((0.5,), (1.0,))  # (mean, std): the published code's ToTe
 
 
 class PrivateImage(NamedTuple):
-    """An image the client trains on, with its label: what the attacks try to recover."""
+    """An image the client trains on, with its label: what the attacks try to recover. With
+    --gradient, the gradient the client shared is `captured`, and the image is the target to
+    score against where one is named (x and label None where none is, or no label given)."""
 
-    name: str  # e.g. "cifar10:3", "mnist-test:7", "samples:chelsea", "file:cat.png@3fa2b1c0d9"
-    x: torch.Tensor  # (1, C, H, W): (1, 3, 32, 32) for CIFAR; (pixels - mean) / std, in [-0.5, 0.5] by default
-    label: int
+    name: str  # e.g. "cifar10:3", "mnist-test:7", "samples:chelsea", "file:cat.png@3fa2b1c0d9", "gradient:g.pt@1a2b"
+    x: torch.Tensor | None  # (1, C, H, W): (1, 3, 32, 32) for CIFAR; (pixels - mean) / std, in [-0.5, 0.5] by default
+    label: int | None
     normalize: tuple = PUBLISHED_NORMALIZE  # (mean, std), per channel or one for all
+    captured: Captured | None = None  # --gradient: what the client shared, read from a file
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The models' input (C, H, W)."""
+        return tuple(self.x.shape[1:]) if self.x is not None else self.captured.shape
 
 
 def normalized(image: PrivateImage, mean: tuple, std: tuple) -> PrivateImage:
@@ -880,6 +898,11 @@ class Net(nn.Module):
         self.layers, self.acts = nn.ModuleList(layers), nn.ModuleList(acts)
         self.shapes = shapes  # input shape (C, H, W) of every layer, the fc's last
         self.first_linear = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear))
+        # What a captured gradient (--gradient) calls the parameters: for a module read by
+        # read_module, the module's own names (`names`, in this chain's order) and every one
+        # of its parameters in its parameters() order (`listed`, a list file's order).
+        self.names = [name for name, _ in self.named_parameters()]
+        self.listed = list(self.names)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Layers start..L-1: f_{l:} of the paper when start = l."""
@@ -1078,6 +1101,8 @@ def read_module(net: nn.Module, shape: tuple[int, int, int], where: str = "the m
         raise UserError(f"{where}: it needs a convolution before its linear layers (the attacks solve their systems)")
     model = Net(layers, [a if a is not None else nn.Identity() for a in acts], module_shapes(layers, shape, where))
     check_reproduces(net, model, shape, where)
+    own = {id(p): name for name, p in net.named_parameters()}  # the layers are the module's: its parameters too
+    model.names, model.listed = [own[id(p)] for p in model.parameters()], list(own.values())
     return model
 
 
@@ -1179,7 +1204,7 @@ def check_layer(module: nn.Module, what: str, where: str, flattened: bool, layer
 def module_shapes(layers: list[nn.Module], shape: tuple[int, int, int], where: str) -> list[tuple]:
     """The input shape of every layer (a linear layer's: what its first one is flattened
     from, then its input size), from one forward of zeros; a size mismatch is a UserError."""
-    shapes, x = [], torch.zeros(1, *shape)
+    shapes, x = [], torch.zeros(1, *shape, device=layers[0].weight.device)
     with torch.no_grad():
         for layer in layers:
             shapes.append(tuple(x.shape[1:]))
@@ -1194,7 +1219,7 @@ def module_shapes(layers: list[nn.Module], shape: tuple[int, int, int], where: s
 def check_reproduces(net: nn.Module, model: Net, shape: tuple[int, int, int], where: str) -> None:
     """The layer sequence must compute what the module computes: on a random input, to
     float rounding. (A forward that does more than its graph shows, say, is refused.)"""
-    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).to(model.layers[0].weight.device)
     with torch.no_grad():
         theirs, ours = net(x), model(x)
     if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-5, atol=1e-6):
@@ -1335,7 +1360,7 @@ def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net,
     """The model the client holds when it computes its gradient on `image`, and what
     training it had (None: the published initialisation)."""
     classes = exp.classes or data_format(exp)[1]  # an Experiment made in Python leaves them to the data
-    model = build_model(name, exp.model_seed, tuple(image.x.shape[1:]), classes, exp.weights)
+    model = build_model(name, exp.model_seed, image.shape, classes, exp.weights)
     if exp.init:
         draw_uniform(model, float(exp.init.partition(":")[2]), exp.model_seed)
     model = model.to(exp.device)
@@ -1349,7 +1374,8 @@ def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net,
 
 
 # =============================================================================
-# The client's gradient: the only code that sees the private image
+# The client's gradient: the only code that sees the private image (or, with --gradient,
+# the gradient a client shared, captured elsewhere)
 # =============================================================================
 
 
@@ -1357,6 +1383,83 @@ def client_gradient(model: Net, x: torch.Tensor, label: int) -> list[torch.Tenso
     """What the client shares: d CE(model(x), label) / d theta, one tensor per parameter."""
     loss = F.cross_entropy(model(x), torch.tensor([label], device=x.device))
     return [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
+
+
+class Captured(NamedTuple):
+    """A gradient a client shared, captured elsewhere (--gradient FILE.pt): its tensors as the
+    file holds them, and the input (C, H, W) it was computed on."""
+
+    name: str  # "gradient:FILE@HASH": the file's name and the first 10 hex digits of its bytes' SHA-256
+    where: str  # as a message names it: "--gradient FILE"
+    tensors: tuple | dict  # in model.parameters() order, or by parameter name (None: a parameter unused)
+    shape: tuple[int, int, int]
+
+
+def load_gradient(path: str, shape: tuple[int, int, int]) -> Captured:
+    """--gradient FILE.pt: `[p.grad for p in model.parameters()]` or `{n: p.grad for n, p in
+    model.named_parameters()}` as torch.save wrote it; anything else a UserError."""
+    where = f"--gradient {printable(path, 200)}"
+    try:
+        data = read_regular_file(path)
+        tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing file, a FIFO, a pickle that is not tensors
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise UserError(f"{where}: cannot be read as saved tensors ({printable(why, 200)})") from None
+    name = f"gradient:{printable(Path(path).name, 60)}@{hashlib.sha256(data).hexdigest()[:10]}"
+    return as_captured(tensors, name, where, shape)
+
+
+def as_captured(tensors: object, name: str, where: str, shape: tuple[int, int, int]) -> Captured:
+    """A list (or tuple) of tensors or a dict of them by name, as a Captured; anything else a
+    UserError."""
+    is_grad = lambda t: t is None or isinstance(t, torch.Tensor)  # noqa: E731  (an unused parameter's grad is None)
+    if isinstance(tensors, (list, tuple)) and tensors and all(map(is_grad, tensors)):
+        tensors = tuple(tensors)
+    elif not (isinstance(tensors, dict) and tensors and all(isinstance(k, str) and is_grad(v)
+                                                            for k, v in tensors.items())):
+        raise UserError(f"{where}: holds a {type(tensors).__name__}, not a gradient: a list of tensors in "
+                        "model.parameters() order, or a dict of them by parameter name")
+    return Captured(name, where, tensors, tuple(int(n) for n in shape))
+
+
+def captured_gradient(model: Net, captured: Captured) -> list[torch.Tensor]:
+    """A captured gradient as the attacks take it: a tensor per parameter of the model's
+    chain, in its order, on its device; a count, a name or a shape that does not match the
+    model, a value that is not finite, or a gradient that is exactly zero, a UserError
+    naming it. (A parameter outside the chain, unused by the forward, is left out.)"""
+    where = captured.where
+    if isinstance(captured.tensors, tuple):
+        if len(captured.tensors) != len(model.listed):
+            raise UserError(f"{where}: holds {len(captured.tensors)} tensors, and the model has {len(model.listed)} "
+                            f"parameters ({', '.join(model.listed[:4])}{', ...' * (len(model.listed) > 4)})")
+        by_name = dict(zip(model.listed, captured.tensors))
+    else:
+        by_name = captured.tensors
+        extra = next((name for name in by_name if name not in model.listed), None)
+        if extra is not None:
+            raise UserError(f"{where}: its '{printable(extra, 80)}' is no parameter of the model "
+                            f"({', '.join(model.listed[:4])}{', ...' * (len(model.listed) > 4)})")
+    out = []
+    for name, p in zip(model.names, model.parameters()):
+        g = by_name.get(name)
+        if g is None:
+            raise UserError(f"{where}: has no gradient for '{name}'")
+        if g.shape != p.shape:
+            raise UserError(f"{where}: '{name}' is {tuple(g.shape)}, the model's {tuple(p.shape)}")
+        if not torch.isfinite(g).all():
+            raise UserError(f"{where}: '{name}' holds values that are not finite")
+        out.append(g.detach().to(p.device, p.dtype))
+    if not any(g.any() for g in out):
+        raise UserError(f"{where}: is exactly zero, so it carries nothing to attack")
+    return out
+
+
+def shared_gradient(model: Net, image: PrivateImage, device: str) -> list[torch.Tensor]:
+    """What the client shares on `image`: the gradient captured (--gradient), matched to the
+    model's parameters, or the one it computes (client_gradient)."""
+    if image.captured is not None:
+        return captured_gradient(model, image.captured)
+    return client_gradient(model, image.x.to(device), image.label)
 
 
 def recover_label(grads: list[torch.Tensor]) -> int:
@@ -2293,10 +2396,16 @@ class Answer(NamedTuple):
 
 
 def score_answer(name: str, result: AttackResult, seconds: float, image: PrivateImage) -> Answer:
+    """The attack's answer scored against `image`; with a captured gradient and no target,
+    PSNR and SSIM null (the entry's target is null: nothing to score), and the label's
+    correctness null where no label was given."""
     recon = to_image(result.x, image.normalize)
-    metrics = score(to_image(image.x, image.normalize), recon)
-    entry = {"psnr": inf_to_none(metrics["psnr"]), "ssim": metrics["ssim"], "seconds": round(seconds, 3),
-             "label": result.label, "label_correct": result.label == image.label, **result.info}
+    scores = {"psnr": None, "ssim": None}
+    if image.x is not None:
+        metrics = score(to_image(image.x, image.normalize), recon)
+        scores = {"psnr": inf_to_none(metrics["psnr"]), "ssim": metrics["ssim"]}
+    entry = scores | {"seconds": round(seconds, 3), "label": result.label,
+                      "label_correct": None if image.label is None else result.label == image.label, **result.info}
     return Answer(name, entry, recon)
 
 
@@ -2308,7 +2417,7 @@ def share_and_attack(model: Net, image: PrivateImage, attacks: list[str], settin
     what the defence did (under pruning with the ranks of the surviving equations, unless
     analyse_defence is False), then each attack's Answer as it finishes (R-GAP's carries
     the rank deficiencies of its recursion)."""
-    grads = client_gradient(model, image.x.to(device), image.label)
+    grads = shared_gradient(model, image, device)
     shared, info = defend(grads, defence, defence_seed(seed, image.name))
     if defence.removes_equations and analyse_defence:  # the analyst's: the client's own gradient, the surviving rows
         known = surviving(shared)
@@ -2318,17 +2427,24 @@ def share_and_attack(model: Net, image: PrivateImage, attacks: list[str], settin
     del grads  # from here on, the attacks' side: what was shared alone
     label = image.label if settings.true_label else recover_label(shared)  # under noise it may be wrong
     settings = dataclasses.replace(settings, zeros_are_missing=defence.removes_equations)  # an attacker sees the zeros
+    for name, result, seconds in answers(model, shared, label, attacks, settings, seed):
+        yield score_answer(name, result, seconds, image)
+
+
+def answers(model: Net, shared: list[torch.Tensor], label: int, attacks: list[str], settings: AttackSettings,
+            seed: int) -> Iterator[tuple[str, AttackResult, float]]:
+    """Each attack's answer to the shared gradient, reseeded first, with its seconds."""
     for name in attacks:
         seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
         start = time.perf_counter()
         result = ATTACKS[name].run(model, shared, label, settings)
-        yield score_answer(name, result, time.perf_counter() - start, image)
+        yield name, result, time.perf_counter() - start
 
 
 def rank_analysis(model: Net, image: PrivateImage, device: str) -> RankAnalysis:
     """Each convolution's rank deficiency for the client's gradient on `image`: R-GAP's
     recursion alone, no attack."""
-    return RankAnalysis(rank_deficiency(model, client_gradient(model, image.x.to(device), image.label)))
+    return RankAnalysis(rank_deficiency(model, shared_gradient(model, image, device)))
 
 
 _UNDEFENDED_RANKS: dict[tuple, list[int]] = {}  # undefended_ranks' cache: the last (model, image)'s, in this process
@@ -2349,7 +2465,7 @@ def nothing_to_attack(model: Net, image: PrivateImage, device: str) -> str | Non
     not finite (a model whose training diverged shares NaNs) makes every linear system and
     every objective NaN; one that is exactly zero (a saturated output layer) carries nothing:
     no label to read, every system 0 = 0, every objective flat."""
-    grads = client_gradient(model, image.x.to(device), image.label)
+    grads = shared_gradient(model, image, device)
     if not all(torch.isfinite(g).all() for g in grads):
         weights = all(torch.isfinite(p).all() for p in model.parameters())
         return "the client's gradient is not finite" + (
@@ -2359,7 +2475,7 @@ def nothing_to_attack(model: Net, image: PrivateImage, device: str) -> str | Non
     return None
 
 
-def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
+def analyse_images(exp: Experiment, images: list[PrivateImage]) -> int:
     """Rank deficiency per layer and the security index, without running an attack.
 
     One table per (model, image), and one per pruning defence of --defence (the equations
@@ -2382,7 +2498,7 @@ def analyse(exp: Experiment, images: list[PrivateImage]) -> int:
             why = nothing_to_attack(model, image, exp.device)
             if why is None:
                 try:
-                    grads = client_gradient(model, image.x.to(exp.device), image.label)
+                    grads = shared_gradient(model, image, exp.device)
                     deficiency = rank_deficiency(model, grads)
                     known = [surviving(defend(grads, d, 0)[0]) for d in prunings]
                     pruned = [rank_deficiency(model, grads, k) for k in known]
@@ -2423,6 +2539,68 @@ def say_ranks(model: Net, title: str, deficiency: list[int], unknowns: list[int]
 
 
 # =============================================================================
+# The same from Python: attack and analyse a gradient computed elsewhere
+# =============================================================================
+#
+#     model = MyNet(); ...                      # the client's model, with its weights
+#     gradient = [p.grad for p in model.parameters()]   # or {n: p.grad for n, p in ...}
+#     results = hybrid.attack(model, gradient, (1, 28, 28), attacks=("rgap", "hybrid"))
+#     results["rgap"].x, results["rgap"].label   # (1, C, H, W) in the model's input space
+#
+# What `--model PATH.py:NAME --weights FILE --gradient FILE` does, by the same functions:
+# read_module, captured_gradient, recover_label and each attack's row of ATTACKS.
+
+
+def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: tuple[int, int, int], *,
+           attacks: tuple[str, ...] = ("rgap", "hybrid"), label: int | None = None, seed: int = PUBLISHED_SEED,
+           **settings: object) -> dict[str, AttackResult]:
+    """The attacks on `gradient`, the gradient of one image shared by `model` as it is now.
+
+    model: your nn.Module (read with torch.fx, as --model PATH.py:NAME is), or a Net.
+    gradient: a tensor per parameter in model.parameters() order, a dict of them by
+        parameter name, or the path of a file torch.save wrote either to.
+    input_shape: (C, H, W) of the model's input.
+    attacks: names in ATTACKS; label: the true label, handed to every attack (None: read
+        from the gradient, iDLG's rule); seed: set before each attack; settings: fields of
+        AttackSettings (hybrid_iters_first=2500, ...), the paper's by default.
+    Returns {attack: AttackResult}: .x the reconstruction in the model's input space, of
+    shape (1, C, H, W), and .label the label it used. A model, gradient or setting the
+    attacks cannot take raises UserError (or TypeError, for a setting that is none), naming it."""
+    unknown = [name for name in attacks if name not in ATTACKS]
+    if unknown:
+        raise UserError(f"attack '{unknown[0]}' is none of {', '.join(ATTACKS)}")
+    method = AttackSettings(**settings)  # an unknown setting is a TypeError naming it
+    net, shared = read_inputs(model, gradient, input_shape)
+    used = recover_label(shared) if label is None else int(label)
+    return {name: result for name, result, _ in answers(net, shared, used, list(attacks), method, seed)}
+
+
+def analyse(model: nn.Module, gradient: list | tuple | dict | str, input_shape: tuple[int, int, int]) -> dict:
+    """Each layer's rank deficiency for `gradient` (R-GAP's recursion, no attack), its
+    unknowns, and both indices: what --analyse prints, as a dict."""
+    net, shared = read_inputs(model, gradient, input_shape)
+    deficiency = rank_deficiency(net, shared)
+    unknowns = [math.prod(shape) for shape in net.shapes[:-1]]
+    return {"rank_deficiency": deficiency, "unknowns": unknowns, "security_index": security_index(deficiency),
+            "worst_layer_fraction": worst_layer_fraction(deficiency, unknowns)}
+
+
+def read_inputs(model: nn.Module, gradient: list | tuple | dict | str,
+                input_shape: tuple[int, int, int]) -> tuple[Net, list[torch.Tensor]]:
+    """attack's and analyse's arguments as the attacks take them: the model's chain (its own
+    layers, not a copy) and the gradient matched to its parameters."""
+    shape = tuple(int(n) for n in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise UserError(f"input_shape {tuple(input_shape)}: expected (C, H, W)")
+    net = model if isinstance(model, Net) else read_module(model, shape, f"the model ({type(model).__name__})")
+    if isinstance(gradient, (str, os.PathLike)):
+        captured = load_gradient(os.fspath(gradient), shape)
+    else:
+        captured = as_captured(gradient, "gradient", "the gradient", shape)
+    return net, captured_gradient(net, captured)
+
+
+# =============================================================================
 # Sweeps of the experiment: the record's rows, older records, and what sweeps.py is handed
 # =============================================================================
 
@@ -2437,10 +2615,12 @@ def row(entry: dict, attack: str) -> dict:
     e, defence = entry["attacks"][attack], entry["defence"]
     has = defence if "rank_deficiency" in defence else entry
     d = parse_defence(defence["spec"])
+    scored = entry.get("target", {}) is not None  # a captured gradient with no target is not scored: NaN
     return {"model": entry["model"], "image": entry["image"], "defence": d.spec, "attack": attack,
-            "label": e["label"], "label_correct": e["label_correct"],
-            "psnr": math.inf if e["psnr"] is None else e["psnr"],  # null: an exact (infinite-PSNR) reconstruction
-            "ssim": e["ssim"], "seconds": e["seconds"], **{k: has.get(k) for k in report.INDICES},
+            "label": e["label"], "label_correct": e["label_correct"],  # null where no label was given
+            "psnr": math.nan if not scored else math.inf if e["psnr"] is None else e["psnr"],  # null: exact
+            "ssim": e["ssim"] if scored else math.nan, "seconds": e["seconds"],
+            **{k: has.get(k) for k in report.INDICES},
             "kind": d.kind, "strength": d.strength, "curve": curve_of(d),
             "first_activation": first_activation(entry.get("architecture") or entry["model"]),
             "fc_inputs_undetermined": defence.get("fc_inputs_undetermined", math.nan) if d.removes_equations else 0.0}
@@ -2577,7 +2757,8 @@ def is_answer(e: object) -> bool:
     """An attack's record: its scores, time and label, typed."""
     return (isinstance(e, dict) and is_number(e.get("psnr"), or_null=True) and is_number(e.get("ssim"), or_null=True)
             and is_number(e.get("seconds")) and isinstance(e.get("label"), int) and not isinstance(e.get("label"), bool)
-            and isinstance(e.get("label_correct"), bool) and {"psnr", "ssim"} <= e.keys())
+            and (e.get("label_correct") is None or isinstance(e.get("label_correct"), bool))
+            and {"psnr", "ssim", "label_correct"} <= e.keys())
 
 
 def has_ranks(e: dict) -> bool:
@@ -2672,14 +2853,17 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
     """Write what the experiment on a cell yields into its entry: per attack, the
     reconstruction's .npy, then the record, then the row and the printed line. The
     training and the ranks go to disk with the next attack."""
-    stem, shape = file_stem(cell.model, cell.image, cell.defence), tuple(cell.image.x.shape[1:])
+    stem, shape = file_stem(cell.model, cell.image, cell.defence), cell.image.shape
     entry = folder.entry(cell.key)
     if entry is None:
-        target = to_image(cell.image.x, cell.image.normalize).astype(np.float32)
+        target = None  # a captured gradient with no image named: nothing to score against
+        if cell.image.x is not None:
+            pixels = to_image(cell.image.x, cell.image.normalize).astype(np.float32)
+            target = {"npy": folder.save_array(f"{stem}_target.npy", pixels)}
+        captured = {} if cell.image.captured is None else {"gradient": cell.image.captured.name}
         entry = folder.add({"model": cell.model, "architecture": model_text(cell.model, shape),
                             "image": cell.image.name, "defence": {"spec": cell.defence.spec},
-                            "label": cell.image.label,
-                            "target": {"npy": folder.save_array(f"{stem}_target.npy", target)}})
+                            "label": cell.image.label, "target": target} | captured)
     if isinstance(event, Defended):  # to disk with the next attack
         defence = entry["defence"]
         defence |= event.info
@@ -2707,11 +2891,13 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
     npy = folder.save_array(f"{stem}_{event.attack}.npy", event.recon.astype(np.float32))
     e = entry.setdefault("attacks", {})[event.attack] = event.entry | {"npy": npy}
     not_finite = folder.finished(entry, event.attack)
-    ssim = "nan" if not math.isfinite(e["ssim"]) else f"{e['ssim']:.3f}"
+    ssim = "nan" if e["ssim"] is None or not math.isfinite(e["ssim"]) else f"{e['ssim']:.3f}"
     shown = "" if cell.defence == NO_DEFENCE else f"{cell.defence.spec:13s} "  # which cell of the grid
+    scores = (f"PSNR {report.format_psnr(e['psnr'], 2):>9s}  SSIM {ssim}" if entry["target"] is not None
+              else "not scored (no target)")
+    wrong = {True: "", False: " (wrong)", None: ""}[e["label_correct"]]
     say(f"{cell.model:9s} {cell.image.name:18s} {shown}{ATTACKS[event.attack].shown:9s}  "
-        f"PSNR {report.format_psnr(e['psnr'], 2):>9s}  "
-        f"SSIM {ssim}  label {e['label']}{'' if e['label_correct'] else ' (wrong)'}  {e['seconds']:6.1f} s"
+        f"{scores}  label {e['label']}{wrong}  {e['seconds']:6.1f} s"
         + (f"  (not finite, recorded as null: {', '.join(not_finite)})" if not_finite else ""))
 
 
@@ -2720,8 +2906,8 @@ def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     knowledge of a defence is the experiment's, per cell: not a setting)."""
     method = {k: v for k, v in dataclasses.asdict(settings).items() if k != "zeros_are_missing"}
     config = dataclasses.asdict(exp) | method | dataclasses.asdict(run)
-    if not exp.image_files:  # --label is the --image files' class; the data's images carry their own
-        config["label"] = None
+    if not exp.image_files and exp.gradient is None:  # --label is the --image files' class (or a captured
+        config["label"] = None  # gradient's); the data's images carry their own
     return config
 
 
@@ -2729,8 +2915,8 @@ RECORD = sweeps.Record(
     key=entry_key, parts="attacks", columns=CSV_COLUMNS, row=row, is_entry=is_entry, upgrade=upgraded,
     upgrade_key=upgraded_key,
     defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
-    may_differ=frozenset({"data", "verbose", "compile", "device",
-                          "image_files"}),  # the files' paths: grid.json holds the images themselves, by name and hash
+    may_differ=frozenset({"data", "verbose", "compile", "device",  # the files' paths: grid.json holds the images
+                          "image_files", "gradient"}),  # and the gradient themselves, by name and hash
     program="hybrid.py", cells_are="(model, image, defence) cells")
 
 
@@ -2842,7 +3028,9 @@ def check_combinations(args: argparse.Namespace, given: set[str]) -> None:
     ignored += [(d, f"with {flag(f.metadata['not_with'])}") for d, f in fields.items()
                 if d in given and f.metadata.get("not_with") in given]
     needs = {d: f.metadata["needs"] for d, f in fields.items() if "needs" in f.metadata} | {"partial": "merge"}
-    ignored += [(d, f"without {flag(need)}") for d, need in needs.items() if d in given and not getattr(args, need)]
+    needs = {d: (need,) if isinstance(need, str) else need for d, need in needs.items()}  # one of them
+    ignored += [(d, f"without {' or '.join(map(flag, need))}") for d, need in needs.items()
+                if d in given and not any(getattr(args, n) for n in need)]
     attacks = set(args.attacks or paper_attacks())
     for dest in fields:
         reading = [name for name, attack in ATTACKS.items() if dest in attack.settings]  # the attacks that read it
@@ -2959,13 +3147,19 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
                         "--classes K for more)")
     if args.normalize is not None:
         normalize_of(args.normalize, shape[0])  # checked now
+    indices = parse_image_indices(args.image_indices) if args.image_indices else default.image_indices
+    captured = {}
+    if args.gradient is not None:  # a captured gradient: its true image only where one is named, its label where given
+        indices, captured = parse_image_indices(args.image_indices) if args.image_indices else [], {"label": args.label}
     exp = sweeps.given(Experiment, args, models=expand_models(args.models or default.models, shape),
-                       input_shape=list(shape), classes=classes,
-                       image_indices=(parse_image_indices(args.image_indices) if args.image_indices
-                                      else default.image_indices),
+                       input_shape=list(shape), classes=classes, image_indices=indices,
                        attacks=[a for a in ATTACKS if a in (args.attacks or default.attacks)],
                        defences=canonical_defences(args.defences or default.defences),
-                       device=resolve_device(args.device or default.device))
+                       device=resolve_device(args.device or default.device), **captured)
+    if exp.gradient is not None and len(exp.models) != 1:
+        raise UserError(f"--gradient is one model's gradient: give one --model, not {len(exp.models)}")
+    if exp.gradient is not None and settings.true_label and exp.label is None:
+        raise UserError("--true-label with --gradient needs the true label: --label K, or the image by --index")
     if settings.compile:
         check_compiler(exp.device)
     return exp, settings, sweeps.run_settings(args, OUTPUT_PATH)
@@ -2985,7 +3179,7 @@ def normalize_of(values: list[float], channels: int) -> tuple[tuple, tuple]:
 
 def data_format(args: argparse.Namespace | Experiment) -> tuple[tuple[int, int, int], int]:
     """The models' input (C, H, W) and classes: the data's, or --input-shape's and
-    --classes' for --image files."""
+    --classes' for --image files, and over the data's for a captured gradient (--gradient)."""
     if args.image_files:
         shape = tuple(args.input_shape or PHOTOGRAPH_SHAPE)
         if shape[0] not in (1, 3):
@@ -2993,10 +3187,31 @@ def data_format(args: argparse.Namespace | Experiment) -> tuple[tuple[int, int, 
                             "or 3 (RGB)")
         return shape, args.classes or PHOTOGRAPH_CLASSES
     source = args.source or Experiment().source
-    if source == "samples":
-        return PHOTOGRAPH_SHAPE, PHOTOGRAPH_CLASSES
-    data = DATASETS[dataset_of(source)[0]]
-    return data.shape, len(data.classes)
+    data = DATASETS.get(dataset_of(source)[0])
+    shape, classes = (data.shape, len(data.classes)) if data else (PHOTOGRAPH_SHAPE, PHOTOGRAPH_CLASSES)
+    if args.gradient:
+        return tuple(args.input_shape or shape), args.classes or classes
+    return shape, classes
+
+
+def captured_image(exp: Experiment, images: list[PrivateImage]) -> PrivateImage:
+    """The one cell's image of a captured gradient (--gradient): the image named to score
+    against, carrying the gradient, or none (x None). Its gradient is checked against the
+    model now, before any folder."""
+    if len(images) > 1:
+        raise UserError(f"--gradient is one image's gradient: name one image to score against, not {len(images)}")
+    captured = load_gradient(exp.gradient, tuple(exp.input_shape))
+    normalize = PUBLISHED_NORMALIZE if exp.normalize is None else normalize_of(exp.normalize, exp.input_shape[0])
+    if not images:
+        image = PrivateImage(captured.name, None, exp.label, normalize, captured)
+    elif exp.image_files:  # a file has no label of its own: --label's, where given
+        image = images[0]._replace(label=exp.label, captured=captured)
+    elif exp.label is not None:
+        raise UserError(f"--label has no effect with --index: {images[0].name}'s label is the data's")
+    else:
+        image = images[0]._replace(captured=captured)
+    captured_gradient(prepare_model(exp, exp.models[0], image)[0], captured)
+    return image
 
 
 def list_models() -> int:
@@ -3022,13 +3237,17 @@ def main(argv: list[str] | None = None) -> int:
         exp, settings, run = settings_from(args)
         configure_process(exp.device, run.threads, settings.verbose)
         # after the settings, so that an unknown model fails before any download
-        images, used = load_images(exp, analysing=args.analyse)
+        images, used = [], exp.source
+        if exp.gradient is None or exp.image_files or exp.image_indices:
+            images, used = load_images(exp, analysing=args.analyse)
         if exp.normalize is not None:
             images = [normalized(image, *normalize_of(exp.normalize, exp.input_shape[0])) for image in images]
         if not exp.image_files:  # the record names the source the images came from: a fallback is another experiment
             exp = dataclasses.replace(exp, source=used)
+        if exp.gradient is not None:
+            images = [captured_image(exp, images)]
         if args.analyse:
-            return analyse(exp, images)
+            return analyse_images(exp, images)
         sweeps.run(paper_sweep(exp, settings, run, argv, images), run)
     except (UserError, sweeps.CellsFailed, KeyboardInterrupt, sweeps.Terminated, OSError) as e:
         return sweeps.stopped(e, "hybrid.py")

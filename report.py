@@ -9,8 +9,9 @@ defences (their names, markers and axes) it is handed as `Names`.
 A row is one attack on one (model, image, defence) cell, with typed values:
 
     model, image, defence (its spec), attack: str
-    label: int, label_correct: bool
-    psnr: float (inf for an exact reconstruction), ssim, seconds: float
+    label: int, label_correct: bool (None where no label was given: a captured gradient's)
+    psnr: float (inf for an exact reconstruction; NaN, like ssim, where no target was given), ssim,
+        seconds: float
     security_index, worst_layer_fraction: float or None (of the equations the attacker has)
     kind: the defence's kind; strength: float (its figures' x, 0 for none); curve: str (the
         parameters held fixed along one curve, "C=1"; "" where a kind has one curve)
@@ -46,7 +47,9 @@ class Names:
     strengths: dict[str, tuple[str, str]]  # defence kind but none -> (its strength's axis, its symbol), in order
     classes: tuple[str, ...] = ()  # the labels' class names, where the data names them
 
-    def label(self, label: int) -> str:
+    def label(self, label: int | None) -> str:
+        if label is None:  # a captured gradient's, where no label was given
+            return "label not given"
         named = 0 <= label < len(self.classes) and self.classes[label] != str(label)  # MNIST's digits are their names
         return f"label {label}" + (f" ({self.classes[label]})" if named else "")
 
@@ -64,6 +67,10 @@ class Names:
 
 def format_psnr(psnr: float | None, digits: int = 1) -> str:
     return "exact" if psnr is None or math.isinf(psnr) else f"{psnr:.{digits}f} dB"
+
+
+def fraction_text(fraction: float | None) -> str:
+    return "unknown" if fraction is None else f"{fraction:.4f}"
 
 
 # =============================================================================
@@ -196,7 +203,8 @@ def summarise_defence(rows: list[dict], defence: str, names: Names) -> list[dict
             with np.errstate(invalid="ignore"):  # exact reconstructions: infinite PSNR, its std undefined
                 entry |= {f"{metric}_mean": values.mean(), f"{metric}_median": float(np.median(values)),
                           f"{metric}_std": values.std(ddof=1) if len(values) > 1 else 0.0}
-        entry["label_accuracy"] = np.mean([r["label_correct"] for r in group])
+        known = [r["label_correct"] for r in group if r["label_correct"] is not None]  # a label given
+        entry["label_accuracy"] = np.mean(known) if known else math.nan
         entry["seconds_mean"] = np.mean([r["seconds"] for r in group])
         out.append({k: float(v) if isinstance(v, np.floating) else v for k, v in entry.items()})
     return out
@@ -212,8 +220,10 @@ def summary_table(summary: list[dict], names: Names) -> str:
              "fraction | attack | n | PSNR mean ± std | PSNR median | SSIM mean ± std | SSIM median | label acc. | "
              "seconds |", "|---" * (11 + defended) + "|"]
     lines += [f"| {e['model']} |{column(e)} {index(e)} | {fraction(e)} | {names.shown(e['attack'])} | {e['n']} | "
-              f"{e['psnr_mean']:.2f} ± {e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± "
-              f"{e['ssim_std']:.3f} | {e['ssim_median']:.3f} | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |"
+              + (f"{e['psnr_mean']:.2f} ± {e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± "
+                 f"{e['ssim_std']:.3f} | {e['ssim_median']:.3f}" if not math.isnan(e["ssim_mean"])
+                 else "not scored | | not scored | ")  # a captured gradient with no target
+              + f" | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |".replace("| nan |", "| - |")
               for e in summary]
     return "\n".join(lines) + "\n"
 
@@ -264,6 +274,9 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -
             ax.set_title("Target" if name == "target" else names.shown(name), fontsize=9)
             entry = cell["target"] if name == "target" else cell["attacks"].get(name)
             if entry is None:
+                if name == "target":  # a captured gradient attacked with no image named
+                    ax.text(0.5, 0.5, "no target\ngiven", ha="center", va="center", fontsize=8,
+                            transform=ax.transAxes)
                 ax.set_axis_off()
                 continue
             pixels = np.load(folder / entry["npy"])
@@ -272,7 +285,8 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -
             else:
                 ax.imshow(pixels, interpolation="nearest")
             if name != "target":
-                ax.set_xlabel(f"{format_psnr(entry['psnr'])} / SSIM {entry['ssim']:.2f}", fontsize=8)
+                ax.set_xlabel(f"{format_psnr(entry['psnr'])} / SSIM {entry['ssim']:.2f}" if cell["target"]
+                              else "not scored", fontsize=8)
     fig.savefig(path, dpi=120)
     return fig
 
@@ -530,6 +544,10 @@ def finish(folder: sweeps.RunFolder, names: Names, removes_equations: set[str]) 
                      f"{'; '.join(' on '.join(k) for k in missing)}\n")
     notes += [f"\nSkipped on {e['model']} on {e['image']}: {', '.join(e['skipped'])} "
               f"({next(iter(e['skipped'].values()))})\n" for e in folder.results["runs"] if e.get("skipped")]
+    notes += [f"\nNo target was given for {e['model']} on {e['image']}: its reconstructions are saved, not scored. "
+              f"Rank deficiency per layer {e.get('rank_deficiency')}, security index {e.get('security_index')}, "
+              f"worst layer's fraction {fraction_text(e.get('worst_layer_fraction'))}.\n"
+              for e in folder.results["runs"] if "target" in e and e["target"] is None]
     summary = write_summary(folder.path, rows, names, folder.results["correlations"], "".join(notes),
                             folder.results.get("correlations_by_defence"))
     say(summary, end="")

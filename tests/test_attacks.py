@@ -121,17 +121,25 @@ def test_hybrid_stays_exact_enough_on_a_full_rank_model(chelsea):
 
 
 @pytest.mark.parametrize("attack", ["dlg", "idlg", "cosine"])
-def test_optimisation_attacks_lower_their_objective(attack, chelsea):
-    """L-BFGS at lr 1 without a line search (as DLG has it) is chaotic: one start may jump
-    uphill on one CPU and not on another. So the claim is over four starts: the best
-    final objective is below every starting one."""
+def test_optimisation_attacks_keep_the_start_with_the_lowest_final_objective(attack, chelsea):
+    """L-BFGS at lr 1 without a line search (as DLG has it) is chaotic: a start may jump
+    uphill on one CPU and not on another, and on some CPUs all four of cnn2_c4's do (458
+    against starts of 41 and more). What holds on every CPU is the choice among starts."""
     settings = dataclasses.replace(QUICK, dlg_iters=5, cosine_iters=50, restarts=4)
     result, metrics = run("cnn2_c4", attack, chelsea, settings)
     assert result.x.shape == (1, 3, 32, 32) and torch.isfinite(result.x).all()
-    assert result.info["objective_end"] < min(s["objective_start"] for s in result.info["starts"])
+    ends = [s["objective_end"] for s in result.info["starts"]]
+    assert len(ends) == 4 and result.info["objective_end"] == min(e for e in ends if e is not None)
+    assert ends[result.info["best_start"]] == result.info["objective_end"]
     assert np.isfinite(metrics["psnr"]) and np.isfinite(metrics["ssim"])
     if attack in ("idlg", "cosine"):
         assert result.label == chelsea.label
+
+
+def test_cosine_lowers_its_objective(chelsea):
+    """Adam at lr 1e-3 (Cosine+TV) takes small steps, unlike L-BFGS at lr 1: over 50 its objective falls."""
+    result, _ = run("cnn2_c4", "cosine", chelsea, dataclasses.replace(QUICK, cosine_iters=50))
+    assert result.info["objective_end"] < result.info["objective_start"]
 
 
 TINY = dataclasses.replace(QUICK, dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)

@@ -205,9 +205,11 @@ def psnrs(output):
     return [(r["image"], a, e["psnr"], e["label"]) for r in runs for a, e in sorted(r["attacks"].items())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", [[], ["--init", "uniform:0.5"]])
 def test_a_module_file_runs_with_the_numbers_of_its_string(lenet_file, tmp_path, init):
-    args = ["--quick", "--source", "mnist-test", "--index", "0-1", "--attacks", "rgap", *init]
+    args = ["--quick", "--dlg-iters", "2", "--source", "mnist-test", "--index", "0-3", "--attacks", "rgap", "idlg",
+            *init]
     assert H.main([*args, "--model", f"{lenet_file}:LeNet", "--output", str(tmp_path / "module")]) == 0
     assert H.main([*args, "--model", LENET, "--output", str(tmp_path / "string")]) == 0
     assert psnrs(tmp_path / "module") == psnrs(tmp_path / "string")

@@ -2935,8 +2935,21 @@ def run_metadata(exp: Experiment, settings: AttackSettings, run: sweeps.RunSetti
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
-    return {"config": flat_config(exp, settings, run), "versions": versions,
+    return {"config": flat_config(exp, settings, run), "versions": versions, "commit": code_commit(),
             "device": exp.device, "device_name": name, "command": shlex.join(["python", "hybrid.py", *argv])}
+
+
+def code_commit() -> str | None:
+    """`git describe --always --dirty` of the checkout this file runs from (each stretch of a
+    run records it); None outside a git checkout, or without git."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings, argv: list[str],

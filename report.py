@@ -89,11 +89,21 @@ def index_by_model(rows: list[dict], index: str = "security_index") -> dict[str,
 
 
 EXACT_UP_TO = 8  # points: Spearman's p by all n! pairings up to here (40320), scipy's t approximation above
+RESAMPLES = 2000  # bootstrap resamples behind every interval
+BOOTSTRAP_SEED = 0  # fixed, so that a table regenerates byte-identical
 
 
-def rank_correlation(x: list[float], y: list[float]) -> dict | None:
-    """Spearman's rho and Kendall's tau with two-sided p-values (null where a constant input
-    leaves them undefined); None for fewer than 3 points, where they mean nothing.
+def rank_correlation(x: list[float], y: list[float], units: list | None = None) -> dict | None:
+    """Spearman's rho and Kendall's tau, each with a 95% bootstrap interval (`ci95`,
+    `kendall_ci95`, from RESAMPLES resamples) and two-sided p-values (null where a constant
+    input leaves them undefined); None for fewer than 3 points, where they mean nothing.
+
+    `units` names what is resampled, each point's (its model; by default each point its own):
+    the points are taken in the units' sorted order, so that the order they come in changes
+    nothing. Where a unit holds several points (a model's images, which share its index) they
+    are not independent: the interval resamples whole units (a cluster bootstrap), and no
+    p-value is given, since scipy's assume independent points (the study's 700 points hold
+    13 distinct index values; their naive p-values said 1e-74).
 
     scipy's Spearman p-value is a t approximation that says p = 0 for three points in
     order; up to EXACT_UP_TO points it comes instead from the exact permutation test (every
@@ -112,8 +122,90 @@ def rank_correlation(x: list[float], y: list[float]) -> dict | None:
             p = stats.permutation_test((stats.rankdata(y),), lambda b, axis=-1: pearson(x_ranks, b, axis),
                                        vectorized=True, permutation_type="pairings", n_resamples=math.inf).pvalue
     finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
-    return {"n": len(x), "spearman_rho": finite(rho), "spearman_p": finite(p), "kendall_tau": finite(tau),
-            "kendall_p": finite(q)}
+    rhos, taus = resampled_correlations(x, y, units)
+    out = {"n": len(x), "spearman_rho": finite(rho), "spearman_p": finite(p), "kendall_tau": finite(tau),
+           "kendall_p": finite(q), "ci95": interval(rhos), "kendall_ci95": interval(taus), "resamples": RESAMPLES}
+    if units is not None and len(set(units)) < len(units):
+        out |= {"clusters": len(set(units)), "spearman_p": None, "kendall_p": None}
+    return out
+
+
+def resampled_correlations(x: list[float], y: list[float], units: list | None = None,
+                           resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Spearman's rho and Kendall's tau over bootstrap resamples of the `units` (each point's;
+    by default each point its own) in their sorted order, each drawn with all its points: with
+    several points to a unit, the cluster bootstrap (Davison and Hinkley 1997, Sec. 3.8). NaN
+    where a resample is constant. scipy.stats.bootstrap resamples points, not clusters, and its
+    interval is NaN once one resample is."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    groups = np.unique(np.arange(len(x)) if units is None else np.asarray(units), return_inverse=True)[1]
+    members = [np.flatnonzero(groups == g) for g in range(groups.max() + 1)]
+    draws = np.random.default_rng(seed).integers(len(members), size=(resamples, len(members)))
+    if len({len(m) for m in members}) == 1:  # clusters of one size: every resample at once
+        take = np.stack(members)[draws].reshape(resamples, -1)
+    else:
+        take = [np.concatenate([members[g] for g in draw]) for draw in draws]
+    rhos = np.array([spearman_rows(x[t], y[t]) for t in take]) if isinstance(take, list) else \
+        spearman_rows(x[take], y[take])
+    if not isinstance(take, list) and take.shape[1] <= SIGN_MATRIX_UP_TO:
+        taus = np.concatenate([kendall_rows(x[take[i:i + 100]], y[take[i:i + 100]]) for i in range(0, resamples, 100)])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            taus = np.array([stats.kendalltau(x[t], y[t])[0] for t in take])
+    return rhos, taus
+
+
+SIGN_MATRIX_UP_TO = 60  # points: Kendall's tau of every resample at once (their n x n signs) up to here
+
+
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each row of x against the same row of y (scipy's spearmanr, row by row)."""
+    from scipy import stats
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pearson(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1))
+
+
+def kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b of each row of x against the same row of y (scipy's kendalltau), from the
+    signs of every pair's differences."""
+    sx, sy = np.sign(x[:, :, None] - x[:, None, :]), np.sign(y[:, :, None] - y[:, None, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sx * sy).sum((1, 2)) / np.sqrt((sx * sx).sum((1, 2)) * (sy * sy).sum((1, 2)))
+
+
+def interval(values: np.ndarray) -> list[float] | None:
+    """The 95% percentile interval of resampled values, those a resample left undefined
+    dropped; None where more than half were."""
+    finite = values[np.isfinite(values)]
+    if len(finite) < len(values) / 2:
+        return None
+    return [float(v) for v in np.percentile(finite, [2.5, 97.5])]
+
+
+def difference(first: tuple[list, list, list], second: tuple[list, list, list], paired: bool) -> dict | None:
+    """Spearman's rho of `first` (x, y, clusters) minus that of `second`, with the 95%
+    interval of the difference: resampling the clusters once for both where they are the same
+    clusters (`paired`: two indices of one study, or two studies of one set of models), each
+    on its own where they are not. The difference is one only where the interval excludes 0."""
+    from scipy import stats
+
+    (x1, y1, c1), (x2, y2, c2) = first, second
+    if min(len(x1), len(x2)) < 3:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input: NaN
+        rho = stats.spearmanr(x1, y1)[0] - stats.spearmanr(x2, y2)[0]
+    if not np.isfinite(rho):
+        return None
+    if paired and sorted(set(c1)) != sorted(set(c2)):
+        raise ValueError("a paired difference needs the same clusters in both")
+    seeds = (BOOTSTRAP_SEED, BOOTSTRAP_SEED if paired else BOOTSTRAP_SEED + 1)  # paired: the same draws
+    d = resampled_correlations(x1, y1, c1, seed=seeds[0])[0] - resampled_correlations(x2, y2, c2, seed=seeds[1])[0]
+    return {"difference": float(rho), "ci95": interval(d), "paired": paired, "resamples": RESAMPLES}
 
 
 def pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -136,26 +228,47 @@ def index_correlations(rows: list[dict], names: Names) -> dict:
                 by_model.setdefault(r["model"], []).append(r)
             mean = lambda group, key: float(np.mean([r[key] for r in group]))  # noqa: E731
             over = {"models": rank_correlation([mean(g, index) for g in by_model.values()],
-                                               [mean(g, "psnr") for g in by_model.values()]),
-                    "pairs": rank_correlation([r[index] for r in points], [r["psnr"] for r in points])}
+                                               [mean(g, "psnr") for g in by_model.values()], list(by_model)),
+                    "pairs": rank_correlation([r[index] for r in points], [r["psnr"] for r in points],
+                                              [r["model"] for r in points])}  # a model's images share its index
             if any(over.values()):
                 out.setdefault(index, {})[attack] = {what: c for what, c in over.items() if c is not None}
     return out
 
 
-def show_correlation(value: float | None, p: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.3f} ({p:.2g})"
+def show_correlation(value: float | None, p: float | None, ci: list | None = None) -> str:
+    """'+0.671 [+0.37, +0.87] (p 1e-05)': the value, its 95% interval where there is one, and its
+    p-value where there is one (none over clustered points)."""
+    if value is None:
+        return "n/a"
+    shown = f"{value:+.3f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+    return shown + (f" (p {p:.2g})" if p is not None else "")
+
+
+def show_rho(c: dict) -> str:
+    return show_correlation(c["spearman_rho"], c["spearman_p"], c.get("ci95"))
+
+
+def show_tau(c: dict) -> str:
+    return show_correlation(c["kendall_tau"], c["kendall_p"], c.get("kendall_ci95"))
+
+
+def correlations_read(unit: str = "model") -> str:
+    """What a table's intervals and p-values are, in its own words for a model (`unit`)."""
+    return (f"95% intervals: bootstrap over {unit}s ({RESAMPLES} resamples, seed fixed); over ({unit}, image) points, "
+            f"over {unit}s with all their images (a cluster bootstrap), and no p-value: a {unit}'s images share "
+            "its index, so its points are not independent.")
 
 
 def correlation_table(correlations: dict, names: Names) -> str:
-    lines = ["| index | attack | over | n | Spearman's rho (p) | Kendall's tau (p) |", "|---|---|---|---|---|---|"]
+    lines = ["| index | attack | over | n | Spearman's rho [95% CI] (p) | Kendall's tau [95% CI] (p) |",
+             "|---|---|---|---|---|---|"]
     for index, by_attack in correlations.items():
         for attack, over in by_attack.items():
             for what, c in over.items():
-                lines.append(f"| {INDICES[index]} | {names.shown(attack)} | {what} | {c['n']} | "
-                             f"{show_correlation(c['spearman_rho'], c['spearman_p'])} | "
-                             f"{show_correlation(c['kendall_tau'], c['kendall_p'])} |")
-    return "\n".join(lines) + "\n"
+                lines.append(f"| {INDICES[index]} | {names.shown(attack)} | {what} | {c['n']} | {show_rho(c)} | "
+                             f"{show_tau(c)} |")
+    return "\n".join(lines) + "\n\n" + correlations_read() + "\n"
 
 
 # =============================================================================
@@ -320,7 +433,7 @@ def label_groups(ax: object, groups: dict[float, list[str]], fmt: str = "{:.0f}"
     for (point, value), label in zip(at, spread_labels([p for p, _ in at], gap)):
         first, *others = groups[value]
         family = first.split("_")[0] + "_"
-        text = " ".join([first] + [n.removeprefix(family) for n in others])
+        text = short(" ".join([first] + [n.removeprefix(family) for n in others]))
         ax.annotate(f"{text}  ({fmt.format(value)})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
                     textcoords="axes fraction", rotation=90, fontsize=7, ha="center", va="bottom",
                     arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
@@ -336,18 +449,24 @@ def activation_colours(activations: dict[str, str]) -> dict[str, str]:
 
 
 def plot_points(ax: object, summary: list[dict], x: dict[str, float], metric: str, colour: dict[str, str],
-                names: Names) -> None:
-    """Each attack's mean (± std over images) per model at x[model]: marker by attack, colour
-    by the first activation (`colour`: model -> colour); PSNRs above the cap drawn at it, hollow."""
+                names: Names, worst: dict[tuple[str, str], float]) -> None:
+    """Each attack's mean (± std over images, the bar kept within SSIM's bound of 1) per model
+    at x[model]: marker by attack, colour by the first activation (`colour`: model -> colour);
+    PSNRs above the cap drawn at it, hollow, with a line down to the worst image's where that
+    is below the cap (`worst`: (model, attack) -> the lowest PSNR), so that no failure hides."""
     for e in summary:
         if e["model"] not in x:
             continue
         mean, std = e[f"{metric}_mean"], e[f"{metric}_std"]
         capped = metric == "psnr" and mean > PSNR_CAP
-        c = colour[e["model"]]
-        ax.errorbar([x[e["model"]]], [PSNR_CAP if capped else mean], None if capped else [std],
-                    fmt=names.marker(e["attack"]), ms=5, capsize=2, color=c, mfc="none" if capped else c, alpha=0.85,
-                    gid=f"{e['model']}|{e['attack']}|{metric}")
+        c, at = colour[e["model"]], x[e["model"]]
+        bar = None if capped else [[std], [min(std, 1 - mean) if metric == "ssim" else std]]
+        ax.errorbar([at], [PSNR_CAP if capped else mean], bar, fmt=names.marker(e["attack"]), ms=5, capsize=2,
+                    color=c, mfc="none" if capped else c, alpha=0.85, gid=f"{e['model']}|{e['attack']}|{metric}")
+        low = worst.get((e["model"], e["attack"]), math.inf)
+        if capped and low < PSNR_CAP:
+            ax.plot([at, at], [PSNR_CAP, low], color=c, lw=0.8, ls=":", alpha=0.85)
+            ax.plot([at], [low], marker="v", ms=4, color=c, alpha=0.85)
 
 
 def study_legend(fig: object, attacks: list[str], activations: dict[str, str], names: Names) -> None:
@@ -356,8 +475,10 @@ def study_legend(fig: object, attacks: list[str], activations: dict[str, str], n
     handles = [Line2D([], [], ls="none", marker=names.marker(a), color="0.3", label=names.shown(a)) for a in attacks]
     handles += [Line2D([], [], ls="none", marker="o", color=c, label=f"first activation: {act}")
                 for act, c in activation_colours(activations).items()]
-    handles.append(Line2D([], [], ls="none", marker="o", mfc="none", color="0.3", label=f"above {PSNR_CAP:.0f} dB"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=8)
+    handles.append(Line2D([], [], ls="none", marker="o", mfc="none", color="0.3",
+                          label=f"mean above {PSNR_CAP:.0f} dB, drawn at it; v: its worst image, where below"))
+    handles.append(Line2D([], [], marker="|", ms=10, color="0.3", ls="none", label="bars: ± 1 std over the images"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
 
 
 def negative_index_axis(column: object, below: dict[float, list[str]], which: str) -> None:
@@ -381,11 +502,18 @@ def negative_index_axis(column: object, below: dict[float, list[str]], which: st
     label_groups(top, below, "{:.0f}" if which == "security_index" else "{:.3f}")
 
 
+LABEL_CHARACTERS = 32  # a model's name in a figure: longer ones (architecture strings) are cut, marked '…'
+
+
+def short(name: str) -> str:
+    return name if len(name) <= LABEL_CHARACTERS else name[:LABEL_CHARACTERS - 1] + "…"
+
+
 def zero_strip(column: object, zero: list[str], which: str) -> None:
     """The strip of index 0 (every layer determined): its models side by side, named."""
     top, bottom = column
     bottom.set_xlim(-0.6, len(zero) - 0.4)
-    bottom.set_xticks(range(len(zero)), zero, rotation=90, fontsize=7)
+    bottom.set_xticks(range(len(zero)), [short(m) for m in zero], rotation=90, fontsize=7)
     top.tick_params(labelbottom=False)
     top.set_title(f"{INDICES[which]} 0\n(every layer determined)", fontsize=8)
     bottom.set_xlabel("index 0: models side by side")
@@ -410,11 +538,13 @@ def plot_index_vs_quality(rows: list[dict], path: Path, names: Names, which: str
     activations = {m: act for m, act in first_activations(rows).items() if m in index}
     palette = activation_colours(activations)
     colour = {m: palette[act] for m, act in activations.items()}
+    worst = {key: min(r["psnr"] for r in group) for key, group in grouped(rows, "model", "attack").items()}
     for row, (metric, label) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
         if below:
-            plot_points(axes[row, 0], summary, {m: v for v, ms in below.items() for m in ms}, metric, colour, names)
+            plot_points(axes[row, 0], summary, {m: v for v, ms in below.items() for m in ms}, metric, colour, names,
+                        worst)
         if zero:
-            plot_points(axes[row, -1], summary, {m: i for i, m in enumerate(zero)}, metric, colour, names)
+            plot_points(axes[row, -1], summary, {m: i for i, m in enumerate(zero)}, metric, colour, names, worst)
         axes[row, 0].set_ylabel(label)
         for ax in axes[row]:
             ax.grid(alpha=0.3)
@@ -560,11 +690,46 @@ def finish(folder: sweeps.RunFolder, names: Names, removes_equations: set[str]) 
 
 
 def cell_correlations(c: dict | None) -> str:
-    """A side-by-side table's two cells: rho (p) | tau (p)."""
+    """A side-by-side table's two cells: rho [95% CI] (p) | tau [95% CI] (p)."""
     if c is None:
         return "n/a | n/a"
-    return (f"{show_correlation(c['spearman_rho'], c['spearman_p'])} | "
-            f"{show_correlation(c['kendall_tau'], c['kendall_p'])}")
+    return f"{show_rho(c)} | {show_tau(c)}"
+
+
+def correlation_inputs(rows: list[dict], index: str, attack: str, over: str) -> tuple[list, list, list]:
+    """What index_correlations correlates, with each point's cluster (its model): over models,
+    each model's mean index and mean PSNR; over points, every (model, image)."""
+    points = [r for r in rows if r["attack"] == attack and r.get(index) is not None]
+    if over == "pairs":
+        return [r[index] for r in points], [r["psnr"] for r in points], [r["model"] for r in points]
+    models = list(dict.fromkeys(r["model"] for r in points))
+    mean = lambda m, key: float(np.mean([r[key] for r in points if r["model"] == m]))  # noqa: E731
+    return [mean(m, index) for m in models], [mean(m, "psnr") for m in models], models
+
+
+def show_difference(d: dict | None) -> str:
+    if d is None or d["ci95"] is None:
+        return "n/a"
+    differs = d["ci95"][0] > 0 or d["ci95"][1] < 0
+    return f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" + (" *" if differs else "")
+
+
+DIFFERENCES_READ = ("A difference of two rhos is shown with its 95% bootstrap interval, marked * where the interval "
+                    "excludes 0: only then is it called a difference. {how}")
+
+
+def index_differences(rows: list[dict], names: Names, label: str, unit: str = "model") -> list[str]:
+    """Per attack and over what, rho of the worst layer's fraction minus that of the security
+    index, paired by model (the same models and images resampled for both)."""
+    cells = []
+    for attack in names.present(rows):
+        for over in ("models", "pairs"):
+            fraction, index = (correlation_inputs(rows, i, attack, over) for i in ("worst_layer_fraction",
+                                                                                   "security_index"))
+            if len(fraction[0]) == len(index[0]) >= 3:
+                what = f"{unit}s" if over == "models" else "points"
+                cells.append(f"{names.shown(attack)} over {what}: {show_difference(difference(fraction, index, True))}")
+    return [f"The worst layer's fraction minus the security index, {label}: " + "; ".join(cells) + "."] if cells else []
 
 
 def side_by_side(first: list[dict], second: list[dict], names: Names, labels: tuple[str, str] = ("held out", "zoo"),
@@ -575,11 +740,14 @@ def side_by_side(first: list[dict], second: list[dict], names: Names, labels: tu
         return index_correlations(rows, names), len({r["model"] for r in rows}), len({r["image"] for r in rows})
 
     (a_corr, a_models, a_images), (b_corr, b_models, b_images) = described(first), described(second)
+    paired = {r["model"] for r in first} == {r["model"] for r in second}  # the same models: resampled together
     lines = [f"{labels[0][0].upper()}{labels[0][1:]}: {a_models} {kinds[0]} x {a_images} images; "
              f"{labels[1]}: {b_models} {kinds[1]} x {b_images} images. "
-             "Spearman's rho (p) | Kendall's tau (p) of each index with PSNR.", "",
-             f"| index | attack | over | {labels[0]}: rho (p) | tau (p) | {labels[1]}: rho (p) | tau (p) |",
-             "|---|---|---|---|---|---|---|"]
+             "Spearman's rho [95% CI] (p) | Kendall's tau [95% CI] (p) of each index with PSNR, and the "
+             f"difference of the two rhos, {labels[0]} minus {labels[1]}.", "",
+             f"| index | attack | over | {labels[0]}: rho [95% CI] (p) | tau [95% CI] (p) | {labels[1]}: rho [95% CI] "
+             "(p) | tau [95% CI] (p) | difference of rho [95% CI] |",
+             "|---|---|---|---|---|---|---|---|"]
     for index in INDICES:
         for attack in names.attacks:
             for over in ("models", "pairs"):
@@ -587,8 +755,14 @@ def side_by_side(first: list[dict], second: list[dict], names: Names, labels: tu
                 b = b_corr.get(index, {}).get(attack, {}).get(over)
                 if a or b:
                     what = f"{unit}s" if over == "models" else f"({unit}, image) points"
+                    d = difference(correlation_inputs(first, index, attack, over),
+                                   correlation_inputs(second, index, attack, over), paired) if a and b else None
                     lines.append(f"| {INDICES[index]} | {names.shown(attack)} | {what} | {cell_correlations(a)} | "
-                                 f"{cell_correlations(b)} |")
+                                 f"{cell_correlations(b)} | {show_difference(d)} |")
+    how = (f"The two share their {unit}s, so each difference resamples the {unit}s once for both." if paired
+           else f"The two hold different {unit}s, so each difference resamples them independently.")
+    lines += ["", correlations_read(unit), "", DIFFERENCES_READ.format(how=how), ""]
+    lines += index_differences(first, names, labels[0], unit) + index_differences(second, names, labels[1], unit)
     return "\n".join(lines) + "\n"
 
 
@@ -807,19 +981,27 @@ def plot_defence_table(rows: list[dict], path: Path, names: Names) -> object:
                 curve = sorted((specs[s][1], v) for (mm, aa, s), v in means.items()
                                if mm == m and aa == a and (specs[s][0] == "none" or specs[s][::2] == (kind, which)))
                 if len(curve) > 1:
-                    ax.plot(*zip(*curve), marker=names.marker(a), ms=3.5, lw=1, label=names.shown(a),
-                            color=f"C{list(names.attacks).index(a)}")
+                    ax.plot(*zip(*curve), marker=names.marker(a), ms=3.5, lw=1,
+                            label=f"{names.shown(a)} (means over {images_per_mean(rows, [a], names).split()[-1]} "
+                                  "images)", color=f"C{list(names.attacks).index(a)}")
             ax.axhline(STOPPED, color="grey", lw=0.8, ls="--")
             positive = sorted(x for k, x, w in specs.values() if (k, w) == (kind, which))
-            if kind != "prune":
+            if kind == "prune":  # P's decades toward 1 (0.9, 0.95, 0.99) apart: the axis is -log10(1 - P)
+                ax.set_xscale("function", functions=(lambda q: -np.log10(1 - np.minimum(q, 1 - 1e-9)),
+                                                     lambda t: 1 - 10.0 ** -t))
+                right = -math.log10(1 - positive[-1])
+                ax.set_xlim(1 - 10 ** (0.04 * right), 1 - 10 ** -(1.04 * right))
+            else:
                 ax.set_xscale("symlog", linthresh=positive[0] / 2)
                 ax.set_xlim(left=-positive[0] / 8)  # no negative decades: none sits at 0, on the left
             ticks = [0.0, *positive]
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=60, fontsize=7)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=90, fontsize=7)
             ax.minorticks_off()
             ax.grid(alpha=0.3)
             if r == 0:
                 ax.set_title(f"{curve_name(kind, which, curves)} ({names.strengths[kind][1]})")
+            if r == len(models) - 1 and kind == "prune":
+                ax.set_xlabel("P (the axis: -log10(1 - P))", fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"{m}\nPSNR (dB)")
     handles, labels = axes[0, 0].get_legend_handles_labels()

@@ -701,10 +701,11 @@ def run(sweep: Sweep, settings: RunSettings) -> None:
             k, n = settings.shard
             cells = [left for cell in sweep.cells[k::n] if (left := sweep.left(cell, folder.entry(cell.key)))]
             record = lambda cell, events: [sweep.write(folder, cell, e) for e in events]  # noqa: E731
-            if settings.jobs == 1:
-                failed = in_this_process(cells, sweep.work, record)
-            else:
-                failed = in_workers(cells, sweep.work, record, settings.jobs, sweep.init_worker)
+            with stretch(folder, sweep.header):
+                if settings.jobs == 1:
+                    failed = in_this_process(cells, sweep.work, record)
+                else:
+                    failed = in_workers(cells, sweep.work, record, settings.jobs, sweep.init_worker)
             folder.write_table()
             sweep.finish(folder)
         if failed:
@@ -712,6 +713,27 @@ def run(sweep: Sweep, settings: RunSettings) -> None:
     except BaseException as e:
         e.run_folder = path
         raise
+
+
+@contextlib.contextmanager
+def stretch(folder: RunFolder, header: dict) -> Iterator[None]:
+    """One stretch of a run (its start, or a --resume) in the record's `stretches`: when it
+    began and ended, its wall seconds, the parts it finished, and the header's `commit` (the
+    code that ran it). Written at the end however the stretch ends, as far as the disk allows."""
+    parts = lambda: sum(len(e.get(folder.record.parts, {})) for e in folder.results["runs"])  # noqa: E731
+    before, start = parts(), time.time()
+    entry = {"commit": header.get("commit"), "command": header.get("command"),
+             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start))}
+    try:
+        yield
+    finally:
+        folder.results.setdefault("stretches", []).append(
+            entry | {"ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - start, 1),
+                     "parts_done": parts() - before})
+        try:
+            folder.save()
+        except OSError:  # a full disk: what was finished is on disk already; the stretch's times are lost
+            pass
 
 
 def reason(error: BaseException) -> str:
@@ -914,8 +936,9 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
             # holds the whole grid (shard 0/1), and what it lacks, merged or resumed is its own
             header = {k: v for k, v in shards[0].items() if k not in FOLDER_STATE}
             header["config"] = header["config"] | {"shard": [0, 1]}
-            folder = RunFolder(path, header | {"merged": [str(s) for s in sources], "runs": list(entries.values())},
-                               record)
+            stretches = [t for shard in shards for t in shard.get("stretches", [])]  # each shard's wall times
+            folder = RunFolder(path, header | {"merged": [str(s) for s in sources], "runs": list(entries.values()),
+                                               "stretches": stretches}, record)
             if missing:
                 folder.results["missing"] = [list(k) for k in missing]
             if grid is not None:
@@ -929,7 +952,8 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
     return path
 
 
-FOLDER_STATE = ("runs", "missing", "merged", "resumed", "correlations", "correlations_by_defence", "peak_memory_mb")
+FOLDER_STATE = ("runs", "missing", "merged", "resumed", "stretches", "correlations", "correlations_by_defence",
+                "peak_memory_mb")
 
 
 def check_mergeable(sources: list[Path], shards: list[dict], record: Record, partial: bool) -> dict | None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Remakes every committed table (and the figures drawn from committed runs, not copied from a
-# run folder) from the committed results.json files: seconds, except the noise's gain (a
-# minute: it runs R-GAP). tests/test_docs.py runs it into a temporary folder and compares.
+# run folder) from the committed results.json files: a few minutes, the noise's gain (it runs
+# R-GAP) and the study figures last. tests/test_docs.py runs it into a temporary folder and compares.
 # Usage: bash studies/make_tables.sh [OUTPUT_DIR]   (default assets: in place)
 source "$(dirname "$0")/preamble.sh"
 out=${1:-assets}
@@ -19,7 +19,14 @@ table variant_table.md variant_table assets/study_cifar_random.json assets/varia
 table variant_table_heldout.md variant_table assets/heldout.json
 table convergence_table.md convergence_table assets/convergence/N0_*.json
 table defence_table.md defence_table assets/defences_*_results.json --figure "$out/defence_table.png"
+table peers_table.md peers_table assets/peers_mnist.json assets/peers_cifar100.json
+table claims.md claims
 if [ "${TABLES_ONLY:-}" != 1 ]; then
     table noise_gain.md noise_gain assets/defences_linear_results.json assets/defences_linear_bends_results.json
     "$PYTHON" -m studies.method "$out/method.png"
+    for study in study_cifar_random study_cifar_trained heldout; do  # the study figures, from their runs
+        "$PYTHON" -m studies.figures "assets/$study.json" "$out/$study.png" "$out/${study}_fraction.png"
+    done
+    "$PYTHON" -m studies.figures assets/study_random.json "$out/study_random.png"
+    "$PYTHON" -m studies.figures assets/study_trained.json "$out/study_trained.png"
 fi

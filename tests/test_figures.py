@@ -1,0 +1,104 @@
+"""The study figures, drawn from committed runs: no text leaves the canvas, no legend lies
+over an axis's labels, no SSIM bar passes 1, and a capped mean shows its worst image."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
+
+import hybrid as H
+import report
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def rows_of(name: str) -> list[dict]:
+    return report.undefended(H.rows_in(json.loads((ASSETS / name).read_text())))
+
+
+def drawn(fig):
+    """The figure laid out and drawn (constrained layout places everything at draw), and its renderer."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    return renderer
+
+
+def drawn_texts(fig) -> list[Text]:
+    """Every text the figure draws: tick labels only of ticks within their axis's view (those
+    outside keep a position but are not drawn)."""
+    ticks, shown = set(), []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                ticks |= {tick.label1, tick.label2}
+                if lo - 1e-9 * (hi - lo) <= tick.get_loc() <= hi + 1e-9 * (hi - lo):
+                    shown += [tick.label1, tick.label2]
+    others = [t for t in fig.findobj(Text) if t not in ticks]
+    return [t for t in others + shown if t.get_visible() and t.get_text().strip()]
+
+
+def texts_outside(fig, renderer) -> list[str]:
+    """Every drawn text whose extent leaves the canvas (a pixel of slack)."""
+    canvas = fig.bbox
+    out = []
+    for t in drawn_texts(fig):
+        if t.figure is not None:
+            box = t.get_window_extent(renderer)
+            if box.x0 < canvas.x0 - 1 or box.x1 > canvas.x1 + 1 or box.y0 < canvas.y0 - 1 or box.y1 > canvas.y1 + 1:
+                out.append(t.get_text()[:40])
+    return out
+
+
+def legend_overlaps(fig, renderer) -> list[str]:
+    """Axis labels and tick labels that a legend's box overlaps."""
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    out = []
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            for t in [ax.xaxis.label, ax.yaxis.label, *ax.get_xticklabels(), *ax.get_yticklabels()]:
+                if t.get_visible() and t.get_text().strip() and box.overlaps(t.get_window_extent(renderer)):
+                    out.append(t.get_text()[:40])
+    return out
+
+
+@pytest.mark.parametrize("name", ["heldout.json", "study_cifar_random.json"])
+@pytest.mark.parametrize("which", list(report.INDICES))
+def test_a_study_figure_keeps_its_text_on_the_canvas_and_its_legend_off_the_labels(name, which, tmp_path):
+    fig = report.plot_index_vs_quality(rows_of(name), tmp_path / "f.png", H.names(), which)
+    renderer = drawn(fig)
+    assert texts_outside(fig, renderer) == []
+    assert legend_overlaps(fig, renderer) == []
+
+
+def test_the_defence_figure_keeps_its_text_on_the_canvas_and_its_ticks_apart(tmp_path):
+    rows = [r for f in sorted(ASSETS.glob("defences_*_results.json")) for r in H.rows_in(json.loads(f.read_text()))]
+    fig = report.plot_defence_table(rows, tmp_path / "d.png", H.names())
+    renderer = drawn(fig)
+    assert texts_outside(fig, renderer) == []
+    assert legend_overlaps(fig, renderer) == []
+    for ax in fig.axes:  # no two tick labels of one axis overlap (prune's 0.9, 0.95, 0.99)
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), ax.get_title()
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "R-GAP (means over 5 images)" in labels and "DLG (means over 3 images)" in labels
+
+
+def test_no_ssim_bar_passes_1_and_a_capped_mean_shows_its_worst_image(tmp_path):
+    rows = rows_of("study_cifar_random.json")
+    fig = report.plot_index_vs_quality(rows, tmp_path / "f.png", H.names())
+    drawn(fig)
+    ssim_axes = [ax for ax in fig.axes if ax.get_ylabel() == "SSIM" or ax.get_ylim()[1] < 2]
+    for ax in ssim_axes:
+        for line in ax.get_lines():
+            assert np.nanmax(line.get_ydata(), initial=-np.inf) <= 1 + 1e-9
+        for collection in ax.collections:  # the error bars' segments
+            for segment in collection.get_segments():
+                assert segment[:, 1].max() <= 1 + 1e-9
+    worst = min(r["psnr"] for r in rows if r["model"] == "lenet" and r["attack"] == "rgap")
+    assert worst < 11  # lenet's mean is above the cap; its image 16 is at 10.1 dB
+    marked = [line for ax in fig.axes for line in ax.get_lines() if line.get_marker() == "v"]
+    assert any(np.isclose(line.get_ydata()[0], worst) for line in marked)

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 try:  # the libraries take seconds to load: a Ctrl-C meanwhile ends quietly, as it does later
     import argparse
+    import contextvars
     import dataclasses
     import fnmatch
     import functools
@@ -1744,18 +1745,72 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
                              None if known is None else tuple(by_layer(model, known)[top]))
     deficiency = [0] * (n_layers - 1)
     for layer in progress(range(top - 1, -1, -1), "layers"):
-        system = layer_system(model, layer, a_hat, dl_da, grads, known)
-        U, V = system.matrices(model)
-        x_hat, rank = solve_min_norm(U, V)
-        deficiency[layer] = rank - U.shape[1]
-        dl_da = U[: system.z_minus_b.numel()].T @ system.delta.flatten()  # dL/da_{l-1} = M^T delta
+        key = ("solve", layer, digest(a_hat, dl_da), known is not None)
+        system, x_hat, rank, dl_da, size = shared_step(key, functools.partial(solve_layer, model, layer, a_hat,
+                                                                              dl_da, grads, known))
+        deficiency[layer] = rank - size[1]
         a_hat = x_hat.view(1, *model.shapes[layer])
         if correct is not None and (where is None or where(deficiency[layer:])):
             a_hat = correct(system, a_hat).double().cpu()
         if verbose:
-            say(f"  layer {layer}: {U.shape[0]} equations, {U.shape[1]} unknowns, "
-                f"rank {rank}, deficiency {deficiency[layer]}")
+            say(f"  layer {layer}: {size[0]} equations, {size[1]} unknowns, rank {rank}, "
+                f"deficiency {deficiency[layer]}")
     return a_hat.float(), deficiency
+
+
+def solve_layer(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor, grads: list[torch.Tensor],
+                known: list[torch.Tensor] | None) -> tuple[LayerSystem, torch.Tensor, int, torch.Tensor, tuple]:
+    """One step of the recursion at convolution `layer`: its system, the minimum-norm
+    least-squares solution and U's rank, dL/da of the layer below (M^T delta), U's shape."""
+    system = layer_system(model, layer, a_hat, dl_da, grads, known)
+    U, V = system.matrices(model)
+    x_hat, rank = solve_min_norm(U, V)
+    return system, x_hat, rank, U[: system.z_minus_b.numel()].T @ system.delta.flatten(), tuple(U.shape)
+
+
+# -- Work shared by the attacks of one cell ------------------------------------------------
+# R-GAP, the hybrid and hybrid_free run one recursion on one shared gradient. The top
+# layer's step is the same for all three; so is every step hybrid_free leaves to R-GAP until
+# its first correction, and every correction it makes from the input the hybrid corrected.
+# Each step is a function of its inputs alone (the model and the gradient, fixed within a
+# cell; the layer and the estimate passed down; a correction also the label and the
+# method's settings): a step met again within a cell is taken from the first time, not run
+# twice, and its numbers are those of running it again, to the bit.
+
+
+class SharedSteps:
+    """The steps of one cell's attacks, by their inputs: each step's value, and which
+    attack computed it; `computed` counts the steps run, `taken` those taken again."""
+
+    def __init__(self) -> None:
+        self.steps: dict[tuple, object] = {}
+        self.computed = self.taken = 0
+
+
+SHARED: contextvars.ContextVar[SharedSteps | None] = contextvars.ContextVar("shared_steps", default=None)
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """A step's input, by its bytes (shape and dtype too)."""
+    h = hashlib.sha1()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def shared_step(key: tuple, compute: Callable[[], object]) -> object:
+    """`compute()`, or, within a cell, its value the first time these inputs were met."""
+    shared = SHARED.get()
+    if shared is None:
+        return compute()
+    if key in shared.steps:
+        shared.taken += 1
+        return shared.steps[key]
+    shared.computed += 1
+    shared.steps[key] = value = compute()
+    return value
 
 
 def security_index(deficiency: list[int]) -> int:
@@ -2010,7 +2065,10 @@ def hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSe
 
     def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
         corrected.append(system.layer)
-        return gradient_matching(model, system, x_hat, grads=grads, label=label, settings=settings)
+        method = dataclasses.replace(settings, correct_where="", verbose=False)  # what a correction reads
+        return shared_step(("correct", system.layer, digest(x_hat), label, method),
+                           functools.partial(gradient_matching, model, system, x_hat, grads=grads, label=label,
+                                             settings=settings))
     x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose, where=where,
                                              known=known_entries(grads, settings))
     info = {"rank_deficiency": deficiency} | ({} if where is None else {"corrected_layers": sorted(corrected)})
@@ -2433,12 +2491,24 @@ def share_and_attack(model: Net, image: PrivateImage, attacks: list[str], settin
 
 def answers(model: Net, shared: list[torch.Tensor], label: int, attacks: list[str], settings: AttackSettings,
             seed: int) -> Iterator[tuple[str, AttackResult, float]]:
-    """Each attack's answer to the shared gradient, reseeded first, with its seconds."""
-    for name in attacks:
-        seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
-        start = time.perf_counter()
-        result = ATTACKS[name].run(model, shared, label, settings)
-        yield name, result, time.perf_counter() - start
+    """Each attack's answer to the shared gradient, reseeded first, with its seconds. The
+    recursion's steps are shared among the attacks (SharedSteps); an attack that ran no step
+    of its own and answers as an earlier one did, bit for bit, is marked `derived_from` it."""
+    steps, done = SharedSteps(), {}
+    token = SHARED.set(steps)
+    try:
+        for name in attacks:
+            seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
+            start, computed, taken = time.perf_counter(), steps.computed, steps.taken
+            result = ATTACKS[name].run(model, shared, label, settings)
+            if steps.computed == computed and steps.taken > taken:  # every step it took was another's
+                same = next((other for other, x in done.items() if torch.equal(x, result.x)), None)
+                if same is not None:
+                    result.info["derived_from"] = same
+            done[name] = result.x
+            yield name, result, time.perf_counter() - start
+    finally:
+        SHARED.reset(token)
 
 
 def rank_analysis(model: Net, image: PrivateImage, device: str) -> RankAnalysis:

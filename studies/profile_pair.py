@@ -1,0 +1,111 @@
+"""Where a study pair's time goes: per model, attack and layer, the seconds spent building
+each layer's matrices (U = [M; G]), solving them (the pivoted QR of the minimum-norm
+least-squares solution), and in the hybrid's Adam steps, the rest of the attack beside them;
+then the whole cell as the sweep runs it (the three attacks sharing their steps), beside
+the three run alone. One (model, image) each, the CIFAR-10 study's budget (N0 2500, N 500),
+one thread, one process.
+
+Usage: python -m studies.profile_pair [--models cnn2_c2 ...] [--image 0] > table.md
+"""
+import dataclasses
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+import hybrid as H
+from studies.common import Parser, printed
+
+MODELS = ["cnn2_c2", "cnn3_c1", "cnn3_c5", "cnn4_c2", "cnn6d", "lenet"]
+ATTACKS = ["rgap", "hybrid", "hybrid_free"]
+SETTINGS = dataclasses.replace(H.AttackSettings(), hybrid_iters_first=2500, hybrid_iters=500)
+PARTS = {"build": ("conv_matrix", "grad_matrix"), "solve": ("solve_min_norm",), "adam": ("gradient_matching",)}
+
+
+class Timers:
+    """Seconds per (part, layer), from wrapping hybrid.py's functions of each part."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple[str, int], float] = defaultdict(float)
+        self.layer = -1
+        self.originals = {}
+
+    def __enter__(self) -> "Timers":
+        for part, functions in PARTS.items():
+            for name in functions:
+                self.originals[name] = getattr(H, name)
+                setattr(H, name, self.timed(part, self.originals[name]))
+        layer_system = self.originals["layer_system"] = H.layer_system
+
+        def tracking(model, layer, *args, **kwargs):  # which layer the recursion is at
+            self.layer = layer
+            return layer_system(model, layer, *args, **kwargs)
+        H.layer_system = tracking
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, f in self.originals.items():
+            setattr(H, name, f)
+
+    def timed(self, part: str, f):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                self.seconds[part, args[1].layer if part == "adam" else self.layer] += time.perf_counter() - start
+        return run
+
+
+def profile(name: str, image: H.PrivateImage) -> list[str]:
+    model = H.build_model(name)
+    grads = H.client_gradient(model, image.x, image.label)
+    label = H.recover_label(grads)
+    lines, alone = [], 0.0
+    for attack in ATTACKS:
+        H.seed_everything(H.PUBLISHED_SEED)
+        with Timers() as timers:
+            start = time.perf_counter()
+            H.ATTACKS[attack].run(model, grads, label, SETTINGS)
+            total = time.perf_counter() - start
+        alone += total
+        for layer in sorted({layer for _, layer in timers.seconds}, reverse=True):
+            parts = [timers.seconds.get((part, layer), 0.0) for part in PARTS]
+            lines.append(f"| {name} | {H.ATTACKS[attack].shown} | {layer} | "
+                         + " | ".join(f"{t:.2f}" for t in parts) + " | |")
+        rest = total - sum(timers.seconds.values())
+        lines.append(f"| {name} | {H.ATTACKS[attack].shown} | all | "
+                     + " | ".join(f"{sum(t for (p, _), t in timers.seconds.items() if p == part):.2f}"
+                                  for part in PARTS) + f" | {rest:.2f} (total {total:.2f}) |")
+    start = time.perf_counter()
+    list(H.answers(model, grads, label, ATTACKS, SETTINGS, H.PUBLISHED_SEED))
+    shared = time.perf_counter() - start
+    start = time.perf_counter()
+    H.rank_deficiency(model, grads)
+    ranks = time.perf_counter() - start
+    lines.append(f"| {name} | the cell: three alone {alone:.1f} s, sharing their steps {shared:.1f} s "
+                 f"({alone / shared:.2f}x); a rank analysis alone {ranks:.1f} s | | | | | |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m studies.profile_pair")
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--image", type=int, default=0, help="the CIFAR-10 test image (default 0)")
+    a = p.parse_args(argv)
+
+    def make() -> str:
+        torch.set_num_threads(1)
+        H.configure_torch("cpu", 1)
+        (image,), _ = H.load_test_split("cifar10-test", [a.image], H.DATA_PATH, download=False)
+        lines = ["| model | attack | layer | build U (s) | solve (s) | Adam (s) | rest (s) |",
+                 "|---|---|---|---|---|---|---|"]
+        for name in a.models:
+            lines += profile(name, image)
+        return "\n".join(lines) + "\n"
+    return printed(p.prog, make)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

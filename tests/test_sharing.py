@@ -1,0 +1,59 @@
+"""The attacks of one cell share the recursion's steps: each attack's answer is what it gives
+alone, to the bit; hybrid_free where it corrects every layer is the hybrid's, and where it
+corrects none R-GAP's, marked derived; no step is run twice."""
+import dataclasses
+
+import pytest
+import torch
+
+import hybrid as H
+
+TINY = dataclasses.replace(H.AttackSettings(), dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
+LINEAR = ["rgap", "hybrid", "hybrid_free"]
+
+
+def answers(model, image, attacks):
+    return {e.attack: e for e in H.share_and_attack(model, image, attacks, TINY, H.PUBLISHED_SEED, "cpu")
+            if isinstance(e, H.Answer)}
+
+
+@pytest.mark.parametrize("name, derived", [("cnn2_c2", "hybrid"), ("cnn2_c1", "rgap"), ("cnn3_c4", None)])
+def test_shared_steps_give_each_attack_its_own_answer_to_the_bit(chelsea, name, derived):
+    """cnn2_c2 is deficient at its one convolution (hybrid_free corrects it, as the hybrid
+    does), cnn2_c1 full rank (it corrects nothing), cnn3_c4 [-2146, 0] (it leaves the top
+    layer to R-GAP, then corrects)."""
+    model = H.build_model(name)
+    together = answers(model, chelsea, LINEAR)
+    for attack in LINEAR:
+        alone = answers(model, chelsea, [attack])[attack]
+        assert torch.equal(torch.as_tensor(alone.recon), torch.as_tensor(together[attack].recon)), attack
+        assert alone.entry["psnr"] == together[attack].entry["psnr"]
+        assert "derived_from" not in alone.entry
+    assert together["hybrid_free"].entry.get("derived_from") == derived
+    assert "derived_from" not in together["hybrid"].entry and "derived_from" not in together["rgap"].entry
+
+
+def test_no_step_is_run_twice_within_a_cell(chelsea, monkeypatch):
+    """cnn2_c2: R-GAP solves its one layer, the hybrid takes that solve and corrects it,
+    hybrid_free takes both: one solve and one correction in all."""
+    calls = {"solve": 0, "correct": 0}
+    solve, correct = H.solve_layer, H.gradient_matching
+
+    def counted(kind, f):
+        def run(*args, **kwargs):
+            calls[kind] += 1
+            return f(*args, **kwargs)
+        return run
+    monkeypatch.setattr(H, "solve_layer", counted("solve", solve))
+    monkeypatch.setattr(H, "gradient_matching", counted("correct", correct))
+    answers(H.build_model("cnn2_c2"), chelsea, LINEAR)
+    assert calls == {"solve": 1, "correct": 1}
+
+
+def test_steps_are_not_shared_between_cells(chelsea, photographs):
+    """Another image is another gradient: nothing of one cell's steps reaches the next."""
+    model = H.build_model("cnn2_c2")
+    answers(model, chelsea, ["rgap"])
+    assert H.SHARED.get() is None
+    first = answers(model, photographs[0], ["hybrid_free"])["hybrid_free"]
+    assert "derived_from" not in first.entry

@@ -57,3 +57,23 @@ def test_steps_are_not_shared_between_cells(chelsea, photographs):
     assert H.SHARED.get() is None
     first = answers(model, photographs[0], ["hybrid_free"])["hybrid_free"]
     assert "derived_from" not in first.entry
+
+
+def test_the_benchmark_table_compares_speed_and_numbers(tmp_path, capsys):
+    """Two sides with the same numbers: their speed ratio, no PSNR difference, every pair equal;
+    one PSNR moved by 0.25 dB is reported and its pair no longer counted equal."""
+    import json
+    from pathlib import Path
+
+    from studies import benchmark_table
+
+    record = Path(H.__file__).parent / "assets" / "heldout.json"
+    assert benchmark_table.main([str(record), "100", str(record), "50"]) == 0
+    out = capsys.readouterr().out
+    assert "2.00x the pairs per hour" in out and "difference 0.0000 dB" in out and "200 of 200 pairs equal" in out
+    moved = json.loads(record.read_text())
+    moved["runs"][0]["attacks"]["hybrid"]["psnr"] += 0.25
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    assert benchmark_table.main([str(record), "100", str(tmp_path / "moved.json"), "100"]) == 0
+    out = capsys.readouterr().out
+    assert "difference 0.2500 dB" in out and "199 of 200 pairs equal" in out

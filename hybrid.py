@@ -1429,17 +1429,17 @@ def captured_gradient(model: Net, captured: Captured) -> list[torch.Tensor]:
     model, a value that is not finite, or a gradient that is exactly zero, a UserError
     naming it. (A parameter outside the chain, unused by the forward, is left out.)"""
     where = captured.where
+    some = f"({', '.join(model.listed[:4])}{', ...' * (len(model.listed) > 4)})"  # the model's parameters, named
     if isinstance(captured.tensors, tuple):
         if len(captured.tensors) != len(model.listed):
             raise UserError(f"{where}: holds {len(captured.tensors)} tensors, and the model has {len(model.listed)} "
-                            f"parameters ({', '.join(model.listed[:4])}{', ...' * (len(model.listed) > 4)})")
+                            f"parameters {some}")
         by_name = dict(zip(model.listed, captured.tensors))
     else:
         by_name = captured.tensors
         extra = next((name for name in by_name if name not in model.listed), None)
         if extra is not None:
-            raise UserError(f"{where}: its '{printable(extra, 80)}' is no parameter of the model "
-                            f"({', '.join(model.listed[:4])}{', ...' * (len(model.listed) > 4)})")
+            raise UserError(f"{where}: its '{printable(extra, 80)}' is no parameter of the model {some}")
     out = []
     for name, p in zip(model.names, model.parameters()):
         g = by_name.get(name)
@@ -1745,9 +1745,9 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
                              None if known is None else tuple(by_layer(model, known)[top]))
     deficiency = [0] * (n_layers - 1)
     for layer in progress(range(top - 1, -1, -1), "layers"):
-        key = ("solve", layer, digest(a_hat, dl_da), known is not None)
-        system, x_hat, rank, dl_da, size = shared_step(key, functools.partial(solve_layer, model, layer, a_hat,
-                                                                              dl_da, grads, known))
+        inputs = ("solve", layer, a_hat, dl_da, known is not None)
+        system, x_hat, rank, dl_da, size = shared_step(inputs, functools.partial(solve_layer, model, layer, a_hat,
+                                                                                 dl_da, grads, known))
         deficiency[layer] = rank - size[1]
         a_hat = x_hat.view(1, *model.shapes[layer])
         if correct is not None and (where is None or where(deficiency[layer:])):
@@ -1779,8 +1779,8 @@ def solve_layer(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor
 
 
 class SharedSteps:
-    """The steps of one cell's attacks, by their inputs: each step's value, and which
-    attack computed it; `computed` counts the steps run, `taken` those taken again."""
+    """The steps of one cell's attacks, by their inputs: each step's value; `computed` counts
+    the steps run, `taken` those taken again."""
 
     def __init__(self) -> None:
         self.steps: dict[tuple, object] = {}
@@ -1790,21 +1790,21 @@ class SharedSteps:
 SHARED: contextvars.ContextVar[SharedSteps | None] = contextvars.ContextVar("shared_steps", default=None)
 
 
-def digest(*tensors: torch.Tensor) -> str:
-    """A step's input, by its bytes (shape and dtype too)."""
-    h = hashlib.sha1()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+def digest(value: object) -> object:
+    """A step's input as a key: a tensor by its bytes (shape and dtype too), anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    t = value.detach().cpu().contiguous()
+    return hashlib.sha1(f"{tuple(t.shape)}{t.dtype}".encode() + t.numpy().tobytes()).hexdigest()
 
 
-def shared_step(key: tuple, compute: Callable[[], object]) -> object:
-    """`compute()`, or, within a cell, its value the first time these inputs were met."""
+def shared_step(inputs: tuple, compute: Callable[[], object]) -> object:
+    """`compute()`, or, within a cell, its value the first time these `inputs` were met (the
+    tensors among them hashed only within a cell)."""
     shared = SHARED.get()
     if shared is None:
         return compute()
+    key = tuple(digest(v) for v in inputs)
     if key in shared.steps:
         shared.taken += 1
         return shared.steps[key]
@@ -2066,7 +2066,7 @@ def hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSe
     def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
         corrected.append(system.layer)
         method = dataclasses.replace(settings, correct_where="", verbose=False)  # what a correction reads
-        return shared_step(("correct", system.layer, digest(x_hat), label, method),
+        return shared_step(("correct", system.layer, x_hat, label, method),
                            functools.partial(gradient_matching, model, system, x_hat, grads=grads, label=label,
                                              settings=settings))
     x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose, where=where,
@@ -2685,7 +2685,7 @@ def row(entry: dict, attack: str) -> dict:
     e, defence = entry["attacks"][attack], entry["defence"]
     has = defence if "rank_deficiency" in defence else entry
     d = parse_defence(defence["spec"])
-    scored = entry.get("target", {}) is not None  # a captured gradient with no target is not scored: NaN
+    scored = report.scored(entry)  # a captured gradient with no target: PSNR and SSIM NaN
     return {"model": entry["model"], "image": entry["image"], "defence": d.spec, "attack": attack,
             "label": e["label"], "label_correct": e["label_correct"],  # null where no label was given
             "psnr": math.nan if not scored else math.inf if e["psnr"] is None else e["psnr"],  # null: exact
@@ -3230,12 +3230,13 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
                         "--classes K for more)")
     if args.normalize is not None:
         normalize_of(args.normalize, shape[0])  # checked now
-    indices = parse_image_indices(args.image_indices) if args.image_indices else default.image_indices
+    indices = parse_image_indices(args.image_indices) if args.image_indices else None
     captured = {}
     if args.gradient is not None:  # a captured gradient: its true image only where one is named, its label where given
-        indices, captured = parse_image_indices(args.image_indices) if args.image_indices else [], {"label": args.label}
+        indices, captured = indices or [], {"label": args.label}
     exp = sweeps.given(Experiment, args, models=expand_models(args.models or default.models, shape),
-                       input_shape=list(shape), classes=classes, image_indices=indices,
+                       input_shape=list(shape), classes=classes,
+                       image_indices=default.image_indices if indices is None else indices,
                        attacks=[a for a in ATTACKS if a in (args.attacks or default.attacks)],
                        defences=canonical_defences(args.defences or default.defences),
                        device=resolve_device(args.device or default.device), **captured)
@@ -3320,8 +3321,8 @@ def main(argv: list[str] | None = None) -> int:
         exp, settings, run = settings_from(args)
         configure_process(exp.device, run.threads, settings.verbose)
         # after the settings, so that an unknown model fails before any download
-        images, used = [], exp.source
-        if exp.gradient is None or exp.image_files or exp.image_indices:
+        images, used = [], exp.source  # a captured gradient named with no image has none
+        if exp.image_files or exp.image_indices:
             images, used = load_images(exp, analysing=args.analyse)
         if exp.normalize is not None:
             images = [normalized(image, *normalize_of(exp.normalize, exp.input_shape[0])) for image in images]

@@ -22,6 +22,7 @@ defences); finish (what a sweep and a merge end with); the study tables (studies
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -67,6 +68,12 @@ class Names:
 
 def format_psnr(psnr: float | None, digits: int = 1) -> str:
     return "exact" if psnr is None or math.isinf(psnr) else f"{psnr:.{digits}f} dB"
+
+
+def scored(entry: dict) -> bool:
+    """Whether a cell's entry had a target to score against (a captured gradient attacked with
+    no image named has none: its target is null)."""
+    return entry.get("target", {}) is not None
 
 
 def fraction_text(fraction: float | None) -> str:
@@ -136,7 +143,14 @@ def resampled_correlations(x: list[float], y: list[float], units: list | None = 
     by default each point its own) in their sorted order, each drawn with all its points: with
     several points to a unit, the cluster bootstrap (Davison and Hinkley 1997, Sec. 3.8). NaN
     where a resample is constant. scipy.stats.bootstrap resamples points, not clusters, and its
-    interval is NaN once one resample is."""
+    interval is NaN once one resample is. Drawn once a process for the same arguments: a
+    difference of two correlations resamples what their own intervals did."""
+    return bootstrap(tuple(x), tuple(y), None if units is None else tuple(units), resamples, seed)
+
+
+@functools.lru_cache(maxsize=256)
+def bootstrap(x: tuple, y: tuple, units: tuple | None, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """resampled_correlations, of hashable arguments. The arrays it returns are shared: read only."""
     from scipy import stats
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
@@ -208,6 +222,19 @@ def difference(first: tuple[list, list, list], second: tuple[list, list, list], 
     return {"difference": float(rho), "ci95": interval(d), "paired": paired, "resamples": RESAMPLES}
 
 
+def correlation_inputs(rows: list[dict], index: str, attack: str, over: str) -> tuple[list, list, list]:
+    """What index_correlations correlates, with each point's unit of resampling (its model):
+    over models, each model's mean index and mean PSNR; over pairs, every (model, image)
+    (a model's images share its index: one cluster)."""
+    points = [r for r in rows if r["attack"] == attack and r.get(index) is not None]
+    if over == "pairs":
+        return [r[index] for r in points], [r["psnr"] for r in points], [r["model"] for r in points]
+    by_model = grouped(points, "model")
+    mean = lambda group, key: float(np.mean([r[key] for r in group]))  # noqa: E731
+    return ([mean(g, index) for g in by_model.values()], [mean(g, "psnr") for g in by_model.values()],
+            [model for (model,) in by_model])
+
+
 def pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     """Pearson's correlation along `axis` (of ranks: Spearman's rho), for permutation_test."""
     a, b = a - a.mean(axis, keepdims=True), b - b.mean(axis, keepdims=True)
@@ -222,15 +249,8 @@ def index_correlations(rows: list[dict], names: Names) -> dict:
     out: dict[str, dict] = {}
     for index in INDICES:
         for attack in names.attacks:
-            points = [r for r in rows if r["attack"] == attack and r.get(index) is not None]
-            by_model: dict[str, list[dict]] = {}
-            for r in points:
-                by_model.setdefault(r["model"], []).append(r)
-            mean = lambda group, key: float(np.mean([r[key] for r in group]))  # noqa: E731
-            over = {"models": rank_correlation([mean(g, index) for g in by_model.values()],
-                                               [mean(g, "psnr") for g in by_model.values()], list(by_model)),
-                    "pairs": rank_correlation([r[index] for r in points], [r["psnr"] for r in points],
-                                              [r["model"] for r in points])}  # a model's images share its index
+            over = {what: rank_correlation(*correlation_inputs(rows, index, attack, what))
+                    for what in ("models", "pairs")}
             if any(over.values()):
                 out.setdefault(index, {})[attack] = {what: c for what, c in over.items() if c is not None}
     return out
@@ -332,12 +352,12 @@ def summary_table(summary: list[dict], names: Names) -> str:
     lines = ["| model |" + (" defence |" if defended else "") + " security index mean [min, max] | worst layer's "
              "fraction | attack | n | PSNR mean ± std | PSNR median | SSIM mean ± std | SSIM median | label acc. | "
              "seconds |", "|---" * (11 + defended) + "|"]
+    scores = lambda e: (f"{e['psnr_mean']:.2f} ± {e['psnr_std']:.2f} | {e['psnr_median']:.2f} | "  # noqa: E731
+                        f"{e['ssim_mean']:.3f} ± {e['ssim_std']:.3f} | {e['ssim_median']:.3f}"
+                        if not math.isnan(e["ssim_mean"]) else "not scored | | not scored | ")  # no target given
+    accuracy = lambda e: "-" if math.isnan(e["label_accuracy"]) else f"{e['label_accuracy']:.2f}"  # noqa: E731
     lines += [f"| {e['model']} |{column(e)} {index(e)} | {fraction(e)} | {names.shown(e['attack'])} | {e['n']} | "
-              + (f"{e['psnr_mean']:.2f} ± {e['psnr_std']:.2f} | {e['psnr_median']:.2f} | {e['ssim_mean']:.3f} ± "
-                 f"{e['ssim_std']:.3f} | {e['ssim_median']:.3f}" if not math.isnan(e["ssim_mean"])
-                 else "not scored | | not scored | ")  # a captured gradient with no target
-              + f" | {e['label_accuracy']:.2f} | {e['seconds_mean']:.1f} |".replace("| nan |", "| - |")
-              for e in summary]
+              f"{scores(e)} | {accuracy(e)} | {e['seconds_mean']:.1f} |" for e in summary]
     return "\n".join(lines) + "\n"
 
 
@@ -677,7 +697,7 @@ def finish(folder: sweeps.RunFolder, names: Names, removes_equations: set[str]) 
     notes += [f"\nNo target was given for {e['model']} on {e['image']}: its reconstructions are saved, not scored. "
               f"Rank deficiency per layer {e.get('rank_deficiency')}, security index {e.get('security_index')}, "
               f"worst layer's fraction {fraction_text(e.get('worst_layer_fraction'))}.\n"
-              for e in folder.results["runs"] if "target" in e and e["target"] is None]
+              for e in folder.results["runs"] if not scored(e)]
     summary = write_summary(folder.path, rows, names, folder.results["correlations"], "".join(notes),
                             folder.results.get("correlations_by_defence"))
     say(summary, end="")
@@ -694,17 +714,6 @@ def cell_correlations(c: dict | None) -> str:
     if c is None:
         return "n/a | n/a"
     return f"{show_rho(c)} | {show_tau(c)}"
-
-
-def correlation_inputs(rows: list[dict], index: str, attack: str, over: str) -> tuple[list, list, list]:
-    """What index_correlations correlates, with each point's cluster (its model): over models,
-    each model's mean index and mean PSNR; over points, every (model, image)."""
-    points = [r for r in rows if r["attack"] == attack and r.get(index) is not None]
-    if over == "pairs":
-        return [r[index] for r in points], [r["psnr"] for r in points], [r["model"] for r in points]
-    models = list(dict.fromkeys(r["model"] for r in points))
-    mean = lambda m, key: float(np.mean([r[key] for r in points if r["model"] == m]))  # noqa: E731
-    return [mean(m, index) for m in models], [mean(m, "psnr") for m in models], models
 
 
 def show_difference(d: dict | None) -> str:
@@ -836,11 +845,14 @@ def show_psnr(x: float) -> str:
 
 def images_per_mean(rows: list[dict], attacks: list[str], names: Names) -> str:
     """How many images each attack's means are over: a study's parts may attack different numbers."""
-    counts: dict[str, set[int]] = {}
-    for (attack, _, _), v in grouped(rows, "attack", "model", "defence").items():
-        counts.setdefault(attack, set()).add(len({r["image"] for r in v}))
-    spans = [(a, min(counts[a]), max(counts[a])) for a in attacks]
-    return ", ".join(f"{names.shown(a)} {lo}" + (f"-{hi}" if hi > lo else "") for a, lo, hi in spans)
+    return ", ".join(f"{names.shown(a)} {image_counts(rows, a)}" for a in attacks)
+
+
+def image_counts(rows: list[dict], attack: str) -> str:
+    """The images one attack's means are over, per (model, defence): '5', or '3-5' where they differ."""
+    counts = {len({r["image"] for r in v}) for v in grouped([r for r in rows if r["attack"] == attack],
+                                                            "model", "defence").values()}
+    return f"{min(counts)}" + (f"-{max(counts)}" if max(counts) > min(counts) else "")
 
 
 def specs_of(rows: list[dict]) -> dict[str, tuple[str, float, str]]:
@@ -972,6 +984,7 @@ def plot_defence_table(rows: list[dict], path: Path, names: Names) -> object:
     curves = curves_of(specs, names)  # a column per curve (dp at each clip C): never one line through two
     attacks = names.present(rows)
     means = mean_psnr(rows, PSNR_CAP)
+    shown = {a: f"{names.shown(a)} (means over {image_counts(rows, a)} images)" for a in attacks}
     fig = Figure(figsize=(3.2 * len(curves) + 1.6, 2.1 * len(models) + 0.6), layout="constrained")
     axes = fig.subplots(len(models), len(curves), sharey=True, squeeze=False)
     for r, m in enumerate(models):
@@ -981,9 +994,8 @@ def plot_defence_table(rows: list[dict], path: Path, names: Names) -> object:
                 curve = sorted((specs[s][1], v) for (mm, aa, s), v in means.items()
                                if mm == m and aa == a and (specs[s][0] == "none" or specs[s][::2] == (kind, which)))
                 if len(curve) > 1:
-                    ax.plot(*zip(*curve), marker=names.marker(a), ms=3.5, lw=1,
-                            label=f"{names.shown(a)} (means over {images_per_mean(rows, [a], names).split()[-1]} "
-                                  "images)", color=f"C{list(names.attacks).index(a)}")
+                    ax.plot(*zip(*curve), marker=names.marker(a), ms=3.5, lw=1, label=shown[a],
+                            color=f"C{list(names.attacks).index(a)}")
             ax.axhline(STOPPED, color="grey", lw=0.8, ls="--")
             positive = sorted(x for k, x, w in specs.values() if (k, w) == (kind, which))
             if kind == "prune":  # P's decades toward 1 (0.9, 0.95, 0.99) apart: the axis is -log10(1 - P)

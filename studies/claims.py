@@ -21,11 +21,9 @@ DEFENCES = [f"assets/defences_{part}_results.json" for part in ("linear", "linea
 
 
 def per_model(rows: list[dict], attack: str) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["attack"] == attack:
-            out.setdefault(r["model"], []).append(r)
-    return out
+    """One attack's rows by model."""
+    return {model: group for (model,), group in report.grouped([r for r in rows if r["attack"] == attack],
+                                                               "model").items()}
 
 
 def exactness(rows: list[dict], name: str) -> list[str]:

@@ -14,7 +14,7 @@ import report
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
-def rows_of(name: str) -> list[dict]:
+def study_rows(name: str) -> list[dict]:
     return report.undefended(H.rows_in(json.loads((ASSETS / name).read_text())))
 
 
@@ -68,7 +68,7 @@ def legend_overlaps(fig, renderer) -> list[str]:
 @pytest.mark.parametrize("name", ["heldout.json", "study_cifar_random.json"])
 @pytest.mark.parametrize("which", list(report.INDICES))
 def test_a_study_figure_keeps_its_text_on_the_canvas_and_its_legend_off_the_labels(name, which, tmp_path):
-    fig = report.plot_index_vs_quality(rows_of(name), tmp_path / "f.png", H.names(), which)
+    fig = report.plot_index_vs_quality(study_rows(name), tmp_path / "f.png", H.names(), which)
     renderer = drawn(fig)
     assert texts_outside(fig, renderer) == []
     assert legend_overlaps(fig, renderer) == []
@@ -88,7 +88,7 @@ def test_the_defence_figure_keeps_its_text_on_the_canvas_and_its_ticks_apart(tmp
 
 
 def test_no_ssim_bar_passes_1_and_a_capped_mean_shows_its_worst_image(tmp_path):
-    rows = rows_of("study_cifar_random.json")
+    rows = study_rows("study_cifar_random.json")
     fig = report.plot_index_vs_quality(rows, tmp_path / "f.png", H.names())
     drawn(fig)
     ssim_axes = [ax for ax in fig.axes if ax.get_ylabel() == "SSIM" or ax.get_ylim()[1] < 2]

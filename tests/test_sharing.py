@@ -2,11 +2,14 @@
 alone, to the bit; hybrid_free where it corrects every layer is the hybrid's, and where it
 corrects none R-GAP's, marked derived; no step is run twice."""
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import hybrid as H
+from studies import benchmark_table
 
 TINY = dataclasses.replace(H.AttackSettings(), dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
 LINEAR = ["rgap", "hybrid", "hybrid_free"]
@@ -62,11 +65,6 @@ def test_steps_are_not_shared_between_cells(chelsea, photographs):
 def test_the_benchmark_table_compares_speed_and_numbers(tmp_path, capsys):
     """Two sides with the same numbers: their speed ratio, no PSNR difference, every pair equal;
     one PSNR moved by 0.25 dB is reported and its pair no longer counted equal."""
-    import json
-    from pathlib import Path
-
-    from studies import benchmark_table
-
     record = Path(H.__file__).parent / "assets" / "heldout.json"
     assert benchmark_table.main([str(record), "100", str(record), "50"]) == 0
     out = capsys.readouterr().out

@@ -1,13 +1,17 @@
 """The intervals behind every correlation: the bootstrap covers a rank correlation known in
 advance, the cluster bootstrap widens where points share their cluster, differences are
 tested by their own interval, and the resampled statistics are scipy's."""
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
+import hybrid as H
 import report
+from conftest import QUICK, the_folder
 
 
 def bivariate(n: int, r: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,12 +94,6 @@ def test_the_order_the_points_come_in_changes_no_interval():
 
 def test_a_run_records_its_commit_and_the_wall_time_of_every_stretch(tmp_path):
     """results.json says which code made it and how long each stretch took: a resume adds one."""
-    import json
-    from pathlib import Path
-
-    import hybrid as H
-    from conftest import QUICK, the_folder
-
     assert H.main([*QUICK, "--model", "cnn2_c1", "--index", "0", "3", "--output", str(tmp_path)]) == 0
     folder = the_folder(tmp_path)
     results = json.loads((folder / "results.json").read_text())

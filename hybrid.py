@@ -1589,12 +1589,12 @@ def grad_matrix(conv: nn.Conv2d, in_shape: tuple, delta: torch.Tensor,
     holds delta[o, p] at the input position of entry (c, i, j) of patch p.
     """
     idx = patch_index(conv, in_shape) if idx is None else idx
-    d = delta.detach().double().cpu().reshape(conv.out_channels, -1)  # (C_out, P)
+    d = delta.detach().double().cpu().reshape(-1, idx.shape[1])  # (C_out, P); any number of rows (reduced_matrices)
     n_ckk = idx.shape[0]
-    rows = torch.arange(conv.out_channels * n_ckk).view(-1, n_ckk, 1)  # (C_out, Ckk, 1)
+    rows = torch.arange(d.shape[0] * n_ckk).view(-1, n_ckk, 1)  # (C_out, Ckk, 1)
     rows, cols = torch.broadcast_tensors(rows, idx[None])
     vals = d[:, None, :].expand_as(rows)
-    return _scatter((conv.out_channels * n_ckk, math.prod(in_shape)), rows, cols, vals)
+    return _scatter((d.shape[0] * n_ckk, math.prod(in_shape)), rows, cols, vals)
 
 
 def _scatter(shape: tuple, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
@@ -1605,19 +1605,34 @@ def _scatter(shape: tuple, rows: torch.Tensor, cols: torch.Tensor, vals: torch.T
     return out
 
 
-def solve_min_norm(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, int]:
+def solve_min_norm(U: torch.Tensor, V: torch.Tensor, equations: int | None = None) -> tuple[torch.Tensor, int]:
     """Minimum-norm least-squares solution of U x = V (float64) and the rank of U.
 
     The rank uses numpy's default tolerance: singular values below
-    eps * max(m, n) * sigma_max count as zero. One Householder QR of the taller
-    orientation first reduces the problem to a k x k triangular factor with U's
-    singular values (k = min(m, n)); a certified full-rank factor is solved directly,
-    any other by `min_norm_square`. Both give numpy.linalg.lstsq's rank and solution
-    (tests) in about half its time (docs/performance.md).
+    eps * max(m, n) * sigma_max count as zero, m the equations U stands for (its rows, or
+    those of the system it reduces: LayerSystem.reduced_matrices). An unknown that appears in no equation (a
+    zero column: pixels a strided convolution never reads) is 0 in the minimum-norm
+    solution and changes no singular value, so it is left out of the factorizations.
+    One Householder QR of the taller orientation then reduces the problem to a k x k
+    triangular factor with U's singular values (k = min(m, n)); a certified full-rank
+    factor is solved directly, any other by `min_norm_square`. Both give
+    numpy.linalg.lstsq's rank and solution (tests) in a fraction of its time
+    (docs/performance.md).
     """
     m, n = U.shape
+    tol = torch.finfo(torch.float64).eps * max(m if equations is None else equations, n)
+    used = (U != 0).any(0)
+    if not used.all():
+        x = U.new_zeros(n)
+        x[used], rank = min_norm_solve(U[:, used], V, tol)
+        return x, rank
+    return min_norm_solve(U, V, tol)
+
+
+def min_norm_solve(U: torch.Tensor, V: torch.Tensor, tol: float) -> tuple[torch.Tensor, int]:
+    """solve_min_norm's solution and rank, with the tolerance given (relative to sigma_max)."""
+    m, n = U.shape
     k, tall = min(m, n), m >= n
-    tol = torch.finfo(torch.float64).eps * max(m, n)
     a, tau = torch.geqrf(U if tall else U.T)  # U = QR, or U^T = QR
     R = a[:k].triu()
     # Full rank, the usual case for tall systems, is certified by ||R||_F ||R^-1||_F,
@@ -1626,38 +1641,92 @@ def solve_min_norm(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, int]
     full = torch.linalg.matrix_norm(R) * torch.linalg.matrix_norm(R_inv) * tol < 0.1
     if tall:  # ||Ux - V|| = ||Rx - Q^T V|| + const
         b = torch.ormqr(a, tau, V[:, None], transpose=True)[:k]
-        y, rank = (R_inv @ b, k) if full else min_norm_square(R, b, tol)
+        y, rank = (R_inv @ b, k) if full else min_norm_square(R, b, tol, upper=True)
         return y[:, 0], rank
     # U = R^T Q^T, so x = Q y with y the minimum-norm solution of R^T y = V
-    y, rank = (R_inv.T @ V[:, None], k) if full else min_norm_square(R.T, V[:, None], tol)
+    y, rank = (R_inv.T @ V[:, None], k) if full else min_norm_square(R.T, V[:, None], tol, upper=False)
     return torch.ormqr(a, tau, torch.cat([y, y.new_zeros(n - k, 1)]))[:, 0], rank
 
 
-def min_norm_square(A: torch.Tensor, b: torch.Tensor, tol: float) -> tuple[torch.Tensor, int]:
-    """Minimum-norm least squares for a square A; rank r counts sigma_i > tol * sigma_max.
+def min_norm_square(A: torch.Tensor, b: torch.Tensor, tol: float, upper: bool) -> tuple[torch.Tensor, int]:
+    """Minimum-norm least squares for a square triangular A (`upper` or lower); its rank r
+    counts sigma_i > tol * sigma_max.
 
-    A column-pivoted QR, A P = Q [T11 T12; 0 T22], proposes r from T's diagonal and
-    certifies it: sigma_{r+1} <= ||T22||_F and sigma_r >= 1 / ||T11^-1||_F, each with
-    a 10x margin against the tolerance. The rank-r system [T11 T12] P^T y = (Q^T b)_r
-    then has a minimum-norm solution through one more QR. The systems here have
-    exact structural dependencies (C_out^2 rows of G are combinations of rows of M),
-    so this path is common; it takes about half the time of an SVD (gelsd), which
-    remains for whatever the certificate cannot settle.
+    A QR of A's columns in an order P that puts a numerical null space last,
+    A P = Q [T11 T12; 0 T22], certifies r whatever the order: sigma_{r+1} <= ||T22||_F and
+    sigma_r >= 1 / ||T11^-1||_F, each with a 10x margin against the tolerance. The
+    rank-r system [T11 T12] P^T y = (Q^T b)_r then has a minimum-norm solution through one
+    more QR. The order comes from inverse iteration (null_space_last) and an unpivoted QR;
+    failing its certificate, from a column-pivoted QR (LAPACK's geqp3, through scipy: it
+    was 7x the time of the rest here, docs/performance.md); failing both, the SVD solve
+    (gelsd). The systems have exact structural dependencies (C_out^2 rows of G are
+    combinations of rows of M), so this path is common.
     """
+    scale = torch.linalg.vector_norm(A, dim=0).max()  # the largest column norm, <= sigma_max
+    order = null_space_last(A, upper, tol * scale)
+    if order is not None:
+        perm, r = order
+        h, tau = torch.geqrf(A[:, perm])
+        solved = certified_solution(h, tau, h.triu(), perm, r, b, tol, scale)
+        if solved is not None:
+            return solved
     (h, tau), T, perm = scipy.linalg.qr(A.numpy(), mode="raw", pivoting=True, check_finite=False)
     T, perm = torch.from_numpy(np.triu(T)), torch.from_numpy(perm).long()
-    c = torch.ormqr(torch.from_numpy(h), torch.from_numpy(tau), b, transpose=True)
-    diag = T.diagonal().abs()
-    r = int((diag > tol * diag[0]).sum())
-    T11_inv = torch.linalg.solve_triangular(T[:r, :r], torch.eye(r, dtype=T.dtype), upper=True)
-    if (torch.linalg.matrix_norm(T[r:, r:]) <= 0.1 * tol * diag[0]
-            and 1 / torch.linalg.matrix_norm(T11_inv) >= 10 * tol * torch.linalg.matrix_norm(T)):
-        h3, tau3 = torch.geqrf(T[:r].T)  # [T11 T12]^T = Q3 R3, so z = Q3 R3^-T c_r
-        w = torch.linalg.solve_triangular(h3[:r].triu().T, c[:r], upper=False)
-        z = torch.ormqr(h3, tau3, torch.cat([w, w.new_zeros(len(perm) - r, 1)]))
-        return z.new_empty(z.shape).index_copy_(0, perm, z), r  # y = P z
+    diag = T.diagonal().abs()  # diag[0]: the largest column norm again
+    solved = certified_solution(torch.from_numpy(h), torch.from_numpy(tau), T, perm, int((diag > tol * diag[0]).sum()),
+                                b, tol, diag[0])
+    if solved is not None:
+        return solved
     sol = torch.linalg.lstsq(A, b, rcond=tol, driver="gelsd")  # the SVD solve
     return sol.solution, int(sol.rank)
+
+
+def null_space_last(A: torch.Tensor, upper: bool, small: float) -> tuple[torch.Tensor, int] | None:
+    """A column order of the triangular A with its numerical null space last, and the rank
+    that leaves; None where none is found.
+
+    One step of inverse iteration, X = (A^T A)^-1 Omega by two triangular solves, scales
+    each right singular direction of A by 1/sigma^2, so the directions A nearly annihilates
+    lead X's singular vectors; X's singular values count those with sigma <= small (an
+    estimate: the certificate decides). They span the null space N (m x d); d columns at
+    which N's rows are independent (a pivoted QR of the small N^T) complete the others to
+    rank m - d, so they go last. The probe widens until it holds more directions than the
+    null space.
+    """
+    m = A.shape[0]
+    width = min(m, 32 + 2 * int((A.diagonal().abs() <= small).sum()))
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        omega = torch.randn(m, width, dtype=A.dtype, generator=generator)
+        x = torch.linalg.solve_triangular(A, torch.linalg.solve_triangular(A.T, omega, upper=not upper), upper=upper)
+        if not torch.isfinite(x).all():  # an exact zero on the diagonal: the pivoted QR decides
+            return None
+        q, s, _ = torch.linalg.svd(x, full_matrices=False)
+        d = int((s * small**2 >= width**0.5).sum())  # s_i ~ |Omega's part| / sigma_i^2, that part ~ width^0.5
+        if d < width or width == m:
+            break
+        width = min(m, 2 * width)
+    if d in (0, m):
+        return None
+    last = torch.from_numpy(scipy.linalg.qr(q[:, :d].T.numpy(), mode="r", pivoting=True, check_finite=False)[1][:d])
+    first = torch.ones(m, dtype=torch.bool)
+    first[last] = False
+    return torch.cat([first.nonzero()[:, 0], last.long()]), m - d
+
+
+def certified_solution(h: torch.Tensor, tau: torch.Tensor, T: torch.Tensor, perm: torch.Tensor, r: int,
+                       b: torch.Tensor, tol: float, scale: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """min_norm_square's solution from a QR of A's permuted columns (Householder h, tau; T
+    its upper triangle), where rank r is certified against `scale` <= sigma_max; else None."""
+    T11_inv = torch.linalg.solve_triangular(T[:r, :r], torch.eye(r, dtype=T.dtype), upper=True)
+    if not (torch.linalg.matrix_norm(T[r:, r:]) <= 0.1 * tol * scale
+            and 1 / torch.linalg.matrix_norm(T11_inv) >= 10 * tol * torch.linalg.matrix_norm(T)):
+        return None
+    c = torch.ormqr(h, tau, b, transpose=True)
+    h3, tau3 = torch.geqrf(T[:r].T)  # [T11 T12]^T = Q3 R3, so z = Q3 R3^-T c_r
+    w = torch.linalg.solve_triangular(h3[:r].triu().T, c[:r], upper=False)
+    z = torch.ormqr(h3, tau3, torch.cat([w, w.new_zeros(len(perm) - r, 1)]))
+    return z.new_empty(z.shape).index_copy_(0, perm, z), r
 
 
 @dataclass
@@ -1686,6 +1755,36 @@ class LayerSystem:
             G, g_w = G[rows], g_w[rows]
         return torch.cat([conv_matrix(conv, shape, idx), G]), torch.cat([self.z_minus_b.flatten().double().cpu(), g_w])
 
+    def reduced_matrices(self, model: Net) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """U and V of `matrices` times an orthogonal matrix, with fewer rows where the
+        structure allows, and the number of equations U stands for. The singular values and
+        the least-squares solutions are U's (||U x - V||^2 changes by a constant).
+
+        M, fixed by the weights, becomes its R factor where it has more rows than columns
+        (M = Q_M R_M, factored once per weights in a process: forward_map), and z - b its
+        part Q_M^T (z - b). G(delta) x is delta cols(x)^T (C_out x C_in k k, delta C_out x P):
+        where delta has more rows than columns, delta = Q R and Q^T G(delta) = G(R), so G's
+        C_out C_in k k rows become P C_in k k and gW becomes Q^T gW. Under pruning the
+        surviving rows break that structure, and G stays whole.
+        """
+        conv, shape = model.layers[self.layer], model.shapes[self.layer]
+        forward = forward_map(conv, shape)
+        M, v_m = forward.M, self.z_minus_b.flatten().double().cpu()
+        if forward.qr is not None:
+            a, tau = forward.qr
+            M, v_m = a[:a.shape[1]].triu(), torch.ormqr(a, tau, v_m[:, None], transpose=True)[:a.shape[1], 0]
+        delta, g_w = self.delta.double().cpu().reshape(conv.out_channels, -1), self.g_w.double().cpu().flatten(1)
+        if self.known is not None:
+            rows = self.known.flatten().cpu()
+            G, g_w, equations = grad_matrix(conv, shape, delta, forward.idx)[rows], g_w.flatten()[rows], int(rows.sum())
+        else:
+            equations = g_w.numel()
+            if delta.shape[0] > delta.shape[1]:
+                q, delta = torch.linalg.qr(delta)
+                g_w = q.T @ g_w
+            G, g_w = grad_matrix(conv, shape, delta, forward.idx), g_w.flatten()
+        return torch.cat([M, G]), torch.cat([v_m, g_w]), forward.M.shape[0] + equations
+
     def forward_and_residual(self, model: Net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's pre-activation z(x) and ||U x - V||^2, U never formed.
 
@@ -1702,6 +1801,33 @@ class LayerSystem:
             misfit = misfit * self.known.flatten(1)
         residual = (z - self.z_minus_b).square().sum() + misfit.square().sum()
         return (z if conv.bias is None else z + conv.bias.view(1, -1, 1, 1)), residual
+
+
+@dataclass(frozen=True)
+class ForwardMap:
+    """What a convolution's systems take from its weights alone: the patch index, M, and
+    M's Householder QR (torch.geqrf) where M has more rows than columns."""
+
+    idx: torch.Tensor
+    M: torch.Tensor
+    qr: tuple[torch.Tensor, torch.Tensor] | None
+
+
+FORWARD_MAPS: dict[tuple, ForwardMap] = {}  # the latest, by weights and input shape: one model's layers
+FORWARD_MAPS_KEPT = 8
+
+
+def forward_map(conv: nn.Conv2d, shape: tuple) -> ForwardMap:
+    """The convolution's ForwardMap, built once per weights and input shape in a process:
+    the images of a model in a worker and the attacks of a cell share it (#33)."""
+    key = (digest(conv.weight), conv.stride, conv.padding, tuple(shape))
+    if key not in FORWARD_MAPS:
+        if len(FORWARD_MAPS) >= FORWARD_MAPS_KEPT:
+            del FORWARD_MAPS[next(iter(FORWARD_MAPS))]
+        idx = patch_index(conv, shape)
+        M = conv_matrix(conv, shape, idx)
+        FORWARD_MAPS[key] = ForwardMap(idx, M, torch.geqrf(M) if M.shape[0] > M.shape[1] else None)
+    return FORWARD_MAPS[key]
 
 
 def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor,
@@ -1763,9 +1889,10 @@ def solve_layer(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor
     """One step of the recursion at convolution `layer`: its system, the minimum-norm
     least-squares solution and U's rank, dL/da of the layer below (M^T delta), U's shape."""
     system = layer_system(model, layer, a_hat, dl_da, grads, known)
-    U, V = system.matrices(model)
-    x_hat, rank = solve_min_norm(U, V)
-    return system, x_hat, rank, U[: system.z_minus_b.numel()].T @ system.delta.flatten(), tuple(U.shape)
+    U, V, equations = system.reduced_matrices(model)
+    x_hat, rank = solve_min_norm(U, V, equations)
+    M = forward_map(model.layers[layer], model.shapes[layer]).M
+    return system, x_hat, rank, M.T @ system.delta.flatten(), (equations, U.shape[1])
 
 
 # -- Work shared by the attacks of one cell ------------------------------------------------

@@ -61,14 +61,55 @@ def _random_rank(m, n, r, seed):
     np.random.default_rng(2).standard_normal((25, 60)),  # wide, full rank
     _random_rank(60, 25, 20, 3),  # tall, rank-deficient: SVD path
     _random_rank(25, 60, 18, 4),  # wide with dependent rows
+    _random_rank(40, 40, 31, 6),  # square, rank-deficient: null-space order
+    np.hstack([_random_rank(25, 50, 18, 7), np.zeros((25, 10))]),  # unknowns in no equation
+    np.hstack([np.zeros((60, 3)), _random_rank(60, 22, 15, 8)]),  # the same, tall
     np.vstack([np.eye(20) * 1e-13, np.eye(20)]),  # tiny block: no effect on the rank
     np.diag(np.r_[np.ones(10), 1e-20 * np.ones(5)]),  # below numpy's tolerance
-], ids=["tall", "wide", "tall-deficient", "wide-deficient", "tiny-block", "below-tol"])
+], ids=["tall", "wide", "tall-deficient", "wide-deficient", "square-deficient", "zero-columns", "zero-columns-tall",
+        "tiny-block", "below-tol"])
 def test_solve_min_norm_matches_numpy_lstsq(U):
     V = np.random.default_rng(5).standard_normal(U.shape[0])
     x, rank = H.solve_min_norm(torch.from_numpy(U), torch.from_numpy(V))
     x_ref, _, rank_ref, _ = np.linalg.lstsq(U, V, rcond=None)
     assert rank == rank_ref == np.linalg.matrix_rank(U)
+    np.testing.assert_allclose(x.numpy(), x_ref, rtol=1e-8, atol=1e-8)
+
+
+def test_null_space_order_reveals_the_rank():
+    """The order min_norm_square tries first: the null space's columns last, the rank certified without geqp3."""
+    A = torch.from_numpy(np.linalg.qr(_random_rank(50, 50, 41, 9))[1])  # upper triangular, rank 41
+    tol = np.finfo(np.float64).eps * 50
+    scale = torch.linalg.vector_norm(A, dim=0).max()
+    perm, rank = H.null_space_last(A, True, tol * scale)
+    assert rank == np.linalg.matrix_rank(A.numpy()) == 41 and sorted(perm.tolist()) == list(range(50))
+    h, tau = torch.geqrf(A[:, perm])
+    b = torch.from_numpy(np.random.default_rng(10).standard_normal((50, 1)))
+    x, r = H.certified_solution(h, tau, h.triu(), perm, rank, b, tol, scale)
+    np.testing.assert_allclose(x.numpy(), np.linalg.lstsq(A.numpy(), b.numpy(), rcond=None)[0], rtol=1e-8, atol=1e-8)
+
+
+# Layer 0 has a tall M (16x4x4 outputs of 3x8x8 inputs); layer 1 more output channels (32) than positions (16).
+SMALL = "16k3s2p1-tanh,32k3s1p1-tanh,fc-id"
+
+
+@pytest.mark.parametrize("layer,pruned", [(0, False), (1, False), (1, True)])
+def test_reduced_system_keeps_the_solution_and_rank(layer, pruned):
+    model = H.build_model(SMALL, shape=(3, 8, 8)).double()
+    torch.manual_seed(layer)
+    out_shape, conv = (1, *model.shapes[layer + 1]), model.layers[layer]
+    delta = torch.randn(out_shape, dtype=torch.float64)
+    delta[:, :3] *= 0  # dead channels: G's rank drops, as under ReLU
+    system = H.LayerSystem(layer, torch.randn(out_shape, dtype=torch.float64), delta,
+                           torch.randn(conv.weight.shape, dtype=torch.float64),
+                           torch.rand(conv.weight.shape) < 0.7 if pruned else None)
+    U, V = system.matrices(model)
+    U_r, V_r, equations = system.reduced_matrices(model)
+    assert equations == U.shape[0] and U_r.shape[0] < U.shape[0] and U_r.shape[1] == U.shape[1]
+    torch.testing.assert_close(torch.linalg.svdvals(U_r), torch.linalg.svdvals(U), rtol=1e-10, atol=1e-10)
+    x, rank = H.solve_min_norm(U_r, V_r, equations)
+    x_ref, _, rank_ref, _ = np.linalg.lstsq(U.numpy(), V.numpy(), rcond=None)
+    assert rank == rank_ref
     np.testing.assert_allclose(x.numpy(), x_ref, rtol=1e-8, atol=1e-8)
 
 

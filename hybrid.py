@@ -1485,7 +1485,8 @@ def recover_label(grads: list[torch.Tensor]) -> int:
 #      the forward map M x = z_l - b_l (M: the convolution as a matrix) and the
 #      gradient constraints G(delta_l) x = gW_l (G: x -> the weight gradient);
 #    - x = the minimum-norm least-squares solution of U x = V, U = [M; G], V = [z - b; gW],
-#      solved in float64;                                     (layer_system, solve_min_norm)
+#      solved in float64, U first reduced to an orthogonally equivalent system with fewer
+#      rows where its structure allows;  (layer_system, reduced_matrices, solve_min_norm)
 #    - dL/da_{l-1} = M^T delta_l.
 # The rank deficiency of layer l is r_l = rank(U) - n_l (n_l unknowns): 0 where its input
 # is determined, -k where a k-dimensional family of inputs fits both sets of equations.
@@ -1813,8 +1814,8 @@ class ForwardMap:
     qr: tuple[torch.Tensor, torch.Tensor] | None
 
 
-FORWARD_MAPS: dict[tuple, ForwardMap] = {}  # the latest, by weights and input shape: one model's layers
-FORWARD_MAPS_KEPT = 8
+FORWARD_MAPS: dict[tuple, ForwardMap] = {}  # the latest, by weights and input shape, oldest first
+FORWARD_MAPS_BYTES = 2**31  # kept while they fit (a zoo model's layers: at most about 0.6 GB)
 
 
 def forward_map(conv: nn.Conv2d, shape: tuple) -> ForwardMap:
@@ -1822,12 +1823,17 @@ def forward_map(conv: nn.Conv2d, shape: tuple) -> ForwardMap:
     the images of a model in a worker and the attacks of a cell share it (#33)."""
     key = (digest(conv.weight), conv.stride, conv.padding, tuple(shape))
     if key not in FORWARD_MAPS:
-        if len(FORWARD_MAPS) >= FORWARD_MAPS_KEPT:
-            del FORWARD_MAPS[next(iter(FORWARD_MAPS))]
         idx = patch_index(conv, shape)
         M = conv_matrix(conv, shape, idx)
         FORWARD_MAPS[key] = ForwardMap(idx, M, torch.geqrf(M) if M.shape[0] > M.shape[1] else None)
+        while len(FORWARD_MAPS) > 1 and sum(map(map_bytes, FORWARD_MAPS.values())) > FORWARD_MAPS_BYTES:
+            del FORWARD_MAPS[next(iter(FORWARD_MAPS))]
     return FORWARD_MAPS[key]
+
+
+def map_bytes(forward: ForwardMap) -> int:
+    tensors = [forward.idx, forward.M, *(forward.qr or ())]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor,

@@ -113,6 +113,20 @@ def test_reduced_system_keeps_the_solution_and_rank(layer, pruned):
     np.testing.assert_allclose(x.numpy(), x_ref, rtol=1e-8, atol=1e-8)
 
 
+def test_forward_map_is_built_once_per_weights(monkeypatch):
+    model = H.build_model(SMALL, shape=(3, 8, 8)).double()
+    conv, shape = model.layers[0], model.shapes[0]
+    H.FORWARD_MAPS.clear()
+    first = H.forward_map(conv, shape)
+    assert H.forward_map(conv, shape) is first  # the images of a model share it
+    with torch.no_grad():
+        conv.weight.add_(1.0)  # new weights (training, another model): a new M, never the old one
+    torch.testing.assert_close(H.forward_map(conv, shape).M, H.conv_matrix(conv, shape), rtol=0, atol=0)
+    monkeypatch.setattr(H, "FORWARD_MAPS_BYTES", 0)  # over the budget: only the newest is kept
+    H.forward_map(model.layers[1], model.shapes[1])
+    assert len(H.FORWARD_MAPS) == 1
+
+
 ACTIVATIONS = [nn.Tanh(), nn.Sigmoid(), nn.LeakyReLU(0.01), nn.LeakyReLU(0.2), nn.Softplus(), nn.Softplus(beta=2.5),
                nn.Identity()]
 

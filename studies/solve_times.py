@@ -1,0 +1,87 @@
+"""One step of R-GAP's recursion, this checkout's against an older commit's: for each model,
+each convolution's system on one CIFAR-10 test image (the inputs R-GAP passes down here), the
+seconds of the older hybrid.py's solve_layer and of this one's, alternated in one process on
+one thread, U's shape, both ranks, and the largest difference of the solutions relative to
+their largest entry. This checkout's first call per layer also factors M (once per weights
+in a process: forward_map), so it is timed cold and then warm.
+
+Usage: python -m studies.solve_times OLD_HYBRID_PY [--models cnn4_c2 ...] [--image 0] > table.md
+(OLD_HYBRID_PY: hybrid.py of the older commit, e.g. from `git worktree add`.)
+"""
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import hybrid as H
+from studies.common import Parser, Refused, printed
+
+MODELS = ["cnn2_c2", "cnn3_c1", "cnn4_c2", "cnn4_c3", "cnn6d", "lenet"]
+
+
+def load_old(path: str):
+    """The older hybrid.py as a module of its own (its report and sweeps are this checkout's)."""
+    if not Path(path).is_file():
+        raise Refused(f"{path} is not a file: give the older commit's hybrid.py")
+    spec = importlib.util.spec_from_file_location("hybrid_old", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(f, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = f(*args)
+    return time.perf_counter() - start, out
+
+
+def layer_inputs(model: H.Net, grads: list[torch.Tensor]) -> list[tuple]:
+    """(layer, a_hat, dl_da) of each step of R-GAP's recursion, from the top down."""
+    steps, original = [], H.solve_layer
+
+    def spy(model, layer, a_hat, dl_da, grads, known):
+        steps.append((layer, a_hat.clone(), dl_da.clone()))
+        return original(model, layer, a_hat, dl_da, grads, known)
+    H.solve_layer = spy
+    try:
+        H.recursive_reconstruction(model, grads)
+    finally:
+        H.solve_layer = original
+    return steps
+
+
+def rows(old, models: list[str], image: int) -> list[str]:
+    picture = H.load_test_split("cifar10-test", [image], "data", download=False)[0][0]
+    out = []
+    for name in models:
+        model = H.build_model(name)
+        grads = [g.double() for g in H.shared_gradient(model, picture, "cpu")]
+        for layer, a_hat, dl_da in layer_inputs(model, grads):
+            H.FORWARD_MAPS.clear()
+            args = (model, layer, a_hat, dl_da, grads, None)
+            old_s, (_, x_old, rank_old, _, size) = timed(old.solve_layer, *args)
+            cold_s, _ = timed(H.solve_layer, *args)
+            warm_s, (_, x_new, rank_new, _, _) = timed(H.solve_layer, *args)
+            diff = float((x_new - x_old).abs().max() / x_old.abs().max())
+            out.append(f"| {name} | {layer} | {size[0]}x{size[1]} | {rank_old} | {rank_new} | {old_s:.2f} | "
+                       f"{cold_s:.2f} | {warm_s:.2f} | {old_s / warm_s:.1f}x | {diff:.1e} |")
+            print(out[-1], file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("old", help="hybrid.py of the older commit")
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--image", type=int, default=0)
+    args = parser.parse_args(argv)
+    H.configure_torch("cpu", 1)
+    header = ["| model | layer | U | rank, old | rank, new | old (s) | new, cold (s) | new, warm (s) | old / warm "
+              "| max difference |", "|---|---|---|---|---|---|---|---|---|---|"]
+    return printed("solve_times", lambda: "\n".join(header + rows(load_old(args.old), args.models, args.image)) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,9 @@ table convergence_table.md convergence_table assets/convergence/N0_*.json
 table defence_table.md defence_table assets/defences_*_results.json --figure "$out/defence_table.png"
 table peers_table.md peers_table assets/peers_mnist.json assets/peers_cifar100.json
 table claims.md claims
+table projected_study.md projected_study assets/projection_cifar.json
+table benchmark_table.md benchmark_table assets/benchmark/old.json "$(cat assets/benchmark/old.seconds)" \
+    assets/benchmark/new.json "$(cat assets/benchmark/new.seconds)"
 if [ "${TABLES_ONLY:-}" != 1 ]; then
     table noise_gain.md noise_gain assets/defences_linear_results.json assets/defences_linear_bends_results.json
     "$PYTHON" -m studies.method "$out/method.png"

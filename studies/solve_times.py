@@ -26,7 +26,7 @@ def load_old(path: str):
     if not Path(path).is_file():
         raise Refused(f"{path} is not a file: give the older commit's hybrid.py")
     spec = importlib.util.spec_from_file_location("hybrid_old", path)
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules["hybrid_old"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
     spec.loader.exec_module(module)
     return module
 

@@ -1,0 +1,71 @@
+"""How far one float32 ulp at the start of the hybrid's gradient matching moves its PSNR: for
+each (model, image), hybrid_free as the study runs it (N0 2500, N 500), then again with one
+entry of its first correction's start (the least-squares solution it is handed) moved to the
+next float32 up, at each of a few entries. Where this moves the PSNR by more than a change of
+code does, that change's difference is the trajectory's sensitivity, not the change.
+
+Usage: python -m studies.start_sensitivity [--models cnn6d] [--images 1-3] [--attack hybrid_free]
+       [--entries 0 1000 2000 3000] > table.md
+"""
+import dataclasses
+import sys
+
+import torch
+
+import hybrid as H
+from studies.common import Parser, Refused, printed
+
+SETTINGS = dataclasses.replace(H.AttackSettings(), hybrid_iters_first=2500, hybrid_iters=500)
+
+
+def psnr_with_nudge(model: H.Net, grads: list[torch.Tensor], image: H.PrivateImage, attack: str,
+                    entry: int | None) -> float:
+    """The attack's PSNR, its first correction's start nudged up by one float32 ulp at `entry` (None: untouched)."""
+    original, first = H.gradient_matching, [True]
+
+    def nudged(model, system, x_hat, **kwargs):
+        if first[0] and entry is not None:
+            x = x_hat.float().flatten().clone()
+            if entry >= x.numel():
+                raise Refused(f"entry {entry} is beyond the {x.numel()} entries of layer {system.layer}'s start")
+            x[entry] = torch.nextafter(x[entry], torch.tensor(float("inf")))
+            x_hat = x.view_as(x_hat)
+        first[0] = False
+        return original(model, system, x_hat, **kwargs)
+    H.gradient_matching = nudged
+    try:
+        H.seed_everything(10)
+        result = H.ATTACKS[attack].run(model, grads, image.label, SETTINGS)
+    finally:
+        H.gradient_matching = original
+    return H.score(H.to_image(image.x), H.to_image(result.x))["psnr"]
+
+
+def table(models: list[str], images: list[int], attack: str, entries: list[int]) -> str:
+    lines = [f"| model | image | {attack} | " + " | ".join(f"entry {k} + 1 ulp" for k in entries)
+             + " | largest move |", "|---|---|---|" + "---|" * (len(entries) + 1)]
+    for name in models:
+        model = H.build_model(name)
+        for image in H.load_test_split("cifar10-test", images, "data", download=False)[0]:
+            grads = H.shared_gradient(model, image, "cpu")
+            base = psnr_with_nudge(model, grads, image, attack, None)
+            moved = [psnr_with_nudge(model, grads, image, attack, k) for k in entries]
+            lines.append(f"| {name} | {image.name} | {base:.4f} | " + " | ".join(f"{p:.4f}" for p in moved)
+                         + f" | {max(abs(p - base) for p in moved):.4f} dB |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m studies.start_sensitivity")
+    p.add_argument("--models", nargs="+", default=["cnn6d"])
+    p.add_argument("--images", default="1-3")
+    p.add_argument("--attack", default="hybrid_free", choices=["hybrid", "hybrid_free"])
+    p.add_argument("--entries", nargs="+", type=int, default=[0, 1000, 2000, 3000])
+    a = p.parse_args(argv)
+    H.configure_torch("cpu", 1)
+    return printed(p.prog, lambda: table(a.models, H.parse_image_indices([a.images]), a.attack, a.entries))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1611,9 +1611,10 @@ def solve_min_norm(U: torch.Tensor, V: torch.Tensor, equations: int | None = Non
 
     The rank uses numpy's default tolerance: singular values below
     eps * max(m, n) * sigma_max count as zero, m the equations U stands for (its rows, or
-    those of the system it reduces: LayerSystem.reduced_matrices). An unknown that appears in no equation (a
-    zero column: pixels a strided convolution never reads) is 0 in the minimum-norm
-    solution and changes no singular value, so it is left out of the factorizations.
+    those of the system it reduces: LayerSystem.reduced_matrices). An unknown that appears
+    in no equation (a zero column: pixels a strided convolution never reads) is 0 in the
+    minimum-norm solution and changes no singular value, so it is left out of the
+    factorizations.
     One Householder QR of the taller orientation then reduces the problem to a k x k
     triangular factor with U's singular values (k = min(m, n)); a certified full-rank
     factor is solved directly, any other by `min_norm_square`. Both give
@@ -1893,7 +1894,8 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
 def solve_layer(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor, grads: list[torch.Tensor],
                 known: list[torch.Tensor] | None) -> tuple[LayerSystem, torch.Tensor, int, torch.Tensor, tuple]:
     """One step of the recursion at convolution `layer`: its system, the minimum-norm
-    least-squares solution and U's rank, dL/da of the layer below (M^T delta), U's shape."""
+    least-squares solution and U's rank, dL/da of the layer below (M^T delta), and U's shape
+    (its equations, however few rows the reduced system has, and its unknowns)."""
     system = layer_system(model, layer, a_hat, dl_da, grads, known)
     U, V, equations = system.reduced_matrices(model)
     x_hat, rank = solve_min_norm(U, V, equations)

@@ -1674,9 +1674,9 @@ def min_norm_square(A: torch.Tensor, b: torch.Tensor, tol: float, upper: bool) -
             return solved
     (h, tau), T, perm = scipy.linalg.qr(A.numpy(), mode="raw", pivoting=True, check_finite=False)
     T, perm = torch.from_numpy(np.triu(T)), torch.from_numpy(perm).long()
-    diag = T.diagonal().abs()  # diag[0]: the largest column norm again
+    diag = T.diagonal().abs()  # diag[0]: the largest column norm
     solved = certified_solution(torch.from_numpy(h), torch.from_numpy(tau), T, perm, int((diag > tol * diag[0]).sum()),
-                                b, tol, diag[0])
+                                b, tol, scale)
     if solved is not None:
         return solved
     sol = torch.linalg.lstsq(A, b, rcond=tol, driver="gelsd")  # the SVD solve
@@ -1751,41 +1751,44 @@ class LayerSystem:
         gW keep the surviving rows only (a pruned entry is no equation, not "0 = G x")."""
         conv, shape = model.layers[self.layer], model.shapes[self.layer]
         idx = patch_index(conv, shape)
-        G, g_w = grad_matrix(conv, shape, self.delta, idx), self.g_w.flatten().double().cpu()
-        if self.known is not None:
-            rows = self.known.flatten().cpu()
-            G, g_w = G[rows], g_w[rows]
+        G, g_w = self.gradient_equations(conv, shape, idx, reduce=False)
         return torch.cat([conv_matrix(conv, shape, idx), G]), torch.cat([self.z_minus_b.flatten().double().cpu(), g_w])
 
-    def reduced_matrices(self, model: Net) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def reduced_matrices(self, model: Net, forward: ForwardMap) -> tuple[torch.Tensor, torch.Tensor]:
         """U and V of `matrices` times an orthogonal matrix, with fewer rows where the
-        structure allows, and the number of equations U stands for. The singular values and
+        structure allows (`equations` counts those U stands for). The singular values and
         the least-squares solutions are U's (||U x - V||^2 changes by a constant).
 
         M, fixed by the weights, becomes its R factor where it has more rows than columns
-        (M = Q_M R_M, factored once per weights in a process: forward_map), and z - b its
-        part Q_M^T (z - b). G(delta) x is delta cols(x)^T (C_out x C_in k k, delta C_out x P):
-        where delta has more rows than columns, delta = Q R and Q^T G(delta) = G(R), so G's
-        C_out C_in k k rows become P C_in k k and gW becomes Q^T gW. Under pruning the
-        surviving rows break that structure, and G stays whole.
+        (M = Q_M R_M, factored once per weights in a process: `forward`, from forward_map),
+        and z - b its part Q_M^T (z - b); G as gradient_equations reduces it.
         """
         conv, shape = model.layers[self.layer], model.shapes[self.layer]
-        forward = forward_map(conv, shape)
         M, v_m = forward.M, self.z_minus_b.flatten().double().cpu()
         if forward.qr is not None:
             a, tau = forward.qr
             M, v_m = a[:a.shape[1]].triu(), torch.ormqr(a, tau, v_m[:, None], transpose=True)[:a.shape[1], 0]
+        G, g_w = self.gradient_equations(conv, shape, forward.idx, reduce=True)
+        return torch.cat([M, G]), torch.cat([v_m, g_w])
+
+    def gradient_equations(self, conv: nn.Conv2d, shape: tuple, idx: torch.Tensor,
+                           reduce: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """G(delta) and gW, flattened; under pruning, the surviving rows only. With `reduce`,
+        fewer rows where delta (C_out x P) has more rows than columns: G(delta) x is
+        delta cols(x)^T, so with delta = Q R, Q^T G(delta) = G(R) and gW becomes Q^T gW
+        (C_out C_in k k rows become P C_in k k). Pruning's surviving rows break that structure."""
         delta, g_w = self.delta.double().cpu().reshape(conv.out_channels, -1), self.g_w.double().cpu().flatten(1)
         if self.known is not None:
             rows = self.known.flatten().cpu()
-            G, g_w, equations = grad_matrix(conv, shape, delta, forward.idx)[rows], g_w.flatten()[rows], int(rows.sum())
-        else:
-            equations = g_w.numel()
-            if delta.shape[0] > delta.shape[1]:
-                q, delta = torch.linalg.qr(delta)
-                g_w = q.T @ g_w
-            G, g_w = grad_matrix(conv, shape, delta, forward.idx), g_w.flatten()
-        return torch.cat([M, G]), torch.cat([v_m, g_w]), forward.M.shape[0] + equations
+            return grad_matrix(conv, shape, delta, idx)[rows], g_w.flatten()[rows]
+        if reduce and delta.shape[0] > delta.shape[1]:
+            q, delta = torch.linalg.qr(delta)
+            g_w = q.T @ g_w
+        return grad_matrix(conv, shape, delta, idx), g_w.flatten()
+
+    def equations(self) -> int:
+        """How many equations the system holds: M's rows and G's (under pruning, those that survive)."""
+        return self.z_minus_b.numel() + (self.g_w.numel() if self.known is None else int(self.known.sum()))
 
     def forward_and_residual(self, model: Net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's pre-activation z(x) and ||U x - V||^2, U never formed.
@@ -1897,10 +1900,10 @@ def solve_layer(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor
     least-squares solution and U's rank, dL/da of the layer below (M^T delta), and U's shape
     (its equations, however few rows the reduced system has, and its unknowns)."""
     system = layer_system(model, layer, a_hat, dl_da, grads, known)
-    U, V, equations = system.reduced_matrices(model)
+    forward = forward_map(model.layers[layer], model.shapes[layer])
+    U, V, equations = *system.reduced_matrices(model, forward), system.equations()
     x_hat, rank = solve_min_norm(U, V, equations)
-    M = forward_map(model.layers[layer], model.shapes[layer]).M
-    return system, x_hat, rank, M.T @ system.delta.flatten(), (equations, U.shape[1])
+    return system, x_hat, rank, forward.M.T @ system.delta.flatten(), (equations, U.shape[1])
 
 
 # -- Work shared by the attacks of one cell ------------------------------------------------

@@ -1,12 +1,16 @@
-"""What the table scripts of studies/ share: a committed run's rows, read and checked, and
-how a script refuses an input (one line, exit 2, before any output)."""
+"""What the table scripts of studies/ share: a committed run's rows, read and checked, how a
+script refuses an input (one line, exit 2, before any output), and the CIFAR-10 study's budget."""
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hybrid as H
 import sweeps
+
+
+STUDY_SETTINGS = dataclasses.replace(H.AttackSettings(), hybrid_iters_first=2500, hybrid_iters=500)  # N0 2500, N 500
 
 
 class Parser(argparse.ArgumentParser):

@@ -7,7 +7,6 @@ one thread, one process.
 
 Usage: python -m studies.profile_pair [--models cnn2_c2 ...] [--image 0] > table.md
 """
-import dataclasses
 import sys
 import time
 from collections import defaultdict
@@ -15,11 +14,10 @@ from collections import defaultdict
 import torch
 
 import hybrid as H
-from studies.common import Parser, printed
+from studies.common import STUDY_SETTINGS, Parser, printed
 
 MODELS = ["cnn2_c2", "cnn3_c1", "cnn3_c5", "cnn4_c2", "cnn6d", "lenet"]
 ATTACKS = ["rgap", "hybrid", "hybrid_free"]
-SETTINGS = dataclasses.replace(H.AttackSettings(), hybrid_iters_first=2500, hybrid_iters=500)
 PARTS = {"build": ("conv_matrix", "grad_matrix"), "solve": ("solve_min_norm",), "adam": ("gradient_matching",)}
 
 
@@ -67,7 +65,7 @@ def profile(name: str, image: H.PrivateImage) -> list[str]:
         H.seed_everything(H.PUBLISHED_SEED)
         with Timers() as timers:
             start = time.perf_counter()
-            H.ATTACKS[attack].run(model, grads, label, SETTINGS)
+            H.ATTACKS[attack].run(model, grads, label, STUDY_SETTINGS)
             total = time.perf_counter() - start
         alone += total
         for layer in sorted({layer for _, layer in timers.seconds}, reverse=True):
@@ -79,7 +77,7 @@ def profile(name: str, image: H.PrivateImage) -> list[str]:
                      + " | ".join(f"{sum(t for (p, _), t in timers.seconds.items() if p == part):.2f}"
                                   for part in PARTS) + f" | {rest:.2f} (total {total:.2f}) |")
     start = time.perf_counter()
-    list(H.answers(model, grads, label, ATTACKS, SETTINGS, H.PUBLISHED_SEED))
+    list(H.answers(model, grads, label, ATTACKS, STUDY_SETTINGS, H.PUBLISHED_SEED))
     shared = time.perf_counter() - start
     start = time.perf_counter()
     H.rank_deficiency(model, grads)

@@ -7,15 +7,13 @@ code does, that change's difference is the trajectory's sensitivity, not the cha
 Usage: python -m studies.start_sensitivity [--models cnn6d] [--images 1-3] [--attack hybrid_free]
        [--entries 0 1000 2000 3000] > table.md
 """
-import dataclasses
 import sys
 
 import torch
 
 import hybrid as H
-from studies.common import Parser, Refused, printed
+from studies.common import STUDY_SETTINGS, Parser, Refused, printed
 
-SETTINGS = dataclasses.replace(H.AttackSettings(), hybrid_iters_first=2500, hybrid_iters=500)
 
 
 def psnr_with_nudge(model: H.Net, grads: list[torch.Tensor], image: H.PrivateImage, attack: str,
@@ -35,7 +33,7 @@ def psnr_with_nudge(model: H.Net, grads: list[torch.Tensor], image: H.PrivateIma
     H.gradient_matching = nudged
     try:
         H.seed_everything(10)
-        result = H.ATTACKS[attack].run(model, grads, image.label, SETTINGS)
+        result = H.ATTACKS[attack].run(model, grads, image.label, STUDY_SETTINGS)
     finally:
         H.gradient_matching = original
     return H.score(H.to_image(image.x), H.to_image(result.x))["psnr"]

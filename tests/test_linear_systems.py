@@ -104,7 +104,8 @@ def test_reduced_system_keeps_the_solution_and_rank(layer, pruned):
                            torch.randn(conv.weight.shape, dtype=torch.float64),
                            torch.rand(conv.weight.shape) < 0.7 if pruned else None)
     U, V = system.matrices(model)
-    U_r, V_r, equations = system.reduced_matrices(model)
+    U_r, V_r = system.reduced_matrices(model, H.forward_map(conv, model.shapes[layer]))
+    equations = system.equations()
     assert equations == U.shape[0] and U_r.shape[0] < U.shape[0] and U_r.shape[1] == U.shape[1]
     torch.testing.assert_close(torch.linalg.svdvals(U_r), torch.linalg.svdvals(U), rtol=1e-10, atol=1e-10)
     x, rank = H.solve_min_norm(U_r, V_r, equations)

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 try:  # the libraries take seconds to load: a Ctrl-C meanwhile ends quietly, as it does later
     import argparse
+    import contextlib
     import contextvars
     import dataclasses
     import fnmatch
@@ -147,6 +148,10 @@ class AttackSettings:
     compile: bool = sweeps.setting(False, "hybrid: torch.compile its objective and gradient (the same numbers; steps "
                                           "about 40%% faster, compiling up to 20 s per layer on a CPU the first time)",
                                    action="store_true", meta=ATTACKING)
+    batch_images: int = sweeps.setting(
+        4, "hybrid, hybrid_free: gradient-match up to B images of one model at once, the sum of their objectives "
+           "(each image's numbers those of its run alone, to float32 rounding; default {default}; 1: one at a time)",
+        type=sweeps.at_least(1, "--batch-images"), metavar="B", meta=ATTACKING)
     correct_where: str = sweeps.setting(
         "free-at-or-above", "hybrid_free: correct layer l where it or a layer above is rank-deficient "
         "(free-at-or-above, the default), or where layer l itself is (free-here)",
@@ -1858,6 +1863,9 @@ Corrector = Callable[[LayerSystem, torch.Tensor], torch.Tensor]  # (system, x_ha
 Where = Callable[[list[int]], bool]  # the deficiencies of layers l, l+1, ... -> correct layer l?
 
 
+Corrections = Callable[[list[int], list[LayerSystem], list[torch.Tensor]], list[torch.Tensor]]  # of several clients
+
+
 def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Corrector | None = None,
                              verbose: bool = False, where: Where | None = None,
                              known: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -1871,27 +1879,46 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Cor
     the top, so layer l's and the deficiencies above it are known by then). Under
     pruning, `known` (per parameter, the surviving entries) drops the pruned equations.
     """
-    n_layers = len(model.layers)
-    grads = [g.detach().double().cpu() for g in grads]  # the recursion runs in float64 on the CPU
-    known = None if known is None else [k.cpu() for k in known]
+    one = None if correct is None else lambda _, systems, x_hats: [correct(systems[0], x_hats[0])]  # noqa: E731
+    return recursive_reconstructions([model], [grads], one, verbose, where, [known])[0]
+
+
+def recursive_reconstructions(models: list[Net], grads: list[list[torch.Tensor]], correct: Corrections | None = None,
+                              verbose: bool = False, where: Where | None = None,
+                              known: list[list[torch.Tensor] | None] | None = None,
+                              steps: list[SharedSteps | None] | None = None) -> list[tuple[torch.Tensor, list[int]]]:
+    """recursive_reconstruction of several clients' gradients (models of one architecture)
+    in step, layer by layer: at each layer every client's solve, one after another, within
+    its own SharedSteps (`steps`; None: the current ones), then the corrections of the
+    clients that make one there, in one call: correct(their indices, systems, x_hats)."""
+    n, n_layers, top = len(models), len(models[0].layers), models[0].first_linear
+    grads = [[g.detach().double().cpu() for g in client] for client in grads]  # in float64 on the CPU
+    known = [None if k is None else [t.cpu() for t in k] for k in (known or [None] * n)]
+    steps = steps or [None] * n
+    a_hat, dl_da = map(list, zip(*(invert_fc(model.layers[top], *by_layer(model, g)[top],
+                                             None if k is None else tuple(by_layer(model, k)[top]))
+                                   for model, g, k in zip(models, grads, known))))
     # the first linear layer's input, from its own gradient (with several, those above it
     # are determined each by its own gradient too: deficiency 0, nothing to solve)
-    top = model.first_linear
-    a_hat, dl_da = invert_fc(model.layers[top], *by_layer(model, grads)[top],
-                             None if known is None else tuple(by_layer(model, known)[top]))
-    deficiency = [0] * (n_layers - 1)
+    deficiency = [[0] * (n_layers - 1) for _ in models]
     for layer in progress(range(top - 1, -1, -1), "layers"):
-        inputs = ("solve", layer, a_hat, dl_da, known is not None)
-        system, x_hat, rank, dl_da, size = shared_step(inputs, functools.partial(solve_layer, model, layer, a_hat,
-                                                                                 dl_da, grads, known))
-        deficiency[layer] = rank - size[1]
-        a_hat = x_hat.view(1, *model.shapes[layer])
-        if correct is not None and (where is None or where(deficiency[layer:])):
-            a_hat = correct(system, a_hat).double().cpu()
-        if verbose:
-            say(f"  layer {layer}: {size[0]} equations, {size[1]} unknowns, rank {rank}, "
-                f"deficiency {deficiency[layer]}")
-    return a_hat.float(), deficiency
+        systems = []
+        for i, model in enumerate(models):
+            with sharing(steps[i]):
+                inputs = ("solve", layer, a_hat[i], dl_da[i], known[i] is not None)
+                system, x_hat, rank, dl_da[i], size = shared_step(inputs, functools.partial(
+                    solve_layer, model, layer, a_hat[i], dl_da[i], grads[i], known[i]))
+            systems.append(system)
+            deficiency[i][layer] = rank - size[1]
+            a_hat[i] = x_hat.view(1, *model.shapes[layer])
+            if verbose:
+                say(f"  layer {layer}: {size[0]} equations, {size[1]} unknowns, rank {rank}, "
+                    f"deficiency {deficiency[i][layer]}")
+        todo = [i for i in range(n) if correct is not None and (where is None or where(deficiency[i][layer:]))]
+        if todo:
+            for i, x in zip(todo, correct(todo, [systems[i] for i in todo], [a_hat[i] for i in todo])):
+                a_hat[i] = x.double().cpu()
+    return [(a.float(), d) for a, d in zip(a_hat, deficiency)]
 
 
 def solve_layer(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor, grads: list[torch.Tensor],
@@ -1939,16 +1966,48 @@ def digest(value: object) -> object:
 def shared_step(inputs: tuple, compute: Callable[[], object]) -> object:
     """`compute()`, or, within a cell, its value the first time these `inputs` were met (the
     tensors among them hashed only within a cell)."""
+    key = step_key(inputs)
+    value = taken_step(key)
+    return kept_step(key, compute()) if value is MISSING else value
+
+
+MISSING = object()  # a step not met before
+
+
+def step_key(inputs: tuple) -> tuple | None:
+    """A step's key within the current cell's SharedSteps; None outside a cell."""
+    return None if SHARED.get() is None else tuple(digest(v) for v in inputs)
+
+
+def taken_step(key: tuple | None) -> object:
+    """The step's value from the first time it was met, or MISSING."""
     shared = SHARED.get()
-    if shared is None:
-        return compute()
-    key = tuple(digest(v) for v in inputs)
-    if key in shared.steps:
-        shared.taken += 1
-        return shared.steps[key]
-    shared.computed += 1
-    shared.steps[key] = value = compute()
+    if key is None or key not in shared.steps:
+        return MISSING
+    shared.taken += 1
+    return shared.steps[key]
+
+
+def kept_step(key: tuple | None, value: object) -> object:
+    """`value`, kept as the step's within the current cell."""
+    if key is not None:
+        SHARED.get().computed += 1
+        SHARED.get().steps[key] = value
     return value
+
+
+@contextlib.contextmanager
+def sharing(steps: SharedSteps | None) -> Iterator[None]:
+    """Within it, the steps met are `steps`' (None: the current cell's, whatever they are).
+    Clients attacked together (recursive_reconstructions) each keep their own."""
+    if steps is None:
+        yield
+        return
+    token = SHARED.set(steps)
+    try:
+        yield
+    finally:
+        SHARED.reset(token)
 
 
 def security_index(deficiency: list[int]) -> int:
@@ -2180,6 +2239,102 @@ def gradient_matching(model: Net, system: LayerSystem, x_hat: torch.Tensor, *, g
     return x.detach()
 
 
+def gradient_matching_together(models: list[Net], systems: list[LayerSystem], x_hats: list[torch.Tensor], *,
+                               grads: list[list[torch.Tensor]], labels: list[int],
+                               settings: AttackSettings) -> list[torch.Tensor]:
+    """gradient_matching of several clients' solutions at one layer (models of one
+    architecture): one at a time, or, for several and without --compile, as one batch.
+
+    The batch minimises the sum over clients of each one's J with one Adam over the
+    stacked x. Adam is elementwise and each J reads its own x alone, so each client
+    follows its own trajectory: the mathematics of separate runs, computed together
+    (batched_objective) to float32 rounding (tests). On a CPU that halves a step's
+    per-operation overhead per image (docs/performance.md); on a GPU it fills the device.
+    """
+    if len(models) <= 1 or settings.compile:  # Dynamo traces no double backward: --compile matches one at a time
+        return [gradient_matching(model, system, x_hat, grads=g, label=label, settings=settings)
+                for model, system, x_hat, g, label in zip(models, systems, x_hats, grads, labels)]
+    device, layer = grads[0][0].device, systems[0].layer
+    *weights, steps = hybrid_schedule(layer, settings)
+    shared = [gradients_from(model, g, layer) for model, g in zip(models, grads)]  # g_p, p in layers l..L-1
+    known = [known_entries(s, settings) for s in shared]
+    batch = Batch.of(models, [system.to(torch.float32, device) for system in systems],
+                     shared, None if known[0] is None else known, torch.tensor(labels, device=device))
+    x = torch.cat([x_hat.float().to(device) for x_hat in x_hats]).requires_grad_()
+    opt = torch.optim.Adam([x], lr=1e-3)
+    bar = progress(steps, f"hybrid layer {layer}, {len(models)} images")
+    for step in bar:
+        objective = batched_objective(models[0], batch, x, tuple(weights))
+        x.grad = torch.autograd.grad(objective.sum(), [x])[0]
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(J=f"{objective.mean().item():.4g}", refresh=False)
+    return list(x.detach().split(1))
+
+
+class Batch(NamedTuple):
+    """What batched_objective reads of B clients at convolution `layer`, each stacked on a
+    first axis of B: their systems, the parameters of layers l..L-1 (per client, so that
+    each one's dummy gradient is its own), their shared gradients g_p and labels."""
+
+    layer: int
+    z_minus_b: torch.Tensor  # (B, C_out, P)
+    delta: torch.Tensor  # (B, C_out, P)
+    g_w: torch.Tensor  # (B, C_out, C_in k k)
+    known_w: torch.Tensor | None  # (B, C_out, C_in k k): under pruning, gW's surviving entries
+    params: list[torch.Tensor]  # each (B, *shape), requiring grad
+    shared: list[torch.Tensor]  # each (B, *shape)
+    known: list[torch.Tensor] | None  # under pruning, as shared
+    target: torch.Tensor  # (B,)
+
+    @staticmethod
+    def of(models: list[Net], systems: list[LayerSystem], shared: list[list[torch.Tensor]],
+           known: list[list[torch.Tensor]] | None, target: torch.Tensor) -> Batch:
+        layer, out = systems[0].layer, models[0].layers[systems[0].layer].out_channels
+        stack = lambda tensors, *shape: torch.stack([t.reshape(*shape) for t in tensors])  # noqa: E731
+        params = [torch.stack(p).detach().requires_grad_() for p in
+                  zip(*([p for m in model.layers[layer:] for p in m.parameters()] for model in models))]
+        return Batch(layer, stack([s.z_minus_b for s in systems], out, -1), stack([s.delta for s in systems], out, -1),
+                     stack([s.g_w for s in systems], out, -1),
+                     None if systems[0].known is None else stack([s.known for s in systems], out, -1),
+                     params, [torch.stack(p) for p in zip(*shared)],
+                     None if known is None else [torch.stack(k) for k in zip(*known)], target)
+
+
+def batched_objective(model: Net, batch: Batch, x: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
+    """Each client's J (hybrid_objective) at x (B, C, H, W): a (B,) tensor. The layers
+    l..L-1 run as unfold and batched matrix products with each client's own parameters,
+    so that autograd gives per-client dummy gradients (a functorch vmap over J's
+    functional form measured 1.7x slower on the CPU: docs/performance.md)."""
+    w_cos, w_tv, w_sq = weights
+    a, k, n = x, 0, len(x)
+    for i in range(batch.layer, len(model.layers)):
+        layer, act = model.layers[i], model.acts[i]
+        if isinstance(layer, nn.Linear):
+            z = torch.bmm(batch.params[k], a.flatten(1)[:, :, None])[..., 0]
+        else:
+            cols = F.unfold(a, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # (B, C_in k k, P)
+            z = torch.bmm(batch.params[k].flatten(2), cols)  # (B, C_out, P)
+            if i == batch.layer:  # layer l's equations: M x = z - b and G(delta) x = gW, U never formed
+                misfit = torch.bmm(batch.delta, cols.transpose(1, 2)) - batch.g_w
+                if batch.known_w is not None:
+                    misfit = misfit * batch.known_w
+                residual = (z - batch.z_minus_b).square().sum((1, 2)) + misfit.square().sum((1, 2))
+        k += 1
+        if layer.bias is not None:
+            z = z + (batch.params[k][:, :, None] if z.dim() == 3 else batch.params[k])
+            k += 1
+        a = act(z if isinstance(layer, nn.Linear) else z.view(n, *model.shapes[i + 1]))
+    loss = F.cross_entropy(a, batch.target, reduction="sum")  # each client's CE, its own gradient
+    dummy = torch.autograd.grad(loss, batch.params, create_graph=True)
+    if batch.known is not None:
+        dummy = [d * k for d, k in zip(dummy, batch.known)]
+    cosine = sum(1 - F.cosine_similarity(d.flatten(1), g.flatten(1), dim=1, eps=1e-10)
+                 for d, g in zip(dummy, batch.shared))
+    tv = (x[..., :, 1:] - x[..., :, :-1]).abs().mean((1, 2, 3)) + (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3))
+    return w_cos * cosine + w_tv * tv + w_sq * residual
+
+
 @functools.cache
 def compiled_grad_and_value() -> Callable:
     """One compiled (dJ/dx, J) of J's torch.func form for the whole process: the graphs of
@@ -2199,23 +2354,49 @@ def hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSe
     """R-GAP's recursion with each convolution's least-squares solution corrected by
     gradient matching before it is passed down: at every layer (the paper's hybrid), or at
     those where `where` holds of the ranks (hybrid_free, which records the layers it corrected)."""
-    corrected = []
+    return hybrids([model], [grads], [label], settings, where)[0]
 
-    def correct(system: LayerSystem, x_hat: torch.Tensor) -> torch.Tensor:
-        corrected.append(system.layer)
-        method = dataclasses.replace(settings, correct_where="", verbose=False)  # what a correction reads
-        return shared_step(("correct", system.layer, x_hat, label, method),
-                           functools.partial(gradient_matching, model, system, x_hat, grads=grads, label=label,
-                                             settings=settings))
-    x, deficiency = recursive_reconstruction(model, grads, correct, verbose=settings.verbose, where=where,
-                                             known=known_entries(grads, settings))
-    info = {"rank_deficiency": deficiency} | ({} if where is None else {"corrected_layers": sorted(corrected)})
-    return AttackResult(x.to(grads[0].device), label, info)
+
+def hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int], settings: AttackSettings,
+            where: Where | None = None, steps: list[SharedSteps | None] | None = None) -> list[AttackResult]:
+    """`hybrid` on several clients' gradients (models of one architecture) in step: their
+    recursions layer by layer, each within its own SharedSteps (`steps`), and the
+    corrections at a layer gradient-matched together (gradient_matching_together)."""
+    steps = steps or [None] * len(models)
+    corrected: list[list[int]] = [[] for _ in models]
+    method = dataclasses.replace(settings, correct_where="", verbose=False)  # what a correction reads
+
+    def correct(todo: list[int], systems: list[LayerSystem], x_hats: list[torch.Tensor]) -> list[torch.Tensor]:
+        keys, found = [], []
+        for i, system, x_hat in zip(todo, systems, x_hats):
+            corrected[i].append(system.layer)
+            with sharing(steps[i]):  # a correction met before in this client's cell is taken, not made again
+                keys.append(step_key(("correct", system.layer, x_hat, labels[i], method)))
+                found.append(taken_step(keys[-1]))
+        run = [j for j, value in enumerate(found) if value is MISSING]
+        matched = gradient_matching_together([models[todo[j]] for j in run], [systems[j] for j in run],
+                                             [x_hats[j] for j in run], grads=[grads[todo[j]] for j in run],
+                                             labels=[labels[todo[j]] for j in run], settings=settings)
+        for j, x in zip(run, matched):
+            with sharing(steps[todo[j]]):
+                found[j] = kept_step(keys[j], x)
+        return found
+    reconstructions = recursive_reconstructions(models, grads, correct, settings.verbose, where,
+                                                [known_entries(g, settings) for g in grads], steps)
+    return [AttackResult(x.to(g[0].device), label,
+                         {"rank_deficiency": deficiency} | ({} if where is None else {"corrected_layers": sorted(c)}))
+            for (x, deficiency), c, g, label in zip(reconstructions, corrected, grads, labels)]
 
 
 def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
     """The paper's hybrid: every convolution corrected."""
     return hybrid(model, grads, label, settings)
+
+
+def attack_hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int], settings: AttackSettings,
+                   steps: list[SharedSteps]) -> list[AttackResult]:
+    """attack_hybrid on several clients together."""
+    return hybrids(models, grads, labels, settings, steps=steps)
 
 
 # -- hybrid_free: ours, not the paper's -------------------------------------------------
@@ -2236,6 +2417,12 @@ def attack_hybrid_free(model: Net, grads: list[torch.Tensor], label: int, settin
     """The hybrid, correcting a convolution only where settings.correct_where says the
     systems leave it freedom; elsewhere R-GAP's least-squares solution is passed down."""
     return hybrid(model, grads, label, settings, CORRECT_WHERE[settings.correct_where])
+
+
+def attack_hybrid_frees(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int],
+                        settings: AttackSettings, steps: list[SharedSteps]) -> list[AttackResult]:
+    """attack_hybrid_free on several clients together."""
+    return hybrids(models, grads, labels, settings, CORRECT_WHERE[settings.correct_where], steps)
 
 
 # =============================================================================
@@ -2324,6 +2511,7 @@ class Attack:
     marker: str  # its matplotlib marker in the figures
     paper: bool  # one of the paper's comparison: the default --attacks
     settings: tuple[str, ...] = ()  # the AttackSettings it reads beyond the label: a flag for one needs the attack
+    together: Callable[..., list[AttackResult]] | None = None  # several clients' at once (answers_together)
 
 
 ATTACKS: dict[str, Attack] = {
@@ -2332,9 +2520,10 @@ ATTACKS: dict[str, Attack] = {
     "idlg": Attack(attack_idlg, "iDLG", "^", paper=True, settings=("dlg_iters", "restarts")),
     "cosine": Attack(attack_cosine, "Cosine+TV", "D", paper=True, settings=("cosine_iters", "restarts")),
     "hybrid": Attack(attack_hybrid, "Hybrid", "s", paper=True,
-                     settings=("hybrid_iters", "hybrid_iters_first", "compile")),
+                     settings=("hybrid_iters", "hybrid_iters_first", "compile"), together=attack_hybrids),
     "hybrid_free": Attack(attack_hybrid_free, "Hybrid, free layers", "P", paper=False,
-                          settings=("hybrid_iters", "hybrid_iters_first", "compile", "correct_where")),
+                          settings=("hybrid_iters", "hybrid_iters_first", "compile", "correct_where"),
+                          together=attack_hybrid_frees),
 }
 
 
@@ -2613,18 +2802,33 @@ def share_and_attack(model: Net, image: PrivateImage, attacks: list[str], settin
     what the defence did (under pruning with the ranks of the surviving equations, unless
     analyse_defence is False), then each attack's Answer as it finishes (R-GAP's carries
     the rank deficiencies of its recursion)."""
-    grads = shared_gradient(model, image, device)
-    shared, info = defend(grads, defence, defence_seed(seed, image.name))
-    if defence.removes_equations and analyse_defence:  # the analyst's: the client's own gradient, the surviving rows
-        known = surviving(shared)
-        info |= {"rank_deficiency": rank_deficiency(model, grads, known),
-                 "fc_inputs_undetermined": fc_inputs_undetermined(model, known)}
-    yield Defended(info)
-    del grads  # from here on, the attacks' side: what was shared alone
-    label = image.label if settings.true_label else recover_label(shared)  # under noise it may be wrong
+    for _, event in share_and_attack_together([(model, image)], attacks, settings, seed, device, defence,
+                                              [analyse_defence]):
+        yield event
+
+
+def share_and_attack_together(cells: list[tuple[Net, PrivateImage]], attacks: list[str], settings: AttackSettings,
+                              seed: int, device: str, defence: Defence = NO_DEFENCE,
+                              analyse_defence: list[bool] | None = None) -> Iterator[tuple[int, Defended | Answer]]:
+    """share_and_attack on several (model, image) of one architecture under one defence
+    (analyse_defence per cell): (the cell's index, its event). The attacks answer them
+    together (answers_together)."""
+    clients = []
+    for i, (model, image) in enumerate(cells):
+        grads = shared_gradient(model, image, device)
+        shared, info = defend(grads, defence, defence_seed(seed, image.name))
+        # the analyst's: the client's own gradient, the surviving rows
+        if defence.removes_equations and (analyse_defence is None or analyse_defence[i]):
+            known = surviving(shared)
+            info |= {"rank_deficiency": rank_deficiency(model, grads, known),
+                     "fc_inputs_undetermined": fc_inputs_undetermined(model, known)}
+        yield i, Defended(info)
+        del grads  # from here on, the attacks' side: what was shared alone
+        label = image.label if settings.true_label else recover_label(shared)  # under noise it may be wrong
+        clients.append((model, shared, label))
     settings = dataclasses.replace(settings, zeros_are_missing=defence.removes_equations)  # an attacker sees the zeros
-    for name, result, seconds in answers(model, shared, label, attacks, settings, seed):
-        yield score_answer(name, result, seconds, image)
+    for i, name, result, seconds in answers_together(clients, attacks, settings, seed):
+        yield i, score_answer(name, result, seconds, cells[i][1])
 
 
 def answers(model: Net, shared: list[torch.Tensor], label: int, attacks: list[str], settings: AttackSettings,
@@ -2632,21 +2836,46 @@ def answers(model: Net, shared: list[torch.Tensor], label: int, attacks: list[st
     """Each attack's answer to the shared gradient, reseeded first, with its seconds. The
     recursion's steps are shared among the attacks (SharedSteps); an attack that ran no step
     of its own and answers as an earlier one did, bit for bit, is marked `derived_from` it."""
-    steps, done = SharedSteps(), {}
-    token = SHARED.set(steps)
-    try:
-        for name in attacks:
-            seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
-            start, computed, taken = time.perf_counter(), steps.computed, steps.taken
-            result = ATTACKS[name].run(model, shared, label, settings)
-            if steps.computed == computed and steps.taken > taken:  # every step it took was another's
-                same = next((other for other, x in done.items() if torch.equal(x, result.x)), None)
-                if same is not None:
-                    result.info["derived_from"] = same
-            done[name] = result.x
-            yield name, result, time.perf_counter() - start
-    finally:
-        SHARED.reset(token)
+    for _, name, result, seconds in answers_together([(model, shared, label)], attacks, settings, seed):
+        yield name, result, seconds
+
+
+Client = tuple  # (model, shared gradient, label): one cell's side of the attacks
+
+
+def answers_together(clients: list[Client], attacks: list[str], settings: AttackSettings,
+                     seed: int) -> Iterator[tuple[int, str, AttackResult, float]]:
+    """`answers` of several cells (models of one architecture), attack by attack: (the
+    client's index, the attack, its result, its seconds). An attack with a `together` form
+    answers all of them at once (their seconds shared out evenly, recorded as
+    `batch_size`); the others one client at a time. Each client keeps its own SharedSteps."""
+    steps, done = [SharedSteps() for _ in clients], [{} for _ in clients]
+
+    def marked(i: int, name: str, result: AttackResult, before: tuple[int, int]) -> AttackResult:
+        if steps[i].computed == before[0] and steps[i].taken > before[1]:  # every step it took was another's
+            same = next((other for other, x in done[i].items() if torch.equal(x, result.x)), None)
+            if same is not None:
+                result.info["derived_from"] = same
+        done[i][name] = result.x
+        return result
+    for name in attacks:
+        attack = ATTACKS[name]
+        if attack.together is not None and len(clients) > 1:
+            seed_everything(seed)  # as before each client's run alone: so any subset and order gives these numbers
+            before, start = [(s.computed, s.taken) for s in steps], time.perf_counter()
+            results = attack.together(*map(list, zip(*clients)), settings, steps)
+            seconds = (time.perf_counter() - start) / len(clients)
+            for i, result in enumerate(results):
+                result.info["batch_size"] = len(clients)
+                yield i, name, marked(i, name, result, before[i]), seconds
+            continue
+        for i, (model, shared, label) in enumerate(clients):
+            with sharing(steps[i]):
+                seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
+                before, start = (steps[i].computed, steps[i].taken), time.perf_counter()
+                result = attack.run(model, shared, label, settings)
+                seconds = time.perf_counter() - start
+            yield i, name, marked(i, name, result, before), seconds
 
 
 def rank_analysis(model: Net, image: PrivateImage, device: str) -> RankAnalysis:
@@ -3015,22 +3244,47 @@ def left_to_do(cell: Cell, entry: dict | None) -> Cell | None:
     return cell._replace(attacks=todo, ranks_known=known) if todo else None
 
 
-def run_cell(exp: Experiment, settings: AttackSettings, cell: Cell) -> Iterator[Training | RankAnalysis | Answer]:
-    """The model as the client holds it (trained first with --train-steps), its rank
-    deficiencies where the record lacks them and R-GAP will not give them, then the
-    experiment."""
-    model, training = prepare_model(exp, cell.model, cell.image)
-    if training is not None:
-        yield Training(training)
-    why = nothing_to_attack(model, cell.image, exp.device)
-    if why is not None:
-        yield Skipped(cell.attacks, why)
+def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]) -> Iterator[tuple[Cell, object]]:
+    """Cells of one model and defence (cells_together), each as the client holds its model
+    (trained first with --train-steps), with its rank deficiencies where the record lacks
+    them and R-GAP will not give them; then the experiment on them together: (cell, event)."""
+    ready = []
+    for cell in cells:
+        model, training = prepare_model(exp, cell.model, cell.image)
+        if training is not None:
+            yield cell, Training(training)
+        why = nothing_to_attack(model, cell.image, exp.device)
+        if why is not None:
+            yield cell, Skipped(cell.attacks, why)
+            continue
+        if not cell.ranks_known and ("rgap" not in cell.attacks or cell.defence != NO_DEFENCE):
+            held = (cell.model, cell.image.name, exp.model_seed, exp.train_steps, exp.train_lr, exp.data, exp.device)
+            yield cell, undefended_ranks(held, model, cell.image, exp.device)  # R-GAP's, under a defence, are not
+        ready.append((cell, model))  # the client's
+    if not ready:
         return
-    if not cell.ranks_known and ("rgap" not in cell.attacks or cell.defence != NO_DEFENCE):
-        held = (cell.model, cell.image.name, exp.model_seed, exp.train_steps, exp.train_lr, exp.data, exp.device)
-        yield undefended_ranks(held, model, cell.image, exp.device)  # R-GAP's, under a defence, are not the client's
-    yield from share_and_attack(model, cell.image, cell.attacks, settings, exp.seed, exp.device, cell.defence,
-                                analyse_defence=not cell.ranks_known)
+    analyse = [not cell.ranks_known for cell, _ in ready]
+    for i, event in share_and_attack_together([(model, cell.image) for cell, model in ready], ready[0][0].attacks,
+                                              settings, exp.seed, exp.device, ready[0][0].defence,
+                                              analyse_defence=analyse):
+        yield ready[i][0], event
+
+
+def cells_together(settings: AttackSettings, cells: list[Cell]) -> list[tuple[Cell, ...]]:
+    """The cells left, in units worked on together: up to --batch-images cells of one model,
+    defence and attacks left, where an attack among them answers several at once (the
+    hybrids, without --compile); each unit in the place of its first cell."""
+    batched = settings.batch_images > 1 and not settings.compile
+    units: dict[tuple, list[list[Cell]]] = {}
+    for n, cell in enumerate(cells):
+        together = batched and any(ATTACKS[a].together for a in cell.attacks)
+        key = (cell.model, cell.defence.spec, tuple(cell.attacks)) if together else n
+        groups = units.setdefault(key, [[]])
+        if len(groups[-1]) == settings.batch_images:
+            groups.append([])
+        groups[-1].append(cell)
+    order = {cell.key: n for n, cell in enumerate(cells)}
+    return sorted((tuple(g) for groups in units.values() for g in groups), key=lambda u: order[u[0].key])
 
 
 def model_text(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> str:
@@ -3170,8 +3424,9 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
              for image in images for name in exp.models for defence in defences]
     name = model_stem(exp.models[0]) if len(exp.models) == 1 else "grid"  # a string's commas make no folder name
     return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), cells, left_to_do,
-                        functools.partial(run_cell, exp, settings), record_event, finish,
-                        functools.partial(configure_process, exp.device, run.threads, settings.verbose))
+                        functools.partial(run_cells, exp, settings), record_event, finish,
+                        functools.partial(configure_process, exp.device, run.threads, settings.verbose),
+                        functools.partial(cells_together, settings))
 
 
 # =============================================================================

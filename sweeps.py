@@ -1,10 +1,11 @@
 """The machinery of long runs: run folders, the record, resume, shards, worker processes, merge.
 
-hybrid.py runs its experiment on one (model, image) at a time; this module runs such
-cells over a grid for hours and keeps what finished. It knows nothing of the paper and
-imports nothing from hybrid.py: it is handed a `Sweep` (the cells, the function that
-works on one, the one that writes what that yields) and a `Record` (how results.json
-keys and tables its entries).
+hybrid.py runs its experiment on one (model, image) at a time, or on a few images of one
+model together; this module runs such cells over a grid for hours and keeps what
+finished. It knows nothing of the paper and imports nothing from hybrid.py: it is handed
+a `Sweep` (the cells, how they group into units worked on together, the function that
+works on a unit, the one that writes what that yields, cell by cell) and a `Record` (how
+results.json keys and tables its entries).
 
 A run folder holds:
 
@@ -332,10 +333,12 @@ class Sweep:
     header: dict  # results.json's header: config, versions, device, command
     cells: list  # every cell of the experiment, in order; each has .key (a tuple of str) and .parts
     left: Callable[[object, dict | None], object | None]  # (cell, its entry) -> what is left of it, or None
-    work: Callable[[object], Iterator]  # cell -> its events; picklable: it runs in workers too
+    work: Callable[[tuple], Iterator]  # a unit (cells worked on together) -> (cell, event) pairs; picklable: it
+    # runs in workers too
     write: Callable[[RunFolder, object, object], None]  # (folder, cell, event), in this process alone
     finish: Callable[[RunFolder], None]  # figures and summaries, at the end of every run and merge
     init_worker: Callable[[], None] = lambda: None  # e.g. the thread settings
+    together: Callable[[list], list[tuple]] = lambda cells: [(cell,) for cell in cells]  # the cells left -> units
 
 
 def describe(key: tuple) -> str:
@@ -700,12 +703,15 @@ def run(sweep: Sweep, settings: RunSettings) -> None:
             say(f"run folder: {path}")
             k, n = settings.shard
             cells = [left for cell in sweep.cells[k::n] if (left := sweep.left(cell, folder.entry(cell.key)))]
-            record = lambda cell, events: [sweep.write(folder, cell, e) for e in events]  # noqa: E731
+            units = sweep.together(cells)
+            record = lambda cell, event: sweep.write(folder, cell, event)  # noqa: E731
             with stretch(folder, sweep.header):
                 if settings.jobs == 1:
-                    failed = in_this_process(cells, sweep.work, record)
+                    failed = in_this_process(units, sweep.work, record)
                 else:
-                    failed = in_workers(cells, sweep.work, record, settings.jobs, sweep.init_worker)
+                    failed = in_workers(units, sweep.work, record, settings.jobs, sweep.init_worker)
+            # a unit's error costs the cells it left unfinished, not those it recorded whole
+            failed = {u.key: failed[u.key] for u in cells if u.key in failed and sweep.left(u, folder.entry(u.key))}
             folder.write_table()
             sweep.finish(folder)
         if failed:
@@ -743,22 +749,22 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def in_this_process(cells: list, work: Callable, record: Callable) -> dict[tuple, str]:
-    """The cells one after another, each event recorded as it comes. As in the workers,
-    an error in a cell's work costs that cell alone (returned with the reason); the
-    recording's own errors (a full disk) stop the run."""
+def in_this_process(units: list[tuple], work: Callable, record: Callable) -> dict[tuple, str]:
+    """The units one after another, each event recorded as it comes. As in the workers,
+    an error in a unit's work costs that unit alone (its cells returned with the reason);
+    the recording's own errors (a full disk) stop the run."""
     failed = {}
-    for cell in progress(cells, "sweep") if len(cells) > 1 else cells:
-        events = work(cell)
-        while True:  # not a for loop: an error of `record` must not be taken for the cell's
+    for unit in progress(units, "sweep") if len(units) > 1 else units:
+        events = work(unit)
+        while True:  # not a for loop: an error of `record` must not be taken for the unit's
             try:
-                event = next(events)
+                cell, event = next(events)
             except StopIteration:
                 break
             except Exception as e:
-                failed[cell.key] = reason(e)
+                failed |= dict.fromkeys((cell.key for cell in unit), reason(e))
                 break
-            record(cell, [event])
+            record(cell, event)
     return failed
 
 
@@ -786,60 +792,68 @@ def start_worker(init: Callable[[], None], started: multiprocessing.connection.C
     init()
 
 
-def work_in_worker(work: Callable, cell: object) -> list:
-    _started.send(cell.key)  # a few bytes: one write, whole, among the other workers'
-    return list(work(cell))
+def work_in_worker(work: Callable, unit: tuple) -> list:
+    _started.send([cell.key for cell in unit])  # a few bytes: one write, whole, among the other workers'
+    return list(work(unit))
 
 
-def in_workers(cells: list, work: Callable, record: Callable, jobs: int,
+def in_workers(units: list[tuple], work: Callable, record: Callable, jobs: int,
                init: Callable[[], None]) -> dict[tuple, str]:
-    """The cells in `jobs` workers, each recorded by the parent as it comes back.
+    """The units in `jobs` workers, each recorded by the parent as it comes back.
 
     A worker that dies (killed, out of memory) breaks concurrent.futures' pool and every
-    cell then in flight; those run again one at a time, so that only a cell that kills
-    its worker on its own is lost. Returns the cells lost, with the reason.
+    unit then in flight; those run again one at a time, whole (so that their numbers are
+    those of an unbroken run), and a unit that kills its worker alone, cell by cell: only
+    a cell that kills its worker on its own is lost. Returns the cells lost, with the reason.
     """
-    failed, queue, suspects = {}, list(cells), []
+    failed, queue, suspects = {}, list(units), []
     while queue or suspects:
         if suspects:
-            in_flight, not_started = one_pool([suspects.pop(0)], work, record, 1, init, failed)
-            failed |= {u.key: "its worker died (killed, or out of memory?)" for u in in_flight + not_started}
+            unit = suspects.pop(0)
+            in_flight, not_started = one_pool([unit], work, record, 1, init, failed)
+            if (in_flight or not_started) and len(unit) > 1:
+                suspects = [(cell,) for cell in unit] + suspects
+            else:
+                failed |= {cell.key: "its worker died (killed, or out of memory?)" for u in in_flight + not_started
+                           for cell in u}
         else:
             suspects, queue = one_pool(queue, work, record, jobs, init, failed)
-            if queue and not suspects:  # a worker died before it could say which cell it ran
+            if queue and not suspects:  # a worker died before it could say which unit it ran
                 suspects, queue = queue, []
     return failed
 
 
-def one_pool(cells: list, work: Callable, record: Callable, jobs: int, init: Callable[[], None],
+def one_pool(units: list[tuple], work: Callable, record: Callable, jobs: int, init: Callable[[], None],
              failed: dict) -> tuple[list, list]:
-    """Run cells in a pool of `jobs` workers until all are back or a worker dies; then
-    return the cells in flight and those not started (both empty if none died)."""
+    """Run units in a pool of `jobs` workers until all are back or a worker dies; then
+    return the units in flight and those not started (both empty if none died)."""
     spawn = multiprocessing.get_context("spawn")
     # A pipe, not a multiprocessing queue: its semaphores would outlive a Ctrl-C ("leaked semaphore")
     announced, started = spawn.Pipe(duplex=False)
     pool = ProcessPoolExecutor(jobs, spawn, start_worker, (init, started, os.getpid()))
-    futures, running, finished = {pool.submit(work_in_worker, work, u): u for u in cells}, set(), set()
-    bar = progress(len(cells), "pairs")
+    futures, running, finished = {pool.submit(work_in_worker, work, u): u for u in units}, set(), set()
+    bar = progress(sum(map(len, units)), "pairs")
+    begun = lambda unit: unit[0].key in running  # noqa: E731
     try:
         while futures.keys() - finished:
             done, _ = wait(futures.keys() - finished, timeout=2, return_when=FIRST_COMPLETED)
             while announced.poll():
-                running.add(announced.recv())
+                running.update(map(tuple, announced.recv()))
             for future in done:
-                cell = futures[future]
+                unit = futures[future]
                 try:
                     events = future.result()
                 except BrokenProcessPool:
-                    return ([u for f, u in futures.items() if f not in finished and u.key in running],
-                            [u for f, u in futures.items() if f not in finished and u.key not in running])
-                except Exception as e:  # a bug on one cell: the others go on
-                    failed[cell.key] = f"{type(e).__name__}: {e}"
+                    return ([u for f, u in futures.items() if f not in finished and begun(u)],
+                            [u for f, u in futures.items() if f not in finished and not begun(u)])
+                except Exception as e:  # a bug on one unit: the others go on
+                    failed |= dict.fromkeys((cell.key for cell in unit), f"{type(e).__name__}: {e}")
                 else:
-                    record(cell, events)  # the parent's own errors (a full disk) stop the run
+                    for cell, event in events:
+                        record(cell, event)  # the parent's own errors (a full disk) stop the run
                 finished.add(future)
-                bar.update()
-            running_now = sorted(running - {futures[f].key for f in finished})
+                bar.update(len(unit))
+            running_now = sorted(running - {cell.key for f in finished for cell in futures[f]})
             bar.set_postfix_str(", ".join(" ".join(k) for k in running_now), refresh=False)
         pool.shutdown()
         return [], []

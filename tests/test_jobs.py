@@ -43,11 +43,11 @@ def test_two_jobs_give_the_numbers_of_one(one_process, tmp_path):
     assert all("security_index" in r for r in runs) and (folder / "comparison.png").exists()
 
 
-def crash_on_cnn2_c0(work, pair):
+def crash_on_cnn2_c0(work, unit):
     """A worker that dies (as under the OOM killer) on every cnn2_c0 pair."""
-    if pair.model == "cnn2_c0":
+    if any(cell.model == "cnn2_c0" for cell in unit):
         os.kill(os.getpid(), signal.SIGKILL)
-    return sweeps.work_in_worker(work, pair)
+    return sweeps.work_in_worker(work, unit)
 
 
 @pytest.mark.slow

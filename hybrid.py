@@ -3273,7 +3273,9 @@ def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]
 def cells_together(settings: AttackSettings, cells: list[Cell]) -> list[tuple[Cell, ...]]:
     """The cells left, in units worked on together: up to --batch-images cells of one model,
     defence and attacks left, where an attack among them answers several at once (the
-    hybrids, without --compile); each unit in the place of its first cell."""
+    hybrids, without --compile). The first unit of each such group, then the second, and
+    so on (a study stopped part-way holds whole sets of images); within each, the costliest
+    models' first, so that the workers finish together. Single cells keep their order."""
     batched = settings.batch_images > 1 and not settings.compile
     units: dict[tuple, list[list[Cell]]] = {}
     for n, cell in enumerate(cells):
@@ -3284,7 +3286,13 @@ def cells_together(settings: AttackSettings, cells: list[Cell]) -> list[tuple[Ce
             groups.append([])
         groups[-1].append(cell)
     order = {cell.key: n for n, cell in enumerate(cells)}
-    return sorted((tuple(g) for groups in units.values() for g in groups), key=lambda u: order[u[0].key])
+    return [tuple(g) for _, _, _, g in sorted((k, -model_cost(g[0]) if batched else 0, order[g[0].key], g)
+                                              for groups in units.values() for k, g in enumerate(groups))]
+
+
+def model_cost(cell: Cell) -> float:
+    """The solves' flops of the cell's model, up to a constant (solve_cost); 0 for a module's."""
+    return 0.0 if is_model_file(cell.model) else solve_cost(architecture(cell.model, cell.image.shape))[0]
 
 
 def model_text(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> str:

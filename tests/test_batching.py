@@ -105,23 +105,25 @@ def test_a_batch_makes_each_correction_once(photographs, monkeypatch):
 
 
 def test_cells_group_by_model_defence_and_attacks():
-    """Up to B cells of one model, defence and attacks left, each unit where its first cell
-    was; singletons without a hybrid to batch, with --compile, or with B = 1."""
-    images = [H.PrivateImage(f"img:{i}", None, 0) for i in range(5)]
+    """Up to B cells of one model, defence and attacks left; the first unit of each group,
+    then the second, each time the costlier model's first; singletons, in their order,
+    without a hybrid to batch, with --compile, or with B = 1."""
+    images = [H.PrivateImage(f"img:{i}", torch.zeros(1, 3, 32, 32), 0) for i in range(5)]
     prune = H.parse_defence("prune:0.5")
-    cells = [H.Cell(m, image, LINEAR, False, d) for image in images for m in ("a", "b") for d in (H.NO_DEFENCE, prune)]
+    cells = [H.Cell(m, image, LINEAR, False, d) for image in images for m in ("cnn2_c2", "cnn4_c2")
+             for d in (H.NO_DEFENCE, prune)]
     cells[0] = cells[0]._replace(attacks=["hybrid"])  # a resumed cell with less left is grouped apart
     units = H.cells_together(dataclasses.replace(TINY, batch_images=4), cells)
-    named = [[(c.model, c.image.name, c.defence.spec) for c in u] for u in units]
-    assert named[0] == [("a", "img:0", "none")]
-    assert named[1] == [("a", "img:0", "prune:0.5"), ("a", "img:1", "prune:0.5"), ("a", "img:2", "prune:0.5"),
-                        ("a", "img:3", "prune:0.5")]
-    assert named[2] == [("b", "img:0", "none"), ("b", "img:1", "none"), ("b", "img:2", "none"), ("b", "img:3", "none")]
-    assert sorted(len(u) for u in units) == [1, 1, 1, 1, 4, 4, 4, 4] and sum(map(len, units)) == len(cells)
+    named = [(u[0].model, u[0].defence.spec, [c.image.name[4:] for c in u]) for u in units]
+    assert named == [("cnn4_c2", "none", ["0", "1", "2", "3"]), ("cnn4_c2", "prune:0.5", ["0", "1", "2", "3"]),
+                     ("cnn2_c2", "none", ["0"]), ("cnn2_c2", "prune:0.5", ["0", "1", "2", "3"]),
+                     ("cnn2_c2", "none", ["1", "2", "3", "4"]),
+                     ("cnn4_c2", "none", ["4"]), ("cnn4_c2", "prune:0.5", ["4"]), ("cnn2_c2", "prune:0.5", ["4"])]
+    assert all(len({(c.model, c.defence.spec, tuple(c.attacks)) for c in u}) == 1 for u in units)
     for settings in (dataclasses.replace(TINY, batch_images=1), dataclasses.replace(TINY, compile=True)):
-        assert all(len(u) == 1 for u in H.cells_together(settings, cells))
+        assert H.cells_together(settings, cells) == [(c,) for c in cells]
     rgap_only = [c._replace(attacks=["rgap", "dlg"]) for c in cells]
-    assert all(len(u) == 1 for u in H.cells_together(TINY, rgap_only))
+    assert H.cells_together(TINY, rgap_only) == [(c,) for c in rgap_only]
 
 
 @pytest.mark.slow

@@ -3286,8 +3286,9 @@ def cells_together(settings: AttackSettings, cells: list[Cell]) -> list[tuple[Ce
             groups.append([])
         groups[-1].append(cell)
     order = {cell.key: n for n, cell in enumerate(cells)}
-    return [tuple(g) for _, _, _, g in sorted((k, -model_cost(g[0]) if batched else 0, order[g[0].key], g)
-                                              for groups in units.values() for k, g in enumerate(groups))]
+    ranked = [(k, -model_cost(g[0]) if isinstance(key, tuple) else 0, order[g[0].key], g)
+              for key, groups in units.items() for k, g in enumerate(groups)]
+    return [tuple(g) for *_, g in sorted(ranked, key=lambda r: r[:3])]
 
 
 def model_cost(cell: Cell) -> float:

@@ -114,6 +114,58 @@ def test_reduced_system_keeps_the_solution_and_rank(layer, pruned):
     np.testing.assert_allclose(x.numpy(), x_ref, rtol=1e-8, atol=1e-8)
 
 
+# Tall systems: SMALL's layer 0 with padding (pixels read by one patch entry or several), and
+# a stride-2 convolution that leaves pixels unread (zero columns).
+TALL = [(SMALL, 0), ("8k3s2p0-tanh,fc-id", 0)]
+
+
+@pytest.mark.parametrize("arch,layer", TALL)
+def test_gram_solution_is_numpys_solution_and_rank(arch, layer):
+    """A tall full-rank system's normal equations, certified, give numpy's rank and its
+    solution to 1e-12, its unread pixels 0."""
+    model = H.build_model(arch, shape=(3, 8, 8)).double()
+    torch.manual_seed(layer)
+    out_shape, conv = (1, *model.shapes[layer + 1]), model.layers[layer]
+    system = H.LayerSystem(layer, torch.randn(out_shape, dtype=torch.float64),
+                           torch.randn(out_shape, dtype=torch.float64),
+                           torch.randn(conv.weight.shape, dtype=torch.float64))
+    U, V = system.matrices(model)
+    solved = H.gram_solution(system, conv, H.forward_map(conv, model.shapes[layer]), system.equations())
+    assert solved is not None, "certified"
+    x, rank = solved
+    x_ref, _, rank_ref, _ = np.linalg.lstsq(U.numpy(), V.numpy(), rcond=None)
+    assert rank == rank_ref < U.shape[1] if arch != SMALL else rank == rank_ref == U.shape[1]
+    np.testing.assert_allclose(x.numpy(), x_ref, rtol=0, atol=1e-12 * np.abs(x_ref).max())
+
+
+def test_gram_solution_declines_what_it_cannot_certify():
+    """Rank-deficient (dead output channels leave too few equations of G to fill the
+    columns), or full rank but too ill-conditioned for normal equations to certify (sigma_min
+    1e-7 of sigma_max: full rank to numpy, and the Gram matrix still has a Cholesky factor):
+    None, and the QR decides."""
+    model = H.build_model("8k3s2p1-tanh,fc-id", shape=(3, 8, 8)).double()
+    conv, shape = model.layers[0], model.shapes[0]
+    out_shape = (1, *model.shapes[1])
+    z, g_w = torch.randn(out_shape, dtype=torch.float64), torch.randn(conv.weight.shape, dtype=torch.float64)
+    dead = H.LayerSystem(0, z, torch.zeros(out_shape, dtype=torch.float64), g_w)  # G = 0: rank 128 of 192
+    assert dead.equations() >= 192 and H.gram_solution(dead, conv, H.forward_map(conv, shape), dead.equations()) is None
+    model = H.build_model("16k1s1p0-tanh,fc-id", shape=(3, 8, 8)).double()
+    conv, shape = model.layers[0], model.shapes[0]
+    with torch.no_grad():  # a 1x1 convolution: M is W at every pixel, and W's singular values are 1, 1, 1e-7
+        left, right = (torch.linalg.qr(torch.randn(k, 3, dtype=torch.float64))[0] for k in (16, 3))
+        conv.weight.copy_((left @ torch.diag(torch.tensor([1.0, 1.0, 1e-7], dtype=torch.float64)) @ right.T)
+                          .view_as(conv.weight))
+    out_shape = (1, *model.shapes[1])
+    weak = H.LayerSystem(0, torch.randn(out_shape, dtype=torch.float64),
+                         1e-12 * torch.randn(out_shape, dtype=torch.float64),
+                         torch.randn(conv.weight.shape, dtype=torch.float64))
+    U, _ = weak.matrices(model)
+    s = torch.linalg.svdvals(U)
+    assert np.linalg.matrix_rank(U.numpy()) == U.shape[1] and s[-1] / s[0] < 1e-6  # full rank, to numpy
+    assert torch.linalg.cholesky_ex(U.T @ U).info == 0  # what the shift, not the factorization, turns down
+    assert H.gram_solution(weak, conv, H.forward_map(conv, shape), weak.equations()) is None
+
+
 def test_forward_map_is_built_once_per_weights(monkeypatch):
     model = H.build_model(SMALL, shape=(3, 8, 8)).double()
     conv, shape = model.layers[0], model.shapes[0]

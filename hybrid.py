@@ -1959,8 +1959,9 @@ def gram_solution(system: LayerSystem, conv: nn.Conv2d, forward: ForwardMap,
     where it succeeds, lambda_min(U^T U) >= s - 2 d, so sigma_min(U) >= 10 tol ||U||_F >=
     10 tol sigma_max, and numpy's rank is n too (Rump's test for positive definiteness).
     One step of refinement against U's residual brings the solution to the QR's accuracy
-    (tests: 1e-14). The study's tall systems have condition numbers below 3000. Not under
-    pruning (its surviving rows break the structure).
+    (tests: numpy's to 1e-12; the subset's layers: the QR's to 5e-14). The subset's tall
+    systems have condition numbers below 3000 (docs/performance.md). Not under pruning (its
+    surviving rows break the structure).
     """
     idx, n = forward.idx, forward.M.shape[1]
     delta = system.delta.double().cpu().reshape(conv.out_channels, -1)  # (C_out, P)

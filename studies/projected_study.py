@@ -1,6 +1,7 @@
-"""The CIFAR-10 random study's wall time projected from each model's cost on one image: the
-seconds of every attack of each (model, image) in a run of one image per model, times the
-study's images, over its cores. Beside it, the same projection from the committed study's
+"""The CIFAR-10 random study's wall time projected from each model's cost on a few images: the
+seconds of every attack of each (model, image) in a run of one image per model, or of a few
+(attacked together, as --batch-images does), per image, times the study's images, over its
+cores. Beside it, the same projection from the committed study's
 own pairs of that image, and the committed study's seconds over all its pairs (over the
 cores): the projection's bias can be read off the two.
 
@@ -13,25 +14,23 @@ from collections import Counter
 from studies.common import Parser, Refused, printed, read_results
 
 
-def seconds_per_model(results: dict, image: str | None = None) -> Counter:
-    """Each model's attack seconds, summed over its pairs (of `image` alone where given)."""
+def seconds_per_model(results: dict, images: set[str] | None = None) -> Counter:
+    """Each model's attack seconds, summed over its pairs (of `images` alone where given)."""
     out = Counter()
     for entry in results["runs"]:
-        if image is None or entry["image"] == image:
+        if images is None or entry["image"] in images:
             out[entry["model"]] += sum(a["seconds"] for a in entry.get("attacks", {}).values())
     return out
 
 
 def table(run_path: str, study_path: str, images: int, cores: int, top: int) -> str:
     run, study = read_results(run_path), read_results(study_path)
-    shown = {e["image"] for e in run["runs"]}
-    if len(shown) != 1:
-        raise Refused(f"{run_path}: holds {len(shown)} images; the projection reads one image per model")
-    image = shown.pop()
-    new, old = seconds_per_model(run), seconds_per_model(study, image)
+    shown = sorted({e["image"] for e in run["runs"]})
+    image = shown[0] if len(shown) == 1 else f"{len(shown)} images"
+    new, old = seconds_per_model(run), seconds_per_model(study, set(shown))
     if set(new) != set(old):
         raise Refused(f"{run_path}: its models are not the study's ({len(new)} against {len(old)})")
-    hours = lambda seconds: seconds * images / cores / 3600  # noqa: E731
+    hours = lambda seconds: seconds / len(shown) * images / cores / 3600  # noqa: E731
     lines = [f"| model | the study, {image} (s) | this run, {image} (s) | ratio |", "|---|---|---|---|"]
     for model in sorted(old, key=old.get, reverse=True)[:top]:
         lines.append(f"| {model} | {old[model]:.1f} | {new[model]:.1f} | {old[model] / new[model]:.2f}x |")
@@ -50,7 +49,7 @@ def table(run_path: str, study_path: str, images: int, cores: int, top: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m studies.projected_study")
-    p.add_argument("run", help="results.json of a run of one image per model")
+    p.add_argument("run", help="results.json of a run of one image, or a few, per model")
     p.add_argument("--study", default="assets/study_cifar_random.json")
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--cores", type=int, default=2)

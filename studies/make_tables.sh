@@ -22,6 +22,7 @@ table defence_table.md defence_table assets/defences_*_results.json --figure "$o
 table peers_table.md peers_table assets/peers_mnist.json assets/peers_cifar100.json
 table claims.md claims
 table projected_study.md projected_study assets/projection_cifar.json
+table projected_study_batched.md projected_study assets/projection_cifar_batched.json
 table benchmark_table.md benchmark_table assets/benchmark/old.json "$(cat assets/benchmark/old.seconds)" \
     assets/benchmark/new.json "$(cat assets/benchmark/new.seconds)"
 if [ "${TABLES_ONLY:-}" != 1 ]; then

@@ -150,7 +150,8 @@ class AttackSettings:
                                    action="store_true", meta=ATTACKING)
     batch_images: int = sweeps.setting(
         4, "hybrid, hybrid_free: gradient-match up to B images of one model at once, the sum of their objectives "
-           "(each image's numbers those of its run alone, to float32 rounding; default {default}; 1: one at a time)",
+           "(each image's numbers those of its run alone, to the bit with --threads 1; default {default}; "
+           "1: one at a time)",
         type=sweeps.at_least(1, "--batch-images"), metavar="B", meta=ATTACKING)
     correct_where: str = sweeps.setting(
         "free-at-or-above", "hybrid_free: correct layer l where it or a layer above is rank-deficient "
@@ -2309,15 +2310,19 @@ def gradient_matching_together(models: list[Net], systems: list[LayerSystem], x_
                                grads: list[list[torch.Tensor]], labels: list[int],
                                settings: AttackSettings) -> list[torch.Tensor]:
     """gradient_matching of several clients' solutions at one layer (models of one
-    architecture): one at a time, or, for several and without --compile, as one batch.
+    architecture) as one batch, or with --compile one at a time.
 
     The batch minimises the sum over clients of each one's J with one Adam over the
     stacked x. Adam is elementwise and each J reads its own x alone, so each client
-    follows its own trajectory: the mathematics of separate runs, computed together
-    (batched_objective) to float32 rounding (tests). On a CPU that halves a step's
-    per-operation overhead per image (docs/performance.md); on a GPU it fills the device.
+    follows its own trajectory, and batched_objective computes each client's J and dJ/dx
+    to the bit as it does for that client alone: a client's numbers do not depend on the
+    batch it was in (tests). They equal gradient_matching's to float32 rounding. On a CPU
+    batching halves a step's per-operation overhead per image (docs/performance.md); on a
+    GPU it fills the device.
     """
-    if len(models) <= 1 or settings.compile:  # Dynamo traces no double backward: --compile matches one at a time
+    if not models:
+        return []
+    if settings.compile:  # Dynamo traces no double backward: --compile matches one at a time
         return [gradient_matching(model, system, x_hat, grads=g, label=label, settings=settings)
                 for model, system, x_hat, g, label in zip(models, systems, x_hats, grads, labels)]
     device, layer = grads[0][0].device, systems[0].layer
@@ -2382,7 +2387,7 @@ def batched_objective(model: Net, batch: Batch, x: torch.Tensor, weights: tuple[
     for i in range(batch.layer, len(model.layers)):
         layer, act = model.layers[i], model.acts[i]
         if isinstance(layer, nn.Linear):
-            z = torch.bmm(batch.params[k], a.flatten(1)[:, :, None])[..., 0]
+            z = torch.linalg.vecdot(batch.params[k], a.flatten(1)[:, None, :])  # not bmm: (B, K, 1) rounds by B
         else:
             cols = F.unfold(a, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # (B, C_in k k, P)
             z = torch.bmm(batch.params[k].flatten(2), cols)  # (B, C_out, P)
@@ -2447,9 +2452,9 @@ def hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int
                 keys.append(step_key(("correct", system.layer, x_hat, labels[i], method)))
                 found.append(taken_step(keys[-1]))
         run = [j for j, value in enumerate(found) if value is MISSING]
-        matched = gradient_matching_together([models[todo[j]] for j in run], [systems[j] for j in run],
-                                             [x_hats[j] for j in run], grads=[grads[todo[j]] for j in run],
-                                             labels=[labels[todo[j]] for j in run], settings=settings)
+        matched = [] if not run else gradient_matching_together(
+            [models[todo[j]] for j in run], [systems[j] for j in run], [x_hats[j] for j in run],
+            grads=[grads[todo[j]] for j in run], labels=[labels[todo[j]] for j in run], settings=settings)
         for j, x in zip(run, matched):
             with sharing(steps[todo[j]]):
                 found[j] = kept_step(keys[j], x)

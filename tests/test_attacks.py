@@ -286,12 +286,12 @@ def test_all_five_attacks_end_to_end(tmp_path):
 
 def corrected_layers(monkeypatch, model_name, image, correct_where):
     """The layers whose gradient matching (Adam loop) ran in hybrid_free, in order, and its result."""
-    ran, match = [], H.gradient_matching
+    ran, match = [], H.gradient_matching_together
 
-    def spy(model, system, x_hat, **kw):
-        ran.append(system.layer)
-        return match(model, system, x_hat, **kw)
-    monkeypatch.setattr(H, "gradient_matching", spy)
+    def spy(models, systems, x_hats, **kw):
+        ran.extend(system.layer for system in systems)
+        return match(models, systems, x_hats, **kw)
+    monkeypatch.setattr(H, "gradient_matching_together", spy)
     result, _ = run(model_name, "hybrid_free", image, dataclasses.replace(QUICK, correct_where=correct_where))
     return ran, result
 

@@ -69,24 +69,19 @@ def test_batched_objective_is_each_images_own(photographs, name, layer, defence)
 
 def test_each_image_of_a_batch_answers_as_it_does_alone(photographs):
     """Three photographs attacked together and one at a time: the same ranks, corrected
-    layers and derivations, and PSNRs within 0.01 dB. Not to the bit, nor pixel by pixel to
-    float32 rounding: the batch's J and dJ/dx are each image's to rounding (the test above),
-    but Adam moves every coordinate by about lr whatever its gradient's size, so a
-    rounding-sized change in a near-zero gradient entry changes that entry's steps.
+    layers and derivations, and reconstructions equal to the bit: an image's numbers do not
+    depend on the batch it was in (nor on a resume or a shard, which form other batches).
     cnn3_c4's hybrid corrects both its layers; hybrid_free leaves the top one to R-GAP, then
     corrects: it batches corrections that start from R-GAP's solutions."""
+    torch.set_num_threads(1)  # as runs are (--threads 1): several threads split reductions by the batch's size
     model = H.build_model("cnn3_c4")
     together = {(i, a): r for i, a, r, _ in H.answers_together(clients(model, photographs[:3]), LINEAR, TINY, 10)}
     for i, client in enumerate(clients(model, photographs[:3])):
-        target = H.to_image(photographs[i].x)
         for attack, alone, _ in H.answers(*client, LINEAR, TINY, 10):
             batched = together[i, attack]
             assert batched.info.pop("batch_size", 3) == 3
             assert batched.info == alone.info, (i, attack)
-            if attack == "rgap":  # no batching in it: to the bit
-                assert torch.equal(batched.x, alone.x)
-            psnr = [H.score(target, H.to_image(r.x))["psnr"] for r in (batched, alone)]
-            assert abs(psnr[0] - psnr[1]) < 0.01, (i, attack, psnr)
+            assert torch.equal(batched.x, alone.x), (i, attack)
 
 
 def test_a_batch_makes_each_correction_once(photographs, monkeypatch):
@@ -100,7 +95,7 @@ def test_a_batch_makes_each_correction_once(photographs, monkeypatch):
         return together(models, *args, **kwargs)
     monkeypatch.setattr(H, "gradient_matching_together", counted)
     results = list(H.answers_together(clients(H.build_model("cnn2_c2"), photographs[:3]), LINEAR, TINY, 10))
-    assert batches == [3, 0]
+    assert batches == [3]
     assert [r.info.get("derived_from") for _, a, r, _ in results if a == "hybrid_free"] == ["hybrid"] * 3
 
 

@@ -40,7 +40,7 @@ def test_no_step_is_run_twice_within_a_cell(chelsea, monkeypatch):
     """cnn2_c2: R-GAP solves its one layer, the hybrid takes that solve and corrects it,
     hybrid_free takes both: one solve and one correction in all."""
     calls = {"solve": 0, "correct": 0}
-    solve, correct = H.solve_layer, H.gradient_matching
+    solve, correct = H.solve_layer, H.gradient_matching_together
 
     def counted(kind, f):
         def run(*args, **kwargs):
@@ -48,7 +48,7 @@ def test_no_step_is_run_twice_within_a_cell(chelsea, monkeypatch):
             return f(*args, **kwargs)
         return run
     monkeypatch.setattr(H, "solve_layer", counted("solve", solve))
-    monkeypatch.setattr(H, "gradient_matching", counted("correct", correct))
+    monkeypatch.setattr(H, "gradient_matching_together", counted("correct", correct))
     answers(H.build_model("cnn2_c2"), chelsea, LINEAR)
     assert calls == {"solve": 1, "correct": 1}
 

@@ -1,0 +1,67 @@
+"""Each R-GAP step of a few models, solved through its certified normal equations
+(gram_solution) and through the QR (solve_min_norm on the reduced system): whether the
+certificate holds, both ranks, how far apart the solutions are, and each one's seconds. A
+wide system, or one the certificate declines, is solved by the QR alone. One thread, one
+process; the first normal-equations solve of each layer includes M^T M.
+
+Usage: python -m studies.normal_equations [--models cnn6d ...] [--image 1] > table.md
+"""
+import sys
+import time
+
+import torch
+
+import hybrid as H
+from studies.common import Parser, printed
+
+MODELS = ["cnn6d", "cnn4_c3", "lenet", "cnn4_c2", "cnn3_c1"]
+
+
+def rows(name: str, image: H.PrivateImage) -> list[str]:
+    model = H.build_model(name)
+    grads = H.client_gradient(model, image.x, image.label)
+    lines, gram = [], H.gram_solution
+
+    def both(system, conv, forward, equations):
+        start = time.perf_counter()
+        solved = gram(system, conv, forward, equations)
+        normal = time.perf_counter() - start
+        start = time.perf_counter()
+        x, rank = H.solve_min_norm(*system.reduced_matrices(model, forward), equations)
+        qr = time.perf_counter() - start
+        shape = f"{equations} x {forward.M.shape[1]}"
+        if solved is None:
+            lines.append(f"| {name} | {system.layer} | {shape} | declined | {rank} | | | {qr:.2f} |")
+        else:
+            gap = ((solved[0] - x).norm() / x.norm()).item()
+            lines.append(f"| {name} | {system.layer} | {shape} | {solved[1]} | {rank} | {gap:.1e} | {normal:.2f} "
+                         f"| {qr:.2f} |")
+        return solved
+    H.gram_solution = both
+    try:
+        H.recursive_reconstruction(model, grads)
+    finally:
+        H.gram_solution = gram
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m studies.normal_equations")
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--image", type=int, default=1, help="the CIFAR-10 test image (default 1)")
+    a = p.parse_args(argv)
+
+    def make() -> str:
+        torch.set_num_threads(1)
+        H.configure_torch("cpu", 1)
+        (image,), _ = H.load_test_split("cifar10-test", [a.image], H.DATA_PATH, download=False)
+        lines = ["| model | layer | equations x unknowns | rank, normal equations | rank, QR | solutions apart "
+                 "(relative) | normal equations (s) | QR (s) |", "|---|---|---|---|---|---|---|---|"]
+        for name in a.models:
+            lines += rows(name, image)
+        return "\n".join(lines) + "\n"
+    return printed(p.prog, make)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

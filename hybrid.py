@@ -2333,7 +2333,7 @@ def gradient_matching_together(models: list[Net], systems: list[LayerSystem], x_
                      shared, None if known[0] is None else known, torch.tensor(labels, device=device))
     x = torch.cat([x_hat.float().to(device) for x_hat in x_hats]).requires_grad_()
     opt = torch.optim.Adam([x], lr=1e-3)
-    bar = progress(steps, f"hybrid layer {layer}, {len(models)} images")
+    bar = progress(steps, f"hybrid layer {layer}" + (f", {len(models)} images" if len(models) > 1 else ""))
     for step in bar:
         objective = batched_objective(models[0], batch, x, tuple(weights))
         x.grad = torch.autograd.grad(objective.sum(), [x])[0]

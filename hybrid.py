@@ -1864,28 +1864,20 @@ def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tenso
                        None if known is None else by_layer(model, known)[layer][0])
 
 
-Corrector = Callable[[LayerSystem, torch.Tensor], torch.Tensor]  # (system, x_hat) -> the x passed down
 Where = Callable[[list[int]], bool]  # the deficiencies of layers l, l+1, ... -> correct layer l?
+# (the clients' indices, their systems, their x_hats) -> the x each passes down (hybrids)
+Corrections = Callable[[list[int], list[LayerSystem], list[torch.Tensor]], list[torch.Tensor]]
 
 
-Corrections = Callable[[list[int], list[LayerSystem], list[torch.Tensor]], list[torch.Tensor]]  # of several clients
-
-
-def recursive_reconstruction(model: Net, grads: list[torch.Tensor], correct: Corrector | None = None,
-                             verbose: bool = False, where: Where | None = None,
+def recursive_reconstruction(model: Net, grads: list[torch.Tensor], verbose: bool = False,
                              known: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int]]:
     """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image.
 
     Returns the image estimate (1, C, H, W) and each layer's rank deficiency but the
-    last's (layer 0 first; a linear layer's is 0). `correct` (the hybrid's gradient
-    matching) may replace each least-squares solution before it is passed down
-    (gradient_matching): at every layer,
-    or only at the layers l where `where(deficiency[l:])` holds (the recursion runs from
-    the top, so layer l's and the deficiencies above it are known by then). Under
-    pruning, `known` (per parameter, the surviving entries) drops the pruned equations.
+    last's (layer 0 first; a linear layer's is 0). Under pruning, `known` (per parameter,
+    the surviving entries) drops the pruned equations.
     """
-    one = None if correct is None else lambda _, systems, x_hats: [correct(systems[0], x_hats[0])]  # noqa: E731
-    return recursive_reconstructions([model], [grads], one, verbose, where, [known])[0]
+    return recursive_reconstructions([model], [grads], verbose=verbose, known=[known])[0]
 
 
 def recursive_reconstructions(models: list[Net], grads: list[list[torch.Tensor]], correct: Corrections | None = None,
@@ -1894,8 +1886,12 @@ def recursive_reconstructions(models: list[Net], grads: list[list[torch.Tensor]]
                               steps: list[SharedSteps | None] | None = None) -> list[tuple[torch.Tensor, list[int]]]:
     """recursive_reconstruction of several clients' gradients (models of one architecture)
     in step, layer by layer: at each layer every client's solve, one after another, within
-    its own SharedSteps (`steps`; None: the current ones), then the corrections of the
-    clients that make one there, in one call: correct(their indices, systems, x_hats)."""
+    its own SharedSteps (`steps`; None: the current ones). `correct` (the hybrid's gradient
+    matching) may then replace the least-squares solutions before they are passed down, in
+    one call for the clients that make a correction there: correct(their indices, systems,
+    x_hats). A client corrects at every layer, or only at the layers l where
+    `where(deficiency[l:])` holds of its ranks (the recursion runs from the top, so layer
+    l's and the deficiencies above it are known by then)."""
     n, n_layers, top = len(models), len(models[0].layers), models[0].first_linear
     grads = [[g.detach().double().cpu() for g in client] for client in grads]  # in float64 on the CPU
     known = [None if k is None else [t.cpu() for t in k] for k in (known or [None] * n)]
@@ -1965,11 +1961,11 @@ def gram_solution(system: LayerSystem, conv: nn.Conv2d, forward: ForwardMap,
     surviving rows break the structure).
     """
     idx, n = forward.idx, forward.M.shape[1]
-    delta = system.delta.double().cpu().reshape(conv.out_channels, -1)  # (C_out, P)
     if (forward.gram is None or system.known is not None or equations < n
             or idx.numel() * idx.shape[1] > equations * n * n / 128):  # the scatter would cost more than a QR
         return None
     padded = torch.where(idx >= 0, idx, n)  # padding reads a pixel n that is dropped
+    delta = system.delta.double().cpu().reshape(conv.out_channels, -1)  # (C_out, P)
     A = forward.gram.new_zeros(n + 1, n + 1)
     D = delta.T @ delta
     for entry in padded:  # G^T G, one patch entry (c, i, j) at a time: its P pixels, delta^T delta among them
@@ -1977,7 +1973,8 @@ def gram_solution(system: LayerSystem, conv: nn.Conv2d, forward: ForwardMap,
     A = A[:n, :n] + forward.gram
     used = A.diagonal() > 0  # an unknown in no equation is 0 in the minimum-norm solution
     A = A[used][:, used]
-    eps, k, tol = torch.finfo(torch.float64).eps, equations + n + 1, torch.finfo(torch.float64).eps * max(equations, n)
+    eps, k = torch.finfo(torch.float64).eps, equations + n + 1
+    tol = eps * max(equations, n)
     frobenius_sq = A.diagonal().sum()  # ||U||_F^2
     shift = ((10 * tol) ** 2 + 2 * 1.01 * k * eps / (1 - k * eps)) * frobenius_sq
     if torch.linalg.cholesky_ex(A - shift * torch.eye(len(A), dtype=A.dtype)).info != 0:
@@ -2288,21 +2285,29 @@ def gradient_matching(model: Net, system: LayerSystem, x_hat: torch.Tensor, *, g
                       label: int, settings: AttackSettings) -> torch.Tensor:
     """The hybrid's correction of convolution l's least-squares solution x_hat: Adam
     (lr 1e-3, PyTorch's defaults) from a float32 copy of x_hat on J(x), with the weights
-    and the number of steps of hybrid_schedule for layer l."""
+    and the number of steps of hybrid_schedule for layer l. One image through
+    hybrid_objective: the form --compile compiles; without it, gradient_matching_together
+    runs every image through batched_objective."""
     device = grads[0].device
     *weights, steps = hybrid_schedule(system.layer, settings)
     system = system.to(torch.float32, device)
     shared = gradients_from(model, grads, system.layer)  # g_p, p in layers l..L-1
     known = known_entries(shared, settings)
     grad_and_value = hybrid_grad_and_value(model, system, shared, label, tuple(weights), settings.compile, known)
-    x = x_hat.float().to(device).requires_grad_()
+    return adam(x_hat.float().to(device), grad_and_value, steps, f"hybrid layer {system.layer}")
+
+
+def adam(x: torch.Tensor, grad_and_value: GradAndValue, steps: int, what: str) -> torch.Tensor:
+    """`steps` of Adam (lr 1e-3, PyTorch's defaults) from x on the objective whose
+    gradient and value (one per image of a batch) grad_and_value gives."""
+    x = x.requires_grad_()
     opt = torch.optim.Adam([x], lr=1e-3)
-    bar = progress(steps, f"hybrid layer {system.layer}")
+    bar = progress(steps, what)
     for step in bar:
         x.grad, objective = grad_and_value(x)
         opt.step()
         if step % 100 == 0:
-            bar.set_postfix(J=f"{objective.item():.4g}", refresh=False)
+            bar.set_postfix(J=f"{objective.mean().item():.4g}", refresh=False)
     return x.detach()
 
 
@@ -2331,16 +2336,13 @@ def gradient_matching_together(models: list[Net], systems: list[LayerSystem], x_
     known = [known_entries(s, settings) for s in shared]
     batch = Batch.of(models, [system.to(torch.float32, device) for system in systems],
                      shared, None if known[0] is None else known, torch.tensor(labels, device=device))
-    x = torch.cat([x_hat.float().to(device) for x_hat in x_hats]).requires_grad_()
-    opt = torch.optim.Adam([x], lr=1e-3)
-    bar = progress(steps, f"hybrid layer {layer}" + (f", {len(models)} images" if len(models) > 1 else ""))
-    for step in bar:
+
+    def grad_and_value(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         objective = batched_objective(models[0], batch, x, tuple(weights))
-        x.grad = torch.autograd.grad(objective.sum(), [x])[0]
-        opt.step()
-        if step % 100 == 0:
-            bar.set_postfix(J=f"{objective.mean().item():.4g}", refresh=False)
-    return list(x.detach().split(1))
+        return torch.autograd.grad(objective.sum(), [x])[0], objective
+    x = torch.cat([x_hat.float().to(device) for x_hat in x_hats])
+    what = f"hybrid layer {layer}" + (f", {len(models)} images" if len(models) > 1 else "")
+    return list(adam(x, grad_and_value, steps, what).split(1))
 
 
 class Batch(NamedTuple):

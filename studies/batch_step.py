@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import hybrid as H
-from studies.common import STUDY_SETTINGS, Parser, printed
+from studies.common import STUDY_SETTINGS, Parser, one_thread_test_images, printed
 
 CASES = [("cnn2_c2", 0), ("cnn3_c1", 0), ("cnn3_c1", 1), ("cnn4_c2", 0), ("cnn4_c2", 1), ("cnn4_c3", 0),
          ("cnn4_c3", 1), ("cnn6d", 0), ("cnn6d", 1), ("cnn6d", 3), ("lenet", 0), ("lenet", 1)]
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def make() -> str:
-        torch.set_num_threads(1)
-        H.configure_torch("cpu", 1)
-        images, _ = H.load_test_split("cifar10-test", list(range(a.batch)), H.DATA_PATH, download=False)
+        images = one_thread_test_images(list(range(a.batch)))
         lines = [f"| model | layer | alone (ms) | batched, B = 1 (ms) | batched, B = {a.batch} (ms per image) | "
                  f"vmap, B = {a.batch} (ms per image) | alone / batched |", "|---|---|---|---|---|---|---|"]
         for name, layer in CASES:

@@ -1,9 +1,12 @@
-"""What the table scripts of studies/ share: a committed run's rows, read and checked, how a
-script refuses an input (one line, exit 2, before any output), and the CIFAR-10 study's budget."""
+"""What the scripts of studies/ share: a committed run's rows, read and checked, how a
+script refuses an input (one line, exit 2, before any output), the CIFAR-10 study's budget,
+and, for the timing scripts, CIFAR-10 test images in a one-thread process and a function of
+hybrid.py replaced while they watch it."""
 import argparse
+import contextlib
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hybrid as H
@@ -11,6 +14,24 @@ import sweeps
 
 
 STUDY_SETTINGS = dataclasses.replace(H.AttackSettings(), hybrid_iters_first=2500, hybrid_iters=500)  # N0 2500, N 500
+
+
+def one_thread_test_images(indices: list[int]) -> list[H.PrivateImage]:
+    """CIFAR-10 test images (offline: the data folder, or foolbox's), this process set to
+    one thread as hybrid.py runs (configure_torch)."""
+    H.configure_torch("cpu", 1)
+    return H.load_test_split("cifar10-test", indices, H.DATA_PATH, download=False)[0]
+
+
+@contextlib.contextmanager
+def patched(name: str, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """hybrid.NAME replaced by wrap(hybrid.NAME) within, and restored however it ends."""
+    original = getattr(H, name)
+    setattr(H, name, wrap(original))
+    try:
+        yield
+    finally:
+        setattr(H, name, original)
 
 
 class Parser(argparse.ArgumentParser):

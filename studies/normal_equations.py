@@ -6,13 +6,12 @@ process; the first normal-equations solve of each layer includes M^T M.
 
 Usage: python -m studies.normal_equations [--models cnn6d ...] [--image 1] > table.md
 """
+import functools
 import sys
 import time
 
-import torch
-
 import hybrid as H
-from studies.common import Parser, printed
+from studies.common import Parser, one_thread_test_images, patched, printed
 
 MODELS = ["cnn6d", "cnn4_c3", "lenet", "cnn4_c2", "cnn3_c1"]
 
@@ -20,9 +19,9 @@ MODELS = ["cnn6d", "cnn4_c3", "lenet", "cnn4_c2", "cnn3_c1"]
 def rows(name: str, image: H.PrivateImage) -> list[str]:
     model = H.build_model(name)
     grads = H.client_gradient(model, image.x, image.label)
-    lines, gram = [], H.gram_solution
+    lines = []
 
-    def both(system, conv, forward, equations):
+    def both(gram, system, conv, forward, equations):
         start = time.perf_counter()
         solved = gram(system, conv, forward, equations)
         normal = time.perf_counter() - start
@@ -37,11 +36,8 @@ def rows(name: str, image: H.PrivateImage) -> list[str]:
             lines.append(f"| {name} | {system.layer} | {shape} | {solved[1]} | {rank} | {gap:.1e} | {normal:.2f} "
                          f"| {qr:.2f} |")
         return solved
-    H.gram_solution = both
-    try:
+    with patched("gram_solution", lambda gram: functools.partial(both, gram)):
         H.recursive_reconstruction(model, grads)
-    finally:
-        H.gram_solution = gram
     return lines
 
 
@@ -52,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def make() -> str:
-        torch.set_num_threads(1)
-        H.configure_torch("cpu", 1)
-        (image,), _ = H.load_test_split("cifar10-test", [a.image], H.DATA_PATH, download=False)
+        (image,) = one_thread_test_images([a.image])
         lines = ["| model | layer | equations x unknowns | rank, normal equations | rank, QR | solutions apart "
                  "(relative) | normal equations (s) | QR (s) |", "|---|---|---|---|---|---|---|---|"]
         for name in a.models:

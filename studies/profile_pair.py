@@ -11,14 +11,12 @@ import sys
 import time
 from collections import defaultdict
 
-import torch
-
 import hybrid as H
-from studies.common import STUDY_SETTINGS, Parser, printed
+from studies.common import STUDY_SETTINGS, Parser, one_thread_test_images, printed
 
 MODELS = ["cnn2_c2", "cnn3_c1", "cnn3_c5", "cnn4_c2", "cnn6d", "lenet"]
 ATTACKS = ["rgap", "hybrid", "hybrid_free"]
-PARTS = {"build": ("conv_matrix", "grad_matrix"), "solve": ("solve_min_norm",), "adam": ("gradient_matching",)}
+PARTS = {"build": ("conv_matrix", "grad_matrix"), "solve": ("solve_min_norm",), "adam": ("gradient_matching_together",)}
 
 
 class Timers:
@@ -52,7 +50,7 @@ class Timers:
             try:
                 return f(*args, **kwargs)
             finally:
-                self.seconds[part, args[1].layer if part == "adam" else self.layer] += time.perf_counter() - start
+                self.seconds[part, args[1][0].layer if part == "adam" else self.layer] += time.perf_counter() - start
         return run
 
 
@@ -94,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def make() -> str:
-        torch.set_num_threads(1)
-        H.configure_torch("cpu", 1)
-        (image,), _ = H.load_test_split("cifar10-test", [a.image], H.DATA_PATH, download=False)
+        (image,) = one_thread_test_images([a.image])
         lines = ["| model | attack | layer | build U (s) | solve (s) | Adam (s) | rest (s) |",
                  "|---|---|---|---|---|---|---|"]
         for name in a.models:

@@ -8,6 +8,7 @@ in a process: forward_map), so it is timed cold and then warm.
 Usage: python -m studies.solve_times OLD_HYBRID_PY [--models cnn4_c2 ...] [--image 0] > table.md
 (OLD_HYBRID_PY: hybrid.py of the older commit, e.g. from `git worktree add`.)
 """
+import functools
 import importlib.util
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 import hybrid as H
-from studies.common import Parser, Refused, printed
+from studies.common import Parser, Refused, patched, printed
 
 MODELS = ["cnn2_c2", "cnn3_c1", "cnn4_c2", "cnn4_c3", "cnn6d", "lenet"]
 
@@ -49,16 +50,13 @@ def timed(f, *args) -> tuple[float, object]:
 
 def layer_inputs(model: H.Net, grads: list[torch.Tensor]) -> list[tuple]:
     """(layer, a_hat, dl_da) of each step of R-GAP's recursion, from the top down."""
-    steps, original = [], H.solve_layer
+    steps = []
 
-    def spy(model, layer, a_hat, dl_da, grads, known):
+    def spy(original, model, layer, a_hat, dl_da, grads, known):
         steps.append((layer, a_hat.clone(), dl_da.clone()))
         return original(model, layer, a_hat, dl_da, grads, known)
-    H.solve_layer = spy
-    try:
+    with patched("solve_layer", lambda original: functools.partial(spy, original)):
         H.recursive_reconstruction(model, grads)
-    finally:
-        H.solve_layer = original
     return steps
 
 

@@ -7,35 +7,32 @@ code does, that change's difference is the trajectory's sensitivity, not the cha
 Usage: python -m studies.start_sensitivity [--models cnn6d] [--images 1-3] [--attack hybrid_free]
        [--entries 0 1000 2000 3000] > table.md
 """
+import functools
 import sys
 
 import torch
 
 import hybrid as H
-from studies.common import STUDY_SETTINGS, Parser, Refused, printed
-
+from studies.common import STUDY_SETTINGS, Parser, Refused, patched, printed
 
 
 def psnr_with_nudge(model: H.Net, grads: list[torch.Tensor], image: H.PrivateImage, attack: str,
                     entry: int | None) -> float:
     """The attack's PSNR, its first correction's start nudged up by one float32 ulp at `entry` (None: untouched)."""
-    original, first = H.gradient_matching, [True]
+    first = [True]
 
-    def nudged(model, system, x_hat, **kwargs):
+    def nudged(original, models, systems, x_hats, **kwargs):  # the one image's corrections
         if first[0] and entry is not None:
-            x = x_hat.float().flatten().clone()
+            x = x_hats[0].float().flatten().clone()
             if entry >= x.numel():
-                raise Refused(f"entry {entry} is beyond the {x.numel()} entries of layer {system.layer}'s start")
+                raise Refused(f"entry {entry} is beyond the {x.numel()} entries of layer {systems[0].layer}'s start")
             x[entry] = torch.nextafter(x[entry], torch.tensor(float("inf")))
-            x_hat = x.view_as(x_hat)
+            x_hats = [x.view_as(x_hats[0])]
         first[0] = False
-        return original(model, system, x_hat, **kwargs)
-    H.gradient_matching = nudged
-    try:
+        return original(models, systems, x_hats, **kwargs)
+    with patched("gradient_matching_together", lambda original: functools.partial(nudged, original)):
         H.seed_everything(10)
         result = H.ATTACKS[attack].run(model, grads, image.label, STUDY_SETTINGS)
-    finally:
-        H.gradient_matching = original
     return H.score(H.to_image(image.x), H.to_image(result.x))["psnr"]
 
 

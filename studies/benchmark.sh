@@ -6,7 +6,10 @@
 # side's wall time and pairs per hour, and the largest per-pair PSNR difference. Run it on an
 # idle machine: nothing else may share the cores. Extra flags go to both runs (--quick for a
 # smoke test of the script itself); MODELS and INDEX replace the subset's models and images.
-# Usage: [MODELS="cnn2_c2"] [INDEX=0] bash studies/benchmark.sh OLD_COMMIT OUT [--quick] ...
+# FLOOR=1 then runs OLD_COMMIT once more with AVX2's kernels in place of AVX-512's (torch's,
+# oneDNN's, MKL's and OpenBLAS's, as on an older CPU) into OUT/runs/old_elsewhere: the old code's
+# own reproducibility, which the table sets beside the new side's differences (--floor).
+# Usage: [FLOOR=1] [MODELS="cnn2_c2"] [INDEX=0] bash studies/benchmark.sh OLD_COMMIT OUT [--quick] ...
 source "$(dirname "$0")/preamble.sh"
 old=${1:?the commit to compare with}
 out=${2:?an output folder}
@@ -30,5 +33,11 @@ run() {  # run SIDE FOLDER: the subset in FOLDER's checkout into OUT/runs/SIDE, 
 }
 run old "$out/code-$old" "$@"
 run new "$(pwd)" "$@"
+floor=()
+if [ "${FLOOR:-}" = 1 ]; then
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell \
+        run old_elsewhere "$out/code-$old" "$@"
+    floor=(--floor "$out"/runs/old_elsewhere/*/results.json)
+fi
 "$PYTHON" -m studies.benchmark_table "$out"/runs/old/*/results.json "$(cat "$out/old.seconds")" \
-    "$out"/runs/new/*/results.json "$(cat "$out/new.seconds")"
+    "$out"/runs/new/*/results.json "$(cat "$out/new.seconds")" "${floor[@]}"

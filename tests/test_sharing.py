@@ -3,6 +3,7 @@ alone, to the bit; hybrid_free where it corrects every layer is the hybrid's, an
 corrects none R-GAP's, marked derived; no step is run twice."""
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,35 @@ def test_the_benchmark_table_compares_speed_and_numbers(tmp_path, capsys):
     assert benchmark_table.main([str(record), "100", str(tmp_path / "moved.json"), "100"]) == 0
     out = capsys.readouterr().out
     assert "difference 0.2500 dB" in out and "199 of 200 pairs equal" in out
+    assert "+0.2500" in out and re.search(r"new 1 of (\d+)\.", out)
+
+
+def test_the_benchmark_table_counts_the_moves_the_old_code_makes_of_itself(tmp_path, capsys):
+    """With --floor, a PSNR the old code moves beyond 0.01 dB of itself is not counted against
+    the new side; one it holds is, however small the new side's other moves. A (model, attack)
+    counts as held only where every image is."""
+    record = Path(H.__file__).parent / "assets" / "heldout.json"
+    runs = json.loads(record.read_text())["runs"]
+    twin = next(i for i, e in enumerate(runs) if e["model"] == runs[0]["model"] and e["image"] != runs[0]["image"])
+
+    def side(name: str, moves: dict[int, float]) -> str:
+        results = json.loads(record.read_text())
+        for entry, by in moves.items():
+            results["runs"][entry]["attacks"]["hybrid"]["psnr"] += by
+        (tmp_path / name).write_text(json.dumps(results))
+        return str(tmp_path / name)
+
+    def table(new: dict[int, float], floor: dict[int, float]) -> str:
+        assert benchmark_table.main([str(record), "100", side("new.json", new), "50",
+                                     "--floor", side("floor.json", floor)]) == 0
+        return capsys.readouterr().out
+
+    psnrs, groups = len(benchmark_table.psnrs(str(record))), 3 * len({e["model"] for e in runs})
+    assert (f"new 1 of {psnrs}; the old side elsewhere 1. Of the {psnrs - 1} PSNRs the old side holds within 0.01 dB "
+            f"of itself, new moves 0 beyond it (largest 0.0050 dB). Of the {groups - 1} (model, attack)s it holds so "
+            "on every image, new moves 0 (largest 0.0050 dB)") in table({0: 0.25, 1: 0.005}, {0: -0.1})
+    out = table({0: 0.25, 1: 0.005}, {1: -0.1})
+    assert "new moves 1 beyond it (largest 0.2500 dB)" in out and "new moves 1 (largest 0.2500 dB)" in out
+    out = table({0: 0.25}, {twin: -0.1})  # the floor moves the same model and attack on another image
+    assert "new moves 1 beyond it (largest 0.2500 dB)" in out and "new moves 0 (largest 0.0000 dB)" in out
+    assert benchmark_table.main([str(record), "100", str(record), "50", "--floor", str(tmp_path / "none.json")]) == 2

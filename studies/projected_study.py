@@ -3,7 +3,8 @@ seconds of every attack of each (model, image) in a run of one image per model, 
 (attacked together, as --batch-images does), per image, times the study's images, over its
 cores. Beside it, the same projection from the committed study's
 own pairs of that image, and the committed study's seconds over all its pairs (over the
-cores): the projection's bias can be read off the two.
+cores): the projection's bias can be read off the two. Last, whether hybrid_free's answers that
+equal the hybrid's or R-GAP's to the bit in the study still do in the run (issue #33).
 
 Usage: python -m studies.projected_study RUN.json [--study assets/study_cifar_random.json]
        [--images 20] [--cores 2] [--top 8]
@@ -21,6 +22,22 @@ def seconds_per_model(results: dict, images: set[str] | None = None) -> Counter:
         if images is None or entry["image"] in images:
             out[entry["model"]] += sum(a["seconds"] for a in entry.get("attacks", {}).values())
     return out
+
+
+def equal(results: dict, attack: str) -> set[tuple[str, str]]:
+    """The (model, image)s where hybrid_free's PSNR equals `attack`'s to the bit."""
+    return {(e["model"], e["image"]) for e in results["runs"] if "hybrid_free" in e.get("attacks", {})
+            and e["attacks"]["hybrid_free"]["psnr"] == e["attacks"].get(attack, {}).get("psnr")}
+
+
+def identities(run: dict, study: dict, shown: list[str]) -> str:
+    """Of the study's pairs (of the run's images) where hybrid_free equals the hybrid, or
+    R-GAP, to the bit, how many still do in the run."""
+    parts = []
+    for attack, name in [("hybrid", "the hybrid's"), ("rgap", "R-GAP's")]:
+        before = {pair for pair in equal(study, attack) if pair[1] in shown}
+        parts.append(f"{name} on {len(before & equal(run, attack))} of the {len(before)} pairs where the study's was")
+    return f"hybrid_free equal to the bit to {parts[0]}, and to {parts[1]}.\n"
 
 
 def table(run_path: str, study_path: str, images: int, cores: int, top: int) -> str:
@@ -44,7 +61,7 @@ def table(run_path: str, study_path: str, images: int, cores: int, top: int) -> 
     return ("\n".join(lines) + f"\n\nProjected on {cores} cores for {images} images: this run "
             f"{hours(total_new):.2f} h; "
             f"the study's code by the same projection {hours(total_old):.2f} h, and its seconds over all its pairs "
-            f"{everything:.2f} h.\n")
+            f"{everything:.2f} h.\n\n" + identities(run, study, shown))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hybrid as H
-from studies import benchmark_table
+from studies import benchmark_table, projected_study
 
 TINY = dataclasses.replace(H.AttackSettings(), dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
 LINEAR = ["rgap", "hybrid", "hybrid_free"]
@@ -108,3 +108,22 @@ def test_the_benchmark_table_counts_the_moves_the_old_code_makes_of_itself(tmp_p
     out = table({0: 0.25}, {twin: -0.1})  # the floor moves the same model and attack on another image
     assert "new moves 1 beyond it (largest 0.2500 dB)" in out and "new moves 0 (largest 0.0000 dB)" in out
     assert benchmark_table.main([str(record), "100", str(record), "50", "--floor", str(tmp_path / "none.json")]) == 2
+
+
+def test_the_projection_counts_hybrid_frees_answers_that_stay_equal_to_the_bit(tmp_path, capsys):
+    """projected_study says on how many of the study's pairs where hybrid_free equals the
+    hybrid (or R-GAP) to the bit the run's does too: a run that moves one of each loses one."""
+    record = Path(H.__file__).parent / "assets" / "projection_cifar.json"
+    assert projected_study.main([str(record)]) == 0
+    out = capsys.readouterr().out
+    counts = re.search(r"hybrid's on (\d+) of the (\d+) pairs.*R-GAP's on (\d+) of the (\d+) pairs", out).groups()
+    assert counts[0] == counts[1] and counts[2] == counts[3] and int(counts[1]) > 0 and int(counts[3]) > 0
+    moved = json.loads(record.read_text())
+    for other in ["hybrid", "rgap"]:
+        entry = next(e for e in moved["runs"] if e["attacks"]["hybrid_free"]["psnr"] == e["attacks"][other]["psnr"])
+        entry["attacks"]["hybrid_free"]["psnr"] += 1e-9
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    assert projected_study.main([str(tmp_path / "moved.json")]) == 0
+    out = capsys.readouterr().out
+    assert (f"hybrid's on {int(counts[0]) - 1} of the {counts[1]} pairs" in out
+            and f"R-GAP's on {int(counts[2]) - 1} of the {counts[3]} pairs" in out)

@@ -25,6 +25,8 @@ table projected_study.md projected_study assets/projection_cifar.json
 table projected_study_batched.md projected_study assets/projection_cifar_batched.json
 table benchmark_table.md benchmark_table assets/benchmark/old.json "$(cat assets/benchmark/old.seconds)" \
     assets/benchmark/new.json "$(cat assets/benchmark/new.seconds)" --floor assets/benchmark/old_elsewhere.json
+table batch_alone_table.md benchmark_table assets/batch_alone/batch1.json "$(cat assets/batch_alone/batch1.seconds)" \
+    assets/batch_alone/batch5.json "$(cat assets/batch_alone/batch5.seconds)" --names batch-1 batch-5
 if [ "${TABLES_ONLY:-}" != 1 ]; then
     table noise_gain.md noise_gain assets/defences_linear_results.json assets/defences_linear_bends_results.json
     "$PYTHON" -m studies.method "$out/method.png"

@@ -5,6 +5,7 @@ hybrid.py replaced while they watch it."""
 import argparse
 import contextlib
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,14 +25,30 @@ def one_thread_test_images(indices: list[int]) -> list[H.PrivateImage]:
 
 
 @contextlib.contextmanager
-def patched(name: str, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
-    """hybrid.NAME replaced by wrap(hybrid.NAME) within, and restored however it ends."""
+def patched(name: str, replacement: Callable) -> Iterator[None]:
+    """hybrid.NAME replaced within by replacement(the original, *args, **kwargs), and
+    restored however it ends."""
     original = getattr(H, name)
-    setattr(H, name, wrap(original))
+    setattr(H, name, functools.partial(replacement, original))
     try:
         yield
     finally:
         setattr(H, name, original)
+
+
+def per_model_table(prog: str, argv: list[str] | None, models: list[str], image: int, header: list[str],
+                    rows: Callable[[str, H.PrivateImage], list[str]]) -> int:
+    """A timing script's main: --models and --image (a CIFAR-10 test image, in a one-thread
+    process), then the table: its header lines and rows(model, image) of each model."""
+    p = Parser(prog=prog)
+    p.add_argument("--models", nargs="+", default=models)
+    p.add_argument("--image", type=int, default=image, help=f"the CIFAR-10 test image (default {image})")
+    a = p.parse_args(argv)
+
+    def make() -> str:
+        (chosen,) = one_thread_test_images([a.image])
+        return "\n".join(header + [line for name in a.models for line in rows(name, chosen)]) + "\n"
+    return printed(p.prog, make)
 
 
 class Parser(argparse.ArgumentParser):

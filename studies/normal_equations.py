@@ -6,12 +6,11 @@ process; the first normal-equations solve of each layer includes M^T M.
 
 Usage: python -m studies.normal_equations [--models cnn6d ...] [--image 1] > table.md
 """
-import functools
 import sys
 import time
 
 import hybrid as H
-from studies.common import Parser, one_thread_test_images, patched, printed
+from studies.common import patched, per_model_table
 
 MODELS = ["cnn6d", "cnn4_c3", "lenet", "cnn4_c2", "cnn3_c1"]
 
@@ -36,25 +35,15 @@ def rows(name: str, image: H.PrivateImage) -> list[str]:
             lines.append(f"| {name} | {system.layer} | {shape} | {solved[1]} | {rank} | {gap:.1e} | {normal:.2f} "
                          f"| {qr:.2f} |")
         return solved
-    with patched("gram_solution", lambda gram: functools.partial(both, gram)):
+    with patched("gram_solution", both):
         H.recursive_reconstruction(model, grads)
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m studies.normal_equations")
-    p.add_argument("--models", nargs="+", default=MODELS)
-    p.add_argument("--image", type=int, default=1, help="the CIFAR-10 test image (default 1)")
-    a = p.parse_args(argv)
-
-    def make() -> str:
-        (image,) = one_thread_test_images([a.image])
-        lines = ["| model | layer | equations x unknowns | rank, normal equations | rank, QR | solutions apart "
-                 "(relative) | normal equations (s) | QR (s) |", "|---|---|---|---|---|---|---|---|"]
-        for name in a.models:
-            lines += rows(name, image)
-        return "\n".join(lines) + "\n"
-    return printed(p.prog, make)
+    header = ["| model | layer | equations x unknowns | rank, normal equations | rank, QR | solutions apart "
+              "(relative) | normal equations (s) | QR (s) |", "|---|---|---|---|---|---|---|---|"]
+    return per_model_table("python -m studies.normal_equations", argv, MODELS, 1, header, rows)
 
 
 if __name__ == "__main__":

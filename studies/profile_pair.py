@@ -7,51 +7,46 @@ one thread, one process.
 
 Usage: python -m studies.profile_pair [--models cnn2_c2 ...] [--image 0] > table.md
 """
+import contextlib
+import functools
 import sys
 import time
 from collections import defaultdict
 
 import hybrid as H
-from studies.common import STUDY_SETTINGS, Parser, one_thread_test_images, printed
+from studies.common import STUDY_SETTINGS, patched, per_model_table
 
 MODELS = ["cnn2_c2", "cnn3_c1", "cnn3_c5", "cnn4_c2", "cnn6d", "lenet"]
 ATTACKS = ["rgap", "hybrid", "hybrid_free"]
 PARTS = {"build": ("conv_matrix", "grad_matrix"), "solve": ("solve_min_norm",), "adam": ("gradient_matching_together",)}
 
 
-class Timers:
+class Timers(contextlib.ExitStack):
     """Seconds per (part, layer), from wrapping hybrid.py's functions of each part."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.seconds: dict[tuple[str, int], float] = defaultdict(float)
         self.layer = -1
-        self.originals = {}
 
     def __enter__(self) -> "Timers":
+        super().__enter__()
         for part, functions in PARTS.items():
             for name in functions:
-                self.originals[name] = getattr(H, name)
-                setattr(H, name, self.timed(part, self.originals[name]))
-        layer_system = self.originals["layer_system"] = H.layer_system
-
-        def tracking(model, layer, *args, **kwargs):  # which layer the recursion is at
-            self.layer = layer
-            return layer_system(model, layer, *args, **kwargs)
-        H.layer_system = tracking
+                self.enter_context(patched(name, functools.partial(self.timed, part)))
+        self.enter_context(patched("layer_system", self.tracking))
         return self
 
-    def __exit__(self, *exc) -> None:
-        for name, f in self.originals.items():
-            setattr(H, name, f)
+    def tracking(self, layer_system, model, layer, *args, **kwargs):  # which layer the recursion is at
+        self.layer = layer
+        return layer_system(model, layer, *args, **kwargs)
 
-    def timed(self, part: str, f):
-        def run(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return f(*args, **kwargs)
-            finally:
-                self.seconds[part, args[1][0].layer if part == "adam" else self.layer] += time.perf_counter() - start
-        return run
+    def timed(self, part: str, f, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            self.seconds[part, args[1][0].layer if part == "adam" else self.layer] += time.perf_counter() - start
 
 
 def profile(name: str, image: H.PrivateImage) -> list[str]:
@@ -86,19 +81,9 @@ def profile(name: str, image: H.PrivateImage) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m studies.profile_pair")
-    p.add_argument("--models", nargs="+", default=MODELS)
-    p.add_argument("--image", type=int, default=0, help="the CIFAR-10 test image (default 0)")
-    a = p.parse_args(argv)
-
-    def make() -> str:
-        (image,) = one_thread_test_images([a.image])
-        lines = ["| model | attack | layer | build U (s) | solve (s) | Adam (s) | rest (s) |",
-                 "|---|---|---|---|---|---|---|"]
-        for name in a.models:
-            lines += profile(name, image)
-        return "\n".join(lines) + "\n"
-    return printed(p.prog, make)
+    header = ["| model | attack | layer | build U (s) | solve (s) | Adam (s) | rest (s) |",
+              "|---|---|---|---|---|---|---|"]
+    return per_model_table("python -m studies.profile_pair", argv, MODELS, 0, header, profile)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ in a process: forward_map), so it is timed cold and then warm.
 Usage: python -m studies.solve_times OLD_HYBRID_PY [--models cnn4_c2 ...] [--image 0] > table.md
 (OLD_HYBRID_PY: hybrid.py of the older commit, e.g. from `git worktree add`.)
 """
-import functools
 import importlib.util
 import sys
 import time
@@ -55,7 +54,7 @@ def layer_inputs(model: H.Net, grads: list[torch.Tensor]) -> list[tuple]:
     def spy(original, model, layer, a_hat, dl_da, grads, known):
         steps.append((layer, a_hat.clone(), dl_da.clone()))
         return original(model, layer, a_hat, dl_da, grads, known)
-    with patched("solve_layer", lambda original: functools.partial(spy, original)):
+    with patched("solve_layer", spy):
         H.recursive_reconstruction(model, grads)
     return steps
 

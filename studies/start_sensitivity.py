@@ -7,7 +7,6 @@ code does, that change's difference is the trajectory's sensitivity, not the cha
 Usage: python -m studies.start_sensitivity [--models cnn6d] [--images 1-3] [--attack hybrid_free]
        [--entries 0 1000 2000 3000] > table.md
 """
-import functools
 import sys
 
 import torch
@@ -30,7 +29,7 @@ def psnr_with_nudge(model: H.Net, grads: list[torch.Tensor], image: H.PrivateIma
             x_hats = [x.view_as(x_hats[0])]
         first[0] = False
         return original(models, systems, x_hats, **kwargs)
-    with patched("gradient_matching_together", lambda original: functools.partial(nudged, original)):
+    with patched("gradient_matching_together", nudged):
         H.seed_everything(10)
         result = H.ATTACKS[attack].run(model, grads, image.label, STUDY_SETTINGS)
     return H.score(H.to_image(image.x), H.to_image(result.x))["psnr"]

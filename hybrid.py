@@ -2315,7 +2315,7 @@ def gradient_matching_together(models: list[Net], systems: list[LayerSystem], x_
                                grads: list[list[torch.Tensor]], labels: list[int],
                                settings: AttackSettings) -> list[torch.Tensor]:
     """gradient_matching of several clients' solutions at one layer (models of one
-    architecture) as one batch, or with --compile one at a time.
+    architecture, at least one) as one batch, or with --compile one at a time.
 
     The batch minimises the sum over clients of each one's J with one Adam over the
     stacked x. Adam is elementwise and each J reads its own x alone, so each client
@@ -2325,8 +2325,6 @@ def gradient_matching_together(models: list[Net], systems: list[LayerSystem], x_
     batching halves a step's per-operation overhead per image (docs/performance.md); on a
     GPU it fills the device.
     """
-    if not models:
-        return []
     if settings.compile:  # Dynamo traces no double backward: --compile matches one at a time
         return [gradient_matching(model, system, x_hat, grads=g, label=label, settings=settings)
                 for model, system, x_hat, g, label in zip(models, systems, x_hats, grads, labels)]

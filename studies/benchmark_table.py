@@ -44,15 +44,19 @@ def speed(a, pairs: int) -> str:
             f"| {new} | {a.new_seconds / 60:.1f} min | {rate(a.new_seconds):.0f} |\n")
 
 
+def by_model_and_attack(old: dict) -> dict[tuple[str, str], list[tuple[str, str, str]]]:
+    """old's (model, image, attack)s grouped by (model, attack), images in the record's order."""
+    groups: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for key in old:
+        groups.setdefault((key[0], key[2]), []).append(key)
+    return groups
+
+
 def by_model(old: dict, sides: list[dict], headers: list[str]) -> str:
     """One row per (model, attack): each side's differences from old, image by image."""
-    cells: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for model, image, attack in old:
-        cells.setdefault((model, attack), []).append((model, image))
     lines = [f"| model | attack | {' | '.join(headers)} |", "|---|---|" + "---|" * len(headers)]
-    for (model, attack), pairs in cells.items():
-        columns = [", ".join(shown(difference(old[p + (attack,)], side[p + (attack,)])) for p in pairs)
-                   for side in sides]
+    for (model, attack), keys in by_model_and_attack(old).items():
+        columns = [", ".join(shown(difference(old[k], side[k])) for k in keys) for side in sides]
         lines.append(f"| {model} | {attack} | {' | '.join(columns)} |")
     return "\n".join(lines) + "\n"
 
@@ -70,10 +74,7 @@ def beyond(old: dict, new: dict, floor: dict | None, names: list[str]) -> str:
     if floor is None:
         return text + ".\n"
     held = [k for k in old if not moved(floor, [k])]
-    groups: dict[tuple[str, str], list] = {}
-    for k in old:
-        groups.setdefault((k[0], k[2]), []).append(k)
-    held_groups = [keys for keys in groups.values() if not moved(floor, keys)]
+    held_groups = [keys for keys in by_model_and_attack(old).values() if not moved(floor, keys)]
     return (text + f"; the {first} side elsewhere {sum(moved(floor, [k]) for k in old)}. Of the {len(held)} PSNRs "
             f"the {first} side holds within {TOLERANCE} dB of itself, {second} moves "
             f"{sum(moved(new, [k]) for k in held)} beyond it (largest {largest(held):.4f} dB). Of the "

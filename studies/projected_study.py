@@ -30,7 +30,7 @@ def equal(results: dict, attack: str) -> set[tuple[str, str]]:
             and e["attacks"]["hybrid_free"]["psnr"] == e["attacks"].get(attack, {}).get("psnr")}
 
 
-def identities(run: dict, study: dict, shown: list[str]) -> str:
+def identities(run: dict, study: dict, shown: set[str]) -> str:
     """Of the study's pairs (of the run's images) where hybrid_free equals the hybrid, or
     R-GAP, to the bit, how many still do in the run."""
     parts = []
@@ -61,7 +61,7 @@ def table(run_path: str, study_path: str, images: int, cores: int, top: int) -> 
     return ("\n".join(lines) + f"\n\nProjected on {cores} cores for {images} images: this run "
             f"{hours(total_new):.2f} h; "
             f"the study's code by the same projection {hours(total_old):.2f} h, and its seconds over all its pairs "
-            f"{everything:.2f} h.\n\n" + identities(run, study, shown))
+            f"{everything:.2f} h.\n\n" + identities(run, study, set(shown)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,17 +63,26 @@ def test_steps_are_not_shared_between_cells(chelsea, photographs):
     assert "derived_from" not in first.entry
 
 
+HELDOUT = Path(H.__file__).parent / "assets" / "heldout.json"
+
+
+def moved_record(path: Path, moves: dict[int, float]) -> str:
+    """heldout.json with the hybrid's PSNR of entry i moved by moves[i], written to path."""
+    results = json.loads(HELDOUT.read_text())
+    for entry, by in moves.items():
+        results["runs"][entry]["attacks"]["hybrid"]["psnr"] += by
+    path.write_text(json.dumps(results))
+    return str(path)
+
+
 def test_the_benchmark_table_compares_speed_and_numbers(tmp_path, capsys):
     """Two sides with the same numbers: their speed ratio, no PSNR difference, every pair equal;
     one PSNR moved by 0.25 dB is reported and its pair no longer counted equal."""
-    record = Path(H.__file__).parent / "assets" / "heldout.json"
+    record = HELDOUT
     assert benchmark_table.main([str(record), "100", str(record), "50"]) == 0
     out = capsys.readouterr().out
     assert "2.00x the pairs per hour" in out and "difference 0.0000 dB" in out and "200 of 200 pairs equal" in out
-    moved = json.loads(record.read_text())
-    moved["runs"][0]["attacks"]["hybrid"]["psnr"] += 0.25
-    (tmp_path / "moved.json").write_text(json.dumps(moved))
-    assert benchmark_table.main([str(record), "100", str(tmp_path / "moved.json"), "100"]) == 0
+    assert benchmark_table.main([str(record), "100", moved_record(tmp_path / "moved.json", {0: 0.25}), "100"]) == 0
     out = capsys.readouterr().out
     assert "difference 0.2500 dB" in out and "199 of 200 pairs equal" in out
     assert "+0.2500" in out and re.search(r"new 1 of (\d+)\.", out)
@@ -83,20 +92,13 @@ def test_the_benchmark_table_counts_the_moves_the_old_code_makes_of_itself(tmp_p
     """With --floor, a PSNR the old code moves beyond 0.01 dB of itself is not counted against
     the new side; one it holds is, however small the new side's other moves. A (model, attack)
     counts as held only where every image is."""
-    record = Path(H.__file__).parent / "assets" / "heldout.json"
+    record = HELDOUT
     runs = json.loads(record.read_text())["runs"]
     twin = next(i for i, e in enumerate(runs) if e["model"] == runs[0]["model"] and e["image"] != runs[0]["image"])
 
-    def side(name: str, moves: dict[int, float]) -> str:
-        results = json.loads(record.read_text())
-        for entry, by in moves.items():
-            results["runs"][entry]["attacks"]["hybrid"]["psnr"] += by
-        (tmp_path / name).write_text(json.dumps(results))
-        return str(tmp_path / name)
-
     def table(new: dict[int, float], floor: dict[int, float]) -> str:
-        assert benchmark_table.main([str(record), "100", side("new.json", new), "50",
-                                     "--floor", side("floor.json", floor)]) == 0
+        assert benchmark_table.main([str(record), "100", moved_record(tmp_path / "new.json", new), "50",
+                                     "--floor", moved_record(tmp_path / "floor.json", floor)]) == 0
         return capsys.readouterr().out
 
     psnrs, groups = len(benchmark_table.psnrs(str(record))), 3 * len({e["model"] for e in runs})

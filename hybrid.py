@@ -215,6 +215,8 @@ class Experiment:
     weights: str | None = sweeps.setting(None, "load the model's weights from this state_dict (torch.save(model."
                                          "state_dict(), FILE)) instead of its initialisation", metavar="FILE.pt",
                                          type=sweeps.path_value)
+    # Not a flag: --weights' file by its content (content_name), which the record compares, not its path.
+    weights_name: str | None = None
     init: str | None = sweeps.setting(None, "uniform:A: draw every parameter uniform(-A, A) after --model-seed, as "
                                       "the DLG papers initialise their LeNet", metavar="uniform:A",
                                       type=lambda text: init_value(text), meta={"not_with": "weights"})
@@ -583,11 +585,22 @@ def read_regular_file(path: str) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise ValueError("not a regular file (a FIFO, a device or a socket)")
         if info.st_size > MAX_FILE:
-            raise ValueError(f"{info.st_size / 2**30:.1f} GiB, larger than any image this reads ({MAX_FILE >> 30} GiB)")
+            raise ValueError(f"{info.st_size / 2**30:.1f} GiB, larger than any file this reads ({MAX_FILE >> 30} GiB)")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
     finally:
         os.close(fd)
+
+
+def content_hash(data: bytes) -> str:
+    """The first 10 hex digits of the bytes' SHA-256: how the record tells files apart."""
+    return hashlib.sha256(data).hexdigest()[:10]
+
+
+def content_name(name: str, data: bytes) -> str:
+    """A file as the record names it, by its name and content ('w.pt@3fa2b1c0d9'): the same
+    file from any folder, and another after an edit."""
+    return f"{name}@{content_hash(data)}"
 
 
 def load_files(paths: list[str], label: int, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> list[PrivateImage]:
@@ -927,12 +940,13 @@ def make_activation(name: str) -> nn.Module:
 
 
 def build_model(name: str, seed: int = PUBLISHED_SEED, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE,
-                classes: int = PHOTOGRAPH_CLASSES, weights: str | None = None) -> Net:
+                classes: int = PHOTOGRAPH_CLASSES, weights: str | None = None, weights_name: str | None = None) -> Net:
     """A zoo model or an architecture string for inputs of `shape` and `classes` classes,
     initialised as published: seed, then PyTorch's default init, layer by layer (so a zoo
-    model's string gives its weights). PATH.py:NAME is your own module (module_model)."""
+    model's string gives its weights). PATH.py:NAME is your own module (module_model).
+    `weights`: a state_dict file, which must still be `weights_name` (content_name) where given."""
     if is_model_file(name):
-        return module_model(name, seed, shape, classes, weights)
+        return module_model(name, seed, shape, classes, weights, weights_name)
     arch = architecture(name, shape)
     shapes = layer_shapes(arch, shape=shape)
     seed_everything(seed)
@@ -942,16 +956,31 @@ def build_model(name: str, seed: int = PUBLISHED_SEED, shape: tuple[int, int, in
     acts = [make_activation(conv.act) for conv in arch.convs] + [make_activation(arch.fc_act)]
     model = Net(layers, acts, shapes)
     if weights is not None:
-        load_weights(model, weights, f"--weights {printable(weights, 200)}")
+        load_weights(model, weights, weights_name)
     return model
 
 
-def load_weights(model: nn.Module, path: str, where: str) -> None:
-    """A state_dict from `path` into `model`, every tensor in place (strict): a key or a shape
-    that does not match is a UserError naming it."""
+def weights_content(path: str) -> tuple[bytes, str]:
+    """--weights FILE's bytes and its content_name, read once (a FIFO is refused, not waited on)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing file, a pickle that is not tensors
+        data = read_regular_file(path)
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"--weights {printable(path, 200)}: cannot be read ({printable(why, 200)})") from None
+    return data, content_name(printable(Path(path).name, 60), data)
+
+
+def load_weights(model: nn.Module, path: str, name: str | None = None) -> None:
+    """A state_dict from `path` into `model`, every tensor in place (strict): a key or a shape
+    that does not match is a UserError naming it; so is a file that is no longer `name`, the
+    content the run began with (an edit between cells, or between a stop and --resume)."""
+    where = f"--weights {printable(path, 200)}"
+    data, now = weights_content(path)
+    if name is not None and now != name:
+        raise UserError(f"{where}: the file has changed since the run began (it was {name}, it is {now})")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle that is not tensors
         why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0]}"
         raise UserError(f"{where}: cannot be read as a state_dict ({printable(why, 200)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -1113,25 +1142,72 @@ def read_module(net: nn.Module, shape: tuple[int, int, int], where: str = "the m
     return model
 
 
-MODEL_FILE = re.compile(r"(?P<path>.+\.py):(?P<name>[A-Za-z_]\w*)")
+# A module model has two spellings. The command line's, PATH.py:NAME, is the only one that is
+# ever imported; settings_from adds its content's hash (PATH.py:NAME@HASH) and the run loads
+# that file only while it still has those bytes. The record names it without its folder
+# (FILE.py:NAME@HASH: RECORDED_MODULE), as images and gradients are named, so that the same
+# file from another folder is the same model, an edited file another one, and no record
+# names anything that could be loaded (docs/output.md, "What reading a run folder can do").
+MODEL_FILE = re.compile(r"(?P<path>.+\.py):(?P<name>[A-Za-z_]\w*)(?:@(?P<hash>[0-9a-f]{10}))?")
+RECORDED_MODULE = re.compile(r"(?P<file>[^/\\]+\.py):(?P<name>[A-Za-z_]\w*)@(?P<hash>[0-9a-f]{10})")
 
 
 def is_model_file(model: str) -> bool:
     return MODEL_FILE.fullmatch(model) is not None
 
 
-def load_module(model_file: str, seed: int) -> nn.Module:
-    """--model PATH.py:NAME: NAME from that file, a class or a function, called with no
-    arguments after seeding (its own initialisation, under --model-seed)."""
-    path, name = MODEL_FILE.fullmatch(model_file).group("path", "name")
+def is_module_model(model: str) -> bool:
+    """A module's model, in either spelling, or as a record written before hashes names it."""
+    return is_model_file(model) or RECORDED_MODULE.fullmatch(model) is not None
+
+
+def recorded_model(model: str) -> str:
+    """The model as the record names it: a module's FILE.py:NAME@HASH, without its folder."""
+    m = MODEL_FILE.fullmatch(model)
+    if m is None or m["hash"] is None:
+        return model
+    return f"{Path(m['path']).name}:{m['name']}@{m['hash']}"
+
+
+def module_source(model_file: str) -> tuple[str, bytes]:
+    """The file of --model PATH.py:NAME[@HASH] (its path, and its bytes, read once), checked to
+    be the content HASH names where it is given."""
+    m = MODEL_FILE.fullmatch(model_file)
     where = f"--model {printable(model_file, 200)}"
-    if not Path(path).is_file():
-        raise UserError(f"{where}: no file {printable(path, 200)}")
-    loader = importlib.util.spec_from_file_location(f"model_file_{hashlib.sha256(path.encode()).hexdigest()[:8]}",
-                                                    path)
-    source = importlib.util.module_from_spec(loader)
+    if not Path(m["path"]).is_file():
+        raise UserError(f"{where}: no file {printable(m['path'], 200)}")
     try:
-        loader.loader.exec_module(source)
+        data = read_regular_file(m["path"])
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"{where}: cannot be read ({printable(why, 200)})") from None
+    now = content_hash(data)
+    if m["hash"] is not None and now != m["hash"]:
+        raise UserError(f"{where}: {printable(m['path'], 200)} has changed since the run began (its content "
+                        f"was {m['hash']}, it is {now})")
+    return m["path"], data
+
+
+def hashed_model_file(model_file: str) -> str:
+    """PATH.py:NAME as the run loads it: PATH.py:NAME@HASH, the hash of its bytes now."""
+    m = MODEL_FILE.fullmatch(model_file)
+    _, data = module_source(model_file)
+    return f"{m['path']}:{m['name']}@{content_hash(data)}"
+
+
+def load_module(model_file: str, seed: int) -> nn.Module:
+    """--model PATH.py:NAME[@HASH]: NAME from that file, a class or a function, called with
+    no arguments after seeding (its own initialisation, under --model-seed). The file is
+    run from the bytes that were checked, never read a second time."""
+    path, data = module_source(model_file)
+    name = MODEL_FILE.fullmatch(model_file)["name"]
+    where = f"--model {printable(model_file, 200)}"
+    loader = importlib.util.spec_from_loader(f"model_file_{hashlib.sha256(path.encode()).hexdigest()[:8]}",
+                                             loader=None, origin=path)
+    source = importlib.util.module_from_spec(loader)
+    source.__file__ = path
+    try:
+        exec(compile(data, path, "exec"), source.__dict__)  # the file the command names, and only it
     except Exception as e:  # the user's code: whatever it raises is theirs
         raise UserError(f"{where}: importing {printable(path, 200)} fails: {type(e).__name__}: "
                         f"{printable(str(e), 200)}") from None
@@ -1149,13 +1225,13 @@ def load_module(model_file: str, seed: int) -> nn.Module:
 
 
 def module_model(model_file: str, seed: int, shape: tuple[int, int, int], classes: int,
-                 weights: str | None = None) -> Net:
+                 weights: str | None = None, weights_name: str | None = None) -> Net:
     """The Net of --model PATH.py:NAME on inputs of `shape`: the module's own layers and
     weights (its initialisation, or the state_dict in `weights`)."""
     where = f"--model {printable(model_file, 200)}"
     net = load_module(model_file, seed)
     if weights is not None:
-        load_weights(net, weights, f"--weights {printable(weights, 200)}")
+        load_weights(net, weights, weights_name)
     model = read_module(net, shape, where)
     if model.layers[-1].out_features != classes:
         raise UserError(f"{where}: it has {model.layers[-1].out_features} outputs, and the data {classes} classes")
@@ -1367,7 +1443,7 @@ def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net,
     """The model the client holds when it computes its gradient on `image`, and what
     training it had (None: the published initialisation)."""
     classes = exp.classes or data_format(exp)[1]  # an Experiment made in Python leaves them to the data
-    model = build_model(name, exp.model_seed, image.shape, classes, exp.weights)
+    model = build_model(name, exp.model_seed, image.shape, classes, exp.weights, exp.weights_name)
     if exp.init:
         draw_uniform(model, float(exp.init.partition(":")[2]), exp.model_seed)
     model = model.to(exp.device)
@@ -1412,7 +1488,7 @@ def load_gradient(path: str, shape: tuple[int, int, int]) -> Captured:
     except Exception as e:  # a missing file, a FIFO, a pickle that is not tensors
         why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0]}"
         raise UserError(f"{where}: cannot be read as saved tensors ({printable(why, 200)})") from None
-    name = f"gradient:{printable(Path(path).name, 60)}@{hashlib.sha256(data).hexdigest()[:10]}"
+    name = "gradient:" + content_name(printable(Path(path).name, 60), data)
     return as_captured(tensors, name, where, shape)
 
 
@@ -2096,19 +2172,21 @@ def worst_layer_fraction(deficiency: list[int], unknowns: list[int]) -> float:
 
 
 def layer_unknowns(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> list[int]:
-    """n_l: each layer's unknowns but the last's, the size of its input, on inputs of `shape`."""
+    """n_l: each layer's unknowns but the last's, the size of its input, on inputs of `shape`.
+    A module's are read from its file: only in a run whose command names it (the record
+    states them, as `unknowns`, for every reader after)."""
     if is_model_file(model):
         return list(module_layout(model, shape)[1])
     return [math.prod(s) for s in layer_shapes(architecture(model, shape), shape=shape)[:-1]]
 
 
-def indices_of(model: str, deficiency: list[int] | None,
-               shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> dict[str, float | None]:
-    """Both indices of a (model, image) from its rank deficiencies (None where unknown)."""
+def indices_of(deficiency: list[int] | None, unknowns: list[int] | None) -> dict[str, float | None]:
+    """Both indices of a (model, image) from its rank deficiencies and each layer's
+    unknowns (None where either is unknown)."""
     if deficiency is None:
         return dict.fromkeys(report.INDICES)
     return {"security_index": security_index(deficiency),
-            "worst_layer_fraction": worst_layer_fraction(deficiency, layer_unknowns(model, shape))}
+            "worst_layer_fraction": None if unknowns is None else worst_layer_fraction(deficiency, unknowns)}
 
 
 def rank_deficiency(model: Net, grads: list[torch.Tensor], known: list[torch.Tensor] | None = None) -> list[int]:
@@ -3166,7 +3244,13 @@ def upgraded(results: dict) -> dict:
     one place that knows older run folders. Settings renamed since (RENAMED), and an
     attack's best start (then "kept"). Before
     defences an entry had none (it is `none`'s); before the worst layer's fraction it had
-    the security index alone (both indices follow from its rank deficiencies)."""
+    the security index alone (both indices follow from its rank deficiencies and each
+    layer's unknowns).
+
+    Reading a record runs nothing it names. An entry's unknowns are its own (`unknowns`,
+    recorded since module files were named by their content) or its architecture string's;
+    an older entry of a module file states neither, and its worst layer's fraction stays
+    unknown (null), said once: its file is not read back."""
     config = results.get("config", {})
     for old, new in RENAMED.items():
         if old in config:
@@ -3182,6 +3266,7 @@ def upgraded(results: dict) -> dict:
         config["defences"] = list(dict.fromkeys(canonical_spec(d) for d in config["defences"]))
     if isinstance(config.get("models"), list):
         config["models"] = list(dict.fromkeys(canonical_name(m) for m in config["models"]))
+    unstated = []
     for entry in results["runs"]:
         entry.setdefault("defence", {"spec": "none"})
         entry["defence"]["spec"] = canonical_spec(entry["defence"]["spec"])
@@ -3191,8 +3276,35 @@ def upgraded(results: dict) -> dict:
                 answer["best_start"] = answer.pop("kept")
         for has in (entry, entry["defence"]):
             if has.get("rank_deficiency") is not None and any(has.get(k) is None for k in report.INDICES):
-                has |= indices_of(entry["model"], has["rank_deficiency"], shape)
+                unknowns = recorded_unknowns(entry, shape)
+                has |= indices_of(has["rank_deficiency"], unknowns)
+                if unknowns is None:
+                    unstated.append(entry["model"])
+    if unstated:
+        warn_once(f"{printable(unstated[0], 80)}{' and others' if len(set(unstated)) > 1 else ''}: recorded before the "
+             "record stated each layer's unknowns, in words the grammar does not read, and a module file is "
+             "never read back: its worst layer's fraction stays unknown")
     return results
+
+
+@functools.cache  # a merge reads each folder twice (before its lock, and under it): said once a process
+def warn_once(text: str) -> None:
+    warn(text)
+
+
+def recorded_unknowns(entry: dict, shape: tuple[int, int, int]) -> list[int] | None:
+    """An entry's unknowns per layer, from the record alone: its own, or its architecture
+    string's (the grammar is parsed, nothing run: a module's recorded architecture where the
+    grammar reads it); None where neither states them."""
+    if isinstance(entry.get("unknowns"), list):
+        return entry["unknowns"]
+    text = entry.get("architecture") if is_module_model(entry["model"]) else entry["model"]
+    if not isinstance(text, str):  # a module's, recorded before its architecture was
+        return None
+    try:
+        return [math.prod(s) for s in layer_shapes(architecture(text, shape), shape=shape)[:-1]]
+    except UserError:  # not in the grammar's words (a KxK' kernel, a hidden fcN)
+        return None
 
 
 def canonical_spec(spec: str) -> str:
@@ -3205,8 +3317,9 @@ def canonical_spec(spec: str) -> str:
 
 def canonical_name(model: str) -> str:
     """A recorded model in its canonical name (as it was, where it no longer parses; a
-    model file's PATH.py:NAME as it is: its file is not read back)."""
-    if is_model_file(model):
+    module's FILE.py:NAME@HASH, or an older record's PATH.py:NAME, as it is: its file is
+    never read back)."""
+    if is_module_model(model):
         return model
     try:
         return canonical_model(model)
@@ -3260,7 +3373,7 @@ def is_entry(entry: object) -> bool:
     attacks, defence, skipped = entry.get("attacks", {}), entry.get("defence", {}), entry.get("skipped", {})
     return (isinstance(attacks, dict) and all(a in ATTACKS and is_answer(e) for a, e in attacks.items())
             and isinstance(defence, dict) and isinstance(defence.get("spec", ""), str)
-            and all(has_ranks(e) for e in (entry, defence))
+            and all(has_ranks(e) for e in (entry, defence)) and has_unknowns(entry)
             and isinstance(skipped, dict) and all(isinstance(v, str) for v in skipped.values()))
 
 
@@ -3283,6 +3396,15 @@ def has_ranks(e: dict) -> bool:
             and all(is_number(e.get(index), or_null=True) for index in report.INDICES))
 
 
+def has_unknowns(entry: dict) -> bool:
+    """Each layer's unknowns, where the entry states them: positive integers, one a layer
+    of its rank deficiencies."""
+    unknowns, ranks = entry.get("unknowns"), entry.get("rank_deficiency")
+    return unknowns is None or (isinstance(unknowns, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in unknowns)
+        and (ranks is None or len(ranks) == len(unknowns)))
+
+
 class Cell(NamedTuple):
     """One (model, image, defence) of a sweep, with what is left to do on it."""
 
@@ -3294,7 +3416,7 @@ class Cell(NamedTuple):
 
     @property
     def key(self) -> tuple[str, ...]:
-        return cell_key(self.model, self.image.name, self.defence.spec)
+        return cell_key(recorded_model(self.model), self.image.name, self.defence.spec)
 
     @property
     def parts(self) -> list[str]:  # what sweeps.py calls a unit's parts
@@ -3381,9 +3503,10 @@ def model_text(model: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> st
 
 def model_stem(model_name: str) -> str:
     """A model as file and folder names give it: a zoo name, or 'arch-' and a hash of its
-    architecture string (the record holds the string)."""
-    if is_model_file(model_name):  # lenet.py:LeNet -> LeNet-<hash of PATH.py:NAME as given>
-        return f"{MODEL_FILE.fullmatch(model_name)['name']}-{hashlib.sha256(model_name.encode()).hexdigest()[:10]}"
+    architecture string (the record holds the string), or a module's NAME-HASH (its content's)."""
+    module = MODEL_FILE.fullmatch(model_name) or RECORDED_MODULE.fullmatch(model_name)
+    if module is not None:  # lenet.py:LeNet@3fa2b1c0d9 -> LeNet-3fa2b1c0d9
+        return f"{module['name']}-{module['hash'] or hashlib.sha256(model_name.encode()).hexdigest()[:10]}"
     return model_name if model_name in MODELS else "arch-" + hashlib.sha256(model_name.encode()).hexdigest()[:10]
 
 
@@ -3410,14 +3533,15 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
             pixels = to_image(cell.image.x, cell.image.normalize).astype(np.float32)
             target = {"npy": folder.save_array(f"{stem}_target.npy", pixels)}
         captured = {} if cell.image.captured is None else {"gradient": cell.image.captured.name}
-        entry = folder.add({"model": cell.model, "architecture": model_text(cell.model, shape),
+        entry = folder.add({"model": recorded_model(cell.model), "architecture": model_text(cell.model, shape),
+                            "unknowns": layer_unknowns(cell.model, shape),
                             "image": cell.image.name, "defence": {"spec": cell.defence.spec},
                             "label": cell.image.label, "target": target} | captured)
     if isinstance(event, Defended):  # to disk with the next attack
         defence = entry["defence"]
         defence |= event.info
         if "rank_deficiency" in event.info:
-            defence |= indices_of(cell.model, event.info["rank_deficiency"], shape)
+            defence |= indices_of(event.info["rank_deficiency"], entry["unknowns"])
         return
     if isinstance(event, Training):
         entry["training"] = event.info
@@ -3434,7 +3558,7 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
                                            and cell.defence == NO_DEFENCE):
         deficiency = event.deficiency if isinstance(event, RankAnalysis) else event.entry["rank_deficiency"]
         entry["rank_deficiency"] = deficiency
-        entry |= indices_of(cell.model, deficiency, shape)
+        entry |= indices_of(deficiency, entry["unknowns"])
     if isinstance(event, RankAnalysis):
         return
     npy = folder.save_array(f"{stem}_{event.attack}.npy", event.recon.astype(np.float32))
@@ -3445,7 +3569,7 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
     scores = (f"PSNR {report.format_psnr(e['psnr'], 2):>9s}  SSIM {ssim}" if entry["target"] is not None
               else "not scored (no target)")
     wrong = {True: "", False: " (wrong)", None: ""}[e["label_correct"]]
-    say(f"{cell.model:9s} {cell.image.name:18s} {shown}{ATTACKS[event.attack].shown:9s}  "
+    say(f"{entry['model']:9s} {cell.image.name:18s} {shown}{ATTACKS[event.attack].shown:9s}  "
         f"{scores}  label {e['label']}{wrong}  {e['seconds']:6.1f} s"
         + (f"  (not finite, recorded as null: {', '.join(not_finite)})" if not_finite else ""))
 
@@ -3455,6 +3579,7 @@ def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     knowledge of a defence is the experiment's, per cell: not a setting)."""
     method = {k: v for k, v in dataclasses.asdict(settings).items() if k != "zeros_are_missing"}
     config = dataclasses.asdict(exp) | method | dataclasses.asdict(run)
+    config["models"] = [recorded_model(m) for m in exp.models]  # a module by its content, not its folder
     if not exp.image_files and exp.gradient is None:  # --label is the --image files' class (or a captured
         config["label"] = None  # gradient's); the data's images carry their own
     return config
@@ -3465,8 +3590,27 @@ RECORD = sweeps.Record(
     upgrade_key=upgraded_key,
     defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
     may_differ=frozenset({"data", "verbose", "compile", "device",  # the files' paths: grid.json holds the images
-                          "image_files", "gradient"}),  # and the gradient themselves, by name and hash
-    program="hybrid.py", cells_are="(model, image, defence) cells")
+                          "image_files", "gradient", "weights"}),  # and the gradient themselves, by name and hash,
+    # config the weights (weights_name) and the models (a module file's FILE.py:NAME@HASH)
+    program="hybrid.py", cells_are="(model, image, defence) cells", explain=lambda *a: config_change(*a))
+
+
+def config_change(key: str, before: dict, now: dict) -> str | None:
+    """Why a resume or a merge is refused, where a file named by its content changed: the
+    file, in words (None: sweeps.py says 'key old -> new')."""
+    if key == "weights_name":
+        if before.get(key) is None and before.get("weights") is not None:
+            return (f"its --weights {printable(str(before['weights']), 80)} were recorded by path alone (an older "
+                    "version), so they cannot be checked to be these")
+        return f"its --weights file was {before.get(key)}, this command's is {now.get(key)} (named by content)"
+    if key == "models" and isinstance(before.get(key), list):
+        old = {m["file"] + ":" + m["name"]: m["hash"] for m in map(RECORDED_MODULE.fullmatch, before[key]) if m}
+        changed = [f"{name} (its content was {old[name]}, it is {m['hash']})"
+                   for m in map(RECORDED_MODULE.fullmatch, now[key]) if m
+                   and old.get(name := m["file"] + ":" + m["name"], m["hash"]) != m["hash"]]
+        if changed:
+            return f"the module file {changed[0]} has changed since"
+    return None
 
 
 def run_metadata(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings, argv: list[str]) -> dict:
@@ -3647,7 +3791,7 @@ def expand_models(names: list[str], shape: tuple[int, int, int] = PHOTOGRAPH_SHA
                             "architecture string, e.g. 8k3s1p0-tanh,fc-id, or your module as PATH.py:NAME)")
         else:
             canonical = canonical_model(name, shape)  # checked now
-            if canonical != name:
+            if canonical != name and not is_model_file(name):
                 say(f"--model {printable(name, 80)} is {canonical}: run as that")
             out.append(canonical)
     if len(set(out)) < len(out):
@@ -3660,9 +3804,10 @@ def canonical_model(name: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -
     which is the zoo's name where it is a zoo model's string (checked on inputs of `shape`)."""
     if name in MODELS:
         return name
-    if is_model_file(name):
-        module_layout(name, shape)  # read now: a module the attacks cannot take is refused before any folder
-        return name
+    if is_model_file(name):  # PATH.py:NAME@HASH: the run loads this content alone
+        hashed = hashed_model_file(name)
+        module_layout(hashed, shape)  # read now: a module the attacks cannot take is refused before any folder
+        return hashed
     text = str(architecture(name, shape))  # parsed once a process: every entry of a record read asks
     return next((m for m, t in MODELS.items() if t == text), text)
 
@@ -3719,7 +3864,8 @@ def settings_from(args: argparse.Namespace) -> tuple[Experiment, AttackSettings,
                        image_indices=default.image_indices if indices is None else indices,
                        attacks=[a for a in ATTACKS if a in (args.attacks or default.attacks)],
                        defences=canonical_defences(args.defences or default.defences),
-                       device=resolve_device(args.device or default.device), **captured)
+                       device=resolve_device(args.device or default.device),
+                       weights_name=None if args.weights is None else weights_content(args.weights)[1], **captured)
     if exp.gradient is not None and len(exp.models) != 1:
         raise UserError(f"--gradient is one model's gradient: give one --model, not {len(exp.models)}")
     if exp.gradient is not None and settings.true_label and exp.label is None:

@@ -322,6 +322,8 @@ class Record:
     cells_are: str  # what a cell is, for messages: "(model, image) pairs"
     files: str = "npy"  # any dict in an entry names an array of the folder under this key
     skipped: str = "skipped"  # the field of an entry naming parts that cannot be done, with why
+    # (key, config before, config now) -> a difference in words, or None for 'key old -> new'
+    explain: Callable[[str, dict, dict], str | None] = lambda key, before, now: None
 
 
 @dataclass
@@ -518,7 +520,8 @@ def config_differences(before: dict, now: dict, record: Record, also: frozenset 
     as_json = lambda config: json.loads(json.dumps(config))  # noqa: E731 (tuples as results.json has them)
     before, now = as_json(record.defaults) | before, as_json(now)
     same = RUN_ONLY | record.may_differ | also
-    return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in same and before.get(k) != v]
+    return [record.explain(k, before, now) or f"{k} {before.get(k)!r} -> {v!r}"
+            for k, v in now.items() if k not in same and before.get(k) != v]
 
 
 def write_grid(path: Path, cells: list) -> None:

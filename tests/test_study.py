@@ -197,7 +197,7 @@ def test_the_worst_layers_fraction_on_a_hand_made_table():
     assert H.worst_layer_fraction([0, -900, -100], [3072, 1800, 1000]) == -0.5  # layer 1 leaves half free
     assert H.worst_layer_fraction([-3072, 0], [3072, 5400]) == -1  # layer 0 determines nothing
     assert H.layer_unknowns("cnn4_c2") == [3 * 32 * 32, 16 * 28 * 28, 6 * 12 * 12]
-    both = H.indices_of("cnn4_c2", [0, -9316, 0])
+    both = H.indices_of([0, -9316, 0], H.layer_unknowns("cnn4_c2"))
     assert both == {"security_index": H.security_index([0, -9316, 0]), "worst_layer_fraction": -9316 / 12544}
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-import sweeps
-from sweeps import say
+from leakage import sweeps
+from leakage.console import say
 
 INDICES = {"security_index": "security index", "worst_layer_fraction": "worst layer's fraction"}  # column: name
 INDEX_FIGURES = {"security_index": "index_vs_quality.png", "worst_layer_fraction": "fraction_vs_quality.png"}

@@ -2,7 +2,7 @@
 
 hybrid.py runs its experiment on one (model, image) at a time, or on a few images of one
 model together; this module runs such cells over a grid for hours and keeps what
-finished. It knows nothing of the paper and imports nothing from hybrid.py: it is handed
+finished. It knows nothing of the paper and imports nothing of it: it is handed
 a `Sweep` (the cells, how they group into units worked on together, the function that
 works on a unit, the one that writes what that yields, cell by cell) and a `Record` (how
 results.json keys and tables its entries).
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import dataclasses
 import fcntl
 import io
 import json
@@ -54,9 +53,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit status 2."""
+from leakage.console import UserError, printable, progress, say, warn
+from leakage.flags import add_settings, at_least, given, path_value, setting
 
 
 class CellsFailed(Exception):
@@ -81,75 +79,6 @@ def quiet_interrupts() -> None:
 
 
 # =============================================================================
-# Output for the user: lines above the progress bars
-# =============================================================================
-
-
-def say(text: str = "", end: str = "\n") -> None:
-    """A line for the user on stdout, above any progress bar, flushed. A reader that goes
-    away (`| head -1`) does not stop the run: the rest goes nowhere, and stderr says so."""
-    try:
-        tqdm.write(text, end=end)
-        sys.stdout.flush()
-    except OSError as e:  # a closed pipe, a full device: the run's folder is what matters
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit too
-        why = "was closed" if isinstance(e, BrokenPipeError) else f"cannot be written ({e.strerror or e})"
-        print(f"stdout {why}; the run goes on and writes its folder as usual", file=sys.stderr)
-
-
-def warn(text: str) -> None:
-    """A line on stderr, above any progress bar: something the user should know, not an error."""
-    tqdm.write(f"warning: {text}", file=sys.stderr)
-
-
-LOG_EVERY_SECONDS = 60.0
-_progress_in_logs = False  # set by progress_in_logs, in the parent and in each worker
-
-
-def progress_in_logs(on: bool) -> None:
-    """Where stderr is not a terminal (a SLURM job's log), progress bars print nothing
-    unless this is on (-v). Then each bar is a line when it starts, a line at most every
-    LOG_EVERY_SECONDS, and a line when it ends: a log shows how far each layer got."""
-    global _progress_in_logs
-    _progress_in_logs = on
-
-
-REDRAWS = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\r")  # a bar's carriage returns, nested bars' cursor moves
-
-
-class _Lines:
-    """A file for tqdm that turns its carriage-return redraws into whole lines."""
-
-    def __init__(self, file) -> None:
-        self.file = file
-
-    def write(self, text: str) -> None:
-        line = REDRAWS.sub("", text).rstrip()
-        if line:
-            self.file.write(line + "\n")
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def progress(steps: int | Iterable, desc: str) -> tqdm:
-    """A progress bar where stderr is a terminal (tqdm's disable=None); in a log, a line
-    now and then with -v (progress_in_logs), and nothing without it."""
-    steps = range(steps) if isinstance(steps, int) else steps
-    if _progress_in_logs and not sys.stderr.isatty():
-        return tqdm(steps, desc=desc, file=_Lines(sys.stderr), mininterval=LOG_EVERY_SECONDS, ascii=True,
-                    ncols=100, leave=True)
-    return tqdm(steps, desc=desc, leave=False, disable=None, dynamic_ncols=True)
-
-
-def printable(text: str, limit: int) -> str:
-    """`text` with what cannot be shown on one line (control characters, line separators,
-    the bytes of a name that is not UTF-8) as '?', cut to `limit` characters."""
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# =============================================================================
 # The run's settings: how a sweep runs, never what it computes
 # =============================================================================
 
@@ -159,29 +88,8 @@ def printable(text: str, limit: int) -> str:
 RUN_ONLY = frozenset({"output", "resume", "jobs", "threads"})
 
 
-def at_least(low: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an integer of at least `low`, refused in words that name `what`."""
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a whole number, not '{text}'") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{what} must be {low} or more, not {value}")
-        return value
-    return convert
-
-
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def path_value(text: str) -> str:
-    """An argparse type for a path: refused where empty (a script's unset variable), which
-    would otherwise read as "not given" or as the current folder."""
-    if not text:
-        raise argparse.ArgumentTypeError("an empty path (is a variable in the command unset?)")
-    return text
 
 
 def jobs_value(text: str) -> int:
@@ -199,57 +107,6 @@ def shard_value(text: str) -> tuple[int, int]:
     if not (match and int(match[1]) < int(match[2])):
         raise argparse.ArgumentTypeError(f"'{text}': expected K/N with 0 <= K < N, e.g. 3/16")
     return int(match[1]), int(match[2])
-
-
-def setting(default: object, help: str | Callable[[], str], *flags: str, meta: dict | None = None,
-            **argparse_kwargs: object) -> dataclasses.Field:
-    """A dataclass field that is also a command-line flag, declared once: its default (a
-    list, or a function giving it, is a default_factory), the flags that set it (--NAME with
-    dashes unless given), its --help ('{default}' in it shows the default; a function gives
-    the text when the parser is built, as does a function given as `choices`), what argparse
-    needs to read it (type, nargs, metavar, action, choices) and, in `meta`, what the
-    program's own checks of combinations read."""
-    metadata = {"help": help, "flags": flags, "argparse": argparse_kwargs, **(meta or {})}
-    if callable(default) or isinstance(default, list):
-        factory = default if callable(default) else (lambda: list(default))
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def flags_of(settings: type) -> list[dataclasses.Field]:
-    """The fields of a settings dataclass that are flags."""
-    return [f for f in dataclasses.fields(settings) if "help" in f.metadata]
-
-
-def flag_name(f: dataclasses.Field) -> str:
-    """The flag that sets a field, as messages name it: its first."""
-    return f.metadata["flags"][0] if f.metadata["flags"] else "--" + f.name.replace("_", "-")
-
-
-def default_of(f: dataclasses.Field) -> object:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-def add_settings(group: argparse._ArgumentGroup, settings: type, defaults: dict | None = None) -> None:
-    """One flag per field of `settings` that is one (setting), with no default of its own:
-    the dataclass's is taken where the flag is missing (given), so that a parser whose
-    missing flags are left out tells which flags a command gave. `defaults` overrides the
-    default the help shows."""
-    for f in flags_of(settings):
-        shown = (defaults or {}).get(f.name, default_of(f))
-        text = f.metadata["help"]
-        shown = " ".join(map(str, shown)) if isinstance(shown, (list, tuple)) else shown
-        text = text() if callable(text) else text.format(**f.metadata, default=shown)  # e.g. {quick} too
-        kwargs = {k: v() if k == "choices" and callable(v) else v for k, v in f.metadata["argparse"].items()}
-        group.add_argument(*(f.metadata["flags"] or ["--" + f.name.replace("_", "-")]), dest=f.name, help=text,
-                           **kwargs)
-
-
-def given(settings: type, args: argparse.Namespace, **values: object) -> object:
-    """`settings` from the flags given, the dataclass's defaults for the rest, and `values`
-    (checked or converted by the caller) over both."""
-    kwargs = {f.name: getattr(args, f.name) for f in flags_of(settings) if getattr(args, f.name, None) is not None}
-    return settings(**(kwargs | values))
 
 
 @dataclass(frozen=True)

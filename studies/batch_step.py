@@ -13,7 +13,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-import hybrid as H
+from leakage.activations import activation_derivative
+from leakage.data import PrivateImage
+from leakage.models import Net, gradients_from
+from leakage.modules import build_model
+from leakage.paper import (
+    Batch, LayerSystem, batched_objective, client_gradient, hybrid_objective, hybrid_schedule, layer_system
+)
 from studies.common import STUDY_SETTINGS, Parser, one_thread_test_images, printed
 
 CASES = [("cnn2_c2", 0), ("cnn3_c1", 0), ("cnn3_c1", 1), ("cnn4_c2", 0), ("cnn4_c2", 1), ("cnn4_c3", 0),
@@ -29,41 +35,41 @@ def per_call_ms(f) -> float:
     return (time.perf_counter() - start) / REPEATS * 1e3
 
 
-def parts_at(model: H.Net, images: list[H.PrivateImage], layer: int) -> list[tuple]:
+def parts_at(model: Net, images: list[PrivateImage], layer: int) -> list[tuple]:
     """(system in float32, a start x, the shared gradient of layers l.., the label) per image."""
     out = []
     for image in images:
-        grads = H.client_gradient(model, image.x, image.label)
+        grads = client_gradient(model, image.x, image.label)
         a = image.x
         for i in range(layer):
             a = model.acts[i](model.layers[i](a))
         z = model.layers[layer](a).detach().requires_grad_()
         loss = F.cross_entropy(model(model.acts[layer](z), layer + 1), torch.tensor([image.label]))
-        dl_da = torch.autograd.grad(loss, z)[0] / H.activation_derivative(model.acts[layer], z.detach())
-        system = H.layer_system(model, layer, model.acts[layer](z).detach().double(), dl_da.double(), grads)
-        out.append((system.to(torch.float32, "cpu"), a.detach(), H.gradients_from(model, grads, layer), image.label))
+        dl_da = torch.autograd.grad(loss, z)[0] / activation_derivative(model.acts[layer], z.detach())
+        system = layer_system(model, layer, model.acts[layer](z).detach().double(), dl_da.double(), grads)
+        out.append((system.to(torch.float32, "cpu"), a.detach(), gradients_from(model, grads, layer), image.label))
     return out
 
 
-def row(name: str, layer: int, images: list[H.PrivateImage], batch: int) -> str:
-    model = H.build_model(name)
+def row(name: str, layer: int, images: list[PrivateImage], batch: int) -> str:
+    model = build_model(name)
     parts = parts_at(model, images[:batch], layer)
-    *weights, _ = H.hybrid_schedule(layer, STUDY_SETTINGS)
+    *weights, _ = hybrid_schedule(layer, STUDY_SETTINGS)
     weights = tuple(weights)
     system, x, shared, label = parts[0]
     x1 = x.clone().requires_grad_()
     alone = per_call_ms(lambda: torch.autograd.grad(
-        H.hybrid_objective(model, system, x1, shared, torch.tensor([label]), weights), [x1]))
+        hybrid_objective(model, system, x1, shared, torch.tensor([label]), weights), [x1]))
 
     def batched(n: int) -> float:
-        b = H.Batch.of([model] * n, [p[0] for p in parts[:n]], [p[2] for p in parts[:n]], None,
+        b = Batch.of([model] * n, [p[0] for p in parts[:n]], [p[2] for p in parts[:n]], None,
                        torch.tensor([p[3] for p in parts[:n]]))
         xb = torch.cat([p[1] for p in parts[:n]]).requires_grad_()
-        return per_call_ms(lambda: torch.autograd.grad(H.batched_objective(model, b, xb, weights).sum(), [xb])) / n
+        return per_call_ms(lambda: torch.autograd.grad(batched_objective(model, b, xb, weights).sum(), [xb])) / n
 
     def one(x, z_minus_b, delta, g_w, shared, target):
-        s = H.LayerSystem(layer, z_minus_b[None], delta[None], g_w)
-        return H.hybrid_objective(model, s, x[None], list(shared), target[None], weights, functional=True)
+        s = LayerSystem(layer, z_minus_b[None], delta[None], g_w)
+        return hybrid_objective(model, s, x[None], list(shared), target[None], weights, functional=True)
     vmapped = torch.func.vmap(torch.func.grad_and_value(one))
     args = (torch.cat([p[1] for p in parts]), torch.cat([p[0].z_minus_b for p in parts]),
             torch.cat([p[0].delta for p in parts]), torch.stack([p[0].g_w for p in parts]),

@@ -16,7 +16,7 @@ Usage: python -m studies.benchmark_table OLD.json OLD_SECONDS NEW.json NEW_SECON
 import math
 import sys
 
-import hybrid as H
+from leakage.record import rows_in
 from studies.common import Parser, Refused, printed, read_results
 
 TOLERANCE = 0.01  # dB: issue #33's "every pair's PSNR within 0.01 dB of the old code's"
@@ -24,7 +24,7 @@ TOLERANCE = 0.01  # dB: issue #33's "every pair's PSNR within 0.01 dB of the old
 
 def psnrs(path: str) -> dict[tuple[str, str, str], float]:
     """(model, image, attack) -> PSNR, in the record's order."""
-    return {(r["model"], r["image"], r["attack"]): r["psnr"] for r in H.rows_in(read_results(path))}
+    return {(r["model"], r["image"], r["attack"]): r["psnr"] for r in rows_in(read_results(path))}
 
 
 def difference(old: float, new: float) -> float:

@@ -11,8 +11,10 @@ import sys
 import numpy as np
 from scipy import stats
 
-import hybrid as H
-import report
+from leakage import report
+from leakage.attacks import ATTACKS
+from leakage.defences import parse_defence
+from leakage.record import rows_in
 from studies.common import Parser, printed, read_results
 
 EXACT_DB = 40.0  # PSNR at or above which a reconstruction is called exact, here and in the README
@@ -52,7 +54,7 @@ def ordering(rows: list[dict], name: str) -> list[str]:
         models = {m: g for m, g in per_model(rows, attack).items() if g[0]["security_index"] < 0}
         c = report.rank_correlation([np.mean([r["security_index"] for r in g]) for g in models.values()],
                                     [np.mean([r["psnr"] for r in g]) for g in models.values()], list(models))
-        lines.append(f"- {name}, {H.ATTACKS[attack].shown}, over the {c['n']} rank-deficient models: "
+        lines.append(f"- {name}, {ATTACKS[attack].shown}, over the {c['n']} rank-deficient models: "
                      f"{report.show_rho(c)}.")
     return lines
 
@@ -91,7 +93,7 @@ def labels(rows: list[dict]) -> list[str]:
     for kind in ("none", "noise", "prune", "dp"):
         lines.append(f"- {kind}: {wrong([r for r in rows if r['kind'] == kind])}.")
         specs = sorted({r["defence"] for r in rows if r["kind"] == kind and r["attack"] != "dlg"
-                        and not r["label_correct"]}, key=lambda spec: H.parse_defence(spec).strength)
+                        and not r["label_correct"]}, key=lambda spec: parse_defence(spec).strength)
         lines += [f"  - {spec}: {wrong([r for r in rows if r['defence'] == spec])}." for spec in specs]
     return lines
 
@@ -109,7 +111,7 @@ def activations(rows: list[dict], name: str) -> list[str]:
             continue
         h, p = stats.kruskal(*groups.values())
         medians = ", ".join(f"{act} {np.median(v):.1f} dB (n {len(v)})" for act, v in sorted(groups.items()))
-        lines.append(f"- {name}, {H.ATTACKS[attack].shown}: Kruskal-Wallis H {h:.2f}, p {p:.2g}; medians {medians}.")
+        lines.append(f"- {name}, {ATTACKS[attack].shown}: Kruskal-Wallis H {h:.2f}, p {p:.2g}; medians {medians}.")
     return lines
 
 
@@ -118,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.parse_args(argv)
 
     def make() -> str:
-        study, heldout = (report.undefended(H.rows_in(read_results(f))) for f in (STUDY, HELDOUT))
+        study, heldout = (report.undefended(rows_in(read_results(f))) for f in (STUDY, HELDOUT))
         zoo_five = [r for r in study if int(r["image"].split(":")[1]) < 5]
-        defended = [r for f in DEFENCES for r in H.rows_in(read_results(f))]
+        defended = [r for f in DEFENCES for r in rows_in(read_results(f))]
         sections = [
             (f"Exact: PSNR ≥ {EXACT_DB:g} dB", exactness(study, "The CIFAR-10 study (35 models x 20 images)")
              + exactness(heldout, "Held out (40 architectures x 5 images)")),

@@ -5,39 +5,54 @@ hybrid.py replaced while they watch it."""
 import argparse
 import contextlib
 import dataclasses
-import functools
+import importlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hybrid as H
-import sweeps
+from leakage import sweeps
+from leakage.console import UserError
+from leakage.data import PrivateImage, load_test_split, parse_image_indices
+from leakage.record import RECORD, rows_in
+from leakage.runtime import configure_torch
+from leakage.settings import AttackSettings
 
 
-STUDY_SETTINGS = dataclasses.replace(H.AttackSettings(), hybrid_iters_first=2500, hybrid_iters=500)  # N0 2500, N 500
+STUDY_SETTINGS = dataclasses.replace(AttackSettings(), hybrid_iters_first=2500, hybrid_iters=500)  # N0 2500, N 500
 
 
-def one_thread_test_images(indices: list[int]) -> list[H.PrivateImage]:
+def one_thread_test_images(indices: list[int]) -> list[PrivateImage]:
     """CIFAR-10 test images (offline: the data folder, or foolbox's), this process set to
     one thread as hybrid.py runs (configure_torch)."""
-    H.configure_torch("cpu", 1)
-    return H.load_test_split("cifar10-test", indices, H.DATA_PATH, download=False)[0]
+    configure_torch("cpu", 1)
+    return load_test_split("cifar10-test", indices, H.DATA_PATH, download=False)[0]
 
 
 @contextlib.contextmanager
-def patched(name: str, replacement: Callable) -> Iterator[None]:
-    """hybrid.NAME replaced within by replacement(the original, *args, **kwargs), and
-    restored however it ends."""
-    original = getattr(H, name)
-    setattr(H, name, functools.partial(replacement, original))
+def patched(target: str, replacement: Callable) -> Iterator[None]:
+    """MODULE.NAME (e.g. "leakage.paper.solve_layer", where the code looks it up) replaced
+    within by replacement(the original, *args, **kwargs), and restored however it ends. A
+    replacement never called is an error: the code no longer calls that name there, and a
+    timing of it would silently time nothing."""
+    module_name, _, name = target.rpartition(".")
+    module = importlib.import_module(module_name)
+    original, calls = getattr(module, name), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return replacement(original, *args, **kwargs)
+    setattr(module, name, counted)
     try:
         yield
     finally:
-        setattr(H, name, original)
+        setattr(module, name, original)
+    if not calls:
+        raise RuntimeError(f"{target} was replaced but never called: the code no longer calls it there")
 
 
 def per_model_table(prog: str, argv: list[str] | None, models: list[str], image: int, header: list[str],
-                    rows: Callable[[str, H.PrivateImage], list[str]]) -> int:
+                    rows: Callable[[str, PrivateImage], list[str]]) -> int:
     """A timing script's main: --models and --image (a CIFAR-10 test image, in a one-thread
     process), then the table: its header lines and rows(model, image) of each model."""
     p = Parser(prog=prog)
@@ -68,8 +83,8 @@ def image_names(spec: str | None) -> set[str] | None:
     if spec is None:
         return None
     try:
-        return {f"cifar10-test:{i}" for i in H.parse_image_indices([spec])}
-    except H.UserError as e:
+        return {f"cifar10-test:{i}" for i in parse_image_indices([spec])}
+    except UserError as e:
         raise Refused(str(e)) from None
 
 
@@ -78,7 +93,7 @@ def read_results(path: str, attack: str | None = None) -> dict:
     saying why not: missing, empty, truncated, another kind of file, no cells, or no
     `attack` where the table needs one."""
     try:
-        results = sweeps.read_record(Path(path), H.RECORD)  # what a resume and a merge check, upgraded
+        results = sweeps.read_record(Path(path), RECORD)  # what a resume and a merge check, upgraded
     except FileNotFoundError:
         raise Refused(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -99,7 +114,7 @@ def read_results(path: str, attack: str | None = None) -> dict:
 def read_rows(path: str, images: set[str] | None = None, models: list[str] | None = None) -> list[dict]:
     """The rows of a run's results.json (report.py's), only `images` and `models` where given;
     Refused where none is left."""
-    rows = [r for r in H.rows_in(read_results(path))
+    rows = [r for r in rows_in(read_results(path))
             if (images is None or r["image"] in images) and (models is None or r["model"] in models)]
     if not rows:
         raise Refused(f"{path}: no results left of the images and models asked for")
@@ -111,7 +126,7 @@ def printed(name: str, make: Callable[[], str]) -> int:
     printed before every input has been read."""
     try:
         text = make()
-    except (Refused, H.UserError) as e:  # hybrid.py's own refusals (an image index out of range) too
+    except (Refused, UserError) as e:  # hybrid.py's own refusals (an image index out of range) too
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     print(text, end="")

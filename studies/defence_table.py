@@ -9,8 +9,8 @@ Usage: python -m studies.defence_table STUDY.json [STUDY.json ...] [--figure PNG
 """
 import sys
 
-import hybrid as H
-import report
+from leakage import report
+from leakage.record import removing_equations, report_names
 from studies.common import Parser, printed, read_rows
 
 
@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def make() -> str:
         rows = [r for path in a.studies for r in read_rows(path)]
-        text = report.defence_table(rows, H.names(), H.removing_equations())
+        text = report.defence_table(rows, report_names(), removing_equations())
         if a.figure:
-            report.plot_defence_table(rows, a.figure, H.names())
+            report.plot_defence_table(rows, a.figure, report_names())
         return text
     return printed(p.prog, make)
 

@@ -6,8 +6,8 @@ Usage: python -m studies.figures RESULTS.json INDEX.png [FRACTION.png]
 """
 import sys
 
-import hybrid as H
-import report
+from leakage import report
+from leakage.record import report_names, rows_in
 from studies.common import Parser, printed, read_results
 
 
@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def make() -> str:
         results = read_results(a.results)
-        rows = report.undefended(H.rows_in(results))
-        names = H.names(results.get("config"))
+        rows = report.undefended(rows_in(results))
+        names = report_names(results.get("config"))
         report.plot_index_vs_quality(rows, a.index, names, "security_index")
         if a.fraction:
             report.plot_index_vs_quality(rows, a.fraction, names, "worst_layer_fraction")

@@ -18,18 +18,24 @@ import numpy as np
 from scipy import stats
 
 import hybrid as H
+from leakage.attacks import ATTACKS
+from leakage.data import PrivateImage, load_test_split
+from leakage.defences import defend, parse_defence
+from leakage.modules import build_model
+from leakage.paper import client_gradient, recursive_reconstruction
+from leakage.runtime import configure_torch
 from studies.common import Parser, Refused, printed, read_results
 
 
-def gain(model_name: str, standin: H.PrivateImage, s0: float, draws: int) -> float:
+def gain(model_name: str, standin: PrivateImage, s0: float, draws: int) -> float:
     """RMS change per pixel of R-GAP's image per unit of the noise's standard deviation."""
-    model = H.build_model(model_name)
-    grads = H.client_gradient(model, standin.x, standin.label)
-    clean, _ = H.recursive_reconstruction(model, grads)
+    model = build_model(model_name)
+    grads = client_gradient(model, standin.x, standin.label)
+    clean, _ = recursive_reconstruction(model, grads)
     changes = []
     for seed in range(draws):
-        noisy, _ = H.defend(grads, H.parse_defence(f"noise:{s0:g}"), seed)
-        x, _ = H.recursive_reconstruction(model, noisy)
+        noisy, _ = defend(grads, parse_defence(f"noise:{s0:g}"), seed)
+        x, _ = recursive_reconstruction(model, noisy)
         changes.append(float((x.double() - clean.double()).square().mean()))
     return float(np.sqrt(np.mean(changes))) / s0
 
@@ -83,7 +89,7 @@ def table(paths: list[str], standin_index: int, s0: float, draws: int) -> str:
     run = {"runs": [e for path in paths for e in read_results(path)["runs"]]}
     if not any(e["defence"]["spec"].startswith("noise:") for e in run["runs"]):
         raise Refused(f"{', '.join(paths)}: no noise:SIGMA defence, which this table reads")
-    (standin,), _ = H.load_test_split("cifar10-test", [standin_index], H.DATA_PATH)
+    (standin,), _ = load_test_split("cifar10-test", [standin_index], H.DATA_PATH)
     models = list(dict.fromkeys(e["model"] for e in run["runs"]))
     gains = {m: gain(m, standin, s0, draws) for m in models}
     lines = [f"The noise's gain through R-GAP's recursion on {standin.name} (s0 = {s0:g}, {draws} draws), and the "
@@ -94,12 +100,12 @@ def table(paths: list[str], standin_index: int, s0: float, draws: int) -> str:
         pairs = [(m, spec) for m, spec in mse if spec.startswith("noise:") and (m, "none") in mse]
         if not pairs:
             continue
-        lines += [f"{H.ATTACKS[attack].shown}:", "",
+        lines += [f"{ATTACKS[attack].shown}:", "",
                   "| model | gain | SIGMA | added MSE, measured | predicted | ratio |",
                   "|---|---|---|---|---|---|"]
         predicted, added = [], []
-        for m, spec in sorted(pairs, key=lambda k: (models.index(k[0]), H.parse_defence(k[1]).params["sigma"])):
-            sigma = H.parse_defence(spec).params["sigma"]
+        for m, spec in sorted(pairs, key=lambda k: (models.index(k[0]), parse_defence(k[1]).params["sigma"])):
+            sigma = parse_defence(spec).params["sigma"]
             p, a = (gains[m] * sigma) ** 2, mse[(m, spec)] - mse[(m, "none")]
             predicted.append(p)
             added.append(a)
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--s0", type=float, default=1e-4)
     p.add_argument("--draws", type=int, default=3)
     a = p.parse_args(argv)
-    H.configure_torch("cpu", 1)
+    configure_torch("cpu", 1)
     return printed(p.prog, lambda: table(a.studies, a.standin, a.s0, a.draws))
 
 

@@ -9,15 +9,18 @@ Usage: python -m studies.normal_equations [--models cnn6d ...] [--image 1] > tab
 import sys
 import time
 
-import hybrid as H
+from leakage.data import PrivateImage
+from leakage.modules import build_model
+from leakage.paper import client_gradient, recursive_reconstruction
+from leakage.solvers import solve_min_norm
 from studies.common import patched, per_model_table
 
 MODELS = ["cnn6d", "cnn4_c3", "lenet", "cnn4_c2", "cnn3_c1"]
 
 
-def rows(name: str, image: H.PrivateImage) -> list[str]:
-    model = H.build_model(name)
-    grads = H.client_gradient(model, image.x, image.label)
+def rows(name: str, image: PrivateImage) -> list[str]:
+    model = build_model(name)
+    grads = client_gradient(model, image.x, image.label)
     lines = []
 
     def both(gram, system, conv, forward, equations):
@@ -25,7 +28,7 @@ def rows(name: str, image: H.PrivateImage) -> list[str]:
         solved = gram(system, conv, forward, equations)
         normal = time.perf_counter() - start
         start = time.perf_counter()
-        x, rank = H.solve_min_norm(*system.reduced_matrices(model, forward), equations)
+        x, rank = solve_min_norm(*system.reduced_matrices(model, forward), equations)
         qr = time.perf_counter() - start
         shape = f"{equations} x {forward.M.shape[1]}"
         if solved is None:
@@ -35,8 +38,8 @@ def rows(name: str, image: H.PrivateImage) -> list[str]:
             lines.append(f"| {name} | {system.layer} | {shape} | {solved[1]} | {rank} | {gap:.1e} | {normal:.2f} "
                          f"| {qr:.2f} |")
         return solved
-    with patched("gram_solution", both):
-        H.recursive_reconstruction(model, grads)
+    with patched("leakage.paper.gram_solution", both):
+        recursive_reconstruction(model, grads)
     return lines
 
 

@@ -10,8 +10,9 @@ import sys
 
 import numpy as np
 
-import hybrid as H
-import report
+from leakage import report
+from leakage.data import DATASETS, dataset_of
+from leakage.record import report_names, rows_in
 from studies.common import Parser, printed, read_results
 
 PUBLISHED = {"dlg": {"mnist": 0.899, "cifar100": 0.833}, "idlg": {"mnist": 1.0, "cifar100": 1.0}}  # iDLG, Table 1
@@ -27,7 +28,7 @@ def accuracy(right: list[bool]) -> str:
 
 
 def dataset(results: dict) -> str:
-    return H.dataset_of(results["config"]["source"])[0]
+    return dataset_of(results["config"]["source"])[0]
 
 
 def label_table(runs: dict[str, list[dict]], results: dict[str, dict], names: report.Names) -> list[str]:
@@ -35,7 +36,7 @@ def label_table(runs: dict[str, list[dict]], results: dict[str, dict], names: re
     start: its label is its soft label's argmax, and each start finds its own."""
     data = list(runs)
     lines = ["| attack (DLG and iDLG: the best of 4 starts) | " + " | ".join(
-        f"{H.DATASETS[d].shown}: ours [95% CI] | published" for d in data) + " |",
+        f"{DATASETS[d].shown}: ours [95% CI] | published" for d in data) + " |",
              "|---|" + "---|---|" * len(data)]
     for attack in names.present([r for rows in runs.values() for r in rows]):
         cells = []
@@ -59,7 +60,7 @@ def label_table(runs: dict[str, list[dict]], results: dict[str, dict], names: re
 
 def quality_table(runs: dict[str, list[dict]], names: report.Names) -> list[str]:
     data = list(runs)
-    lines = ["| attack | " + " | ".join(f"{H.DATASETS[d].shown}: PSNR median [min, max] | SSIM mean | seconds"
+    lines = ["| attack | " + " | ".join(f"{DATASETS[d].shown}: PSNR median [min, max] | SSIM mean | seconds"
                                         for d in data) + " |", "|---|" + "---|---|---|" * len(data)]
     for attack in names.present([r for rows in runs.values() for r in rows]):
         cells = []
@@ -81,7 +82,7 @@ def rank_table(results: dict[str, dict]) -> list[str]:
         ranks = sorted({tuple(e["rank_deficiency"]) for e in entries})
         index = [e["security_index"] for e in entries]
         fraction = [e["worst_layer_fraction"] for e in entries]
-        lines.append(f"| {H.DATASETS[d].shown} | {entries[0]['architecture']} | {len(entries)} | "
+        lines.append(f"| {DATASETS[d].shown} | {entries[0]['architecture']} | {len(entries)} | "
                      f"{'; '.join(str(list(r)) for r in ranks)} | {min(index)} to {max(index)} | "
                      f"{min(fraction):.4f} to {max(fraction):.4f} |")
     return lines
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in a.results:
             res = read_results(path)
             results[dataset(res)] = res
-        runs = {d: H.rows_in(res) for d, res in results.items()}
-        names = H.names()
+        runs = {d: rows_in(res) for d, res in results.items()}
+        names = report_names()
         return "\n".join([LABELS, "", *label_table(runs, results, names), "",
                           "Reconstruction quality over the images", "", *quality_table(runs, names), "",
                           "The model on each dataset", "", *rank_table(results)]) + "\n"

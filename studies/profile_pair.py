@@ -13,11 +13,16 @@ import sys
 import time
 from collections import defaultdict
 
-import hybrid as H
+from leakage.attacks import ATTACKS
+from leakage.data import PrivateImage
+from leakage.experiment import answers
+from leakage.modules import build_model
+from leakage.paper import client_gradient, rank_deficiency, recover_label
+from leakage.runtime import PUBLISHED_SEED, seed_everything
 from studies.common import STUDY_SETTINGS, patched, per_model_table
 
 MODELS = ["cnn2_c2", "cnn3_c1", "cnn3_c5", "cnn4_c2", "cnn6d", "lenet"]
-ATTACKS = ["rgap", "hybrid", "hybrid_free"]
+PROFILED = ["rgap", "hybrid", "hybrid_free"]
 PARTS = {"build": ("conv_matrix", "grad_matrix"), "solve": ("solve_min_norm",), "adam": ("gradient_matching_together",)}
 
 
@@ -33,8 +38,8 @@ class Timers(contextlib.ExitStack):
         super().__enter__()
         for part, functions in PARTS.items():
             for name in functions:
-                self.enter_context(patched(name, functools.partial(self.timed, part)))
-        self.enter_context(patched("layer_system", self.tracking))
+                self.enter_context(patched(f"leakage.paper.{name}", functools.partial(self.timed, part)))
+        self.enter_context(patched("leakage.paper.layer_system", self.tracking))
         return self
 
     def tracking(self, layer_system, model, layer, *args, **kwargs):  # which layer the recursion is at
@@ -49,31 +54,31 @@ class Timers(contextlib.ExitStack):
             self.seconds[part, args[1][0].layer if part == "adam" else self.layer] += time.perf_counter() - start
 
 
-def profile(name: str, image: H.PrivateImage) -> list[str]:
-    model = H.build_model(name)
-    grads = H.client_gradient(model, image.x, image.label)
-    label = H.recover_label(grads)
+def profile(name: str, image: PrivateImage) -> list[str]:
+    model = build_model(name)
+    grads = client_gradient(model, image.x, image.label)
+    label = recover_label(grads)
     lines, alone = [], 0.0
-    for attack in ATTACKS:
-        H.seed_everything(H.PUBLISHED_SEED)
+    for attack in PROFILED:
+        seed_everything(PUBLISHED_SEED)
         with Timers() as timers:
             start = time.perf_counter()
-            H.ATTACKS[attack].run(model, grads, label, STUDY_SETTINGS)
+            ATTACKS[attack].run(model, grads, label, STUDY_SETTINGS)
             total = time.perf_counter() - start
         alone += total
         for layer in sorted({layer for _, layer in timers.seconds}, reverse=True):
             parts = [timers.seconds.get((part, layer), 0.0) for part in PARTS]
-            lines.append(f"| {name} | {H.ATTACKS[attack].shown} | {layer} | "
+            lines.append(f"| {name} | {ATTACKS[attack].shown} | {layer} | "
                          + " | ".join(f"{t:.2f}" for t in parts) + " | |")
         rest = total - sum(timers.seconds.values())
-        lines.append(f"| {name} | {H.ATTACKS[attack].shown} | all | "
+        lines.append(f"| {name} | {ATTACKS[attack].shown} | all | "
                      + " | ".join(f"{sum(t for (p, _), t in timers.seconds.items() if p == part):.2f}"
                                   for part in PARTS) + f" | {rest:.2f} (total {total:.2f}) |")
     start = time.perf_counter()
-    list(H.answers(model, grads, label, ATTACKS, STUDY_SETTINGS, H.PUBLISHED_SEED))
+    list(answers(model, grads, label, PROFILED, STUDY_SETTINGS, PUBLISHED_SEED))
     shared = time.perf_counter() - start
     start = time.perf_counter()
-    H.rank_deficiency(model, grads)
+    rank_deficiency(model, grads)
     ranks = time.perf_counter() - start
     lines.append(f"| {name} | the cell: three alone {alone:.1f} s, sharing their steps {shared:.1f} s "
                  f"({alone / shared:.2f}x); a rank analysis alone {ranks:.1f} s | | | | | |")

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import torch
 
-import hybrid as H
+from leakage.data import load_test_split
+from leakage.gradients import shared_gradient
+from leakage.models import Net
+from leakage.modules import build_model
+from leakage.paper import FORWARD_MAPS, recursive_reconstruction, solve_layer
+from leakage.runtime import configure_torch
 from studies.common import Parser, Refused, patched, printed
 
 MODELS = ["cnn2_c2", "cnn3_c1", "cnn4_c2", "cnn4_c3", "cnn6d", "lenet"]
@@ -31,7 +36,7 @@ def load_old(path: str):
     return module
 
 
-def old_step(old, model: H.Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor,
+def old_step(old, model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor,
              grads: list[torch.Tensor]) -> tuple[torch.Tensor, int, tuple]:
     """The older commit's step: its solve_layer where it has one (1a3d1ce on), else what that does."""
     if hasattr(old, "solve_layer"):
@@ -47,30 +52,30 @@ def timed(f, *args) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def layer_inputs(model: H.Net, grads: list[torch.Tensor]) -> list[tuple]:
+def layer_inputs(model: Net, grads: list[torch.Tensor]) -> list[tuple]:
     """(layer, a_hat, dl_da) of each step of R-GAP's recursion, from the top down."""
     steps = []
 
     def spy(original, model, layer, a_hat, dl_da, grads, known):
         steps.append((layer, a_hat.clone(), dl_da.clone()))
         return original(model, layer, a_hat, dl_da, grads, known)
-    with patched("solve_layer", spy):
-        H.recursive_reconstruction(model, grads)
+    with patched("leakage.paper.solve_layer", spy):
+        recursive_reconstruction(model, grads)
     return steps
 
 
 def rows(old, models: list[str], image: int) -> list[str]:
-    picture = H.load_test_split("cifar10-test", [image], "data", download=False)[0][0]
+    picture = load_test_split("cifar10-test", [image], "data", download=False)[0][0]
     out = []
     for name in models:
-        model = H.build_model(name)
-        grads = [g.double() for g in H.shared_gradient(model, picture, "cpu")]
+        model = build_model(name)
+        grads = [g.double() for g in shared_gradient(model, picture, "cpu")]
         for layer, a_hat, dl_da in layer_inputs(model, grads):
-            H.FORWARD_MAPS.clear()
+            FORWARD_MAPS.clear()
             args = (model, layer, a_hat, dl_da, grads, None)
             old_s, (x_old, rank_old, size) = timed(old_step, old, *args[:-1])
-            cold_s, _ = timed(H.solve_layer, *args)
-            warm_s, (_, x_new, rank_new, _, _) = timed(H.solve_layer, *args)
+            cold_s, _ = timed(solve_layer, *args)
+            warm_s, (_, x_new, rank_new, _, _) = timed(solve_layer, *args)
             diff = float((x_new - x_old).abs().max() / x_old.abs().max())
             out.append(f"| {name} | {layer} | {size[0]}x{size[1]} | {rank_old} | {rank_new} | {old_s:.2f} | "
                        f"{cold_s:.2f} | {warm_s:.2f} | {old_s / warm_s:.1f}x | {diff:.1e} |")
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--image", type=int, default=0)
     args = parser.parse_args(argv)
-    H.configure_torch("cpu", 1)
+    configure_torch("cpu", 1)
     header = ["| model | layer | U | rank, old | rank, new | old (s) | new, cold (s) | new, warm (s) | old / warm "
               "| max difference |", "|---|---|---|---|---|---|---|---|---|---|"]
     return printed("solve_times", lambda: "\n".join(header + rows(load_old(args.old), args.models, args.image)) + "\n")

@@ -11,11 +11,17 @@ import sys
 
 import torch
 
-import hybrid as H
+from leakage.attacks import ATTACKS
+from leakage.data import PrivateImage, load_test_split, parse_image_indices, to_image
+from leakage.gradients import shared_gradient
+from leakage.metrics import score
+from leakage.models import Net
+from leakage.modules import build_model
+from leakage.runtime import configure_torch, seed_everything
 from studies.common import STUDY_SETTINGS, Parser, Refused, patched, printed
 
 
-def psnr_with_nudge(model: H.Net, grads: list[torch.Tensor], image: H.PrivateImage, attack: str,
+def psnr_with_nudge(model: Net, grads: list[torch.Tensor], image: PrivateImage, attack: str,
                     entry: int | None) -> float:
     """The attack's PSNR, its first correction's start nudged up by one float32 ulp at `entry` (None: untouched)."""
     first = [True]
@@ -29,19 +35,19 @@ def psnr_with_nudge(model: H.Net, grads: list[torch.Tensor], image: H.PrivateIma
             x_hats = [x.view_as(x_hats[0])]
         first[0] = False
         return original(models, systems, x_hats, **kwargs)
-    with patched("gradient_matching_together", nudged):
-        H.seed_everything(10)
-        result = H.ATTACKS[attack].run(model, grads, image.label, STUDY_SETTINGS)
-    return H.score(H.to_image(image.x), H.to_image(result.x))["psnr"]
+    with patched("leakage.paper.gradient_matching_together", nudged):
+        seed_everything(10)
+        result = ATTACKS[attack].run(model, grads, image.label, STUDY_SETTINGS)
+    return score(to_image(image.x), to_image(result.x))["psnr"]
 
 
 def table(models: list[str], images: list[int], attack: str, entries: list[int]) -> str:
     lines = [f"| model | image | {attack} | " + " | ".join(f"entry {k} + 1 ulp" for k in entries)
              + " | largest move |", "|---|---|---|" + "---|" * (len(entries) + 1)]
     for name in models:
-        model = H.build_model(name)
-        for image in H.load_test_split("cifar10-test", images, "data", download=False)[0]:
-            grads = H.shared_gradient(model, image, "cpu")
+        model = build_model(name)
+        for image in load_test_split("cifar10-test", images, "data", download=False)[0]:
+            grads = shared_gradient(model, image, "cpu")
             base = psnr_with_nudge(model, grads, image, attack, None)
             moved = [psnr_with_nudge(model, grads, image, attack, k) for k in entries]
             lines.append(f"| {name} | {image.name} | {base:.4f} | " + " | ".join(f"{p:.4f}" for p in moved)
@@ -57,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attack", default="hybrid_free", choices=["hybrid", "hybrid_free"])
     p.add_argument("--entries", nargs="+", type=int, default=[0, 1000, 2000, 3000])
     a = p.parse_args(argv)
-    H.configure_torch("cpu", 1)
-    return printed(p.prog, lambda: table(a.models, H.parse_image_indices([a.images]), a.attack, a.entries))
+    configure_torch("cpu", 1)
+    return printed(p.prog, lambda: table(a.models, parse_image_indices([a.images]), a.attack, a.entries))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import sys
 
 import numpy as np
 
-import hybrid as H
-import report
+from leakage import report
+from leakage.record import report_names, rows_in
 from studies.common import Parser, Refused, image_names, printed, read_results
 
 MARGIN = 0.5  # dB: "at least as good" allows this much below the better of the two
@@ -80,9 +80,9 @@ def table(study: str, others: list[str], images: set[str] | None) -> str:
         whole = sum(all(v for (mm, _), v in ok.items() if mm == m) for m in by_model)
         lines.append(f"| {r} | {len(have)} | {sum(ok.values())} ({100 * sum(ok.values()) / len(have):.0f}%) | "
                      f"{whole} of {len(by_model)} |")
-    rows = [r for r in H.rows_in({"runs": list(pairs.values())}) if r["attack"] in ("rgap", "hybrid", "hybrid_free")]
+    rows = [r for r in rows_in({"runs": list(pairs.values())}) if r["attack"] in ("rgap", "hybrid", "hybrid_free")]
     lines += ["", "The indices against PSNR (the default rule), rank correlations", "",
-              report.correlation_table(report.index_correlations(rows, H.names()), H.names()).rstrip()]
+              report.correlation_table(report.index_correlations(rows, report_names()), report_names()).rstrip()]
     return "\n".join(lines) + "\n"
 
 

@@ -12,8 +12,11 @@ from threadpoolctl import threadpool_info, threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import hybrid as H  # noqa: E402
-import sweeps  # noqa: E402
+from leakage import console  # noqa: E402
+from leakage.data import PHOTOGRAPHS, PrivateImage, load_photographs  # noqa: E402
+from leakage.modules import build_model  # noqa: E402
+from leakage.paper import client_gradient, recursive_reconstruction  # noqa: E402
+from leakage.record import CSV_COLUMNS  # noqa: E402
 
 HUNG_RUNS: list[str] = []  # what a test's subprocess was doing when it hung (test_hostile.py)
 
@@ -35,25 +38,25 @@ def process_as_it_was():
     yield
     torch.set_num_threads(torch_threads)
     threadpool_limits(blas)
-    sweeps.progress_in_logs(False)
+    console.progress_in_logs(False)
 
 
 @pytest.fixture(scope="session")
-def chelsea() -> H.PrivateImage:
-    return H.load_photographs([3])[0]
+def chelsea() -> PrivateImage:
+    return load_photographs([3])[0]
 
 
 @pytest.fixture(scope="session")
-def photographs() -> list[H.PrivateImage]:
-    return H.load_photographs(list(range(len(H.PHOTOGRAPHS))))
+def photographs() -> list[PrivateImage]:
+    return load_photographs(list(range(len(PHOTOGRAPHS))))
 
 
 @pytest.fixture(scope="session")
 def cnn2_c2_rgap(chelsea):
     """cnn2_c2 on chelsea: the model, the shared gradient, R-GAP's image and deficiencies."""
-    model = H.build_model("cnn2_c2")
-    grads = H.client_gradient(model, chelsea.x, chelsea.label)
-    return model, grads, *H.recursive_reconstruction(model, grads)
+    model = build_model("cnn2_c2")
+    grads = client_gradient(model, chelsea.x, chelsea.label)
+    return model, grads, *recursive_reconstruction(model, grads)
 
 
 def run_script(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -85,7 +88,7 @@ def rows_of(folder: Path) -> list[dict]:
 
 def comparable(rows: list[dict]) -> list[tuple]:
     """Rows as sets of values, everything but the timing, which differs run to run."""
-    return sorted(tuple(r[c] for c in H.CSV_COLUMNS if c != "seconds") for r in rows)
+    return sorted(tuple(r[c] for c in CSV_COLUMNS if c != "seconds") for r in rows)
 
 
 # The start of a sitecustomize.py that audits a run (and its workers): the path an audit

@@ -11,10 +11,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hybrid as H
+from leakage.attacks import ATTACKS
+from leakage.data import PrivateImage, to_image
+from leakage.experiment import Answer, share_and_attack
+from leakage.matching import cosine_distance, dummy_gradient, squared_distance, total_variation
+from leakage.metrics import score
+from leakage.models import gradients_from
+from leakage.modules import build_model
+from leakage.paper import (
+    LayerSystem, client_gradient, gradient_matching_together, hybrid_grad_and_value, hybrid_objective, hybrid_schedule,
+    recover_label
+)
+from leakage.runtime import PUBLISHED_SEED, seed_everything
+from leakage.settings import AttackSettings, quick_iterations
 from conftest import run_script
 
-QUICK = H.AttackSettings(**H.quick_iterations())
+QUICK = AttackSettings(**quick_iterations())
 
 
 def true_system(model, x, label, layer):
@@ -28,28 +40,28 @@ def true_system(model, x, label, layer):
     delta, g_w = torch.autograd.grad(loss, [z, model.layers[layer].weight])
     bias = model.layers[layer].bias
     target = z if bias is None else z - bias.view(1, -1, 1, 1)
-    return feats.detach(), H.LayerSystem(layer, target.detach(), delta, g_w)
+    return feats.detach(), LayerSystem(layer, target.detach(), delta, g_w)
 
 
 @pytest.mark.parametrize("name,layer", [("cnn3_c1", 0), ("cnn3_c1", 1), ("lenet", 1), ("cnn3_c12", 0)])
 def test_hybrid_objective_vanishes_at_the_true_layer_input(name, layer, chelsea):
-    model = H.build_model(name)
-    grads = H.client_gradient(model, chelsea.x, chelsea.label)
+    model = build_model(name)
+    grads = client_gradient(model, chelsea.x, chelsea.label)
     x_true, system = true_system(model, chelsea.x, chelsea.label, layer)
-    target, shared = torch.tensor([chelsea.label]), H.gradients_from(model, grads, layer)
-    matching = H.hybrid_objective(model, system, x_true, shared, target, (1.0, 0.0, 0.0))
-    linear = H.hybrid_objective(model, system, x_true, shared, target, (0.0, 0.0, 1.0))
+    target, shared = torch.tensor([chelsea.label]), gradients_from(model, grads, layer)
+    matching = hybrid_objective(model, system, x_true, shared, target, (1.0, 0.0, 0.0))
+    linear = hybrid_objective(model, system, x_true, shared, target, (0.0, 0.0, 1.0))
     assert abs(matching.item()) < 1e-5
     assert linear.item() < 1e-8 * (system.z_minus_b.square().sum() + system.g_w.square().sum()).item()
     # and both are far from zero elsewhere, so the test can fail
     noisy = x_true + 0.1 * torch.randn_like(x_true)
-    assert H.hybrid_objective(model, system, noisy, shared, target, (1.0, 0.0, 1.0)).item() > 1e-3
+    assert hybrid_objective(model, system, noisy, shared, target, (1.0, 0.0, 1.0)).item() > 1e-3
 
 
 def near_the_true_input(model, sample, layer):
     """The shared gradient, layer `layer`'s equations and a point 0.05-noise away from its
     true input, where the hybrid objective and its gradient are far from zero."""
-    grads = H.client_gradient(model, sample.x, sample.label)
+    grads = client_gradient(model, sample.x, sample.label)
     x_true, system = true_system(model, sample.x, sample.label, layer)
     return grads, system, (x_true + 0.05 * torch.randn_like(x_true)).requires_grad_()
 
@@ -65,11 +77,11 @@ def assert_same_value_and_gradient(expected, got):
 def test_functional_objective_is_the_autograd_one(name, layer, chelsea):
     """The torch.func form (what --compile traces) against the double backward, uncompiled;
     lenet's convolutions have biases, so the parameter order is checked too."""
-    model = H.build_model(name)
+    model = build_model(name)
     grads, system, x = near_the_true_input(model, chelsea, layer)
-    weights, shared = (1.0, 1.0, 0.1), H.gradients_from(model, grads, layer)
-    eager = H.hybrid_grad_and_value(model, system, shared, chelsea.label, weights, compile=False)(x)
-    functional = torch.func.grad_and_value(functools.partial(H.hybrid_objective, functional=True), argnums=2)(
+    weights, shared = (1.0, 1.0, 0.1), gradients_from(model, grads, layer)
+    eager = hybrid_grad_and_value(model, system, shared, chelsea.label, weights, compile=False)(x)
+    functional = torch.func.grad_and_value(functools.partial(hybrid_objective, functional=True), argnums=2)(
         model, system, x.detach(), shared, torch.tensor([chelsea.label]), weights)
     assert_same_value_and_gradient(eager, functional)
 
@@ -80,34 +92,34 @@ def test_functional_objective_is_the_autograd_one(name, layer, chelsea):
 def test_compiled_hybrid_gradient_is_autograds(photographs):
     """--compile: torch.func + torch.compile give the double backward's value and gradient,
     also on a second image and label of the same shapes (nothing of the first is baked in)."""
-    model = H.build_model("cnn3_c1")
+    model = build_model("cnn3_c1")
     for sample in photographs[3], photographs[0]:
         grads, system, x = near_the_true_input(model, sample, 1)
-        shared = H.gradients_from(model, grads, 1)
-        eager, compiled = (H.hybrid_grad_and_value(model, system, shared, sample.label, (1.0, 1.0, 0.1), compile=c)(x)
+        shared = gradients_from(model, grads, 1)
+        eager, compiled = (hybrid_grad_and_value(model, system, shared, sample.label, (1.0, 1.0, 0.1), compile=c)(x)
                            for c in (False, True))
         assert_same_value_and_gradient(eager, compiled)
 
 
 def test_hybrid_schedule_is_the_papers_table():
-    settings = H.AttackSettings()  # the defaults are the paper's iteration counts
-    assert H.hybrid_schedule(0, settings) == (1.0, 1.0, 0.05, 10000)
-    assert H.hybrid_schedule(1, settings) == (1.0, 1.0, 0.1, 8000)
-    assert H.hybrid_schedule(2, settings) == (10.0, 0.1, 1.0, 1000)
-    assert H.hybrid_schedule(5, settings) == (10.0, 0.1, 1.0, 1000)
+    settings = AttackSettings()  # the defaults are the paper's iteration counts
+    assert hybrid_schedule(0, settings) == (1.0, 1.0, 0.05, 10000)
+    assert hybrid_schedule(1, settings) == (1.0, 1.0, 0.1, 8000)
+    assert hybrid_schedule(2, settings) == (10.0, 0.1, 1.0, 1000)
+    assert hybrid_schedule(5, settings) == (10.0, 0.1, 1.0, 1000)
 
 
 def run(name, attack, sample, settings=QUICK):
-    model = H.build_model(name)
-    grads = H.client_gradient(model, sample.x, sample.label)
-    H.seed_everything(H.PUBLISHED_SEED)
-    result = H.ATTACKS[attack].run(model, grads, H.recover_label(grads), settings)
-    return result, H.score(H.to_image(sample.x), H.to_image(result.x))
+    model = build_model(name)
+    grads = client_gradient(model, sample.x, sample.label)
+    seed_everything(PUBLISHED_SEED)
+    result = ATTACKS[attack].run(model, grads, recover_label(grads), settings)
+    return result, score(to_image(sample.x), to_image(result.x))
 
 
 def test_hybrid_beats_rgap_where_rgap_is_not_exact(chelsea, cnn2_c2_rgap):
     settings = dataclasses.replace(QUICK, hybrid_iters_first=300)
-    rgap = H.score(H.to_image(chelsea.x), H.to_image(cnn2_c2_rgap[2]))
+    rgap = score(to_image(chelsea.x), to_image(cnn2_c2_rgap[2]))
     hybrid_result, hybrid = run("cnn2_c2", "hybrid", chelsea, settings)
     assert hybrid["psnr"] > rgap["psnr"] + 1
     assert hybrid_result.info["rank_deficiency"] == [-1470]
@@ -145,10 +157,10 @@ def test_cosine_lowers_its_objective(chelsea):
 TINY = dataclasses.replace(QUICK, dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
 
 
-def answers(model, sample, attacks, settings=TINY, seed=H.PUBLISHED_SEED):
+def answers(model, sample, attacks, settings=TINY, seed=PUBLISHED_SEED):
     """attack -> its Answer, through the experiment as the script runs it (no seeding here)."""
-    events = H.share_and_attack(model, sample, attacks, settings, seed, "cpu")
-    return {e.attack: e for e in events if isinstance(e, H.Answer)}
+    events = share_and_attack(model, sample, attacks, settings, seed, "cpu")
+    return {e.attack: e for e in events if isinstance(e, Answer)}
 
 
 def own_objective(attack, model, grads, result):
@@ -156,21 +168,21 @@ def own_objective(attack, model, grads, result):
     x = result.x.clone().requires_grad_()
     if attack == "cosine":
         target = torch.tensor([result.label])
-        return (H.cosine_distance(H.dummy_gradient(model, model(x), target), grads)
-                + 0.01 * len(grads) * H.total_variation(x)).item()
-    return H.squared_distance(H.dummy_gradient(model, model(x), torch.tensor([result.label])), grads).item()
+        return (cosine_distance(dummy_gradient(model, model(x), target), grads)
+                + 0.01 * len(grads) * total_variation(x)).item()
+    return squared_distance(dummy_gradient(model, model(x), torch.tensor([result.label])), grads).item()
 
 
 @pytest.mark.parametrize("attack", ["idlg", "cosine", "dlg"])
 def test_restarts_keep_the_start_with_the_lowest_own_objective(attack, chelsea):
     """--restarts R: R different starts, the first of them the single run's, the one kept
     the lowest final objective (recomputed here from the kept image), every start recorded."""
-    model = H.build_model("cnn2_c4")
-    grads = H.client_gradient(model, chelsea.x, chelsea.label)
-    H.seed_everything(10)
-    single = H.ATTACKS[attack].run(model, grads, chelsea.label, TINY)
-    H.seed_everything(10)
-    best = H.ATTACKS[attack].run(model, grads, chelsea.label, dataclasses.replace(TINY, restarts=4))
+    model = build_model("cnn2_c4")
+    grads = client_gradient(model, chelsea.x, chelsea.label)
+    seed_everything(10)
+    single = ATTACKS[attack].run(model, grads, chelsea.label, TINY)
+    seed_everything(10)
+    best = ATTACKS[attack].run(model, grads, chelsea.label, dataclasses.replace(TINY, restarts=4))
     starts = best.info["starts"]
     assert len(starts) == 4 and len({s["objective_start"] for s in starts}) == 4  # four different starts
     assert starts[0]["objective_end"] == single.info["objective_end"]  # the first is the paper's run
@@ -186,11 +198,11 @@ def test_restarts_keep_the_start_with_the_lowest_own_objective(attack, chelsea):
 def test_true_label_is_handed_to_every_attack(chelsea, monkeypatch):
     """With --true-label every attack gets the client's label, else the recovered one;
     recover_label is made to be wrong here so that the two differ."""
-    model = H.build_model("cnn2_c4")
+    model = build_model("cnn2_c4")
     wrong = (chelsea.label + 1) % 10
-    monkeypatch.setattr(H, "recover_label", lambda grads: wrong)
-    given = answers(model, chelsea, list(H.ATTACKS), dataclasses.replace(TINY, true_label=True))
-    assert {a: e.entry["label"] for a, e in given.items()} == dict.fromkeys(H.ATTACKS, chelsea.label)
+    monkeypatch.setattr("leakage.experiment.recover_label", lambda grads: wrong)
+    given = answers(model, chelsea, list(ATTACKS), dataclasses.replace(TINY, true_label=True))
+    assert {a: e.entry["label"] for a, e in given.items()} == dict.fromkeys(ATTACKS, chelsea.label)
     recovered = answers(model, chelsea, ["rgap", "idlg", "cosine", "hybrid"])
     assert {e.entry["label"] for e in recovered.values()} == {wrong}
 
@@ -199,14 +211,14 @@ def test_attacks_see_the_image_only_through_the_gradient(chelsea, photographs, m
     """The threat model: attacks take (model, gradient, label, settings), and the
     experiment hands them nothing else of the client's. Two different private images
     behind one and the same shared gradient must give the same reconstructions."""
-    for name, attack in H.ATTACKS.items():
+    for name, attack in ATTACKS.items():
         assert list(inspect.signature(attack.run).parameters) == ["model", "grads", "label", "settings"], name
-    model = H.build_model("cnn2_c4")
-    shared = H.client_gradient(model, chelsea.x, chelsea.label)
-    monkeypatch.setattr(H, "client_gradient", lambda model, x, label: shared)
-    other = H.PrivateImage(chelsea.name, photographs[0].x, chelsea.label)  # another image, the same label
-    first, second = answers(model, chelsea, list(H.ATTACKS)), answers(model, other, list(H.ATTACKS))
-    for attack in H.ATTACKS:
+    model = build_model("cnn2_c4")
+    shared = client_gradient(model, chelsea.x, chelsea.label)
+    monkeypatch.setattr("leakage.gradients.client_gradient", lambda model, x, label: shared)
+    other = PrivateImage(chelsea.name, photographs[0].x, chelsea.label)  # another image, the same label
+    first, second = answers(model, chelsea, list(ATTACKS)), answers(model, other, list(ATTACKS))
+    for attack in ATTACKS:
         assert np.array_equal(first[attack].recon, second[attack].recon), attack
     assert first["rgap"].entry["psnr"] != second["rgap"].entry["psnr"]  # the scores do see the image
 
@@ -214,7 +226,7 @@ def test_attacks_see_the_image_only_through_the_gradient(chelsea, photographs, m
 def test_every_attack_is_reseeded(chelsea):
     """Any subset of the attacks, in any order, gives the same numbers: the experiment
     reseeds before each attack (the test seeds nothing, and disturbs the generators)."""
-    model = H.build_model("cnn2_c4")
+    model = build_model("cnn2_c4")
     runs = []
     for order in (["dlg", "cosine", "hybrid"], ["cosine", "hybrid", "dlg"], ["hybrid"], ["cosine"]):
         torch.randn(7), np.random.rand(3)  # whatever came before must not matter
@@ -227,7 +239,7 @@ def test_every_attack_is_reseeded(chelsea):
 
 def test_the_seed_is_the_runs(chelsea):
     """--seed changes the attacks that start from noise: the reseeding uses it."""
-    model = H.build_model("cnn2_c4")
+    model = build_model("cnn2_c4")
     a, b = answers(model, chelsea, ["cosine"], seed=10), answers(model, chelsea, ["cosine"], seed=11)
     assert not np.array_equal(a["cosine"].recon, b["cosine"].recon)
 
@@ -259,7 +271,7 @@ def test_rgap_remakes_the_committed_sample_output(model, position, photographs):
 def test_hybrid_remakes_the_committed_sample_output(chelsea):
     """The hybrid on cnn2_c2 at paper settings (10000 Adam steps on the image): a smooth,
     non-chaotic optimisation, so its PSNR comes back to 0.05 dB."""
-    settings = H.AttackSettings()
+    settings = AttackSettings()
     _, metrics = run("cnn2_c2", "hybrid", chelsea, settings)
     expected = committed("cnn2_c2", chelsea.name, "hybrid")
     assert metrics["psnr"] == pytest.approx(expected["psnr"], abs=0.05)
@@ -286,12 +298,12 @@ def test_all_five_attacks_end_to_end(tmp_path):
 
 def corrected_layers(monkeypatch, model_name, image, correct_where):
     """The layers whose gradient matching (Adam loop) ran in hybrid_free, in order, and its result."""
-    ran, match = [], H.gradient_matching_together
+    ran, match = [], gradient_matching_together
 
     def spy(models, systems, x_hats, **kw):
         ran.extend(system.layer for system in systems)
         return match(models, systems, x_hats, **kw)
-    monkeypatch.setattr(H, "gradient_matching_together", spy)
+    monkeypatch.setattr("leakage.paper.gradient_matching_together", spy)
     result, _ = run(model_name, "hybrid_free", image, dataclasses.replace(QUICK, correct_where=correct_where))
     return ran, result
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import shutil
 import hybrid as H
+from leakage import report
+from leakage.data import to_image
+from leakage.models import MODELS
+from leakage.record import report_names, rows_in
+from leakage.settings import AttackSettings, Experiment
 from conftest import rows_of, run_script
 
 
@@ -71,7 +77,7 @@ def test_analyse_prints_the_security_index(capsys):
 def test_list_models(capsys):
     assert H.main(["--list-models"]) == 0
     out = capsys.readouterr().out
-    assert "cnn6d" in out and "lenet" in out and len(out.splitlines()) == len(H.MODELS)
+    assert "cnn6d" in out and "lenet" in out and len(out.splitlines()) == len(MODELS)
 
 
 @pytest.mark.parametrize("args,names", [
@@ -109,7 +115,7 @@ def test_bad_input_from_the_shell_is_one_line_and_exit_2():
 
 
 def test_compile_without_a_compiler_is_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(H.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert H.main(["--compile", "--source", "samples", "--attacks", "hybrid", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--compile needs a C++ compiler" in err and len(err.strip().splitlines()) == 1
@@ -136,27 +142,27 @@ def test_unreadable_image_file(tmp_path, capsys):
 def test_an_exact_reconstruction_is_shown_as_exact(tmp_path, chelsea):
     """Infinite PSNR is null in results.json and "inf" in results.csv: the figure, the
     summary and the printed line must take it."""
-    target = H.to_image(chelsea.x).astype(np.float32)
+    target = to_image(chelsea.x).astype(np.float32)
     np.save(tmp_path / "t.npy", target)
     run = {"model": "cnn2_c1", "image": chelsea.name, "label": 3, "target": {"npy": "t.npy"},
            "defence": {"spec": "none"}, "attacks": {"rgap": {"psnr": None, "ssim": 1.0, "npy": "t.npy"}}}
-    H.report.plot_comparison([run], tmp_path, tmp_path / "c.png", H.names())
+    report.plot_comparison([run], tmp_path, tmp_path / "c.png", report_names())
     assert (tmp_path / "c.png").stat().st_size > 1000
     entry = {"model": "cnn2_c1", "image": chelsea.name, "security_index": 0,
              "attacks": {"rgap": {"psnr": None, "ssim": 1.0, "seconds": 1.0, "label": 3, "label_correct": True}}}
-    rows = H.rows_in({"runs": [entry, dict(entry, image="other")]})
+    rows = rows_in({"runs": [entry, dict(entry, image="other")]})
     assert rows[0]["psnr"] == float("inf")
-    assert "| inf ± " in H.report.write_summary(tmp_path, rows, H.names(), {})
-    assert H.report.format_psnr(None) == "exact" and H.report.format_psnr(float("inf")) == "exact"
+    assert "| inf ± " in report.write_summary(tmp_path, rows, report_names(), {})
+    assert report.format_psnr(None) == "exact" and report.format_psnr(float("inf")) == "exact"
 
 
 def test_the_comparison_figure_is_as_wide_as_its_titles(tmp_path, chelsea):
     """One column of reconstructions under a long file name: the row title must fit."""
-    np.save(tmp_path / "t.npy", H.to_image(chelsea.x).astype(np.float32))
+    np.save(tmp_path / "t.npy", to_image(chelsea.x).astype(np.float32))
     name = "file:" + "my_face_photographed_at_the_seaside" + "@2bdeb236c4"
     run = {"model": "cnn2_c1", "image": name, "label": 3, "target": {"npy": "t.npy"},
            "defence": {"spec": "none"}, "attacks": {"rgap": {"psnr": 20.0, "ssim": 0.5, "npy": "t.npy"}}}
-    fig = H.report.plot_comparison([run], tmp_path, tmp_path / "c.png", H.names())
+    fig = report.plot_comparison([run], tmp_path, tmp_path / "c.png", report_names())
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     renderer = FigureCanvasAgg(fig).get_renderer()
@@ -169,7 +175,7 @@ def test_the_comparison_figure_is_as_wide_as_its_titles(tmp_path, chelsea):
 def test_hybrid_free_is_named_to_run_and_gets_its_own_column(tmp_path):
     """The default runs the paper's five attacks; hybrid_free, named, is recorded, tabled
     and summarised under its own name, with its rule in the config."""
-    assert "hybrid_free" not in H.Experiment().attacks and H.AttackSettings().correct_where == "free-at-or-above"
+    assert "hybrid_free" not in Experiment().attacks and AttackSettings().correct_where == "free-at-or-above"
     assert H.main(["--quick", "--source", "samples", "--model", "cnn2_c4", "cnn2_c1", "--index", "3",
                    "--attacks", "hybrid_free", "rgap", "--correct-where", "free-here", "--output", str(tmp_path)]) == 0
     folder = run_folder(tmp_path)

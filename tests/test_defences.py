@@ -10,15 +10,34 @@ import pytest
 import torch
 
 import hybrid as H
+from leakage import report
+from leakage.attacks import ATTACKS
+from leakage.data import to_image
+from leakage.defences import (
+    NO_DEFENCE, defence_seed, defend, fc_inputs_undetermined, global_norm, parse_defence, surviving
+)
+from leakage.experiment import Answer, rank_analysis, share_and_attack
+from leakage.matching import AttackResult
+from leakage.metrics import score
+from leakage.models import by_layer
+from leakage.modules import build_model
+from leakage.paper import (
+    attack_rgap, client_gradient, invert_fc, layer_system, rank_deficiency, recover_label, recursive_reconstruction,
+    security_index
+)
+from leakage.record import removing_equations, report_names, rows_in
+from leakage.runtime import seed_everything
+from leakage.settings import AttackSettings
+from leakage.solvers import solve_min_norm
 from conftest import comparable, fresh_run, rows_of
 
-TINY = H.AttackSettings(dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
+TINY = AttackSettings(dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
 
 
 @pytest.fixture(scope="module")
 def cnn2_c4(chelsea):
-    model = H.build_model("cnn2_c4")
-    return model, H.client_gradient(model, chelsea.x, chelsea.label)
+    model = build_model("cnn2_c4")
+    return model, client_gradient(model, chelsea.x, chelsea.label)
 
 
 # -- the defences themselves ---------------------------------------------------------------
@@ -26,33 +45,33 @@ def cnn2_c4(chelsea):
 
 def test_none_shares_the_gradient_itself(cnn2_c4):
     _, grads = cnn2_c4
-    shared, record = H.defend(grads, H.NO_DEFENCE, 0)
+    shared, record = defend(grads, NO_DEFENCE, 0)
     assert all(s is g for s, g in zip(shared, grads))
-    assert record["spec"] == "none" and record["norm_before"] == record["norm_after"] == H.global_norm(grads)
+    assert record["spec"] == "none" and record["norm_before"] == record["norm_after"] == global_norm(grads)
 
 
 def test_none_gives_the_attacks_numbers_without_a_defence(chelsea, cnn2_c4):
     """`none` is today's experiment: each answer equals the attack run on the client's gradient."""
     model, grads = cnn2_c4
-    events = list(H.share_and_attack(model, chelsea, ["rgap", "hybrid", "idlg"], TINY, 10, "cpu"))
-    answers = {e.attack: e for e in events if isinstance(e, H.Answer)}
+    events = list(share_and_attack(model, chelsea, ["rgap", "hybrid", "idlg"], TINY, 10, "cpu"))
+    answers = {e.attack: e for e in events if isinstance(e, Answer)}
     for name, answer in answers.items():
-        H.seed_everything(10)
-        direct = H.ATTACKS[name].run(model, grads, H.recover_label(grads), TINY)
-        assert np.array_equal(answer.recon, H.to_image(direct.x)), name
+        seed_everything(10)
+        direct = ATTACKS[name].run(model, grads, recover_label(grads), TINY)
+        assert np.array_equal(answer.recon, to_image(direct.x)), name
 
 
 def test_noise_is_seeded_and_recorded(cnn2_c4):
     _, grads = cnn2_c4
-    noise = H.parse_defence("noise:1e-2")
-    (a, ra), (b, _), (c, rc) = H.defend(grads, noise, 5), H.defend(grads, noise, 5), H.defend(grads, noise, 6)
+    noise = parse_defence("noise:1e-2")
+    (a, ra), (b, _), (c, rc) = defend(grads, noise, 5), defend(grads, noise, 5), defend(grads, noise, 6)
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # the same seed, the same gradient
     assert not any(torch.equal(x, y) for x, y in zip(a, c))  # another seed, another
     assert ra["seed"] == 5 and rc["seed"] == 6 and ra["sigma"] == 0.01
-    assert ra["norm_after"] == pytest.approx(H.global_norm(a)) and ra["norm_before"] == H.global_norm(grads)
+    assert ra["norm_after"] == pytest.approx(global_norm(a)) and ra["norm_before"] == global_norm(grads)
     added = torch.cat([(x - g).flatten() for x, g in zip(a, grads)])
     assert added.std().item() == pytest.approx(0.01, rel=0.05)  # N(0, SIGMA^2) in every entry
-    seed = H.defence_seed
+    seed = defence_seed
     assert seed(10, "cifar10-test:0") == seed(10, "cifar10-test:0") != seed(11, "cifar10-test:0")
 
 
@@ -61,11 +80,11 @@ def test_the_same_command_shares_the_same_noisy_gradient(chelsea, cnn2_c4, monke
     model, _ = cnn2_c4
     seen = []
     spy = lambda model, grads, label, settings: (  # noqa: E731
-        seen.append([g.clone() for g in grads]), H.AttackResult(torch.zeros(1, 3, 32, 32), label))[1]
-    monkeypatch.setitem(H.ATTACKS, "rgap", dataclasses.replace(H.ATTACKS["rgap"], run=spy))
+        seen.append([g.clone() for g in grads]), AttackResult(torch.zeros(1, 3, 32, 32), label))[1]
+    monkeypatch.setitem(ATTACKS, "rgap", dataclasses.replace(ATTACKS["rgap"], run=spy))
     for seed in (10, 10, 11):
         torch.randn(5)  # whatever the global generator did before must not matter
-        list(H.share_and_attack(model, chelsea, ["rgap"], TINY, seed, "cpu", H.parse_defence("noise:1e-3")))
+        list(share_and_attack(model, chelsea, ["rgap"], TINY, seed, "cpu", parse_defence("noise:1e-3")))
     assert all(torch.equal(x, y) for x, y in zip(seen[0], seen[1]))
     assert not any(torch.equal(x, y) for x, y in zip(seen[0], seen[2]))
 
@@ -73,7 +92,7 @@ def test_the_same_command_shares_the_same_noisy_gradient(chelsea, cnn2_c4, monke
 @pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 0.9, 0.99])
 def test_pruning_zeroes_exactly_the_fraction_of_smallest_entries(cnn2_c4, fraction):
     _, grads = cnn2_c4
-    shared, _ = H.defend(grads, H.parse_defence(f"prune:{fraction}"), 0)
+    shared, _ = defend(grads, parse_defence(f"prune:{fraction}"), 0)
     for g, s in zip(grads, shared):
         zeroed = (s == 0) & (g != 0)
         assert int((s == 0).sum()) == math.floor(fraction * g.numel())  # exactly floor(P n) per tensor
@@ -83,21 +102,21 @@ def test_pruning_zeroes_exactly_the_fraction_of_smallest_entries(cnn2_c4, fracti
 
 
 def test_pruning_breaks_ties_by_position():
-    shared, _ = H.defend([torch.tensor([1.0, -1.0, 1.0, 2.0])], H.parse_defence("prune:0.5"), 0)
+    shared, _ = defend([torch.tensor([1.0, -1.0, 1.0, 2.0])], parse_defence("prune:0.5"), 0)
     assert shared[0].tolist() == [0.0, 0.0, 1.0, 2.0]
 
 
 def test_dp_clips_to_c_before_the_noise(cnn2_c4):
     _, grads = cnn2_c4
-    norm = H.global_norm(grads)
+    norm = global_norm(grads)
     assert norm > 1  # so that C = 1 clips
-    clipped, record = H.defend(grads, H.parse_defence("dp:1:0"), 3)
-    assert record["norm_after"] == pytest.approx(1.0) and H.global_norm(clipped) == pytest.approx(1.0)
-    shared, record = H.defend(grads, H.parse_defence("dp:1:0.1"), 3)
-    expected, _ = H.defend(clipped, H.parse_defence("noise:0.1"), 3)  # the noise, Z C = 0.1, on the clipped one
+    clipped, record = defend(grads, parse_defence("dp:1:0"), 3)
+    assert record["norm_after"] == pytest.approx(1.0) and global_norm(clipped) == pytest.approx(1.0)
+    shared, record = defend(grads, parse_defence("dp:1:0.1"), 3)
+    expected, _ = defend(clipped, parse_defence("noise:0.1"), 3)  # the noise, Z C = 0.1, on the clipped one
     assert all(torch.allclose(s, e, atol=1e-7) for s, e in zip(shared, expected))
     assert record["norm_after"] > 1  # clipping after the noise would leave at most C
-    unclipped, record = H.defend(grads, H.parse_defence(f"dp:{2 * norm}:0"), 3)  # within C: untouched
+    unclipped, record = defend(grads, parse_defence(f"dp:{2 * norm}:0"), 3)  # within C: untouched
     assert all(torch.equal(u, g) for u, g in zip(unclipped, grads))
 
 
@@ -120,15 +139,15 @@ def test_bad_defence_is_one_line_and_exit_2(spec, says, capsys):
 @pytest.mark.parametrize("spec", ["noise:1e-2", "dp:1:0.1", "prune:0.5"])
 def test_attacks_see_only_the_defended_gradient(chelsea, cnn2_c4, monkeypatch, spec):
     model, grads = cnn2_c4
-    defence = H.parse_defence(spec)
-    shared, _ = H.defend(grads, defence, H.defence_seed(10, chelsea.name))
+    defence = parse_defence(spec)
+    shared, _ = defend(grads, defence, defence_seed(10, chelsea.name))
     seen = {}
-    for name in H.ATTACKS:
+    for name in ATTACKS:
         spy = lambda model, grads, label, settings, name=name: (  # noqa: E731
-            seen.__setitem__(name, (grads, settings)), H.AttackResult(torch.zeros(1, 3, 32, 32), label))[1]
-        monkeypatch.setitem(H.ATTACKS, name, dataclasses.replace(H.ATTACKS[name], run=spy))
-    list(H.share_and_attack(model, chelsea, list(H.ATTACKS), TINY, 10, "cpu", defence))
-    assert set(seen) == set(H.ATTACKS)
+            seen.__setitem__(name, (grads, settings)), AttackResult(torch.zeros(1, 3, 32, 32), label))[1]
+        monkeypatch.setitem(ATTACKS, name, dataclasses.replace(ATTACKS[name], run=spy))
+    list(share_and_attack(model, chelsea, list(ATTACKS), TINY, 10, "cpu", defence))
+    assert set(seen) == set(ATTACKS)
     for name, (given, settings) in seen.items():
         assert all(torch.equal(a, b) for a, b in zip(given, shared)), name
         assert not all(torch.equal(a, b) for a, b in zip(given, grads)), name
@@ -140,18 +159,18 @@ def test_attacks_see_only_the_defended_gradient(chelsea, cnn2_c4, monkeypatch, s
 
 def test_pruned_system_has_exactly_the_surviving_rows_and_their_rank(cnn2_c4):
     model, grads = cnn2_c4
-    shared, _ = H.defend(grads, H.parse_defence("prune:0.9"), 0)
-    kept = H.surviving(shared)
-    a_hat, dl_da = H.invert_fc(model.layers[-1], *H.by_layer(model, grads)[-1])
-    full = H.layer_system(model, 0, a_hat, dl_da, grads)
-    pruned = H.layer_system(model, 0, a_hat, dl_da, shared, kept)
+    shared, _ = defend(grads, parse_defence("prune:0.9"), 0)
+    kept = surviving(shared)
+    a_hat, dl_da = invert_fc(model.layers[-1], *by_layer(model, grads)[-1])
+    full = layer_system(model, 0, a_hat, dl_da, grads)
+    pruned = layer_system(model, 0, a_hat, dl_da, shared, kept)
     U_full, V_full = full.matrices(model)
     U, V = pruned.matrices(model)
-    n_z, rows = full.z_minus_b.numel(), H.by_layer(model, kept)[0][0].flatten()
+    n_z, rows = full.z_minus_b.numel(), by_layer(model, kept)[0][0].flatten()
     assert U.shape[0] == n_z + int(rows.sum())  # M's rows, then G's surviving rows alone
     assert torch.equal(U, torch.cat([U_full[:n_z], U_full[n_z:][rows]]))
-    assert torch.equal(V[n_z:], H.by_layer(model, shared)[0][0].flatten().double()[rows]) and (V[n_z:] != 0).all()
-    _, rank = H.solve_min_norm(U, V)
+    assert torch.equal(V[n_z:], by_layer(model, shared)[0][0].flatten().double()[rows]) and (V[n_z:] != 0).all()
+    _, rank = solve_min_norm(U, V)
     assert rank == np.linalg.matrix_rank(U.numpy()) < np.linalg.matrix_rank(U_full.numpy())
     x = torch.randn(1, *model.shapes[0], dtype=torch.float64)
     _, residual = pruned.forward_and_residual(model.double(), x)
@@ -168,37 +187,37 @@ def test_pruned_fc_inversion_is_least_squares_over_what_survives():
     for kept in [everything, (torch.rand(4, 6) > 0.5, torch.tensor([True, False, True, False]))]:
         kept[0][0] = True  # row 0, with its d_0, survives whole: every a_j is determined
         w, b = g_w * kept[0], g_b * kept[1]
-        a_hat, dl_da = H.invert_fc(fc, w, b, kept)
+        a_hat, dl_da = invert_fc(fc, w, b, kept)
         assert torch.allclose(a_hat, a) and torch.allclose(dl_da, fc.weight.double().T @ d)
-    assert torch.allclose(H.invert_fc(fc, g_w, g_b, everything)[0], H.invert_fc(fc, g_w, g_b)[0])
+    assert torch.allclose(invert_fc(fc, g_w, g_b, everything)[0], invert_fc(fc, g_w, g_b)[0])
 
 
 def test_fc_inputs_undetermined_counts_columns_without_a_surviving_equation():
-    model = H.build_model("cnn2_c1")
+    model = build_model("cnn2_c1")
     kept = [torch.ones_like(p, dtype=torch.bool) for p in model.parameters()]
-    assert H.fc_inputs_undetermined(model, kept) == 0
-    kept_w, kept_b = H.by_layer(model, kept)[-1]
+    assert fc_inputs_undetermined(model, kept) == 0
+    kept_w, kept_b = by_layer(model, kept)[-1]
     n = kept_w.shape[1]
     kept_w[:, :3] = False  # no equation at all on a_0..a_2
     kept_w[1:, 3] = False  # a_3: one equation, gW_03, left...
-    assert H.fc_inputs_undetermined(model, kept) == 3 / n
+    assert fc_inputs_undetermined(model, kept) == 3 / n
     kept_b[0] = False  # ...and without d_0 = gb_0 it determines nothing
-    assert H.fc_inputs_undetermined(model, kept) == 4 / n
+    assert fc_inputs_undetermined(model, kept) == 4 / n
 
 
 def test_full_rank_model_under_light_pruning_is_still_reconstructed(chelsea):
     """cnn2_c1 is full rank; prune:0.2 leaves it full rank (computed here, not assumed),
     so R-GAP, solving with the surviving equations only, still reconstructs it well."""
-    model = H.build_model("cnn2_c1")
-    grads = H.client_gradient(model, chelsea.x, chelsea.label)
-    shared, _ = H.defend(grads, H.parse_defence("prune:0.2"), 0)
-    assert H.rank_deficiency(model, grads, H.surviving(shared)) == [0]  # the equations still determine it
-    result = H.attack_rgap(model, shared, chelsea.label, H.AttackSettings(zeros_are_missing=True))
+    model = build_model("cnn2_c1")
+    grads = client_gradient(model, chelsea.x, chelsea.label)
+    shared, _ = defend(grads, parse_defence("prune:0.2"), 0)
+    assert rank_deficiency(model, grads, surviving(shared)) == [0]  # the equations still determine it
+    result = attack_rgap(model, shared, chelsea.label, AttackSettings(zeros_are_missing=True))
     assert result.info["rank_deficiency"] == [0]
-    psnr = H.score(H.to_image(chelsea.x), H.to_image(result.x))["psnr"]
+    psnr = score(to_image(chelsea.x), to_image(result.x))["psnr"]
     assert psnr > 50
-    read_as_zero = H.attack_rgap(model, shared, chelsea.label, H.AttackSettings())  # "0 = G x": wrong equations
-    assert H.score(H.to_image(chelsea.x), H.to_image(read_as_zero.x))["psnr"] < psnr - 5
+    read_as_zero = attack_rgap(model, shared, chelsea.label, AttackSettings())  # "0 = G x": wrong equations
+    assert score(to_image(chelsea.x), to_image(read_as_zero.x))["psnr"] < psnr - 5
 
 
 # -- the grid, the record, resume and merge -----------------------------------------------------------
@@ -222,11 +241,11 @@ def test_the_grid_runs_every_model_image_and_defence(defended_run):
         defence = entry["defence"]
         assert defence["norm_before"] > 0 and defence["spec"] in ("none", "prune:0.5", "noise:1e-3")
         if defence["spec"] == "prune:0.5":
-            assert defence["security_index"] == H.security_index(defence["rank_deficiency"])
+            assert defence["security_index"] == security_index(defence["rank_deficiency"])
             assert defence["security_index"] <= entry["security_index"]  # fewer equations, no more rank
             assert 0 <= defence["fc_inputs_undetermined"] < 1
         if defence["spec"] == "noise:1e-3":
-            assert defence["seed"] == H.defence_seed(10, entry["image"])
+            assert defence["seed"] == defence_seed(10, entry["image"])
     assert set(results["correlations_by_defence"]) <= {"prune:0.5", "noise:1e-3"}
     for name in ("defence_vs_quality.png", "pruned_index_vs_quality.png"):
         assert (defended_run / name).exists()
@@ -247,9 +266,9 @@ def test_rows_under_pruning_carry_the_index_of_the_surviving_equations(defended_
 def test_the_undefended_ranks_are_computed_once_per_model_and_image(tmp_path, monkeypatch):
     """Every defence of a grid shares the client's gradient, and so its ranks."""
     calls = []
-    real = H.rank_analysis
-    monkeypatch.setattr(H, "rank_analysis", lambda *a: calls.append(a[1].name) or real(*a))
-    monkeypatch.setattr(H, "_UNDEFENDED_RANKS", {})
+    real = rank_analysis
+    monkeypatch.setattr("leakage.experiment.rank_analysis", lambda *a: calls.append(a[1].name) or real(*a))
+    monkeypatch.setattr("leakage.experiment._UNDEFENDED_RANKS", {})
     assert H.main(["--quick", "--source", "samples", "--model", "cnn2_c2", "--index", "3", "--attacks", "idlg",
                    "--defence", "none", "noise:1e-3", "prune:0.5", "--output", str(tmp_path)]) == 0
     assert len(calls) == 1, calls
@@ -307,8 +326,8 @@ def test_rgap_does_not_change_when_the_gradient_is_scaled(cnn2_c4):
     """What studies/noise_gain.py reads dp through: clipping scales the whole gradient, and
     R-GAP's answer is the same (the fc inversion is a ratio; each layer's equations scale together)."""
     model, grads = cnn2_c4
-    x, deficiency = H.recursive_reconstruction(model, grads)
-    y, scaled_deficiency = H.recursive_reconstruction(model, [g * 0.137 for g in grads])
+    x, deficiency = recursive_reconstruction(model, grads)
+    y, scaled_deficiency = recursive_reconstruction(model, [g * 0.137 for g in grads])
     assert scaled_deficiency == deficiency and torch.allclose(x, y, atol=1e-5)
 
 
@@ -319,7 +338,7 @@ def test_defence_table_finds_the_weakest_strength_that_stays_below_15_db():
     scored = lambda p: {"psnr": p, "ssim": 0.5, "seconds": 1.0, "label": 3, "label_correct": True}  # noqa: E731
     runs = [{"model": m, "image": "i", "defence": {"spec": s, "kind": s.split(":")[0]}, "attacks": {"rgap": scored(p)}}
             for m, by in psnrs.items() for s, p in by.items()]
-    table = H.report.defence_table(H.rows_in({"runs": runs}), H.names(), H.removing_equations())
+    table = report.defence_table(rows_in({"runs": runs}), report_names(), removing_equations())
     stopping = table.split("The weakest strength")[1]
     assert "| m1 | R-GAP | 0.01 (14.0) |" in stopping  # the weakest of the two below 15
     assert "| m2 | R-GAP | already |" in stopping and "| m3 | R-GAP | - |" in stopping

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import hybrid as H
-import sweeps
+from leakage import sweeps
+from leakage.attacks import ATTACKS
 from conftest import ROOT, audited, comparable, fresh_run, rows_of, run_script
 
 RUN = ["--quick", "--source", "samples", "--model", "cnn2_c0", "--index", "0,3", "--attacks", "rgap", "idlg"]
@@ -112,7 +113,7 @@ def test_an_error_in_one_pair_costs_that_pair_alone_and_frees_the_folder(tmp_pat
     """One process (--jobs 1), as in the workers: a pair whose attack raises is reported and
     left for --resume; the others are recorded; the folder's lock is free after main returns,
     even while the collector is off (it once lived as long as the exception's frames)."""
-    idlg, calls = H.ATTACKS["idlg"].run, []
+    idlg, calls = ATTACKS["idlg"].run, []
 
     def failing_once(*args):
         calls.append(1)
@@ -120,7 +121,7 @@ def test_an_error_in_one_pair_costs_that_pair_alone_and_frees_the_folder(tmp_pat
             raise ValueError("a bug on this pair")
         return idlg(*args)
 
-    monkeypatch.setitem(H.ATTACKS, "idlg", dataclasses.replace(H.ATTACKS["idlg"], run=failing_once))
+    monkeypatch.setitem(ATTACKS, "idlg", dataclasses.replace(ATTACKS["idlg"], run=failing_once))
     gc.disable()
     try:
         assert H.main([*RUN, "--output", str(tmp_path)]) == 1

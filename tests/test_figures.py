@@ -8,14 +8,14 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
-import hybrid as H
-import report
+from leakage import report
+from leakage.record import report_names, rows_in
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def study_rows(name: str) -> list[dict]:
-    return report.undefended(H.rows_in(json.loads((ASSETS / name).read_text())))
+    return report.undefended(rows_in(json.loads((ASSETS / name).read_text())))
 
 
 def drawn(fig):
@@ -68,15 +68,15 @@ def legend_overlaps(fig, renderer) -> list[str]:
 @pytest.mark.parametrize("name", ["heldout.json", "study_cifar_random.json"])
 @pytest.mark.parametrize("which", list(report.INDICES))
 def test_a_study_figure_keeps_its_text_on_the_canvas_and_its_legend_off_the_labels(name, which, tmp_path):
-    fig = report.plot_index_vs_quality(study_rows(name), tmp_path / "f.png", H.names(), which)
+    fig = report.plot_index_vs_quality(study_rows(name), tmp_path / "f.png", report_names(), which)
     renderer = drawn(fig)
     assert texts_outside(fig, renderer) == []
     assert legend_overlaps(fig, renderer) == []
 
 
 def test_the_defence_figure_keeps_its_text_on_the_canvas_and_its_ticks_apart(tmp_path):
-    rows = [r for f in sorted(ASSETS.glob("defences_*_results.json")) for r in H.rows_in(json.loads(f.read_text()))]
-    fig = report.plot_defence_table(rows, tmp_path / "d.png", H.names())
+    rows = [r for f in sorted(ASSETS.glob("defences_*_results.json")) for r in rows_in(json.loads(f.read_text()))]
+    fig = report.plot_defence_table(rows, tmp_path / "d.png", report_names())
     renderer = drawn(fig)
     assert texts_outside(fig, renderer) == []
     assert legend_overlaps(fig, renderer) == []
@@ -89,7 +89,7 @@ def test_the_defence_figure_keeps_its_text_on_the_canvas_and_its_ticks_apart(tmp
 
 def test_no_ssim_bar_passes_1_and_a_capped_mean_shows_its_worst_image(tmp_path):
     rows = study_rows("study_cifar_random.json")
-    fig = report.plot_index_vs_quality(rows, tmp_path / "f.png", H.names())
+    fig = report.plot_index_vs_quality(rows, tmp_path / "f.png", report_names())
     drawn(fig)
     ssim_axes = [ax for ax in fig.axes if ax.get_ylabel() == "SSIM" or ax.get_ylim()[1] < 2]
     for ax in ssim_axes:

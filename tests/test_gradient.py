@@ -11,6 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hybrid as H
+from leakage.console import UserError
+from leakage.data import load_test_split, to_image
+from leakage.modules import build_model
+from leakage.paper import client_gradient, rank_deficiency, security_index, worst_layer_fraction
+from leakage.runtime import PUBLISHED_SEED, seed_everything
 from conftest import one_line, the_folder
 from test_modules import LENET_FILE
 
@@ -35,7 +40,7 @@ def captured(tmp_path_factory):
     model = user_module(folder / "lenet.py").LeNet()
     for p in model.parameters():
         nn.init.uniform_(p, -0.5, 0.5)
-    (image,), _ = H.load_test_split("mnist-test", [0], str(folder / "nothing"))
+    (image,), _ = load_test_split("mnist-test", [0], str(folder / "nothing"))
     F.cross_entropy(model(image.x), torch.tensor([image.label])).backward()
     torch.save(model.state_dict(), folder / "weights.pt")
     torch.save([p.grad for p in model.parameters()], folder / "list.pt")
@@ -64,7 +69,7 @@ def test_a_captured_gradient_is_attacked_from_the_files_alone(captured, gradient
     assert rgap["label"] == image.label and rgap["psnr"] is None and rgap["label_correct"] is None
     assert entry["rank_deficiency"] == [0, 0, 0]  # full rank: R-GAP gives the image to float rounding
     recon = np.load(run / rgap["npy"])  # within 1e-3 of every pixel: about 90 dB
-    assert np.abs(recon - H.to_image(image.x)).max() < 1e-3
+    assert np.abs(recon - to_image(image.x)).max() < 1e-3
     summary = (run / "summary.md").read_text()
     assert "No target was given" in summary and "not scored" in summary and "[0, 0, 0]" in summary
     assert results["config"]["gradient"] == str(folder / gradient)
@@ -185,7 +190,7 @@ def test_the_api_gives_what_the_command_line_gives(captured, tmp_path):
     cli = np.load(run / results["runs"][0]["attacks"]["rgap"]["npy"])
     api = H.attack(model, folder / "dict.pt", MNIST, attacks=("rgap",))["rgap"]
     assert api.x.shape == (1, *MNIST) and api.label == image.label
-    assert np.array_equal(H.to_image(api.x).astype(np.float32), cli)
+    assert np.array_equal(to_image(api.x).astype(np.float32), cli)
 
 
 def test_the_api_hands_a_label_given_to_every_attack(captured):
@@ -205,31 +210,31 @@ def test_the_api_analyses_as_the_recursion_does(chelsea):
         def forward(self, x):
             return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))
 
-    H.seed_everything(H.PUBLISHED_SEED)
-    module, string = Narrow(), H.build_model("2k3s2p1-tanh,fc-id")
-    grads = H.client_gradient(string, chelsea.x, chelsea.label)
+    seed_everything(PUBLISHED_SEED)
+    module, string = Narrow(), build_model("2k3s2p1-tanh,fc-id")
+    grads = client_gradient(string, chelsea.x, chelsea.label)
     found = H.analyse(module, grads, (3, 32, 32))
-    deficiency = H.rank_deficiency(string, grads)
+    deficiency = rank_deficiency(string, grads)
     assert deficiency[0] < 0 and found["rank_deficiency"] == deficiency and found["unknowns"] == [3072]
-    assert found["security_index"] == H.security_index(deficiency)
-    assert found["worst_layer_fraction"] == H.worst_layer_fraction(deficiency, [3072])
+    assert found["security_index"] == security_index(deficiency)
+    assert found["worst_layer_fraction"] == worst_layer_fraction(deficiency, [3072])
 
 
 def test_the_api_refuses_what_the_attacks_cannot_take(captured):
     _, model, _ = captured
     grads = [p.grad for p in model.parameters()]
-    with pytest.raises(H.UserError, match=r"'body.0.weight' is \(12, 3, 5, 5\), the model's \(12, 1, 5, 5\)"):
+    with pytest.raises(UserError, match=r"'body.0.weight' is \(12, 3, 5, 5\), the model's \(12, 1, 5, 5\)"):
         H.attack(model, [torch.zeros(12, 3, 5, 5), *grads[1:]], MNIST, attacks=("rgap",))
-    with pytest.raises(H.UserError, match="attack 'rgapp'"):
+    with pytest.raises(UserError, match="attack 'rgapp'"):
         H.attack(model, grads, MNIST, attacks=("rgapp",))
     with pytest.raises(TypeError, match="hybrid_iter"):
         H.attack(model, grads, MNIST, hybrid_iter=3)
-    with pytest.raises(H.UserError, match="ReLU is not invertible"):
+    with pytest.raises(UserError, match="ReLU is not invertible"):
         H.attack(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(1352, 10)), grads, MNIST)
 
 
 def test_cifar100_labels_above_9_are_read_from_a_captured_gradient():
-    (image,), _ = H.load_test_split("cifar100-test", [0], "nothing")
+    (image,), _ = load_test_split("cifar100-test", [0], "nothing")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 12, 5, 2, 2), nn.Sigmoid(), nn.Flatten(), nn.Linear(12 * 16 * 16, 100))
     grads = gradient_of(model, image.x, image.label)

@@ -15,7 +15,11 @@ import pytest
 from PIL import Image
 
 import hybrid as H
-import sweeps
+from leakage import sweeps
+from leakage.cli import parse_args
+from leakage.data import fit_image, image_files, load_files, read_image, to_model_space
+from leakage.paper import client_gradient
+from leakage.training import training_data
 from conftest import HUNG_RUNS, QUICK, ROOT, one_line, rows_of, run_script, the_folder
 
 # -- A non-finite number never poisons the record ----------------------------------------
@@ -113,7 +117,7 @@ def test_a_repeated_list_flag_adds_to_the_list(tmp_path, capsys):
 
 def test_jobs_times_threads_beyond_the_cores_is_said(monkeypatch, capsys):
     monkeypatch.setattr(sweeps, "usable_cores", lambda: 2)
-    args, _ = H.parse_args(["--jobs", "2", "--threads", "2"])
+    args, _ = parse_args(["--jobs", "2", "--threads", "2"])
     sweeps.run_settings(args, "output")
     assert "2 workers x 2 threads on 2 usable cores" in capsys.readouterr().err
 
@@ -136,7 +140,7 @@ def test_a_fifo_or_a_device_is_refused_at_once(tmp_path, make, capsys):
 def test_a_fifo_in_a_folder_is_skipped_with_a_warning(tmp_path, capsys):
     Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path / "a.png")
     os.mkfifo(tmp_path / "b.png")
-    assert [p.rsplit("/", 1)[-1] for p in H.image_files([str(tmp_path)])] == ["a.png"]
+    assert [p.rsplit("/", 1)[-1] for p in image_files([str(tmp_path)])] == ["a.png"]
     assert "skipped" in capsys.readouterr().err
 
 
@@ -157,7 +161,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(rgb).save(tmp_path / "phone.jpg", exif=exif, quality=95)
-    upright = H.read_image(str(tmp_path / "phone.jpg"))
+    upright = read_image(str(tmp_path / "phone.jpg"))
     assert upright.shape[:2] == (60, 40)  # turned upright
     assert upright[:30].mean() > 200 and upright[30:].mean() < 50  # white on top
 
@@ -169,9 +173,9 @@ def test_a_large_image_is_read_quickly(tmp_path):
     Image.fromarray(np.stack([np.add.outer(ramp, ramp // 2)] * 3, axis=-1)).save(tmp_path / "big.png",
                                                                                  compress_level=1)
     start = time.monotonic()
-    (image,) = H.load_files([str(tmp_path / "big.png")], 0)
+    (image,) = load_files([str(tmp_path / "big.png")], 0)
     assert time.monotonic() - start < 15 and image.x.shape == (1, 3, 32, 32)
-    small = H.to_model_space(H.fit_image(np.asarray(Image.open(tmp_path / "big.png").convert("RGB"))))
+    small = to_model_space(fit_image(np.asarray(Image.open(tmp_path / "big.png").convert("RGB"))))
     assert float((image.x - small).abs().max()) < 2 / 255  # the picture the full-size resize gives
 
 
@@ -414,7 +418,6 @@ def test_two_quick_ctrl_cs_end_in_one_message(tmp_path):
 TORN_RESULT = """
 import concurrent.futures, multiprocessing, os, signal, struct, sys, time
 sys.path.insert(0, {root!r})
-import sweeps
 
 def send_half_a_result_and_die():
     # what a worker stopped half-way through sending a large result leaves in the pipe
@@ -461,8 +464,8 @@ def test_ctrl_c_while_the_libraries_load_is_quiet():
 
 
 def test_analyse_of_a_diverged_model_is_one_line(monkeypatch, capsys):
-    real = H.client_gradient
-    monkeypatch.setattr(H, "client_gradient", lambda *a: [g * float("nan") for g in real(*a)])
+    real = client_gradient
+    monkeypatch.setattr("leakage.gradients.client_gradient", lambda *a: [g * float("nan") for g in real(*a)])
     assert H.main(["--analyse", "--source", "samples", "--model", "cnn2_c0", "--index", "3"]) == 1
     assert "the client's gradient is not finite" in one_line(capsys.readouterr().err)
 
@@ -470,7 +473,7 @@ def test_analyse_of_a_diverged_model_is_one_line(monkeypatch, capsys):
 def test_analyse_out_of_memory_is_one_line(monkeypatch, capsys):
     def no_memory(*args):
         raise MemoryError()
-    monkeypatch.setattr(H, "rank_deficiency", no_memory)
+    monkeypatch.setattr("leakage.experiment.rank_deficiency", no_memory)
     assert H.main(["--analyse", "--source", "samples", "--model", "cnn2_c0", "--index", "3"]) == 1
     assert "out of memory" in one_line(capsys.readouterr().err)
 
@@ -482,15 +485,15 @@ def test_a_bundled_photograph_given_as_a_file_is_not_trained_on(tmp_path):
     import skimage.data
 
     Image.fromarray(skimage.data.chelsea()).save(tmp_path / "cat.png")
-    (image,) = H.load_files([str(tmp_path / "cat.png")], 3)
-    _, _, described = H.training_data(image, 10, "data")
+    (image,) = load_files([str(tmp_path / "cat.png")], 3)
+    _, _, described = training_data(image, 10, "data")
     assert "chelsea" not in described and "astronaut" in described
 
 
 def test_ctrl_c_before_any_folder_names_none(monkeypatch, tmp_path, capsys):
     def interrupted(exp, analysing):
         raise KeyboardInterrupt
-    monkeypatch.setattr(H, "load_images", interrupted)
+    monkeypatch.setattr("leakage.cli.load_images", interrupted)
     assert H.main([*QUICK, "--model", "cnn2_c0", "--output", str(tmp_path)]) == 130
     line = one_line(capsys.readouterr().err)
     assert "nothing was written" in line and "--resume" not in line and not list(tmp_path.iterdir())

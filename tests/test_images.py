@@ -12,6 +12,10 @@ import pytest
 from PIL import Image
 
 import hybrid as H
+from leakage.console import UserError
+from leakage.data import foolbox_test_set, image_files, load_files, load_test_split
+from leakage.record import file_stem
+from leakage.training import crops_of_test_set
 from conftest import rows_of, run_script
 
 RUN = ["--quick", "--model", "cnn2_c0", "--attacks", "rgap"]
@@ -44,8 +48,8 @@ def test_one_file_given_several_ways_is_one_image(tmp_path, monkeypatch):
     path = write_png(tmp_path / "x.png", 90)
     monkeypatch.chdir(tmp_path)
     spellings = [str(path), "x.png", "./x.png", str(tmp_path / "." / "x.png"), str(tmp_path)]
-    (sample,) = H.load_files(H.image_files(spellings), 2)
-    (again,) = H.load_files(["x.png"], 2)
+    (sample,) = load_files(image_files(spellings), 2)
+    (again,) = load_files(["x.png"], 2)
     assert sample.name == again.name  # stable: a resumed run finds it again
 
 
@@ -54,8 +58,8 @@ def test_names_that_differ_only_in_punctuation_keep_apart(tmp_path):
     a = write_png(tmp_path / "a.png", 10)
     b = tmp_path / "a_png"
     write_png(tmp_path / "b.png", 250).rename(b)
-    samples = H.load_files([str(a), str(b)], 0)
-    stems = {H.file_stem("cnn2_c0", s) for s in samples}
+    samples = load_files([str(a), str(b)], 0)
+    stems = {file_stem("cnn2_c0", s) for s in samples}
     assert len(samples) == 2 and len(stems) == 2
     assert all(set(stem) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for stem in stems)
 
@@ -70,7 +74,7 @@ def twins(tmp_path):
 
 
 def test_16_bit_and_float_images_read_as_their_8_bit_twin(tmp_path):
-    eight, sixteen, floats = H.load_files([str(p) for p in twins(tmp_path)], 0)
+    eight, sixteen, floats = load_files([str(p) for p in twins(tmp_path)], 0)
     assert Image.open(tmp_path / "gray16.png").mode.startswith("I;16")  # the case Pillow's RGB clips
     assert 0.1 < eight.x.mean() + 0.5 < 0.9  # a mid-grey picture, not white or black
     torch_close = lambda a, b: float((a - b).abs().max()) < 1e-6  # noqa: E731
@@ -146,7 +150,7 @@ FOOLBOX_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1, 0, 9, 5, 7, 9, 8, 5, 7, 8, 6]  #
 def test_cifar10_test_ships_its_first_20_images_offline(tmp_path):
     nowhere = tmp_path / "a file"  # a --data that cannot hold CIFAR-10: no download is tried
     nowhere.write_text("")
-    images, where = H.load_test_split("cifar10-test", list(range(20)), str(nowhere))
+    images, where = load_test_split("cifar10-test", list(range(20)), str(nowhere))
     assert where == "foolbox" and [i.name for i in images] == [f"cifar10-test:{i}" for i in range(20)]
     assert [i.label for i in images] == FOOLBOX_LABELS
     for image in images:
@@ -155,8 +159,8 @@ def test_cifar10_test_ships_its_first_20_images_offline(tmp_path):
         assert float((pixels - pixels.round()).abs().max()) < 1e-4  # 8-bit, as stored
         assert -0.5 <= float(image.x.min()) and float(image.x.max()) <= 0.5
     assert len({tuple(i.x.flatten()[:50].tolist()) for i in images}) == 20
-    with pytest.raises(H.UserError, match="only CIFAR-10's test images 0-19 ship without a download"):
-        H.load_test_split("cifar10-test", [20], str(nowhere))
+    with pytest.raises(UserError, match="only CIFAR-10's test images 0-19 ship without a download"):
+        load_test_split("cifar10-test", [20], str(nowhere))
 
 
 def test_a_missing_foolbox_says_what_to_install(monkeypatch):
@@ -165,8 +169,8 @@ def test_a_missing_foolbox_says_what_to_install(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
     monkeypatch.setattr(importlib.metadata, "files", missing)
-    with pytest.raises(H.UserError, match="pip install foolbox"):
-        H.foolbox_test_set("cifar10")
+    with pytest.raises(UserError, match="pip install foolbox"):
+        foolbox_test_set("cifar10")
 
 
 DATA = Path(__file__).resolve().parents[1] / H.DATA_PATH
@@ -177,13 +181,13 @@ def test_foolbox_images_are_torchvisions():
     import torchvision
 
     data = torchvision.datasets.CIFAR10(root=str(DATA), train=False, download=False)
-    for i, (rgb, label) in enumerate(H.foolbox_test_set("cifar10")):
+    for i, (rgb, label) in enumerate(foolbox_test_set("cifar10")):
         assert np.array_equal(np.asarray(data[i][0]), rgb) and data[i][1] == label
 
 
 def test_offline_the_default_attacks_a_cifar10_test_image_and_records_it(tmp_path, monkeypatch, capsys):
     out_of_reach = lambda source, indices, root, download: "CIFAR-10's training set is out of reach"  # noqa: E731
-    monkeypatch.setattr(H, "load_split", out_of_reach)
+    monkeypatch.setattr("leakage.data.load_split", out_of_reach)
     assert H.main(["--quick", "--model", "cnn2_c0", "--attacks", "rgap", "--output", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "attacking CIFAR-10 test image cifar10-test:3 instead" in err
@@ -198,24 +202,24 @@ def test_training_offline_on_cifar10_test_leaves_the_attacked_image_out(monkeypa
     red[..., 0] = 255
     shipped = [(red if i == 3 else np.full((32, 32, 3), 9 * i, np.uint8), label)
                for i, label in enumerate(FOOLBOX_LABELS)]
-    monkeypatch.setattr(H, "foolbox_test_set", lambda name: shipped)
-    monkeypatch.setattr(H, "CROP_POOL", 256)
-    H.test_set_crops.cache_clear()
+    monkeypatch.setattr("leakage.training.foolbox_test_set", lambda name: shipped)
+    monkeypatch.setattr("leakage.training.CROP_POOL", 256)
+    crops_of_test_set.cache_clear()
     try:
         pure_red = lambda x: ((x[:, 0] > 0.49) & (x[:, 1:] < -0.49).all(1)).flatten(1).all(1)  # noqa: E731
-        assert not pure_red(H.test_set_crops("cifar10", 3, 10)[0]).any()
-        assert pure_red(H.test_set_crops("cifar10", 5, 10)[0]).any()
+        assert not pure_red(crops_of_test_set("cifar10", 3, 10)[0]).any()
+        assert pure_red(crops_of_test_set("cifar10", 5, 10)[0]).any()
     finally:
-        H.test_set_crops.cache_clear()
+        crops_of_test_set.cache_clear()
 
 
 def test_the_shipped_test_images_are_writable_so_training_on_them_is_quiet():
     # torch warns (once a process) when a tensor wraps a read-only array, as PIL's are
-    assert all(rgb.flags.writeable for rgb, _ in H.foolbox_test_set("cifar10"))
-    H.test_set_crops.cache_clear()
+    assert all(rgb.flags.writeable for rgb, _ in foolbox_test_set("cifar10"))
+    crops_of_test_set.cache_clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            H.test_set_crops("cifar10", 3, 10)
+            crops_of_test_set("cifar10", 3, 10)
     finally:
-        H.test_set_crops.cache_clear()
+        crops_of_test_set.cache_clear()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import hybrid as H
-import sweeps
+from leakage import sweeps
 from conftest import audited, comparable, fresh_run, rows_of, run_script
 
 GRID = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn3_c4", "--index", "0,3",

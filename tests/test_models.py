@@ -10,19 +10,28 @@ import torch
 import torch.nn as nn
 
 import hybrid as H
+from leakage.activations import ACTIVATIONS
+from leakage.data import load_photographs
+from leakage.models import (
+    MODELS, RANDOM_COST, RANDOM_SYSTEM_MIB, RANDOM_UNKNOWNS, architecture, layer_shapes, parse_architecture,
+    random_architectures, solve_cost, within_random_bound
+)
+from leakage.modules import build_model, expand_models
+from leakage.paper import client_gradient, rank_deficiency, recover_label
+from leakage.runtime import configure_torch
 
 
-@pytest.mark.parametrize("name", list(H.MODELS))
+@pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_builds_and_runs(name, chelsea):
-    model = H.build_model(name)
-    arch = H.architecture(name)
+    model = build_model(name)
+    arch = architecture(name)
     assert len(model.layers) == len(arch.convs) + 1 == len(model.acts)
     assert model.layers[-1].in_features == math.prod(model.shapes[-1])
     assert all((layer.bias is not None) == conv.bias for layer, conv in zip(model.layers, arch.convs))
     out = model(chelsea.x)
     assert out.shape == (1, 10) and torch.isfinite(out).all()
     # the seed rule: building again gives the same weights; another seed, others
-    again, other = H.build_model(name), H.build_model(name, seed=11)
+    again, other = build_model(name), build_model(name, seed=11)
     for p, q, r in zip(model.parameters(), again.parameters(), other.parameters()):
         assert torch.equal(p, q) and not torch.equal(p, r)
 
@@ -85,11 +94,11 @@ def published_model(name):
     return layers, [nn.LeakyReLU(slope) if a == "leaky" else kinds[a]() for a in acts.split()]
 
 
-@pytest.mark.parametrize("name", list(H.MODELS))
+@pytest.mark.parametrize("name", list(MODELS))
 def test_every_zoo_string_rebuilds_its_model_bit_for_bit(name):
     layers, acts = published_model(name)
-    model, from_string = H.build_model(name), H.build_model(H.MODELS[name])
-    assert set(H.MODELS) == set(PUBLISHED_ZOO)
+    model, from_string = build_model(name), build_model(MODELS[name])
+    assert set(MODELS) == set(PUBLISHED_ZOO)
     for built in (model, from_string):
         assert [type(a) for a in built.acts] == [type(a) for a in acts]
         slopes = lambda activations: [getattr(a, "negative_slope", None) for a in activations]  # noqa: E731
@@ -101,10 +110,10 @@ def test_every_zoo_string_rebuilds_its_model_bit_for_bit(name):
 
 def zoo_string_deficiency(text: str) -> list[int]:
     """In a worker: the rank deficiencies of a zoo string's model on chelsea."""
-    H.configure_torch("cpu", 1)
-    (chelsea,) = H.load_photographs([3])
-    model = H.build_model(text)
-    return H.rank_deficiency(model, H.client_gradient(model, chelsea.x, chelsea.label))
+    configure_torch("cpu", 1)
+    (chelsea,) = load_photographs([3])
+    model = build_model(text)
+    return rank_deficiency(model, client_gradient(model, chelsea.x, chelsea.label))
 
 
 @pytest.mark.slow
@@ -113,25 +122,25 @@ def test_every_zoo_string_gives_the_rank_deficiencies_recorded_before_strings():
     minutes of solves on one core: two worker processes share them."""
     study = json.loads((Path(__file__).parents[1] / "assets" / "study_random.json").read_text())
     recorded = {r["model"]: r["rank_deficiency"] for r in study["runs"] if r["image"] == "samples:chelsea"}
-    costliest_first = sorted(H.MODELS, key=lambda name: -H.solve_cost(H.architecture(name))[0])
+    costliest_first = sorted(MODELS, key=lambda name: -solve_cost(architecture(name))[0])
     with ProcessPoolExecutor(2, multiprocessing.get_context("spawn")) as pool:
-        found = dict(zip(costliest_first, pool.map(zoo_string_deficiency, [H.MODELS[m] for m in costliest_first])))
-    assert found == {name: recorded[name] for name in H.MODELS}
+        found = dict(zip(costliest_first, pool.map(zoo_string_deficiency, [MODELS[m] for m in costliest_first])))
+    assert found == {name: recorded[name] for name in MODELS}
 
 
 ODD = ["8k3s1p0b-leaky0.2,4k4s2p1-softplus,fc-sigmoid", "1k5s2p2-id,fc-leaky", "3k3s1p0-leaky0.5,fc-tanh"]
 
 
-@pytest.mark.parametrize("text", [*H.MODELS.values(), *ODD])
+@pytest.mark.parametrize("text", [*MODELS.values(), *ODD])
 def test_architecture_strings_round_trip(text):
-    arch = H.parse_architecture(text)
-    assert str(arch) == text and H.parse_architecture(str(arch)) == arch
-    zoo = [m for m, t in H.MODELS.items() if t == text]  # a zoo model's string runs as the zoo model
-    assert H.expand_models([text]) == (zoo or [text]) and H.build_model(text).shapes == H.layer_shapes(arch)
+    arch = parse_architecture(text)
+    assert str(arch) == text and parse_architecture(str(arch)) == arch
+    zoo = [m for m, t in MODELS.items() if t == text]  # a zoo model's string runs as the zoo model
+    assert expand_models([text]) == (zoo or [text]) and build_model(text).shapes == layer_shapes(arch)
 
 
 def test_a_string_gives_each_layer_what_it_says():
-    model = H.build_model("8k3s1p0b-leaky0.2,4k4s2p1-softplus,fc-sigmoid")
+    model = build_model("8k3s1p0b-leaky0.2,4k4s2p1-softplus,fc-sigmoid")
     conv0, conv1, fc = model.layers
     assert (conv0.in_channels, conv0.out_channels, conv0.kernel_size, conv0.stride, conv0.padding) == (
         3, 8, (3, 3), (1, 1), (0, 0))
@@ -169,20 +178,20 @@ def test_weights_follow_the_published_initialisation():
     torch.manual_seed(10)
     conv = nn.Conv2d(3, 6, 3, 1, 0, bias=False)
     fc = nn.Linear(6 * 30 * 30, 10)
-    model = H.build_model("cnn2_c1")
+    model = build_model("cnn2_c1")
     assert torch.equal(model.layers[0].weight, conv.weight)
     assert torch.equal(model.layers[1].weight, fc.weight) and torch.equal(model.layers[1].bias, fc.bias)
 
 
 def test_activation_slopes_come_from_the_strings():
-    assert all(a.negative_slope == 0.2 for a in H.build_model("cnn6d").acts[:-1])
-    assert all(a.negative_slope == 0.01 for a in H.build_model("lenet").acts[:-1])
-    assert H.build_model("cnn3_c5").layers[-1].in_features == 12 * 15 * 15  # derived, not hard-coded
+    assert all(a.negative_slope == 0.2 for a in build_model("cnn6d").acts[:-1])
+    assert all(a.negative_slope == 0.01 for a in build_model("lenet").acts[:-1])
+    assert build_model("cnn3_c5").layers[-1].in_features == 12 * 15 * 15  # derived, not hard-coded
 
 
 def test_client_gradient_is_the_cross_entropy_gradient(chelsea):
-    model = H.build_model("cnn3_c1")
-    grads = H.client_gradient(model, chelsea.x, chelsea.label)
+    model = build_model("cnn3_c1")
+    grads = client_gradient(model, chelsea.x, chelsea.label)
     assert [g.shape for g in grads] == [p.shape for p in model.parameters()]
     # a finite-difference check of one weight
     p = model.layers[-1].bias
@@ -197,24 +206,24 @@ def test_client_gradient_is_the_cross_entropy_gradient(chelsea):
 
 @pytest.mark.parametrize("name", ["cnn2_c1", "cnn2_c11", "cnn3_c12", "cnn4_c2", "lenet"])
 def test_label_recovery_is_right(name, photographs):
-    model = H.build_model(name)
+    model = build_model(name)
     for sample in photographs:
         for label in {sample.label, (sample.label + 5) % 10}:  # its own label and another
-            assert H.recover_label(H.client_gradient(model, sample.x, label)) == label
+            assert recover_label(client_gradient(model, sample.x, label)) == label
 
 
 def test_random_architectures_are_seeded_distinct_and_within_the_bound():
-    first, again, other = H.random_architectures(12, 7), H.random_architectures(12, 7), H.random_architectures(12, 8)
+    first, again, other = random_architectures(12, 7), random_architectures(12, 7), random_architectures(12, 8)
     assert first == again and first != other and len(set(first)) == 12
-    assert H.expand_models(["random:12@7"]) == first and H.expand_models(["random:3"]) == H.random_architectures(3)
+    assert expand_models(["random:12@7"]) == first and expand_models(["random:3"]) == random_architectures(3)
     for text in first:
-        arch = H.parse_architecture(text)
+        arch = parse_architecture(text)
         assert str(arch) == text and 1 <= len(arch.convs) <= 4 and arch.fc_act in ("id", "tanh", "sigmoid")
         assert all(1 <= c.out <= 32 and 3 <= c.kernel <= 5 and 1 <= c.stride <= 2 and 0 <= c.padding <= 2
-                   and not c.bias and c.act in H.ACTIVATIONS for c in arch.convs)
-        flops, unknowns, mib = H.solve_cost(arch)
-        assert flops <= H.RANDOM_COST and unknowns <= H.RANDOM_UNKNOWNS and mib <= H.RANDOM_SYSTEM_MIB
-    assert not H.within_random_bound(H.architecture("cnn3_c5")) and H.within_random_bound(H.architecture("cnn4_c2"))
+                   and not c.bias and c.act in ACTIVATIONS for c in arch.convs)
+        flops, unknowns, mib = solve_cost(arch)
+        assert flops <= RANDOM_COST and unknowns <= RANDOM_UNKNOWNS and mib <= RANDOM_SYSTEM_MIB
+    assert not within_random_bound(architecture("cnn3_c5")) and within_random_bound(architecture("cnn4_c2"))
 
 
 @pytest.mark.parametrize("value", ["random:0", "random:x", "random:3@"])
@@ -243,4 +252,4 @@ def test_an_architecture_string_runs_end_to_end(tmp_path, capsys):
     ours = [r for r in runs if r["model"] == text]
     assert len(ours) == 4 and all(r["architecture"] == text and set(r["attacks"]) == {"rgap", "hybrid"} for r in ours)
     assert all((merged / r["attacks"]["hybrid"]["npy"]).exists() for r in ours)
-    assert {r["architecture"] for r in runs if r["model"] == "cnn2_c0"} == {H.MODELS["cnn2_c0"]}
+    assert {r["architecture"] for r in runs if r["model"] == "cnn2_c0"} == {MODELS["cnn2_c0"]}

@@ -7,6 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hybrid as H
+from leakage.console import UserError
+from leakage.data import to_image
+from leakage.metrics import score
+from leakage.models import draw_uniform
+from leakage.modules import build_model, load_module, module_model, read_module
+from leakage.paper import client_gradient, recursive_reconstruction
+from leakage.runtime import PUBLISHED_SEED, seed_everything
 
 SHAPE = (3, 32, 32)
 
@@ -42,14 +49,14 @@ class Cnn2C2(nn.Module):
         return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))
 
 
-def built(make, seed=H.PUBLISHED_SEED):
-    H.seed_everything(seed)
+def built(make, seed=PUBLISHED_SEED):
+    seed_everything(seed)
     return make()
 
 
 @pytest.mark.parametrize("make, text", [(LeNet, LENET), (Cnn2C2, "cnn2_c2")])
 def test_a_module_equal_to_a_string_is_that_strings_model(make, text):
-    ours, theirs = H.read_module(built(make), SHAPE), H.build_model(text)
+    ours, theirs = read_module(built(make), SHAPE), build_model(text)
     assert [type(a) for a in ours.acts] == [type(a) for a in theirs.acts] and ours.shapes == theirs.shapes
     assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters()))
     for a, b in zip(ours.layers[:-1], theirs.layers[:-1]):
@@ -57,9 +64,9 @@ def test_a_module_equal_to_a_string_is_that_strings_model(make, text):
 
 
 def test_a_module_equal_to_a_string_gives_its_numbers(chelsea):
-    ours, theirs = H.read_module(built(Cnn2C2), SHAPE), H.build_model("cnn2_c2")
-    grads = [H.client_gradient(m, chelsea.x, chelsea.label) for m in (ours, theirs)]
-    (x1, d1), (x2, d2) = (H.recursive_reconstruction(m, g) for m, g in zip((ours, theirs), grads))
+    ours, theirs = read_module(built(Cnn2C2), SHAPE), build_model("cnn2_c2")
+    grads = [client_gradient(m, chelsea.x, chelsea.label) for m in (ours, theirs)]
+    (x1, d1), (x2, d2) = (recursive_reconstruction(m, g) for m, g in zip((ours, theirs), grads))
     assert d1 == d2 and torch.equal(x1, x2)
 
 
@@ -85,7 +92,7 @@ FLATTENS = [nn.Flatten(), lambda a: torch.flatten(a, 1), lambda a: a.flatten(1),
 @pytest.mark.parametrize("act, kind", ACTS)
 @pytest.mark.parametrize("flatten", FLATTENS)
 def test_every_supported_form_is_read(act, kind, flatten):
-    model = H.read_module(Forms(act, flatten), SHAPE)
+    model = read_module(Forms(act, flatten), SHAPE)
     assert isinstance(model.acts[0], kind) and isinstance(model.acts[1], nn.Identity)
     if kind is nn.Softplus:
         assert model.acts[0].beta in (2.0, 3.0)
@@ -145,22 +152,22 @@ REFUSED = [
 
 @pytest.mark.parametrize("net, why", REFUSED, ids=[w for _, w in REFUSED])
 def test_what_the_attacks_cannot_invert_is_refused_by_name(net, why):
-    with pytest.raises(H.UserError, match=why) as refused:
-        H.read_module(net, SHAPE, "--model m.py:Net")
+    with pytest.raises(UserError, match=why) as refused:
+        read_module(net, SHAPE, "--model m.py:Net")
     assert str(refused.value).startswith("--model m.py:Net: ") and "\n" not in str(refused.value)
 
 
 def test_several_linear_layers_each_read_from_their_own_gradient(chelsea):
     """A full-rank convolution under two biased linear layers: the first linear layer's
     input comes from its own gradient, so R-GAP still recovers the image."""
-    H.seed_everything(0)
+    seed_everything(0)
     net = chain(nn.Conv2d(3, 12, 4, 2, 0), nn.Tanh(), nn.Linear(12 * 15 * 15, 40), nn.Sigmoid(), nn.Linear(40, 10))
-    model = H.read_module(net, SHAPE)
+    model = read_module(net, SHAPE)
     assert model.first_linear == 1 and len(model.layers) == 3
-    grads = H.client_gradient(model, chelsea.x, chelsea.label)
-    x, deficiency = H.recursive_reconstruction(model, grads)
+    grads = client_gradient(model, chelsea.x, chelsea.label)
+    x, deficiency = recursive_reconstruction(model, grads)
     assert deficiency == [0, 0]  # the convolution is determined; a linear layer always is
-    assert H.score(H.to_image(chelsea.x), H.to_image(x))["psnr"] > 60
+    assert score(to_image(chelsea.x), to_image(x))["psnr"] > 60
 
 
 # -- --model PATH.py:NAME, --weights, --init, from the command line --------------------------
@@ -216,16 +223,16 @@ def test_a_module_file_runs_with_the_numbers_of_its_string(lenet_file, tmp_path,
 
 
 def test_the_dlg_initialisation_draws_every_parameter_within_its_bound():
-    model = H.build_model(LENET, shape=(1, 28, 28))
-    H.draw_uniform(model, 0.5, 1)
+    model = build_model(LENET, shape=(1, 28, 28))
+    draw_uniform(model, 0.5, 1)
     values = torch.cat([p.flatten() for p in model.parameters()])
     assert values.abs().max() <= 0.5 and values.abs().max() > 0.49 and values.std() > 0.25
 
 
 def test_weights_from_a_state_dict_are_the_models(lenet_file, tmp_path, capsys):
-    net = H.load_module(f"{lenet_file}:LeNet", 7)
+    net = load_module(f"{lenet_file}:LeNet", 7)
     torch.save(net.state_dict(), tmp_path / "w.pt")
-    model = H.module_model(f"{lenet_file}:LeNet", H.PUBLISHED_SEED, (1, 28, 28), 10, str(tmp_path / "w.pt"))
+    model = module_model(f"{lenet_file}:LeNet", PUBLISHED_SEED, (1, 28, 28), 10, str(tmp_path / "w.pt"))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), net.parameters()))
     state = net.state_dict()
     state["fc.0.weight"] = state["fc.0.weight"][:, :10]

@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 
 import hybrid as H
-import report
-import sweeps
+from leakage import report, sweeps
+from leakage.data import read_image
+from leakage.defences import parse_defence
+from leakage.modules import expand_models, model_stem
+from leakage.record import report_names, rows_in, run_metadata
+from leakage.settings import AttackSettings, Experiment
 from conftest import QUICK, ROOT, one_line, rows_of, the_folder
 
 # -- 1. A figure never pools different defences ---------------------------------------------
@@ -28,8 +32,8 @@ def test_two_dp_specs_of_one_noise_std_are_two_curves_not_one_mean(tmp_path):
     scored = lambda p: {"psnr": p, "ssim": 0.5, "seconds": 1.0, "label": 3, "label_correct": True}  # noqa: E731
     runs = [{"model": "m", "image": "i", "defence": {"spec": s}, "attacks": {"rgap": scored(p)}}
             for s, p in [("none", 31.0), ("dp:1:0.001", 29.9), ("dp:0.001:1", 5.2)]]
-    rows = H.rows_in({"runs": runs})
-    fig = report.plot_defence_vs_quality(rows, tmp_path / "d.png", H.names())
+    rows = rows_in({"runs": runs})
+    fig = report.plot_defence_vs_quality(rows, tmp_path / "d.png", report_names())
     (panel,) = [ax for ax in fig.axes if ax.get_title() == "dp" and ax.get_ylabel() == "PSNR (dB)"]
     drawn = sorted(float(y) for line in panel.lines for y in line.get_ydata())
     assert 17.55 not in [round(y, 2) for y in drawn]  # the mean of the two, which no defence produced
@@ -155,7 +159,7 @@ def test_an_empty_merge_folder_is_refused(capsys, tmp_path, monkeypatch):
 def test_the_comparison_rows_name_their_defence(tmp_path):
     assert H.main([*QUICK, "--model", "cnn2_c4", "--defence", "none", "prune:0.5", "--output", str(tmp_path)]) == 0
     results = json.loads((the_folder(tmp_path) / "results.json").read_text())
-    fig = report.plot_comparison(results["runs"], the_folder(tmp_path), tmp_path / "c.png", H.names())
+    fig = report.plot_comparison(results["runs"], the_folder(tmp_path), tmp_path / "c.png", report_names())
     titles = [sub._suptitle.get_text() for sub in fig.subfigs]
     assert len(set(titles)) == len(titles) == 2 and any("prune:0.5" in t for t in titles)
     assert any("SSIM" in ax.get_xlabel() for ax in fig.axes)
@@ -175,7 +179,7 @@ def test_the_record_reads_versions_without_importing(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torchvision)
-    header = H.run_metadata(H.Experiment(device="cpu"), H.AttackSettings(), H.sweeps.RunSettings(), [])
+    header = run_metadata(Experiment(device="cpu"), AttackSettings(), sweeps.RunSettings(), [])
     assert header["versions"]["torchvision"] and header["versions"]["scikit-image"]
 
 
@@ -330,13 +334,13 @@ def test_a_damaged_cifar10_is_called_damaged_not_missing(tmp_path, monkeypatch, 
 
 
 def test_a_damaged_foolbox_image_costs_its_own_index_and_says_how_to_mend_it(tmp_path, monkeypatch, capsys):
-    real = H.read_image
+    real = read_image
 
     def damaged_fifth(file):
         if re.search(r"cifar10_05_\d\.png$", str(file)):
             raise OSError("broken data stream when reading image file")
         return real(file)
-    monkeypatch.setattr(H, "read_image", damaged_fifth)
+    monkeypatch.setattr("leakage.data.read_image", damaged_fifth)
     args = ["--quick", "--attacks", "rgap", "--model", "cnn2_c0", "--source", "cifar10-test", "--data",
             str(tmp_path / "nothing")]
     assert H.main([*args, "--index", "3", "--output", str(tmp_path / "a")]) == 0
@@ -366,14 +370,14 @@ def test_a_run_on_an_architecture_string_has_a_short_stable_name(tmp_path):
     text = "4k3s1p0-tanh,fc-id"
     assert H.main([*QUICK, "--model", text, "--index", "3", "--output", str(tmp_path)]) == 0
     name = the_folder(tmp_path).name
-    assert "," not in name and name.endswith(H.model_stem(text))
+    assert "," not in name and name.endswith(model_stem(text))
     assert json.loads((the_folder(tmp_path) / "results.json").read_text())["runs"][0]["architecture"] == text
 
 
 def test_the_comparison_names_the_class_of_the_label(tmp_path):
     assert H.main([*QUICK, "--model", "cnn2_c4", "--index", "3", "--output", str(tmp_path)]) == 0
     results = json.loads((the_folder(tmp_path) / "results.json").read_text())
-    fig = report.plot_comparison(results["runs"], the_folder(tmp_path), tmp_path / "c.png", H.names())
+    fig = report.plot_comparison(results["runs"], the_folder(tmp_path), tmp_path / "c.png", report_names())
     assert "label 3 (cat)" in fig.subfigs[0]._suptitle.get_text()
 
 
@@ -470,12 +474,12 @@ def test_spellings_of_one_defence_are_one_cell(tmp_path):
 def test_the_committed_specs_are_their_own_canonical_spelling():
     for path in ["assets/defences_linear_results.json", "assets/defences_linear_bends_results.json"]:
         for spec in json.loads(open(path).read())["config"]["defences"]:
-            assert H.parse_defence(spec).spec == spec
+            assert parse_defence(spec).spec == spec
 
 
 def test_a_zoo_models_string_and_a_slopes_spellings_are_one_model():
-    assert H.expand_models(["cnn2_c1", "6k3s1p0-tanh,fc-id"]) == ["cnn2_c1"]
-    assert H.expand_models(["3k3s1p0-leaky,fc-id", "3k3s1p0-leaky0.01,fc-id", "3k3s1p0-leaky.01,fc-id"]) == [
+    assert expand_models(["cnn2_c1", "6k3s1p0-tanh,fc-id"]) == ["cnn2_c1"]
+    assert expand_models(["3k3s1p0-leaky,fc-id", "3k3s1p0-leaky0.01,fc-id", "3k3s1p0-leaky.01,fc-id"]) == [
         "3k3s1p0-leaky,fc-id"]
 
 

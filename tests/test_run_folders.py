@@ -12,6 +12,11 @@ import pytest
 import torch
 
 import hybrid as H
+from leakage.console import UserError
+from leakage.data import content_hash
+from leakage.modules import hashed_model_file, load_module
+from leakage.paper import worst_layer_fraction
+from leakage.record import rows_in, upgraded
 from conftest import one_line, rows_of, the_folder
 
 MODULE = '''
@@ -96,7 +101,7 @@ def test_merging_resuming_and_reading_a_record_never_import_the_module_it_names(
     assert all(e["security_index"] is not None for e in merged["runs"])  # it needs the ranks alone
     assert "its worst layer's fraction stays unknown" in capsys.readouterr().err  # said, not silent
     assert H.main([*RUN, "--model", "cnn2_c0", "--resume", str(folders[0])]) == 2  # another experiment
-    rows = H.rows_in(json.loads((folders[1] / "results.json").read_text()))
+    rows = rows_in(json.loads((folders[1] / "results.json").read_text()))
     assert len(rows) == 1 and rows[0]["worst_layer_fraction"] is None
     assert not marker.exists()
 
@@ -120,18 +125,18 @@ def test_an_older_module_entry_takes_its_unknowns_from_its_recorded_architecture
     fraction = entry.pop("worst_layer_fraction")
     del entry["unknowns"]
     entry["model"] = "elsewhere/net.py:Net"  # as an older record names it: never read
-    assert H.upgraded(results)["runs"][0]["worst_layer_fraction"] == fraction
+    assert upgraded(results)["runs"][0]["worst_layer_fraction"] == fraction
     entry.pop("worst_layer_fraction")
     entry["architecture"] = "4k5x3s2p2b-sigmoid,fc-id"  # words the grammar does not read: unknown, not guessed
-    assert H.upgraded(results)["runs"][0]["worst_layer_fraction"] is None
+    assert upgraded(results)["runs"][0]["worst_layer_fraction"] is None
 
 
 def test_a_record_states_each_layers_unknowns_and_names_a_module_by_its_content(shard_folders):
     entry = json.loads((shard_folders[0] / "results.json").read_text())["runs"][0]
-    digest = H.content_hash(MODULE.encode())
+    digest = content_hash(MODULE.encode())
     assert entry["model"] == f"net.py:Net@{digest}"  # no folder: the same file from any folder
     assert entry["unknowns"] == [1 * 28 * 28]  # the conv's input: R-GAP's one system
-    assert entry["worst_layer_fraction"] == H.worst_layer_fraction(entry["rank_deficiency"], entry["unknowns"])
+    assert entry["worst_layer_fraction"] == worst_layer_fraction(entry["rank_deficiency"], entry["unknowns"])
 
 
 def test_an_edited_module_file_is_refused_on_resume_and_on_merge(tmp_path, capsys):
@@ -161,19 +166,19 @@ def test_the_same_module_file_from_another_folder_resumes(shard_folders, tmp_pat
 
 def test_a_module_file_edited_during_a_run_is_refused_by_the_next_cell(tmp_path):
     code = module_file(tmp_path / "code")
-    spec = H.hashed_model_file(f"{code}:Net")
-    assert H.load_module(spec, 0)  # as the run began
+    spec = hashed_model_file(f"{code}:Net")
+    assert load_module(spec, 0)  # as the run began
     code.write_text(MODULE + "# edited\n")
-    with pytest.raises(H.UserError, match="has changed since the run began"):
-        H.load_module(spec, 0)
+    with pytest.raises(UserError, match="has changed since the run began"):
+        load_module(spec, 0)
 
 
 def test_an_overwritten_weights_file_is_refused_on_resume_and_on_merge(tmp_path, capsys):
     code = module_file(tmp_path / "code")
     weights = tmp_path / "w.pt"
-    torch.save(H.load_module(f"{code}:Net", 1).state_dict(), weights)
+    torch.save(load_module(f"{code}:Net", 1).state_dict(), weights)
     (first,) = shards(tmp_path, model=code, weights=weights, ks=(0,))
-    torch.save(H.load_module(f"{code}:Net", 2).state_dict(), weights)  # another model's weights, same file
+    torch.save(load_module(f"{code}:Net", 2).state_dict(), weights)  # another model's weights, same file
     assert H.main([*RUN, "--model", f"{code}:Net", "--weights", str(weights), "--shard", "0/2",
                    "--resume", str(first)]) == 2
     assert "its --weights file was w.pt@" in one_line(capsys.readouterr().err)
@@ -184,7 +189,7 @@ def test_an_overwritten_weights_file_is_refused_on_resume_and_on_merge(tmp_path,
                    str(tmp_path / "merged")]) == 2
     assert "its --weights file was w.pt@" in one_line(capsys.readouterr().err)
     (tmp_path / "copy").mkdir()
-    torch.save(H.load_module(f"{code}:Net", 1).state_dict(), tmp_path / "copy" / "w.pt")  # the first, elsewhere
+    torch.save(load_module(f"{code}:Net", 1).state_dict(), tmp_path / "copy" / "w.pt")  # the first, elsewhere
     assert H.main([*RUN, "--model", f"{code}:Net", "--weights", str(tmp_path / "copy" / "w.pt"), "--shard", "0/2",
                    "--resume", str(first)]) == 0
 

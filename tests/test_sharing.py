@@ -10,15 +10,21 @@ import pytest
 import torch
 
 import hybrid as H
+from leakage.experiment import Answer, share_and_attack
+from leakage.modules import build_model
+from leakage.paper import gradient_matching_together, solve_layer
+from leakage.runtime import PUBLISHED_SEED
+from leakage.settings import AttackSettings
+from leakage.solvers import SHARED
 from studies import benchmark_table, projected_study
 
-TINY = dataclasses.replace(H.AttackSettings(), dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
+TINY = dataclasses.replace(AttackSettings(), dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
 LINEAR = ["rgap", "hybrid", "hybrid_free"]
 
 
 def answers(model, image, attacks):
-    return {e.attack: e for e in H.share_and_attack(model, image, attacks, TINY, H.PUBLISHED_SEED, "cpu")
-            if isinstance(e, H.Answer)}
+    return {e.attack: e for e in share_and_attack(model, image, attacks, TINY, PUBLISHED_SEED, "cpu")
+            if isinstance(e, Answer)}
 
 
 @pytest.mark.parametrize("name, derived", [("cnn2_c2", "hybrid"), ("cnn2_c1", "rgap"), ("cnn3_c4", None)])
@@ -26,7 +32,7 @@ def test_shared_steps_give_each_attack_its_own_answer_to_the_bit(chelsea, name, 
     """cnn2_c2 is deficient at its one convolution (hybrid_free corrects it, as the hybrid
     does), cnn2_c1 full rank (it corrects nothing), cnn3_c4 [-2146, 0] (it leaves the top
     layer to R-GAP, then corrects)."""
-    model = H.build_model(name)
+    model = build_model(name)
     together = answers(model, chelsea, LINEAR)
     for attack in LINEAR:
         alone = answers(model, chelsea, [attack])[attack]
@@ -41,24 +47,24 @@ def test_no_step_is_run_twice_within_a_cell(chelsea, monkeypatch):
     """cnn2_c2: R-GAP solves its one layer, the hybrid takes that solve and corrects it,
     hybrid_free takes both: one solve and one correction in all."""
     calls = {"solve": 0, "correct": 0}
-    solve, correct = H.solve_layer, H.gradient_matching_together
+    solve, correct = solve_layer, gradient_matching_together
 
     def counted(kind, f):
         def run(*args, **kwargs):
             calls[kind] += 1
             return f(*args, **kwargs)
         return run
-    monkeypatch.setattr(H, "solve_layer", counted("solve", solve))
-    monkeypatch.setattr(H, "gradient_matching_together", counted("correct", correct))
-    answers(H.build_model("cnn2_c2"), chelsea, LINEAR)
+    monkeypatch.setattr("leakage.paper.solve_layer", counted("solve", solve))
+    monkeypatch.setattr("leakage.paper.gradient_matching_together", counted("correct", correct))
+    answers(build_model("cnn2_c2"), chelsea, LINEAR)
     assert calls == {"solve": 1, "correct": 1}
 
 
 def test_steps_are_not_shared_between_cells(chelsea, photographs):
     """Another image is another gradient: nothing of one cell's steps reaches the next."""
-    model = H.build_model("cnn2_c2")
+    model = build_model("cnn2_c2")
     answers(model, chelsea, ["rgap"])
-    assert H.SHARED.get() is None
+    assert SHARED.get() is None
     first = answers(model, photographs[0], ["hybrid_free"])["hybrid_free"]
     assert "derived_from" not in first.entry
 

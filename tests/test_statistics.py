@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 import hybrid as H
-import report
+from leakage import report
+from leakage.runtime import code_commit
 from conftest import QUICK, the_folder
 
 
@@ -97,7 +98,7 @@ def test_a_run_records_its_commit_and_the_wall_time_of_every_stretch(tmp_path):
     assert H.main([*QUICK, "--model", "cnn2_c1", "--index", "0", "3", "--output", str(tmp_path)]) == 0
     folder = the_folder(tmp_path)
     results = json.loads((folder / "results.json").read_text())
-    assert results["commit"] == H.code_commit()  # None outside a git checkout
+    assert results["commit"] == code_commit()  # None outside a git checkout
     if (Path(H.__file__).parent / ".git").exists():
         assert results["commit"]
     (first,) = results["stretches"]

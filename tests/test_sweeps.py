@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import hybrid as H
-import sweeps
+from leakage import sweeps
+from leakage.console import UserError
+from leakage.data import image_files, load_files, parse_image_indices
 from conftest import comparable, fresh_run, rows_of, run_script
 
 SWEEP = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn2_c4", "--index", "0,3",
@@ -30,14 +32,14 @@ def full_sweep(tmp_path_factory):
     (["1", "4-5"], [1, 4, 5]), (["2,2,1-2"], [2, 1]),
 ])
 def test_index_ranges(text, expected):
-    assert H.parse_image_indices(text) == expected
+    assert parse_image_indices(text) == expected
 
 
 @pytest.mark.parametrize("text", [["a"], ["3-1"], ["-2"], ["1-"], ["1,,2"], ["60000"], ["0-100000000000000"],
                                   ["9" * 5000]])
 def test_bad_index_ranges(text):
-    with pytest.raises(H.UserError, match="--index"):
-        H.parse_image_indices(text)
+    with pytest.raises(UserError, match="--index"):
+        parse_image_indices(text)
 
 
 def test_bad_index_range_on_the_command_line(capsys):
@@ -145,11 +147,11 @@ def test_image_folder(tmp_path):
     for i in range(2):
         Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(tmp_path / f"img{i}.png")
     (tmp_path / "notes.txt").write_text("not an image")
-    names = [s.name for s in H.load_files(H.image_files([str(tmp_path)]), 2)]
+    names = [s.name for s in load_files(image_files([str(tmp_path)]), 2)]
     assert [n.split("@")[0] for n in names] == ["file:img0.png", "file:img1.png"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(H.UserError, match="no image files"):
-        H.image_files([str(tmp_path / "empty")])
+    with pytest.raises(UserError, match="no image files"):
+        image_files([str(tmp_path / "empty")])
 
 
 QUICK_RUN = ["--quick", "--source", "samples", "--model", "cnn2_c0", "--attacks", "rgap"]

@@ -1,0 +1,44 @@
+"""ATTACKS: one row per attack, the paper's, ours and the baselines'."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, TYPE_CHECKING
+
+from leakage.baselines import attack_cosine, attack_dlg, attack_idlg
+from leakage.paper import attack_hybrid, attack_hybrid_free, attack_hybrid_frees, attack_hybrids, attack_rgap
+
+if TYPE_CHECKING:  # annotations alone
+    from leakage.matching import AttackFunction, AttackResult
+
+# -- ATTACKS: one row per attack --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One row of ATTACKS: all that the program knows of an attack. Its order in ATTACKS
+    is the figures' and tables' column order."""
+
+    run: AttackFunction
+    shown: str  # its name in figures, tables and printed lines
+    marker: str  # its matplotlib marker in the figures
+    paper: bool  # one of the paper's comparison: the default --attacks
+    settings: tuple[str, ...] = ()  # the AttackSettings it reads beyond the label: a flag for one needs the attack
+    together: Callable[..., list[AttackResult]] | None = None  # several clients' at once (answers_together)
+
+
+ATTACKS: dict[str, Attack] = {
+    "rgap": Attack(attack_rgap, "R-GAP", "o", paper=True),
+    "dlg": Attack(attack_dlg, "DLG", "v", paper=True, settings=("dlg_iters", "restarts")),
+    "idlg": Attack(attack_idlg, "iDLG", "^", paper=True, settings=("dlg_iters", "restarts")),
+    "cosine": Attack(attack_cosine, "Cosine+TV", "D", paper=True, settings=("cosine_iters", "restarts")),
+    "hybrid": Attack(attack_hybrid, "Hybrid", "s", paper=True,
+                     settings=("hybrid_iters", "hybrid_iters_first", "compile"), together=attack_hybrids),
+    "hybrid_free": Attack(attack_hybrid_free, "Hybrid, free layers", "P", paper=False,
+                          settings=("hybrid_iters", "hybrid_iters_first", "compile", "correct_where"),
+                          together=attack_hybrid_frees),
+}
+
+
+def paper_attacks() -> list[str]:
+    """The default --attacks: the paper's comparison, in ATTACKS' order."""
+    return [name for name, attack in ATTACKS.items() if attack.paper]

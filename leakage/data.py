@@ -166,7 +166,8 @@ def as_pixels(image) -> np.ndarray:
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
-def load_split(source: str, image_indices: list[int], root: str, download: bool = True) -> list[PrivateImage] | str:
+def load_training_split(source: str, image_indices: list[int], root: str,
+                        download: bool = True) -> list[PrivateImage] | str:
     """Images of a training set through torchvision, downloading if needed (and
     `download`), or why they cannot be had."""
     name, _ = dataset_of(source)
@@ -436,7 +437,7 @@ def load_images(exp: Experiment, analysing: bool = False) -> tuple[list[PrivateI
         return load_photographs(exp.image_indices), "samples"
     name, train = dataset_of(exp.source)
     if train:
-        images = load_split(exp.source, exp.image_indices, exp.data, download=not analysing)
+        images = load_training_split(exp.source, exp.image_indices, exp.data, download=not analysing)
         if not isinstance(images, str):
             return images, exp.source
         why = images

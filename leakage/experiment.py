@@ -23,7 +23,7 @@ from leakage.models import architecture, by_layer, draw_uniform, solve_cost
 from leakage.modules import build_model, is_model_file, recorded_model
 from leakage.paper import rank_deficiency, recover_label, security_index, worst_layer_fraction
 from leakage.runtime import seed_everything
-from leakage.solvers import SharedSteps, sharing
+from leakage.solvers import StepMemo, memoised
 from leakage.training import TRAIN_BATCH, train, training_data
 
 if TYPE_CHECKING:  # annotations alone
@@ -144,7 +144,7 @@ def share_and_attack_together(cells: list[tuple[Net, PrivateImage]], attacks: li
 def answers(model: Net, shared: list[torch.Tensor], label: int, attacks: list[str], settings: AttackSettings,
             seed: int) -> Iterator[tuple[str, AttackResult, float]]:
     """Each attack's answer to the shared gradient, reseeded first, with its seconds. The
-    recursion's steps are shared among the attacks (SharedSteps); an attack that ran no step
+    recursion's steps are shared among the attacks (StepMemo); an attack that ran no step
     of its own and answers as an earlier one did, bit for bit, is marked `derived_from` it."""
     for _, name, result, seconds in answers_together([(model, shared, label)], attacks, settings, seed):
         yield name, result, seconds
@@ -158,8 +158,8 @@ def answers_together(clients: list[Client], attacks: list[str], settings: Attack
     """`answers` of several cells (models of one architecture), attack by attack: (the
     client's index, the attack, its result, its seconds). An attack with a `together` form
     answers all of them at once (their seconds shared out evenly, recorded as
-    `batch_size`); the others one client at a time. Each client keeps its own SharedSteps."""
-    steps, done = [SharedSteps() for _ in clients], [{} for _ in clients]
+    `batch_size`); the others one client at a time. Each client keeps its own StepMemo."""
+    steps, done = [StepMemo() for _ in clients], [{} for _ in clients]
 
     def marked(i: int, name: str, result: AttackResult, before: tuple[int, int]) -> AttackResult:
         if steps[i].computed == before[0] and steps[i].taken > before[1]:  # every step it took was another's
@@ -180,7 +180,7 @@ def answers_together(clients: list[Client], attacks: list[str], settings: Attack
                 yield i, name, marked(i, name, result, before[i]), seconds
             continue
         for i, (model, shared, label) in enumerate(clients):
-            with sharing(steps[i]):
+            with memoised(steps[i]):
                 seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
                 before, start = (steps[i].computed, steps[i].taken), time.perf_counter()
                 result = attack.run(model, shared, label, settings)
@@ -325,7 +325,7 @@ def left_to_do(cell: Cell, entry: dict | None) -> Cell | None:
 
 
 def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]) -> Iterator[tuple[Cell, object]]:
-    """Cells of one model and defence (cells_together), each as the client holds its model
+    """Cells of one model and defence (units_of), each as the client holds its model
     (trained first with --train-steps), with its rank deficiencies where the record lacks
     them and R-GAP will not give them; then the experiment on them together: (cell, event)."""
     ready = []
@@ -350,7 +350,7 @@ def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]
         yield ready[i][0], event
 
 
-def cells_together(settings: AttackSettings, cells: list[Cell]) -> list[tuple[Cell, ...]]:
+def units_of(settings: AttackSettings, cells: list[Cell]) -> list[tuple[Cell, ...]]:
     """The cells left, in units worked on together: up to --batch-images cells of one model,
     defence and attacks left, where an attack among them answers several at once (the
     hybrids, without --compile). The first unit of each such group, then the second, and

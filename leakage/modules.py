@@ -242,10 +242,10 @@ def module_layout(model_file: str, shape: tuple[int, int, int]) -> tuple[str, tu
     where the grammar has none: KxK' kernels, softplusB, a hidden fcN), and each layer's
     unknowns. Read once a process."""
     model = read_module(load_module(model_file, PUBLISHED_SEED), shape, f"--model {printable(model_file, 200)}")
-    return describe(model), tuple(math.prod(s) for s in model.shapes[:-1])
+    return architecture_text(model), tuple(math.prod(s) for s in model.shapes[:-1])
 
 
-def describe(model: Net) -> str:
+def architecture_text(model: Net) -> str:
     """A Net in the architecture grammar's words (the grammar's own string where it is one)."""
     def pair(values: tuple) -> str:
         return str(values[0]) if values[0] == values[1] else "x".join(map(str, values))

@@ -20,13 +20,13 @@ from leakage.defences import surviving
 from leakage.matching import AttackResult, dummy_gradient
 from leakage.models import by_layer, gradients_from
 from leakage.solvers import (
-    MISSING, digest, gram_solution, kept_step, shared_step, sharing, solve_min_norm, step_key, taken_step
+    MISSING, digest, gram_solution, kept_step, memo_step, memoised, solve_min_norm, step_key, taken_step
 )
 
 if TYPE_CHECKING:  # annotations alone
     from leakage.models import Net
     from leakage.settings import AttackSettings
-    from leakage.solvers import SharedSteps
+    from leakage.solvers import StepMemo
 
 # =============================================================================
 # The client's gradient: the only code that sees the private image (or, with --gradient,
@@ -275,7 +275,7 @@ def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tenso
                        None if known is None else by_layer(model, known)[layer][0])
 
 
-Where = Callable[[list[int]], bool]  # the deficiencies of layers l, l+1, ... -> correct layer l?
+CorrectionRule = Callable[[list[int]], bool]  # the deficiencies of layers l, l+1, ... -> correct layer l?
 # (the clients' indices, their systems, their x_hats) -> the x each passes down (hybrids)
 Corrections = Callable[[list[int], list[LayerSystem], list[torch.Tensor]], list[torch.Tensor]]
 
@@ -292,16 +292,16 @@ def recursive_reconstruction(model: Net, grads: list[torch.Tensor], verbose: boo
 
 
 def recursive_reconstructions(models: list[Net], grads: list[list[torch.Tensor]], correct: Corrections | None = None,
-                              verbose: bool = False, where: Where | None = None,
+                              verbose: bool = False, rule: CorrectionRule | None = None,
                               known: list[list[torch.Tensor] | None] | None = None,
-                              steps: list[SharedSteps | None] | None = None) -> list[tuple[torch.Tensor, list[int]]]:
+                              steps: list[StepMemo | None] | None = None) -> list[tuple[torch.Tensor, list[int]]]:
     """recursive_reconstruction of several clients' gradients (models of one architecture)
     in step, layer by layer: at each layer every client's solve, one after another, within
-    its own SharedSteps (`steps`; None: the current ones). `correct` (the hybrid's gradient
+    its own StepMemo (`steps`; None: the current ones). `correct` (the hybrid's gradient
     matching) may then replace the least-squares solutions before they are passed down, in
     one call for the clients that make a correction there: correct(their indices, systems,
     x_hats). A client corrects at every layer, or only at the layers l where
-    `where(deficiency[l:])` holds of its ranks (the recursion runs from the top, so layer
+    `rule(deficiency[l:])` holds of its ranks (the recursion runs from the top, so layer
     l's and the deficiencies above it are known by then)."""
     n, n_layers, top = len(models), len(models[0].layers), models[0].first_linear
     grads = [[g.detach().double().cpu() for g in client] for client in grads]  # in float64 on the CPU
@@ -316,9 +316,9 @@ def recursive_reconstructions(models: list[Net], grads: list[list[torch.Tensor]]
     for layer in progress(range(top - 1, -1, -1), "layers"):
         systems = []
         for i, model in enumerate(models):
-            with sharing(steps[i]):
+            with memoised(steps[i]):
                 inputs = ("solve", layer, a_hat[i], dl_da[i], known[i] is not None)
-                system, x_hat, rank, dl_da[i], size = shared_step(inputs, functools.partial(
+                system, x_hat, rank, dl_da[i], size = memo_step(inputs, functools.partial(
                     solve_layer, model, layer, a_hat[i], dl_da[i], grads[i], known[i]))
             systems.append(system)
             deficiency[i][layer] = rank - size[1]
@@ -326,7 +326,7 @@ def recursive_reconstructions(models: list[Net], grads: list[list[torch.Tensor]]
             if verbose:
                 say(f"  layer {layer}: {size[0]} equations, {size[1]} unknowns, rank {rank}, "
                     f"deficiency {deficiency[i][layer]}")
-        todo = [i for i in range(n) if correct is not None and (where is None or where(deficiency[i][layer:]))]
+        todo = [i for i in range(n) if correct is not None and (rule is None or rule(deficiency[i][layer:]))]
         if todo:
             for i, x in zip(todo, correct(todo, [systems[i] for i in todo], [a_hat[i] for i in todo])):
                 a_hat[i] = x.double().cpu()
@@ -645,17 +645,17 @@ def compiled_grad_and_value() -> Callable:
 
 
 def hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings,
-           where: Where | None = None) -> AttackResult:
+           rule: CorrectionRule | None = None) -> AttackResult:
     """R-GAP's recursion with each convolution's least-squares solution corrected by
     gradient matching before it is passed down: at every layer (the paper's hybrid), or at
-    those where `where` holds of the ranks (hybrid_free, which records the layers it corrected)."""
-    return hybrids([model], [grads], [label], settings, where)[0]
+    those where `rule` holds of the ranks (hybrid_free, which records the layers it corrected)."""
+    return hybrids([model], [grads], [label], settings, rule)[0]
 
 
 def hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int], settings: AttackSettings,
-            where: Where | None = None, steps: list[SharedSteps | None] | None = None) -> list[AttackResult]:
+            rule: CorrectionRule | None = None, steps: list[StepMemo | None] | None = None) -> list[AttackResult]:
     """`hybrid` on several clients' gradients (models of one architecture) in step: their
-    recursions layer by layer, each within its own SharedSteps (`steps`), and the
+    recursions layer by layer, each within its own StepMemo (`steps`), and the
     corrections at a layer gradient-matched together (gradient_matching_together)."""
     steps = steps or [None] * len(models)
     corrected: list[list[int]] = [[] for _ in models]
@@ -665,7 +665,7 @@ def hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int
         keys, found = [], []
         for i, system, x_hat in zip(todo, systems, x_hats):
             corrected[i].append(system.layer)
-            with sharing(steps[i]):  # a correction met before in this client's cell is taken, not made again
+            with memoised(steps[i]):  # a correction met before in this client's cell is taken, not made again
                 keys.append(step_key(("correct", system.layer, x_hat, labels[i], method)))
                 found.append(taken_step(keys[-1]))
         run = [j for j, value in enumerate(found) if value is MISSING]
@@ -673,13 +673,13 @@ def hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int
             [models[todo[j]] for j in run], [systems[j] for j in run], [x_hats[j] for j in run],
             grads=[grads[todo[j]] for j in run], labels=[labels[todo[j]] for j in run], settings=settings)
         for j, x in zip(run, matched):
-            with sharing(steps[todo[j]]):
+            with memoised(steps[todo[j]]):
                 found[j] = kept_step(keys[j], x)
         return found
-    reconstructions = recursive_reconstructions(models, grads, correct, settings.verbose, where,
+    reconstructions = recursive_reconstructions(models, grads, correct, settings.verbose, rule,
                                                 [known_entries(g, settings) for g in grads], steps)
     return [AttackResult(x.to(g[0].device), label,
-                         {"rank_deficiency": deficiency} | ({} if where is None else {"corrected_layers": sorted(c)}))
+                         {"rank_deficiency": deficiency} | ({} if rule is None else {"corrected_layers": sorted(c)}))
             for (x, deficiency), c, g, label in zip(reconstructions, corrected, grads, labels)]
 
 
@@ -689,7 +689,7 @@ def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: A
 
 
 def attack_hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int], settings: AttackSettings,
-                   steps: list[SharedSteps]) -> list[AttackResult]:
+                   steps: list[StepMemo]) -> list[AttackResult]:
     """attack_hybrid on several clients together."""
     return hybrids(models, grads, labels, settings, steps=steps)
 
@@ -702,7 +702,7 @@ def attack_hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: l
 # rule reads the ranks alone, which the attacker has without the image: it stays inside the
 # threat model.
 
-CORRECT_WHERE: dict[str, Where] = {
+CORRECTION_RULES: dict[str, CorrectionRule] = {
     "free-at-or-above": lambda deficiency: any(r < 0 for r in deficiency),  # layer l or one above it
     "free-here": lambda deficiency: deficiency[0] < 0,  # layer l itself
 }
@@ -711,10 +711,10 @@ CORRECT_WHERE: dict[str, Where] = {
 def attack_hybrid_free(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
     """The hybrid, correcting a convolution only where settings.correct_where says the
     systems leave it freedom; elsewhere R-GAP's least-squares solution is passed down."""
-    return hybrid(model, grads, label, settings, CORRECT_WHERE[settings.correct_where])
+    return hybrid(model, grads, label, settings, CORRECTION_RULES[settings.correct_where])
 
 
 def attack_hybrid_frees(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int],
-                        settings: AttackSettings, steps: list[SharedSteps]) -> list[AttackResult]:
+                        settings: AttackSettings, steps: list[StepMemo]) -> list[AttackResult]:
     """attack_hybrid_free on several clients together."""
-    return hybrids(models, grads, labels, settings, CORRECT_WHERE[settings.correct_where], steps)
+    return hybrids(models, grads, labels, settings, CORRECTION_RULES[settings.correct_where], steps)

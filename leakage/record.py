@@ -22,7 +22,7 @@ from leakage.console import UserError, printable, say, warn
 from leakage.data import CIFAR10_CLASSES, DATASETS, PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, dataset_of, to_image
 from leakage.defences import DEFENCES, NO_DEFENCE, parse_defence
 from leakage.experiment import (
-    Cell, Defended, RankAnalysis, Skipped, Training, cell_key, cells_together, entry_key, left_to_do, run_cells
+    Cell, Defended, RankAnalysis, Skipped, Training, cell_key, units_of, entry_key, left_to_do, run_cells
 )
 from leakage.models import MODELS, architecture, layer_shapes
 from leakage.modules import (
@@ -381,4 +381,4 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), cells, left_to_do,
                         functools.partial(run_cells, exp, settings), record_event, finish,
                         functools.partial(configure_process, exp.device, run.threads, settings.verbose),
-                        functools.partial(cells_together, settings))
+                        functools.partial(units_of, settings))

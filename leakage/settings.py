@@ -10,7 +10,7 @@ from leakage.attacks import ATTACKS, paper_attacks
 from leakage.data import DEFAULT_SOURCE, PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, SOURCES
 from leakage.defences import DEFENCES
 from leakage.models import init_value
-from leakage.paper import CORRECT_WHERE
+from leakage.paper import CORRECTION_RULES
 from leakage.runtime import PUBLISHED_SEED
 
 # The settings, each declared once as a field and its flag (flags.setting): its default, its
@@ -53,7 +53,7 @@ class AttackSettings:
     correct_where: str = flags.setting(
         "free-at-or-above", "hybrid_free: correct layer l where it or a layer above is rank-deficient "
         "(free-at-or-above, the default), or where layer l itself is (free-here)",
-        choices=lambda: list(CORRECT_WHERE), meta=ATTACKING)
+        choices=lambda: list(CORRECTION_RULES), meta=ATTACKING)
     verbose: bool = flags.setting(False, "per-layer details", "-v", "--verbose", action="store_true")
     # What the attacker knows of the client's defence, set by the experiment, not a flag:
     # under pruning, the shared gradient's exact zeros are missing entries (known_entries).

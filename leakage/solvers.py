@@ -208,7 +208,7 @@ def gram_solution(system: LayerSystem, conv: nn.Conv2d, forward: ForwardMap,
 # twice, and its numbers are those of running it again, to the bit.
 
 
-class SharedSteps:
+class StepMemo:
     """The steps of one cell's attacks, by their inputs: each step's value; `computed` counts
     the steps run, `taken` those taken again."""
 
@@ -217,7 +217,7 @@ class SharedSteps:
         self.computed = self.taken = 0
 
 
-SHARED: contextvars.ContextVar[SharedSteps | None] = contextvars.ContextVar("shared_steps", default=None)
+MEMO: contextvars.ContextVar[StepMemo | None] = contextvars.ContextVar("shared_steps", default=None)
 
 
 def digest(value: object) -> object:
@@ -228,7 +228,7 @@ def digest(value: object) -> object:
     return hashlib.sha1(f"{tuple(t.shape)}{t.dtype}".encode() + t.numpy().tobytes()).hexdigest()
 
 
-def shared_step(inputs: tuple, compute: Callable[[], object]) -> object:
+def memo_step(inputs: tuple, compute: Callable[[], object]) -> object:
     """`compute()`, or, within a cell, its value the first time these `inputs` were met (the
     tensors among them hashed only within a cell)."""
     key = step_key(inputs)
@@ -240,13 +240,13 @@ MISSING = object()  # a step not met before
 
 
 def step_key(inputs: tuple) -> tuple | None:
-    """A step's key within the current cell's SharedSteps; None outside a cell."""
-    return None if SHARED.get() is None else tuple(digest(v) for v in inputs)
+    """A step's key within the current cell's StepMemo; None outside a cell."""
+    return None if MEMO.get() is None else tuple(digest(v) for v in inputs)
 
 
 def taken_step(key: tuple | None) -> object:
     """The step's value from the first time it was met, or MISSING."""
-    shared = SHARED.get()
+    shared = MEMO.get()
     if key is None or key not in shared.steps:
         return MISSING
     shared.taken += 1
@@ -256,20 +256,20 @@ def taken_step(key: tuple | None) -> object:
 def kept_step(key: tuple | None, value: object) -> object:
     """`value`, kept as the step's within the current cell."""
     if key is not None:
-        SHARED.get().computed += 1
-        SHARED.get().steps[key] = value
+        MEMO.get().computed += 1
+        MEMO.get().steps[key] = value
     return value
 
 
 @contextlib.contextmanager
-def sharing(steps: SharedSteps | None) -> Iterator[None]:
+def memoised(steps: StepMemo | None) -> Iterator[None]:
     """Within it, the steps met are `steps`' (None: the current cell's, whatever they are).
     Clients attacked together (recursive_reconstructions) each keep their own."""
     if steps is None:
         yield
         return
-    token = SHARED.set(steps)
+    token = MEMO.set(steps)
     try:
         yield
     finally:
-        SHARED.reset(token)
+        MEMO.reset(token)

@@ -200,7 +200,7 @@ class Sweep:
     together: Callable[[list], list[tuple]] = lambda cells: [(cell,) for cell in cells]  # the cells left -> units
 
 
-def describe(key: tuple) -> str:
+def key_text(key: tuple) -> str:
     return " on ".join(map(str, key))
 
 
@@ -351,7 +351,7 @@ def read_record(path: Path, record: Record) -> dict:
     results = record.upgrade(results)
     twice = next((k for k, n in Counter(record.key(e) for e in results["runs"]).items() if n > 1), None)
     if twice is not None:
-        raise NotARecord(f"holds {describe(twice)} twice; {record.program} writes each of its {record.cells_are} once")
+        raise NotARecord(f"holds {key_text(twice)} twice; {record.program} writes each of its {record.cells_are} once")
     return results
 
 
@@ -442,7 +442,7 @@ def check_resumable(sweep: Sweep, path: Path) -> tuple[dict, dict | None]:
                         f"its command was: {old.get('command')}")
     cells, recorded = {u.key for u in sweep.cells}, read_grid(path, sweep.record)
     held = [*(recorded or {}), *(sweep.record.key(e) for e in old["runs"])]  # the grid's and the record's own
-    strangers = [describe(key) for key in dict.fromkeys(held) if key not in cells]
+    strangers = [key_text(key) for key in dict.fromkeys(held) if key not in cells]
     if strangers:  # the same command, other inputs: a file changed since (its hash), or an older program's names
         raise UserError(f"--resume {path}: it holds inputs that this command does not name ({', '.join(strangers[:3])}"
                         f"{', ...' if len(strangers) > 3 else ''}); was an image file changed since?")
@@ -464,9 +464,9 @@ def open_folder(sweep: Sweep, path: Path, resume: bool) -> RunFolder:
     for key, entry in list(folder.entries.items()):
         own, parts = damaged_files(path, entry, sweep.record)
         for name in own:
-            warn(f"{name} is missing or damaged: {describe(key)} is done again from the start")
+            warn(f"{name} is missing or damaged: {key_text(key)} is done again from the start")
         for part, names in parts.items():
-            warn(f"{names[0]} is missing or damaged: {part} on {describe(key)} is done again")
+            warn(f"{names[0]} is missing or damaged: {part} on {key_text(key)} is done again")
         if own:
             folder.results["runs"].remove(entry)
             del folder.entries[key]
@@ -575,7 +575,7 @@ def run(sweep: Sweep, settings: RunSettings) -> None:
             folder.write_table()
             sweep.finish(folder)
         if failed:
-            raise CellsFailed("; ".join(f"{describe(key)}: {why}" for key, why in failed.items()))
+            raise CellsFailed("; ".join(f"{key_text(key)}: {why}" for key, why in failed.items()))
     except BaseException as e:
         e.run_folder = path
         raise
@@ -800,7 +800,7 @@ def merge(folders: list[str], record: Record, output: str, finish: Callable[[Run
         missing = [k for k, parts in (grid or {}).items() if k not in entries or not set(parts) <= done(entries[k])]
         if missing and not partial:
             raise UserError(f"--merge: {len(missing)} of the experiment's {len(grid)} {record.cells_are} are missing "
-                            f"({', '.join(describe(k) for k in missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                            f"({', '.join(key_text(k) for k in missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                             "--partial merges what there is")
         path = new_run_folder(output, "merged")
         try:

@@ -27,12 +27,20 @@ MODELS = ["cnn2_c2", "cnn3_c1", "cnn4_c2", "cnn4_c3", "cnn6d", "lenet"]
 
 
 def load_old(path: str):
-    """The older hybrid.py as a module of its own (its report and sweeps are this checkout's)."""
+    """The older hybrid.py as a module of its own, with what it imports from its own folder
+    (before the rooms, its report.py and sweeps.py; after, its leakage/, which this
+    checkout's would shadow: such a commit is compared by studies/benchmark.sh instead)."""
     if not Path(path).is_file():
         raise Refused(f"{path} is not a file: give the older commit's hybrid.py")
+    if (Path(path).parent / "leakage").is_dir():
+        raise Refused(f"{path} is of a commit with leakage/: compare it with studies/benchmark.sh")
     spec = importlib.util.spec_from_file_location("hybrid_old", path)
     module = sys.modules["hybrid_old"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(Path(path).resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
     return module
 
 

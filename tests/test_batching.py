@@ -13,7 +13,7 @@ import hybrid as H
 from leakage.activations import activation_derivative
 from leakage.data import PrivateImage
 from leakage.defences import NO_DEFENCE, defend, parse_defence, surviving
-from leakage.experiment import Cell, answers, answers_together, cells_together, score_answer
+from leakage.experiment import Cell, answers, answers_together, units_of, score_answer
 from leakage.models import gradients_from
 from leakage.modules import build_model
 from leakage.paper import (
@@ -120,7 +120,7 @@ def test_cells_group_by_model_defence_and_attacks():
     cells = [Cell(m, image, LINEAR, False, d) for image in images for m in ("cnn2_c2", "cnn4_c2")
              for d in (NO_DEFENCE, prune)]
     cells[0] = cells[0]._replace(attacks=["hybrid"])  # a resumed cell with less left is grouped apart
-    units = cells_together(dataclasses.replace(TINY, batch_images=4), cells)
+    units = units_of(dataclasses.replace(TINY, batch_images=4), cells)
     named = [(u[0].model, u[0].defence.spec, [c.image.name[4:] for c in u]) for u in units]
     assert named == [("cnn4_c2", "none", ["0", "1", "2", "3"]), ("cnn4_c2", "prune:0.5", ["0", "1", "2", "3"]),
                      ("cnn2_c2", "none", ["0"]), ("cnn2_c2", "prune:0.5", ["0", "1", "2", "3"]),
@@ -128,9 +128,9 @@ def test_cells_group_by_model_defence_and_attacks():
                      ("cnn4_c2", "none", ["4"]), ("cnn4_c2", "prune:0.5", ["4"]), ("cnn2_c2", "prune:0.5", ["4"])]
     assert all(len({(c.model, c.defence.spec, tuple(c.attacks)) for c in u}) == 1 for u in units)
     for settings in (dataclasses.replace(TINY, batch_images=1), dataclasses.replace(TINY, compile=True)):
-        assert cells_together(settings, cells) == [(c,) for c in cells]
+        assert units_of(settings, cells) == [(c,) for c in cells]
     rgap_only = [c._replace(attacks=["rgap", "dlg"]) for c in cells]
-    assert cells_together(TINY, rgap_only) == [(c,) for c in rgap_only]
+    assert units_of(TINY, rgap_only) == [(c,) for c in rgap_only]
 
 
 @pytest.mark.slow

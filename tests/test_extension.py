@@ -14,7 +14,7 @@ from leakage.attacks import ATTACKS, Attack
 from leakage.data import to_image
 from leakage.metrics import score
 from leakage.models import architecture, random_architectures
-from leakage.modules import build_model, describe, read_module
+from leakage.modules import build_model, architecture_text, read_module
 from leakage.paper import client_gradient
 from leakage.settings import AttackSettings
 from leakage.cli import build_parser
@@ -142,7 +142,7 @@ def test_a_new_activation_is_one_row_from_a_string_and_from_a_module(chelsea, mo
     architecture.cache_clear()
     try:
         string = build_model("6k3s1p0-asinh,fc-id")  # cnn2_c1's architecture, full rank
-        assert isinstance(string.acts[0], Asinh) and describe(string) == "6k3s1p0-asinh,fc-id"
+        assert isinstance(string.acts[0], Asinh) and architecture_text(string) == "6k3s1p0-asinh,fc-id"
         assert rgap_psnr(string, chelsea) > 60  # exact: the row's inverse and derivative are used
         module = read_module(FunctionalAsinh(), (3, 32, 32))
         assert isinstance(module.acts[0], Asinh)

@@ -187,7 +187,7 @@ def test_foolbox_images_are_torchvisions():
 
 def test_offline_the_default_attacks_a_cifar10_test_image_and_records_it(tmp_path, monkeypatch, capsys):
     out_of_reach = lambda source, indices, root, download: "CIFAR-10's training set is out of reach"  # noqa: E731
-    monkeypatch.setattr("leakage.data.load_split", out_of_reach)
+    monkeypatch.setattr("leakage.data.load_training_split", out_of_reach)
     assert H.main(["--quick", "--model", "cnn2_c0", "--attacks", "rgap", "--output", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "attacking CIFAR-10 test image cifar10-test:3 instead" in err

@@ -3,9 +3,13 @@ hybrid.py is the entry point: no library module imports it (run as __main__, a s
 would give a --jobs run two copies of every table and class), the rooms import each other
 without a cycle, and no file outgrows a reader."""
 import ast
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = sorted((ROOT / "leakage").glob("*.py"))
@@ -66,3 +70,21 @@ def test_each_room_imports_alone_and_says_what_it_holds():
     out = subprocess.run([sys.executable, "-c", "; ".join(f"import leakage.{p.stem}" for p in ROOMS[::-1])],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+def test_the_project_installs_and_imports_from_any_folder(tmp_path):
+    """pip builds it (pyproject.toml): the wheel holds hybrid.py and every room, and from
+    outside the checkout, with the wheel alone on the path, `import hybrid` gives the API."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "hybrid.py" in names and {f"leakage/{p.name}" for p in ROOMS} <= names
+    script = "import hybrid; print(hybrid.__file__, hybrid.attack.__module__, hybrid.analyse.__module__)"
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(wheel)})
+    assert out.returncode == 0, out.stderr
+    where, *api = out.stdout.split()
+    assert where.startswith(str(wheel)) and api == ["leakage.api", "leakage.api"]

@@ -15,7 +15,7 @@ from leakage.modules import build_model
 from leakage.paper import gradient_matching_together, solve_layer
 from leakage.runtime import PUBLISHED_SEED
 from leakage.settings import AttackSettings
-from leakage.solvers import SHARED
+from leakage.solvers import MEMO
 from studies import benchmark_table, projected_study
 
 TINY = dataclasses.replace(AttackSettings(), dlg_iters=1, cosine_iters=10, hybrid_iters=4, hybrid_iters_first=10)
@@ -64,7 +64,7 @@ def test_steps_are_not_shared_between_cells(chelsea, photographs):
     """Another image is another gradient: nothing of one cell's steps reaches the next."""
     model = build_model("cnn2_c2")
     answers(model, chelsea, ["rgap"])
-    assert SHARED.get() is None
+    assert MEMO.get() is None
     first = answers(model, photographs[0], ["hybrid_free"])["hybrid_free"]
     assert "derived_from" not in first.entry
 

@@ -55,7 +55,7 @@ def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: t
     method = AttackSettings(**settings)  # an unknown setting is a TypeError naming it
     net, shared = read_inputs(model, gradient, input_shape)
     used = recover_label(shared) if label is None else int(label)
-    return {name: result for name, result, _ in answers(net, shared, used, list(attacks), method, seed)}
+    return {name: result for _, name, result, _ in answers([(net, shared, used)], list(attacks), method, seed)}
 
 
 def analyse(model: nn.Module, gradient: list | tuple | dict | str, input_shape: tuple[int, int, int]) -> dict:

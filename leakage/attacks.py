@@ -5,10 +5,14 @@ from dataclasses import dataclass
 from typing import Callable, TYPE_CHECKING
 
 from leakage.baselines import attack_cosine, attack_dlg, attack_idlg
-from leakage.paper import attack_hybrid, attack_hybrid_free, attack_hybrid_frees, attack_hybrids, attack_rgap
+from leakage.paper import attack_hybrid, attack_hybrid_free, attack_rgap
 
 if TYPE_CHECKING:  # annotations alone
+    import torch
+
     from leakage.matching import AttackFunction, AttackResult
+    from leakage.models import Net
+    from leakage.settings import AttackSettings
 
 # -- ATTACKS: one row per attack --------------------------------------------------------
 
@@ -23,7 +27,15 @@ class Attack:
     marker: str  # its matplotlib marker in the figures
     paper: bool  # one of the paper's comparison: the default --attacks
     settings: tuple[str, ...] = ()  # the AttackSettings it reads beyond the label: a flag for one needs the attack
-    together: Callable[..., list[AttackResult]] | None = None  # several clients' at once (answers_together)
+    together: Callable[..., list[AttackResult]] | None = None  # several clients' at once (experiment.answers)
+
+
+def one_client(together: Callable[..., list[AttackResult]]) -> AttackFunction:
+    """An attack's own signature, from its form on several clients: one client is a batch
+    of one, in the StepMemo of the cell that runs it."""
+    def run(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+        return together([model], [grads], [label], settings, [None])[0]
+    return run
 
 
 ATTACKS: dict[str, Attack] = {
@@ -31,11 +43,11 @@ ATTACKS: dict[str, Attack] = {
     "dlg": Attack(attack_dlg, "DLG", "v", paper=True, settings=("dlg_iters", "restarts")),
     "idlg": Attack(attack_idlg, "iDLG", "^", paper=True, settings=("dlg_iters", "restarts")),
     "cosine": Attack(attack_cosine, "Cosine+TV", "D", paper=True, settings=("cosine_iters", "restarts")),
-    "hybrid": Attack(attack_hybrid, "Hybrid", "s", paper=True,
-                     settings=("hybrid_iters", "hybrid_iters_first", "compile"), together=attack_hybrids),
-    "hybrid_free": Attack(attack_hybrid_free, "Hybrid, free layers", "P", paper=False,
+    "hybrid": Attack(one_client(attack_hybrid), "Hybrid", "s", paper=True,
+                     settings=("hybrid_iters", "hybrid_iters_first", "compile"), together=attack_hybrid),
+    "hybrid_free": Attack(one_client(attack_hybrid_free), "Hybrid, free layers", "P", paper=False,
                           settings=("hybrid_iters", "hybrid_iters_first", "compile", "correct_where"),
-                          together=attack_hybrid_frees),
+                          together=attack_hybrid_free),
 }
 
 

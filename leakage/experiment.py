@@ -104,25 +104,15 @@ def score_answer(name: str, result: AttackResult, seconds: float, image: Private
     return Answer(name, entry, recon)
 
 
-def share_and_attack(model: Net, image: PrivateImage, attacks: list[str], settings: AttackSettings, seed: int,
-                     device: str, defence: Defence = NO_DEFENCE,
-                     analyse_defence: bool = True) -> Iterator[Defended | Answer]:
-    """The paper's experiment on one cell (model, image, defence): the client shares its gradient,
-    defended, and each attack answers from what was shared alone, reseeded first. Yields
-    what the defence did (under pruning with the ranks of the surviving equations, unless
-    analyse_defence is False), then each attack's Answer as it finishes (R-GAP's carries
-    the rank deficiencies of its recursion)."""
-    for _, event in share_and_attack_together([(model, image)], attacks, settings, seed, device, defence,
-                                              [analyse_defence]):
-        yield event
-
-
-def share_and_attack_together(cells: list[tuple[Net, PrivateImage]], attacks: list[str], settings: AttackSettings,
-                              seed: int, device: str, defence: Defence = NO_DEFENCE,
-                              analyse_defence: list[bool] | None = None) -> Iterator[tuple[int, Defended | Answer]]:
-    """share_and_attack on several (model, image) of one architecture under one defence
-    (analyse_defence per cell): (the cell's index, its event). The attacks answer them
-    together (answers_together)."""
+def share_and_attack(cells: list[tuple[Net, PrivateImage]], attacks: list[str], settings: AttackSettings,
+                     seed: int, device: str, defence: Defence = NO_DEFENCE,
+                     analyse_defence: list[bool] | None = None) -> Iterator[tuple[int, Defended | Answer]]:
+    """The paper's experiment on cells (model, image) of one architecture under one defence
+    (one cell is a batch of one): each client shares its gradient, defended, and each attack
+    answers from what was shared alone, reseeded first (answers). Yields (the cell's index,
+    its event): what the defence did (under pruning with the ranks of the surviving
+    equations, unless analyse_defence says not for that cell), then each attack's Answer as
+    it finishes (R-GAP's carries the rank deficiencies of its recursion)."""
     clients = []
     for i, (model, image) in enumerate(cells):
         grads = shared_gradient(model, image, device)
@@ -137,32 +127,26 @@ def share_and_attack_together(cells: list[tuple[Net, PrivateImage]], attacks: li
         label = image.label if settings.true_label else recover_label(shared)  # under noise it may be wrong
         clients.append((model, shared, label))
     settings = dataclasses.replace(settings, zeros_are_missing=defence.removes_equations)  # an attacker sees the zeros
-    for i, name, result, seconds in answers_together(clients, attacks, settings, seed):
+    for i, name, result, seconds in answers(clients, attacks, settings, seed):
         yield i, score_answer(name, result, seconds, cells[i][1])
-
-
-def answers(model: Net, shared: list[torch.Tensor], label: int, attacks: list[str], settings: AttackSettings,
-            seed: int) -> Iterator[tuple[str, AttackResult, float]]:
-    """Each attack's answer to the shared gradient, reseeded first, with its seconds. The
-    recursion's steps are shared among the attacks (StepMemo); an attack that ran no step
-    of its own and answers as an earlier one did, bit for bit, is marked `derived_from` it."""
-    for _, name, result, seconds in answers_together([(model, shared, label)], attacks, settings, seed):
-        yield name, result, seconds
 
 
 Client = tuple  # (model, shared gradient, label): one cell's side of the attacks
 
 
-def answers_together(clients: list[Client], attacks: list[str], settings: AttackSettings,
-                     seed: int) -> Iterator[tuple[int, str, AttackResult, float]]:
-    """`answers` of several cells (models of one architecture), attack by attack: (the
-    client's index, the attack, its result, its seconds). An attack with a `together` form
-    answers all of them at once (their seconds shared out evenly, recorded as
-    `batch_size`); the others one client at a time. Each client keeps its own StepMemo."""
-    steps, done = [StepMemo() for _ in clients], [{} for _ in clients]
+def answers(clients: list[Client], attacks: list[str], settings: AttackSettings,
+            seed: int) -> Iterator[tuple[int, str, AttackResult, float]]:
+    """Each attack's answer to each client's shared gradient (models of one architecture;
+    one client is a batch of one), reseeded first, attack by attack: (the client's index,
+    the attack, its result, its seconds). An attack with a `together` form answers all of
+    them at once (their seconds shared out evenly, recorded as `batch_size`); the others one
+    client at a time. Each client keeps its own StepMemo: the recursion's steps are shared
+    among its attacks, and an attack that ran no step of its own and answers as an earlier
+    one did, bit for bit, is marked `derived_from` it."""
+    memos, done = [StepMemo() for _ in clients], [{} for _ in clients]
 
     def marked(i: int, name: str, result: AttackResult, before: tuple[int, int]) -> AttackResult:
-        if steps[i].computed == before[0] and steps[i].taken > before[1]:  # every step it took was another's
+        if memos[i].computed == before[0] and memos[i].taken > before[1]:  # every step it took was another's
             same = next((other for other, x in done[i].items() if torch.equal(x, result.x)), None)
             if same is not None:
                 result.info["derived_from"] = same
@@ -172,17 +156,17 @@ def answers_together(clients: list[Client], attacks: list[str], settings: Attack
         attack = ATTACKS[name]
         if attack.together is not None and len(clients) > 1:
             seed_everything(seed)  # as before each client's run alone: so any subset and order gives these numbers
-            before, start = [(s.computed, s.taken) for s in steps], time.perf_counter()
-            results = attack.together(*map(list, zip(*clients)), settings, steps)
+            before, start = [(s.computed, s.taken) for s in memos], time.perf_counter()
+            results = attack.together(*map(list, zip(*clients)), settings, memos)
             seconds = (time.perf_counter() - start) / len(clients)
             for i, result in enumerate(results):
                 result.info["batch_size"] = len(clients)
                 yield i, name, marked(i, name, result, before[i]), seconds
             continue
         for i, (model, shared, label) in enumerate(clients):
-            with memoised(steps[i]):
+            with memoised(memos[i]):
                 seed_everything(seed)  # so any subset of the attacks, in any order, gives the same numbers
-                before, start = (steps[i].computed, steps[i].taken), time.perf_counter()
+                before, start = (memos[i].computed, memos[i].taken), time.perf_counter()
                 result = attack.run(model, shared, label, settings)
                 seconds = time.perf_counter() - start
             yield i, name, marked(i, name, result, before), seconds
@@ -291,7 +275,7 @@ class Cell(NamedTuple):
     model: str
     image: PrivateImage
     attacks: list[str]  # the attacks not yet recorded
-    ranks_known: bool  # its entry holds the rank deficiencies already (and, under pruning, those under it)
+    ranks_recorded: bool  # its entry holds the rank deficiencies already (and, under pruning, those under it)
     defence: Defence = NO_DEFENCE
 
     @property
@@ -321,7 +305,7 @@ def left_to_do(cell: Cell, entry: dict | None) -> Cell | None:
     todo = [a for a in cell.attacks if a not in done]
     known = "rank_deficiency" in entry and (not cell.defence.removes_equations
                                             or "rank_deficiency" in entry.get("defence", {}))
-    return cell._replace(attacks=todo, ranks_known=known) if todo else None
+    return cell._replace(attacks=todo, ranks_recorded=known) if todo else None
 
 
 def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]) -> Iterator[tuple[Cell, object]]:
@@ -337,14 +321,14 @@ def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]
         if why is not None:
             yield cell, Skipped(cell.attacks, why)
             continue
-        if not cell.ranks_known and ("rgap" not in cell.attacks or cell.defence != NO_DEFENCE):
+        if not cell.ranks_recorded and ("rgap" not in cell.attacks or cell.defence != NO_DEFENCE):
             held = (cell.model, cell.image.name, exp.model_seed, exp.train_steps, exp.train_lr, exp.data, exp.device)
             yield cell, undefended_ranks(held, model, cell.image, exp.device)  # R-GAP's, under a defence, are not
         ready.append((cell, model))  # the client's
     if not ready:
         return
-    analyse = [not cell.ranks_known for cell, _ in ready]
-    for i, event in share_and_attack_together([(model, cell.image) for cell, model in ready], ready[0][0].attacks,
+    analyse = [not cell.ranks_recorded for cell, _ in ready]
+    for i, event in share_and_attack([(model, cell.image) for cell, model in ready], ready[0][0].attacks,
                                               settings, exp.seed, exp.device, ready[0][0].defence,
                                               analyse_defence=analyse):
         yield ready[i][0], event
@@ -353,7 +337,7 @@ def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]
 def units_of(settings: AttackSettings, cells: list[Cell]) -> list[tuple[Cell, ...]]:
     """The cells left, in units worked on together: up to --batch-images cells of one model,
     defence and attacks left, where an attack among them answers several at once (the
-    hybrids, without --compile). The first unit of each such group, then the second, and
+    hybrid and hybrid_free, without --compile). The first unit of each such group, then the second, and
     so on (a study stopped part-way holds whole sets of images); within each, the costliest
     models' first, so that the workers finish together. Single cells keep their order."""
     batched = settings.batch_images > 1 and not settings.compile

@@ -1,5 +1,26 @@
-"""The paper: Chen and Campbell, "Analysing Training-Data Leakage from Gradients through Linear
-Systems and Gradient Matching", BMVC 2022, in the order its data flows."""
+"""The paper: Cangxiong Chen and Neill D. F. Campbell, "Analysing Training-Data Leakage from
+Gradients through Linear Systems and Gradient Matching", BMVC 2022 (arXiv:2210.13231), top to
+bottom in the order its data flows.
+
+A client computes the cross-entropy gradient of one private image on a CNN and shares it.
+The attacker holds the architecture, the weights and that gradient:
+
+    the client's gradient, and the label it gives away       client_gradient, recover_label
+    each layer's equations: the forward map M x = z - b
+      and the gradient constraints G(delta) x = gW           invert_fc, conv_matrix, grad_matrix,
+                                                             LayerSystem, layer_system
+    R-GAP's recursion, from the last layer down to the image recursive_reconstruction, solve_layer
+    what the ranks say without an attack                     security_index, worst_layer_fraction
+    R-GAP (Zhu and Blaschko, ICLR 2021)                      attack_rgap
+    the hybrid: each layer's least-squares solution
+      corrected by gradient matching on J                    objective (J, once), gradient_matching,
+                                                             hybrid, attack_hybrid
+    hybrid_free (ours): only where the ranks leave freedom   attack_hybrid_free
+
+The numerics under the systems (minimum-norm solves with certified ranks, the memo of steps
+the attacks of a cell share) are leakage/solvers.py; the activations' inverses and
+derivatives, leakage/activations.py.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -276,28 +297,22 @@ def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tenso
 
 
 CorrectionRule = Callable[[list[int]], bool]  # the deficiencies of layers l, l+1, ... -> correct layer l?
-# (the clients' indices, their systems, their x_hats) -> the x each passes down (hybrids)
+# (the clients' indices, their systems, their x_hats) -> the x each passes down (hybrid)
 Corrections = Callable[[list[int], list[LayerSystem], list[torch.Tensor]], list[torch.Tensor]]
 
 
-def recursive_reconstruction(model: Net, grads: list[torch.Tensor], verbose: bool = False,
-                             known: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[int]]:
-    """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image.
+def recursive_reconstruction(models: list[Net], grads: list[list[torch.Tensor]], correct: Corrections | None = None,
+                             verbose: bool = False, rule: CorrectionRule | None = None,
+                             known: list[list[torch.Tensor] | None] | None = None,
+                             memos: list[StepMemo | None] | None = None) -> list[tuple[torch.Tensor, list[int]]]:
+    """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image, of
+    several clients' gradients (models of one architecture; one client is a batch of one).
+    For each client, the image estimate (1, C, H, W) and each layer's rank deficiency but the
+    last's (layer 0 first; a linear layer's is 0). Under pruning, `known` (per client and
+    parameter, the surviving entries) drops the pruned equations.
 
-    Returns the image estimate (1, C, H, W) and each layer's rank deficiency but the
-    last's (layer 0 first; a linear layer's is 0). Under pruning, `known` (per parameter,
-    the surviving entries) drops the pruned equations.
-    """
-    return recursive_reconstructions([model], [grads], verbose=verbose, known=[known])[0]
-
-
-def recursive_reconstructions(models: list[Net], grads: list[list[torch.Tensor]], correct: Corrections | None = None,
-                              verbose: bool = False, rule: CorrectionRule | None = None,
-                              known: list[list[torch.Tensor] | None] | None = None,
-                              steps: list[StepMemo | None] | None = None) -> list[tuple[torch.Tensor, list[int]]]:
-    """recursive_reconstruction of several clients' gradients (models of one architecture)
-    in step, layer by layer: at each layer every client's solve, one after another, within
-    its own StepMemo (`steps`; None: the current ones). `correct` (the hybrid's gradient
+    The clients go in step, layer by layer: at each layer every client's solve, one after another, within
+    its own StepMemo (`memos`; None: the current ones). `correct` (the hybrid's gradient
     matching) may then replace the least-squares solutions before they are passed down, in
     one call for the clients that make a correction there: correct(their indices, systems,
     x_hats). A client corrects at every layer, or only at the layers l where
@@ -306,7 +321,7 @@ def recursive_reconstructions(models: list[Net], grads: list[list[torch.Tensor]]
     n, n_layers, top = len(models), len(models[0].layers), models[0].first_linear
     grads = [[g.detach().double().cpu() for g in client] for client in grads]  # in float64 on the CPU
     known = [None if k is None else [t.cpu() for t in k] for k in (known or [None] * n)]
-    steps = steps or [None] * n
+    memos = memos or [None] * n
     a_hat, dl_da = map(list, zip(*(invert_fc(model.layers[top], *by_layer(model, g)[top],
                                              None if k is None else tuple(by_layer(model, k)[top]))
                                    for model, g, k in zip(models, grads, known))))
@@ -316,7 +331,7 @@ def recursive_reconstructions(models: list[Net], grads: list[list[torch.Tensor]]
     for layer in progress(range(top - 1, -1, -1), "layers"):
         systems = []
         for i, model in enumerate(models):
-            with memoised(steps[i]):
+            with memoised(memos[i]):
                 inputs = ("solve", layer, a_hat[i], dl_da[i], known[i] is not None)
                 system, x_hat, rank, dl_da[i], size = memo_step(inputs, functools.partial(
                     solve_layer, model, layer, a_hat[i], dl_da[i], grads[i], known[i]))
@@ -383,7 +398,7 @@ def indices_of(deficiency: list[int] | None, unknowns: list[int] | None) -> dict
 def rank_deficiency(model: Net, grads: list[torch.Tensor], known: list[torch.Tensor] | None = None) -> list[int]:
     """Each convolution's rank deficiency (layer 0 first), from R-GAP's recursion alone;
     with `known`, of the equations that survive pruning."""
-    return recursive_reconstruction(model, grads, known=known)[1]
+    return recursive_reconstruction([model], [grads], known=[known])[0][1]
 
 
 # =============================================================================
@@ -398,8 +413,8 @@ def known_entries(grads: list[torch.Tensor], settings: AttackSettings) -> list[t
 
 
 def attack_rgap(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
-    x, deficiency = recursive_reconstruction(model, grads, verbose=settings.verbose,
-                                             known=known_entries(grads, settings))
+    ((x, deficiency),) = recursive_reconstruction([model], [grads], verbose=settings.verbose,
+                                                  known=[known_entries(grads, settings)])
     return AttackResult(x.to(grads[0].device), label,
                         {"rank_deficiency": deficiency, "security_index": security_index(deficiency)})
 
@@ -486,12 +501,12 @@ def hybrid_grad_and_value(model: Net, system: LayerSystem, shared: list[torch.Te
     return eager
 
 
-def gradient_matching(model: Net, system: LayerSystem, x_hat: torch.Tensor, *, grads: list[torch.Tensor],
-                      label: int, settings: AttackSettings) -> torch.Tensor:
+def compiled_gradient_matching(model: Net, system: LayerSystem, x_hat: torch.Tensor, *,
+                               grads: list[torch.Tensor], label: int, settings: AttackSettings) -> torch.Tensor:
     """The hybrid's correction of convolution l's least-squares solution x_hat: Adam
     (lr 1e-3, PyTorch's defaults) from a float32 copy of x_hat on J(x), with the weights
     and the number of steps of hybrid_schedule for layer l. One image through
-    hybrid_objective: the form --compile compiles; without it, gradient_matching_together
+    hybrid_objective: the form --compile compiles; without it, gradient_matching
     runs every image through batched_objective."""
     device = grads[0].device
     *weights, steps = hybrid_schedule(system.layer, settings)
@@ -516,22 +531,25 @@ def adam(x: torch.Tensor, grad_and_value: GradAndValue, steps: int, what: str) -
     return x.detach()
 
 
-def gradient_matching_together(models: list[Net], systems: list[LayerSystem], x_hats: list[torch.Tensor], *,
+def gradient_matching(models: list[Net], systems: list[LayerSystem], x_hats: list[torch.Tensor], *,
                                grads: list[list[torch.Tensor]], labels: list[int],
                                settings: AttackSettings) -> list[torch.Tensor]:
-    """gradient_matching of several clients' solutions at one layer (models of one
-    architecture, at least one) as one batch, or with --compile one at a time.
+    """The hybrid's correction of convolution l's least-squares solutions x_hat of several
+    clients (models of one architecture, at least one): Adam (lr 1e-3, PyTorch's defaults)
+    from float32 copies on each one's J, with the weights and the number of steps of
+    hybrid_schedule for layer l, as one batch (batched_objective); with --compile one at a
+    time (compiled_gradient_matching).
 
     The batch minimises the sum over clients of each one's J with one Adam over the
     stacked x. Adam is elementwise and each J reads its own x alone, so each client
     follows its own trajectory, and batched_objective computes each client's J and dJ/dx
     to the bit as it does for that client alone: a client's numbers do not depend on the
-    batch it was in (tests). They equal gradient_matching's to float32 rounding. On a CPU
+    batch it was in (tests). They equal compiled_gradient_matching's to float32 rounding. On a CPU
     batching halves a step's per-operation overhead per image (docs/performance.md); on a
     GPU it fills the device.
     """
     if settings.compile:  # Dynamo traces no double backward: --compile matches one at a time
-        return [gradient_matching(model, system, x_hat, grads=g, label=label, settings=settings)
+        return [compiled_gradient_matching(model, system, x_hat, grads=g, label=label, settings=settings)
                 for model, system, x_hat, g, label in zip(models, systems, x_hats, grads, labels)]
     device, layer = grads[0][0].device, systems[0].layer
     *weights, steps = hybrid_schedule(layer, settings)
@@ -644,20 +662,16 @@ def compiled_grad_and_value() -> Callable:
     return torch.compile(torch.func.grad_and_value(objective, argnums=2), dynamic=False)
 
 
-def hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings,
-           rule: CorrectionRule | None = None) -> AttackResult:
+def hybrid(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int], settings: AttackSettings,
+           rule: CorrectionRule | None = None, memos: list[StepMemo | None] | None = None) -> list[AttackResult]:
     """R-GAP's recursion with each convolution's least-squares solution corrected by
     gradient matching before it is passed down: at every layer (the paper's hybrid), or at
-    those where `rule` holds of the ranks (hybrid_free, which records the layers it corrected)."""
-    return hybrids([model], [grads], [label], settings, rule)[0]
-
-
-def hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int], settings: AttackSettings,
-            rule: CorrectionRule | None = None, steps: list[StepMemo | None] | None = None) -> list[AttackResult]:
-    """`hybrid` on several clients' gradients (models of one architecture) in step: their
-    recursions layer by layer, each within its own StepMemo (`steps`), and the
-    corrections at a layer gradient-matched together (gradient_matching_together)."""
-    steps = steps or [None] * len(models)
+    those where `rule` holds of the ranks (hybrid_free, which records the layers it
+    corrected). Several clients' gradients (models of one architecture; one is a batch of
+    one) go in step: their recursions layer by layer, each within its own StepMemo
+    (`memos`; None: the current one), and the corrections at a layer gradient-matched
+    together (gradient_matching)."""
+    memos = memos or [None] * len(models)
     corrected: list[list[int]] = [[] for _ in models]
     method = dataclasses.replace(settings, correct_where="", verbose=False)  # what a correction reads
 
@@ -665,33 +679,28 @@ def hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int
         keys, found = [], []
         for i, system, x_hat in zip(todo, systems, x_hats):
             corrected[i].append(system.layer)
-            with memoised(steps[i]):  # a correction met before in this client's cell is taken, not made again
+            with memoised(memos[i]):  # a correction met before in this client's cell is taken, not made again
                 keys.append(step_key(("correct", system.layer, x_hat, labels[i], method)))
                 found.append(taken_step(keys[-1]))
         run = [j for j, value in enumerate(found) if value is MISSING]
-        matched = [] if not run else gradient_matching_together(
+        matched = [] if not run else gradient_matching(
             [models[todo[j]] for j in run], [systems[j] for j in run], [x_hats[j] for j in run],
             grads=[grads[todo[j]] for j in run], labels=[labels[todo[j]] for j in run], settings=settings)
         for j, x in zip(run, matched):
-            with memoised(steps[todo[j]]):
+            with memoised(memos[todo[j]]):
                 found[j] = kept_step(keys[j], x)
         return found
-    reconstructions = recursive_reconstructions(models, grads, correct, settings.verbose, rule,
-                                                [known_entries(g, settings) for g in grads], steps)
+    reconstructions = recursive_reconstruction(models, grads, correct, settings.verbose, rule,
+                                               [known_entries(g, settings) for g in grads], memos)
     return [AttackResult(x.to(g[0].device), label,
                          {"rank_deficiency": deficiency} | ({} if rule is None else {"corrected_layers": sorted(c)}))
             for (x, deficiency), c, g, label in zip(reconstructions, corrected, grads, labels)]
 
 
-def attack_hybrid(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+def attack_hybrid(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int], settings: AttackSettings,
+                  memos: list[StepMemo | None]) -> list[AttackResult]:
     """The paper's hybrid: every convolution corrected."""
-    return hybrid(model, grads, label, settings)
-
-
-def attack_hybrids(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int], settings: AttackSettings,
-                   steps: list[StepMemo]) -> list[AttackResult]:
-    """attack_hybrid on several clients together."""
-    return hybrids(models, grads, labels, settings, steps=steps)
+    return hybrid(models, grads, labels, settings, memos=memos)
 
 
 # -- hybrid_free: ours, not the paper's -------------------------------------------------
@@ -708,13 +717,8 @@ CORRECTION_RULES: dict[str, CorrectionRule] = {
 }
 
 
-def attack_hybrid_free(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
+def attack_hybrid_free(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int],
+                       settings: AttackSettings, memos: list[StepMemo | None]) -> list[AttackResult]:
     """The hybrid, correcting a convolution only where settings.correct_where says the
     systems leave it freedom; elsewhere R-GAP's least-squares solution is passed down."""
-    return hybrid(model, grads, label, settings, CORRECTION_RULES[settings.correct_where])
-
-
-def attack_hybrid_frees(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int],
-                        settings: AttackSettings, steps: list[StepMemo]) -> list[AttackResult]:
-    """attack_hybrid_free on several clients together."""
-    return hybrids(models, grads, labels, settings, CORRECTION_RULES[settings.correct_where], steps)
+    return hybrid(models, grads, labels, settings, CORRECTION_RULES[settings.correct_where], memos)

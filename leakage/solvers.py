@@ -264,7 +264,7 @@ def kept_step(key: tuple | None, value: object) -> object:
 @contextlib.contextmanager
 def memoised(steps: StepMemo | None) -> Iterator[None]:
     """Within it, the steps met are `steps`' (None: the current cell's, whatever they are).
-    Clients attacked together (recursive_reconstructions) each keep their own."""
+    Clients attacked together (recursive_reconstruction) each keep their own."""
     if steps is None:
         yield
         return

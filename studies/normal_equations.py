@@ -39,7 +39,7 @@ def rows(name: str, image: PrivateImage) -> list[str]:
                          f"| {qr:.2f} |")
         return solved
     with patched("leakage.paper.gram_solution", both):
-        recursive_reconstruction(model, grads)
+        recursive_reconstruction([model], [grads])
     return lines
 
 

@@ -23,7 +23,7 @@ from studies.common import STUDY_SETTINGS, patched, per_model_table
 
 MODELS = ["cnn2_c2", "cnn3_c1", "cnn3_c5", "cnn4_c2", "cnn6d", "lenet"]
 PROFILED = ["rgap", "hybrid", "hybrid_free"]
-PARTS = {"build": ("conv_matrix", "grad_matrix"), "solve": ("solve_min_norm",), "adam": ("gradient_matching_together",)}
+PARTS = {"build": ("conv_matrix", "grad_matrix"), "solve": ("solve_min_norm",), "adam": ("gradient_matching",)}
 
 
 class Timers(contextlib.ExitStack):
@@ -75,7 +75,7 @@ def profile(name: str, image: PrivateImage) -> list[str]:
                      + " | ".join(f"{sum(t for (p, _), t in timers.seconds.items() if p == part):.2f}"
                                   for part in PARTS) + f" | {rest:.2f} (total {total:.2f}) |")
     start = time.perf_counter()
-    list(answers(model, grads, label, PROFILED, STUDY_SETTINGS, PUBLISHED_SEED))
+    list(answers([(model, grads, label)], PROFILED, STUDY_SETTINGS, PUBLISHED_SEED))
     shared = time.perf_counter() - start
     start = time.perf_counter()
     rank_deficiency(model, grads)

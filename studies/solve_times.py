@@ -68,7 +68,7 @@ def layer_inputs(model: Net, grads: list[torch.Tensor]) -> list[tuple]:
         steps.append((layer, a_hat.clone(), dl_da.clone()))
         return original(model, layer, a_hat, dl_da, grads, known)
     with patched("leakage.paper.solve_layer", spy):
-        recursive_reconstruction(model, grads)
+        recursive_reconstruction([model], [grads])
     return steps
 
 

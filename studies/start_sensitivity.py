@@ -35,7 +35,7 @@ def psnr_with_nudge(model: Net, grads: list[torch.Tensor], image: PrivateImage, 
             x_hats = [x.view_as(x_hats[0])]
         first[0] = False
         return original(models, systems, x_hats, **kwargs)
-    with patched("leakage.paper.gradient_matching_together", nudged):
+    with patched("leakage.paper.gradient_matching", nudged):
         seed_everything(10)
         result = ATTACKS[attack].run(model, grads, image.label, STUDY_SETTINGS)
     return score(to_image(image.x), to_image(result.x))["psnr"]

@@ -19,7 +19,7 @@ from leakage.metrics import score
 from leakage.models import gradients_from
 from leakage.modules import build_model
 from leakage.paper import (
-    LayerSystem, client_gradient, gradient_matching_together, hybrid_grad_and_value, hybrid_objective, hybrid_schedule,
+    LayerSystem, client_gradient, gradient_matching, hybrid_grad_and_value, hybrid_objective, hybrid_schedule,
     recover_label
 )
 from leakage.runtime import PUBLISHED_SEED, seed_everything
@@ -159,7 +159,7 @@ TINY = dataclasses.replace(QUICK, dlg_iters=1, cosine_iters=10, hybrid_iters=4, 
 
 def answers(model, sample, attacks, settings=TINY, seed=PUBLISHED_SEED):
     """attack -> its Answer, through the experiment as the script runs it (no seeding here)."""
-    events = share_and_attack(model, sample, attacks, settings, seed, "cpu")
+    events = (e for _, e in share_and_attack([(model, sample)], attacks, settings, seed, "cpu"))
     return {e.attack: e for e in events if isinstance(e, Answer)}
 
 
@@ -298,12 +298,12 @@ def test_all_five_attacks_end_to_end(tmp_path):
 
 def corrected_layers(monkeypatch, model_name, image, correct_where):
     """The layers whose gradient matching (Adam loop) ran in hybrid_free, in order, and its result."""
-    ran, match = [], gradient_matching_together
+    ran, match = [], gradient_matching
 
     def spy(models, systems, x_hats, **kw):
         ran.extend(system.layer for system in systems)
         return match(models, systems, x_hats, **kw)
-    monkeypatch.setattr("leakage.paper.gradient_matching_together", spy)
+    monkeypatch.setattr("leakage.paper.gradient_matching", spy)
     result, _ = run(model_name, "hybrid_free", image, dataclasses.replace(QUICK, correct_where=correct_where))
     return ran, result
 

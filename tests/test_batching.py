@@ -13,11 +13,11 @@ import hybrid as H
 from leakage.activations import activation_derivative
 from leakage.data import PrivateImage
 from leakage.defences import NO_DEFENCE, defend, parse_defence, surviving
-from leakage.experiment import Cell, answers, answers_together, units_of, score_answer
+from leakage.experiment import Cell, answers, units_of, score_answer
 from leakage.models import gradients_from
 from leakage.modules import build_model
 from leakage.paper import (
-    Batch, batched_objective, client_gradient, gradient_matching_together, hybrid_objective, known_entries,
+    Batch, batched_objective, client_gradient, gradient_matching, hybrid_objective, known_entries,
     layer_system
 )
 from leakage.settings import AttackSettings
@@ -87,9 +87,9 @@ def test_each_image_of_a_batch_answers_as_it_does_alone(photographs):
     corrects: it batches corrections that start from R-GAP's solutions."""
     torch.set_num_threads(1)  # as runs are (--threads 1): several threads split reductions by the batch's size
     model = build_model("cnn3_c4")
-    together = {(i, a): r for i, a, r, _ in answers_together(clients(model, photographs[:3]), LINEAR, TINY, 10)}
+    together = {(i, a): r for i, a, r, _ in answers(clients(model, photographs[:3]), LINEAR, TINY, 10)}
     for i, client in enumerate(clients(model, photographs[:3])):
-        for attack, alone, _ in answers(*client, LINEAR, TINY, 10):
+        for _, attack, alone, _ in answers([client], LINEAR, TINY, 10):
             batched = together[i, attack]
             assert batched.info.pop("batch_size", 3) == 3
             assert batched.info == alone.info, (i, attack)
@@ -100,13 +100,13 @@ def test_a_batch_makes_each_correction_once(photographs, monkeypatch):
     """cnn2_c2: the hybrid's one correction per image runs as one batch of three; hybrid_free,
     which corrects the same layer from the same solutions, takes all three from it."""
     batches = []
-    together = gradient_matching_together
+    together = gradient_matching
 
     def counted(models, *args, **kwargs):
         batches.append(len(models))
         return together(models, *args, **kwargs)
-    monkeypatch.setattr("leakage.paper.gradient_matching_together", counted)
-    results = list(answers_together(clients(build_model("cnn2_c2"), photographs[:3]), LINEAR, TINY, 10))
+    monkeypatch.setattr("leakage.paper.gradient_matching", counted)
+    results = list(answers(clients(build_model("cnn2_c2"), photographs[:3]), LINEAR, TINY, 10))
     assert batches == [3]
     assert [r.info.get("derived_from") for _, a, r, _ in results if a == "hybrid_free"] == ["hybrid"] * 3
 

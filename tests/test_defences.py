@@ -53,7 +53,7 @@ def test_none_shares_the_gradient_itself(cnn2_c4):
 def test_none_gives_the_attacks_numbers_without_a_defence(chelsea, cnn2_c4):
     """`none` is today's experiment: each answer equals the attack run on the client's gradient."""
     model, grads = cnn2_c4
-    events = list(share_and_attack(model, chelsea, ["rgap", "hybrid", "idlg"], TINY, 10, "cpu"))
+    events = [e for _, e in share_and_attack([(model, chelsea)], ["rgap", "hybrid", "idlg"], TINY, 10, "cpu")]
     answers = {e.attack: e for e in events if isinstance(e, Answer)}
     for name, answer in answers.items():
         seed_everything(10)
@@ -84,7 +84,7 @@ def test_the_same_command_shares_the_same_noisy_gradient(chelsea, cnn2_c4, monke
     monkeypatch.setitem(ATTACKS, "rgap", dataclasses.replace(ATTACKS["rgap"], run=spy))
     for seed in (10, 10, 11):
         torch.randn(5)  # whatever the global generator did before must not matter
-        list(share_and_attack(model, chelsea, ["rgap"], TINY, seed, "cpu", parse_defence("noise:1e-3")))
+        list(share_and_attack([(model, chelsea)], ["rgap"], TINY, seed, "cpu", parse_defence("noise:1e-3")))
     assert all(torch.equal(x, y) for x, y in zip(seen[0], seen[1]))
     assert not any(torch.equal(x, y) for x, y in zip(seen[0], seen[2]))
 
@@ -146,7 +146,7 @@ def test_attacks_see_only_the_defended_gradient(chelsea, cnn2_c4, monkeypatch, s
         spy = lambda model, grads, label, settings, name=name: (  # noqa: E731
             seen.__setitem__(name, (grads, settings)), AttackResult(torch.zeros(1, 3, 32, 32), label))[1]
         monkeypatch.setitem(ATTACKS, name, dataclasses.replace(ATTACKS[name], run=spy))
-    list(share_and_attack(model, chelsea, list(ATTACKS), TINY, 10, "cpu", defence))
+    list(share_and_attack([(model, chelsea)], list(ATTACKS), TINY, 10, "cpu", defence))
     assert set(seen) == set(ATTACKS)
     for name, (given, settings) in seen.items():
         assert all(torch.equal(a, b) for a, b in zip(given, shared)), name
@@ -326,8 +326,8 @@ def test_rgap_does_not_change_when_the_gradient_is_scaled(cnn2_c4):
     """What studies/noise_gain.py reads dp through: clipping scales the whole gradient, and
     R-GAP's answer is the same (the fc inversion is a ratio; each layer's equations scale together)."""
     model, grads = cnn2_c4
-    x, deficiency = recursive_reconstruction(model, grads)
-    y, scaled_deficiency = recursive_reconstruction(model, [g * 0.137 for g in grads])
+    ((x, deficiency),) = recursive_reconstruction([model], [grads])
+    ((y, scaled_deficiency),) = recursive_reconstruction([model], [[g * 0.137 for g in grads]])
     assert scaled_deficiency == deficiency and torch.allclose(x, y, atol=1e-5)
 
 

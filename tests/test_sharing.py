@@ -12,7 +12,7 @@ import torch
 import hybrid as H
 from leakage.experiment import Answer, share_and_attack
 from leakage.modules import build_model
-from leakage.paper import gradient_matching_together, solve_layer
+from leakage.paper import gradient_matching, solve_layer
 from leakage.runtime import PUBLISHED_SEED
 from leakage.settings import AttackSettings
 from leakage.solvers import MEMO
@@ -23,7 +23,7 @@ LINEAR = ["rgap", "hybrid", "hybrid_free"]
 
 
 def answers(model, image, attacks):
-    return {e.attack: e for e in share_and_attack(model, image, attacks, TINY, PUBLISHED_SEED, "cpu")
+    return {e.attack: e for _, e in share_and_attack([(model, image)], attacks, TINY, PUBLISHED_SEED, "cpu")
             if isinstance(e, Answer)}
 
 
@@ -47,7 +47,7 @@ def test_no_step_is_run_twice_within_a_cell(chelsea, monkeypatch):
     """cnn2_c2: R-GAP solves its one layer, the hybrid takes that solve and corrects it,
     hybrid_free takes both: one solve and one correction in all."""
     calls = {"solve": 0, "correct": 0}
-    solve, correct = solve_layer, gradient_matching_together
+    solve, correct = solve_layer, gradient_matching
 
     def counted(kind, f):
         def run(*args, **kwargs):
@@ -55,7 +55,7 @@ def test_no_step_is_run_twice_within_a_cell(chelsea, monkeypatch):
             return f(*args, **kwargs)
         return run
     monkeypatch.setattr("leakage.paper.solve_layer", counted("solve", solve))
-    monkeypatch.setattr("leakage.paper.gradient_matching_together", counted("correct", correct))
+    monkeypatch.setattr("leakage.paper.gradient_matching", counted("correct", correct))
     answers(build_model("cnn2_c2"), chelsea, LINEAR)
     assert calls == {"solve": 1, "correct": 1}
 

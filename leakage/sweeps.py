@@ -382,8 +382,7 @@ def config_differences(before: dict, now: dict, record: Record, also: frozenset 
 
 
 def write_grid(path: Path, cells: list) -> None:
-    # "units": the file's own word for its cells, kept so that every grid.json written reads alike
-    write_json(path / "grid.json", {"units": [{"key": list(u.key), "parts": list(u.parts)} for u in cells]})
+    write_json(path / "grid.json", {"cells": [{"key": list(c.key), "parts": list(c.parts)} for c in cells]})
 
 
 def read_grid(path: Path, record: Record) -> dict[tuple, list[str]] | None:
@@ -391,7 +390,8 @@ def read_grid(path: Path, record: Record) -> dict[tuple, list[str]] | None:
     None for a folder made before grids were kept."""
     try:
         grid = json.loads((path / "grid.json").read_text(encoding="utf-8"))
-        return {record.upgrade_key(tuple(u["key"])): list(u["parts"]) for u in grid["units"]}
+        cells = grid["cells"] if "cells" in grid else grid["units"]  # "units" in folders written before #42
+        return {record.upgrade_key(tuple(c["key"])): list(c["parts"]) for c in cells}
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):

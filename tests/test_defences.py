@@ -308,7 +308,7 @@ def test_a_folder_from_before_defences_resumes_as_none(tmp_path):
     before = rows_of(folder)
     assert H.main([*args, "--resume", str(folder)]) == 0
     assert rows_of(folder) == before  # nothing run again
-    assert json.loads((folder / "grid.json").read_text())["units"][0]["key"] == ["cnn2_c4", "samples:chelsea"]
+    assert json.loads((folder / "grid.json").read_text())["cells"][0]["key"] == ["cnn2_c4", "samples:chelsea"]
 
 
 def test_analyse_prints_the_ranks_under_pruning(capsys):

@@ -418,6 +418,7 @@ def test_two_quick_ctrl_cs_end_in_one_message(tmp_path):
 TORN_RESULT = """
 import concurrent.futures, multiprocessing, os, signal, struct, sys, time
 sys.path.insert(0, {root!r})
+from leakage import sweeps
 
 def send_half_a_result_and_die():
     # what a worker stopped half-way through sending a large result leaves in the pipe

@@ -80,8 +80,8 @@ def with_payload(folder, marker, payload):
             entry.pop(key, None)
     (folder / "results.json").write_text(json.dumps(results))
     grid = json.loads((folder / "grid.json").read_text())
-    for unit in grid["units"]:
-        unit["key"][0] = payload
+    for cell in grid["cells"]:
+        cell["key"][0] = payload
     (folder / "grid.json").write_text(json.dumps(grid))
     return folder
 
@@ -224,3 +224,13 @@ def test_a_hostile_pickle_given_as_weights_or_a_gradient_is_refused_unrun(flag, 
                    flag, str(hostile)]) == 2
     assert "cannot be read" in one_line(capsys.readouterr().err)  # weights_only=True refuses the global
     assert not marker.exists()
+
+
+def test_a_grid_written_before_cells_were_called_so_still_reads(shard_folders, tmp_path):
+    folder = shutil.copytree(shard_folders[0], tmp_path / "older")
+    grid = json.loads((folder / "grid.json").read_text())
+    (folder / "grid.json").write_text(json.dumps({"units": grid["cells"]}))  # its word before #42
+    rows = rows_of(folder)
+    assert H.main([*RUN, "--model", f"{shard_folders[0].parent.parent / 'code' / 'net.py'}:Net", "--shard", "0/2",
+                   "--resume", str(folder)]) == 0
+    assert rows_of(folder) == rows

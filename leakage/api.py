@@ -1,15 +1,21 @@
 """The same from Python: attack and analyse a gradient computed elsewhere (hybrid.attack, hybrid.analyse)."""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import copy
+import dataclasses
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from leakage.attacks import ATTACKS
 from leakage.console import UserError
+from leakage.flags import default_of, flags_of
 from leakage.experiment import answers
 from leakage.gradients import as_captured, captured_gradient, load_gradient
 from leakage.models import Net
@@ -49,13 +55,56 @@ def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: t
     Returns {attack: AttackResult}: .x the reconstruction in the model's input space, of
     shape (1, C, H, W), and .label the label it used. A model, gradient or setting the
     attacks cannot take raises UserError (or TypeError, for a setting that is none), naming it."""
-    unknown = [name for name in attacks if name not in ATTACKS]
-    if unknown:
-        raise UserError(f"attack '{unknown[0]}' is none of {', '.join(ATTACKS)}")
-    method = AttackSettings(**settings)  # an unknown setting is a TypeError naming it
+    names = [attacks] if isinstance(attacks, str) else list(attacks)  # a generator is read once, here
+    unknown = [name for name in names if name not in ATTACKS]
+    if unknown or not names:
+        raise UserError(f"attack '{unknown[0]}' is none of {', '.join(ATTACKS)}" if unknown
+                        else f"attacks: none named (from {', '.join(ATTACKS)})")
+    method = attack_settings(settings)
     net, shared = read_inputs(model, gradient, input_shape)
+    classes = net.layers[-1].out_features
+    if label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))
+                              or not 0 <= label < classes):
+        raise UserError(f"label {label!r} is not a class of a model with {classes} (0-{classes - 1})")
     used = recover_label(shared) if label is None else int(label)
-    return {name: result for _, name, result, _ in answers([(net, shared, used)], list(attacks), method, seed)}
+    with own_random_state():
+        return {name: result for _, name, result, _ in answers([(net, shared, used)], names, method, seed)}
+
+
+def attack_settings(settings: dict[str, object]) -> AttackSettings:
+    """AttackSettings from keyword arguments, each checked as its flag checks it (a whole
+    number of at least its bound, a bool, one of its choices): one UserError naming it."""
+    fields = {f.name: f for f in flags_of(AttackSettings)}
+    for name, value in settings.items():
+        if name not in fields:
+            raise TypeError(f"attack() got an unexpected keyword argument '{name}' (not a field of AttackSettings)")
+        f, default = fields[name], default_of(fields[name])
+        kind = type(default)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise UserError(f"{name}={value!r}: expected a {kind.__name__}, as {default!r}")
+        check, choices = f.metadata["argparse"].get("type"), f.metadata["argparse"].get("choices")
+        try:
+            if check is not None:
+                check(str(value))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{name}={value!r}: {e}") from None
+        choices = choices() if callable(choices) else choices
+        if choices is not None and value not in choices:
+            raise UserError(f"{name}={value!r}: expected one of {', '.join(map(str, choices))}")
+    return dataclasses.replace(AttackSettings(), **settings)
+
+
+@contextlib.contextmanager
+def own_random_state() -> Iterator[None]:
+    """The attacks seed torch and numpy (seed_everything); the caller's random streams are
+    theirs: a training loop that calls attack() every round does not get the same stream
+    each round."""
+    state = np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
 
 
 def analyse(model: nn.Module, gradient: list | tuple | dict | str, input_shape: tuple[int, int, int]) -> dict:
@@ -68,13 +117,31 @@ def analyse(model: nn.Module, gradient: list | tuple | dict | str, input_shape: 
             "worst_layer_fraction": worst_layer_fraction(deficiency, unknowns)}
 
 
+def input_shape_of(input_shape: Iterable) -> tuple[int, int, int]:
+    """(C, H, W) as whole numbers of at least 1, or one UserError naming what was given."""
+    try:
+        shape = tuple(input_shape)
+        ok = len(shape) == 3 and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+                                     for n in shape)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise UserError(f"input_shape {input_shape!r}: expected (C, H, W), three whole numbers of at least 1")
+    return tuple(int(n) for n in shape)
+
+
 def read_inputs(model: nn.Module, gradient: list | tuple | dict | str,
                 input_shape: tuple[int, int, int]) -> tuple[Net, list[torch.Tensor]]:
     """attack's and analyse's arguments as the attacks take them: the model's chain (its own
     layers, not a copy) and the gradient matched to its parameters."""
-    shape = tuple(int(n) for n in input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise UserError(f"input_shape {tuple(input_shape)}: expected (C, H, W)")
+    shape = input_shape_of(input_shape)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model: a {type(model).__name__}, not an nn.Module")
+    kinds = {p.dtype for p in model.parameters()} | {p.device.type for p in model.parameters()}
+    if "meta" in kinds:
+        raise UserError("the model's parameters are on the meta device: they hold no values to attack")
+    if kinds & {torch.float64, torch.float16, torch.bfloat16}:  # as the command line: in float32, on a copy
+        model = copy.deepcopy(model).float()
     net = model if isinstance(model, Net) else read_module(model, shape, f"the model ({type(model).__name__})")
     if isinstance(gradient, (str, os.PathLike)):
         captured = load_gradient(os.fspath(gradient), shape)

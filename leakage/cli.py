@@ -139,7 +139,7 @@ def settings_from(args: argparse.Namespace, paths: Paths = Paths()) -> tuple[Exp
     settings = flags.given(AttackSettings, args, **quick)
     default = Experiment()
     shape, classes = data_format(args)
-    if args.image_files and args.label is not None and args.label >= classes:
+    if (args.image_files or args.gradient) and args.label is not None and args.label >= classes:
         raise UserError(f"--label {args.label} is not a class of a model with {classes} (0-{classes - 1}; "
                         "--classes K for more)")
     if args.normalize is not None:

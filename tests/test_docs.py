@@ -112,3 +112,22 @@ def test_the_cpu_install_line_comes_first_and_pins_a_matched_pair():
     cpu = next(i for i, line in enumerate(lines) if "whl/cpu" in line)
     plain = next(i for i, line in enumerate(lines) if line.startswith("pip install -r requirements.txt"))
     assert cpu < plain and re.search(r"torch==\d+\.\d+\.\d+ torchvision==\d+\.\d+\.\d+", lines[cpu])
+
+
+@pytest.mark.slow
+def test_every_command_of_the_first_screen_runs_as_written(tmp_path):
+    """From a fresh folder holding the checkout's files (a clone's root, as the README is
+    read): each `python ...` line of the README's quick start (its first code block, how to
+    run and test it), hybrid.py's with --quick where it has none, in order
+    (examples/capture.py writes the files the next line reads)."""
+    for name in ("hybrid.py", "examples", "leakage", "studies"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    text = ROOT.joinpath("README.md").read_text()
+    block = text[text.index("```bash"):].split("```")[1].splitlines()
+    commands = [line.split("  #")[0].split() for line in block if line.startswith("python ") and "pytest" not in line]
+    assert len(commands) >= 5 and ["python", "examples/capture.py"] in commands
+    for command in commands:
+        if command[1] == "hybrid.py" and "--quick" not in command:
+            command = [*command, "--quick"]
+        out = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, f"{' '.join(command)}: {out.stderr[-2000:]}"

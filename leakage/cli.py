@@ -17,7 +17,8 @@ from leakage import flags, sweeps
 from leakage.attacks import ATTACKS, paper_attacks
 from leakage.console import UserError, say
 from leakage.data import (
-    PUBLISHED_NORMALIZE, PrivateImage, data_format, load_images, normalize_of, normalized, parse_image_indices
+    DEFAULT_SOURCE, PUBLISHED_NORMALIZE, PrivateImage, data_format, load_images, normalize_of, normalized,
+    parse_image_indices
 )
 from leakage.defences import canonical_defences
 from leakage.experiment import analyse_images, prepare_model
@@ -144,7 +145,8 @@ def settings_from(args: argparse.Namespace, paths: Paths = Paths()) -> tuple[Exp
                         "--classes K for more)")
     if args.normalize is not None:
         normalize_of(args.normalize, shape[0])  # checked now
-    indices = parse_image_indices(args.image_indices) if args.image_indices else None
+    indices = (parse_image_indices(args.image_indices, args.source or DEFAULT_SOURCE) if args.image_indices
+               else None)
     captured = {}
     if args.gradient is not None:  # a captured gradient: its true image only where one is named, its label where given
         indices, captured = indices or [], {"label": args.label}

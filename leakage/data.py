@@ -8,6 +8,7 @@ import hashlib
 import io
 import math
 import os
+import pickle
 import re
 import socket
 import stat
@@ -357,6 +358,27 @@ def read_regular_file(path: str) -> bytes:
         os.close(fd)
 
 
+def saved_tensors(data: bytes, where: str, what: str) -> object:
+    """What torch.save wrote to a file's bytes, loaded with weights_only=True (tensors and
+    plain containers, never other objects); an empty file, a pickle of other objects or no
+    pickle at all is one UserError saying so (not PyTorch's paragraph, whose advice is to
+    load untrusted files unsafely)."""
+    if not data:
+        raise UserError(f"{where}: the file is empty (0 bytes), not {what}")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        global_ = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if global_:
+            raise UserError(f"{where}: holds {printable(global_[1], 80)}, not tensors alone, and objects other "
+                            "than tensors are not loaded: save torch tensors (a numpy array: torch.from_numpy(a))"
+                            ) from None
+        why = "not a file torch.save wrote"
+    except Exception as e:  # a truncated zip, a file of another program
+        why = f"{type(e).__name__}: {next((line for line in str(e).splitlines() if line.strip()), '')}"
+    raise UserError(f"{where}: cannot be read as {what} ({printable(why, 160)})") from None
+
+
 def content_hash(data: bytes) -> str:
     """The first 10 hex digits of the bytes' SHA-256: how the record tells files apart."""
     return hashlib.sha256(data).hexdigest()[:10]
@@ -452,8 +474,11 @@ def load_images(exp: Experiment, analysing: bool = False) -> tuple[list[PrivateI
     return images, f"{name}-test"
 
 
-def parse_image_indices(tokens: list[str]) -> list[int]:
-    """'3', '0-99', '0-9,20,31' (several tokens allowed) -> image indices, in order, once each."""
+def parse_image_indices(tokens: list[str], source: str | None = None) -> list[int]:
+    """'3', '0-99', '0-9,20,31' (several tokens allowed) -> image indices, in order, once each;
+    each within `source` where it is given (else within the largest source)."""
+    limit, holds = source_size(source) if source else (MAX_IMAGES, f"no source holds more than {MAX_IMAGES} images "
+                                                                   "(MNIST's training set")
     out = []
     for token in ",".join(tokens).split(","):
         first, dash, last = token.strip().partition("-")
@@ -464,11 +489,20 @@ def parse_image_indices(tokens: list[str]) -> list[int]:
             raise UserError(f"--index: '{token.strip()}' is not an index or a range such as 0-99") from None
         if hi < lo:
             raise UserError(f"--index: the range '{token.strip()}' is empty")
-        if hi >= MAX_IMAGES:  # checked before a range the size of the request is made
-            raise UserError(f"--index {hi} is out of range: no source holds more than {MAX_IMAGES} images "
-                            f"(MNIST's training set, 0-{MAX_IMAGES - 1})")
+        if hi >= limit:  # checked before a range the size of the request is made
+            raise UserError(f"--index {hi} is out of range: {holds}, 0-{limit - 1})")
         out.extend(range(lo, hi + 1))
     return list(dict.fromkeys(out))
+
+
+def source_size(source: str) -> tuple[int, str]:
+    """How many images --source holds, and how a message says so (up to its range)."""
+    if source == "samples":
+        return len(PHOTOGRAPHS), f"--source samples holds {len(PHOTOGRAPHS)} photographs (scikit-image's"
+    name, training = dataset_of(source)
+    data = DATASETS[name]
+    n = data.sizes[0 if training else 1]
+    return n, f"--source {source} holds {n} images ({data.shown}'s {'training' if training else 'test'} set"
 
 
 def normalize_of(values: list[float], channels: int) -> tuple[tuple, tuple]:

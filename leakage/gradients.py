@@ -1,14 +1,13 @@
 """The gradient an attack is handed: the client's, computed, or one captured elsewhere (--gradient)."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import NamedTuple, TYPE_CHECKING
 
 import torch
 
 from leakage.console import UserError, printable
-from leakage.data import content_name, read_regular_file
+from leakage.data import content_name, read_regular_file, saved_tensors
 from leakage.paper import client_gradient
 
 if TYPE_CHECKING:  # annotations alone
@@ -31,10 +30,10 @@ def load_gradient(path: str, shape: tuple[int, int, int]) -> Captured:
     where = f"--gradient {printable(path, 200)}"
     try:
         data = read_regular_file(path)
-        tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing file, a FIFO, a pickle that is not tensors
-        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    except (OSError, ValueError) as e:  # a missing file, a FIFO, a device
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UserError(f"{where}: cannot be read as saved tensors ({printable(why, 200)})") from None
+    tensors = saved_tensors(data, where, "saved tensors")
     name = "gradient:" + content_name(printable(Path(path).name, 60), data)
     return as_captured(tensors, name, where, shape)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import math
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch.nn as nn
 
 from leakage.activations import canonical_activation, check_activation, make_activation
 from leakage.console import UserError, printable
-from leakage.data import PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, content_name, read_regular_file
+from leakage.data import PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, content_name, read_regular_file, saved_tensors
 from leakage.runtime import PUBLISHED_SEED, seed_everything
 
 # An architecture is one string: convolutions OUTkKsSpP[b]-ACT, comma-separated, then
@@ -272,11 +271,7 @@ def load_weights(model: nn.Module, path: str, name: str | None = None) -> None:
     data, now = weights_content(path)
     if name is not None and now != name:
         raise UserError(f"{where}: the file has changed since the run began (it was {name}, it is {now})")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle that is not tensors
-        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        raise UserError(f"{where}: cannot be read as a state_dict ({printable(why, 200)})") from None
+    state = saved_tensors(data, where, "a state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{where}: holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
     own = model.state_dict()

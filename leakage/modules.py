@@ -341,6 +341,9 @@ def expand_models(names: list[str], shape: tuple[int, int, int] = PHOTOGRAPH_SHA
             if m is None or int(m[1]) == 0:
                 raise UserError(f"--model '{name}': expected random:N or random:N@SEED, N at least 1")
             out += random_architectures(int(m[1]), int(m[2]) if m[2] else RANDOM_SEED, shape)
+        elif name.endswith(".py"):
+            raise UserError(f"--model {printable(name, 200)}: a Python file needs the name of the class or function "
+                            f"that builds the model: {printable(name, 200)}:NAME")
         elif "-" not in name and not is_model_file(name):
             raise UserError(f"unknown model '{name}' (--list-models lists the {len(MODELS)} models; or give an "
                             "architecture string, e.g. 8k3s1p0-tanh,fc-id, or your module as PATH.py:NAME)")

@@ -100,3 +100,33 @@ def test_weights_given_as_a_fifo_are_refused_not_waited_on(tmp_path, capsys):
     assert H.main(["--analyse", "--model", "cnn2_c0", "--source", "samples", "--index", "3",
                    "--weights", str(fifo)]) == 2
     assert "not a regular file" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", ["--weights", "--gradient"])
+@pytest.mark.parametrize("content, says", [(b"", "the file is empty (0 bytes)"),
+                                           (b"# not saved tensors\n", "not a file torch.save wrote"),
+                                           ("numpy", "objects other than tensors are not loaded")])
+def test_a_file_that_is_not_saved_tensors_is_one_plain_line(flag, content, says, tmp_path, capsys):
+    path = tmp_path / "file.pt"
+    if content == "numpy":
+        torch.save([np.zeros(3)], path)  # a list of numpy arrays: a pickle of numpy's own class
+    else:
+        path.write_bytes(content)
+    args = ["--model", "cnn2_c0", "--source", "samples", "--index", "3"]
+    assert H.main([*args, "--analyse", flag, str(path)] if flag == "--weights" else
+                  [*args, "--attacks", "rgap", flag, str(path), "--output", str(tmp_path / "out")]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert says in err and "\x1b" not in err and "trust" not in err and "weights_only" not in err, err
+
+
+def test_a_python_file_without_a_name_is_said_so(capsys):
+    assert H.main(["--analyse", "--model", "my-net.py"]) == 2
+    assert "a Python file needs the name of the class or function" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("source, says", [
+    ("samples", "--source samples holds 5 photographs"),
+    ("mnist-test", "--source mnist-test holds 10000 images (MNIST's test set, 0-9999)")])
+def test_an_index_beyond_the_source_names_the_source(source, says, capsys):
+    assert H.main(["--analyse", "--source", source, "--index", "10000"]) == 2
+    assert says in one_line(capsys.readouterr().err)

@@ -56,6 +56,7 @@ fraction; the hybrid and hybrid_free). Every other concern has a room of its own
     api.py                 the same from Python: hybrid.attack and hybrid.analyse
     sweeps.py, report.py   long runs (folders, resume, shards, workers, merge), and what a
                            run folder says (summaries, correlations, figures)
+    tables.py              the study tables the scripts of studies/ print
     console.py, flags.py   lines for the user, and settings that are flags
 
 To add an attack: its function and one row of ATTACKS; a defence: its function and one

@@ -358,6 +358,15 @@ def read_regular_file(path: str) -> bytes:
         os.close(fd)
 
 
+def file_bytes(path: str, where: str, what: str = "") -> bytes:
+    """A regular file's bytes (read_regular_file), or one UserError saying why not, after `where`."""
+    try:
+        return read_regular_file(path)
+    except (OSError, ValueError) as e:  # a missing file, a FIFO, a device
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"{where}: cannot be read{what} ({printable(why, 200)})") from None
+
+
 def saved_tensors(data: bytes, where: str, what: str) -> object:
     """What torch.save wrote to a file's bytes, loaded with weights_only=True (tensors and
     plain containers, never other objects); an empty file, a pickle of other objects or no

@@ -7,7 +7,7 @@ from typing import NamedTuple, TYPE_CHECKING
 import torch
 
 from leakage.console import UserError, printable
-from leakage.data import content_name, read_regular_file, saved_tensors
+from leakage.data import content_name, file_bytes, saved_tensors
 from leakage.paper import client_gradient
 
 if TYPE_CHECKING:  # annotations alone
@@ -28,11 +28,7 @@ def load_gradient(path: str, shape: tuple[int, int, int]) -> Captured:
     """--gradient FILE.pt: `[p.grad for p in model.parameters()]` or `{n: p.grad for n, p in
     model.named_parameters()}` as torch.save wrote it; anything else a UserError."""
     where = f"--gradient {printable(path, 200)}"
-    try:
-        data = read_regular_file(path)
-    except (OSError, ValueError) as e:  # a missing file, a FIFO, a device
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise UserError(f"{where}: cannot be read as saved tensors ({printable(why, 200)})") from None
+    data = file_bytes(path, where, " as saved tensors")
     tensors = saved_tensors(data, where, "saved tensors")
     name = "gradient:" + content_name(printable(Path(path).name, 60), data)
     return as_captured(tensors, name, where, shape)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from leakage.activations import canonical_activation, check_activation, make_activation
 from leakage.console import UserError, printable
-from leakage.data import PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, content_name, read_regular_file, saved_tensors
+from leakage.data import PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, content_name, file_bytes, saved_tensors
 from leakage.runtime import PUBLISHED_SEED, seed_everything
 
 # An architecture is one string: convolutions OUTkKsSpP[b]-ACT, comma-separated, then
@@ -255,11 +255,7 @@ def build_net(name: str, seed: int = PUBLISHED_SEED, shape: tuple[int, int, int]
 
 def weights_content(path: str) -> tuple[bytes, str]:
     """--weights FILE's bytes and its content_name, read once (a FIFO is refused, not waited on)."""
-    try:
-        data = read_regular_file(path)
-    except (OSError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise UserError(f"--weights {printable(path, 200)}: cannot be read ({printable(why, 200)})") from None
+    data = file_bytes(path, f"--weights {printable(path, 200)}")
     return data, content_name(printable(Path(path).name, 60), data)
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from leakage.activations import ACTIVATIONS, from_call, is_activation, row_of, spelled
 from leakage.console import UserError, printable, say
-from leakage.data import PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, content_hash, read_regular_file
+from leakage.data import PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, content_hash, file_bytes
 from leakage.models import (
     MODELS, Net, RANDOM_SEED, architecture, build_net, layer_shapes, load_weights, random_architectures
 )
@@ -165,11 +165,7 @@ def module_source(model_file: str) -> tuple[str, bytes]:
     where = f"--model {printable(model_file, 200)}"
     if not Path(m["path"]).is_file():
         raise UserError(f"{where}: no file {printable(m['path'], 200)}")
-    try:
-        data = read_regular_file(m["path"])
-    except (OSError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise UserError(f"{where}: cannot be read ({printable(why, 200)})") from None
+    data = file_bytes(m["path"], where)
     now = content_hash(data)
     if m["hash"] is not None and now != m["hash"]:
         raise UserError(f"{where}: {printable(m['path'], 200)} has changed since the run began (its content "

@@ -9,7 +9,7 @@ Usage: python -m studies.defence_table STUDY.json [STUDY.json ...] [--figure PNG
 """
 import sys
 
-from leakage import report
+from leakage import tables
 from leakage.record import removing_equations, report_names
 from studies.common import Parser, printed, read_rows
 
@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def make() -> str:
         rows = [r for path in a.studies for r in read_rows(path)]
-        text = report.defence_table(rows, report_names(), removing_equations())
+        text = tables.defence_table(rows, report_names(), removing_equations())
         if a.figure:
-            report.plot_defence_table(rows, a.figure, report_names())
+            tables.plot_defence_table(rows, a.figure, report_names())
         return text
     return printed(p.prog, make)
 

@@ -8,7 +8,7 @@ Usage: python -m studies.heldout_table HELDOUT.json ZOO.json [--images 0-4] > ta
 """
 import sys
 
-from leakage import report
+from leakage import tables
 from leakage.record import report_names
 from studies.common import Parser, image_names, printed, read_rows
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def make() -> str:
         names = image_names(a.images)
-        return report.side_by_side(read_rows(a.heldout, names), read_rows(a.zoo, names), report_names())
+        return tables.side_by_side(read_rows(a.heldout, names), read_rows(a.zoo, names), report_names())
     return printed(p.prog, make)
 
 

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from leakage import report
+from leakage import report, tables
 from leakage.data import DATASETS, dataset_of
 from leakage.record import report_names, rows_in
 from studies.common import Parser, printed, read_results
@@ -67,8 +67,8 @@ def quality_table(runs: dict[str, list[dict]], names: report.Names) -> list[str]
         for rows in runs.values():
             mine = [r for r in rows if r["attack"] == attack]
             psnr = [r["psnr"] for r in mine]
-            cells += [f"{report.show_psnr(float(np.median(psnr)))} [{report.show_psnr(min(psnr))}, "
-                      f"{report.show_psnr(max(psnr))}]", f"{np.mean([r['ssim'] for r in mine]):.3f}",
+            cells += [f"{tables.show_psnr(float(np.median(psnr)))} [{tables.show_psnr(min(psnr))}, "
+                      f"{tables.show_psnr(max(psnr))}]", f"{np.mean([r['ssim'] for r in mine]):.3f}",
                       f"{np.mean([r['seconds'] for r in mine]):.1f}"]
         lines.append(f"| {names.shown(attack)} | " + " | ".join(cells) + " |")
     return lines

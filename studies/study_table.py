@@ -11,7 +11,7 @@ Usage: python -m studies.study_table FIRST.json SECOND.json [--names CIFAR-10 ph
 """
 import sys
 
-from leakage import report
+from leakage import tables
 from leakage.record import report_names
 from studies.common import Parser, image_names, printed, read_rows
 
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     def make() -> str:
         images, labels = image_names(a.images), tuple(a.names)
         first, second = read_rows(a.first, images, a.models), read_rows(a.second, images, a.models)
-        return (report.side_by_side(first, second, report_names(), labels, ("models", "models"), "model")
-                + "\n".join(report.model_rows(first, second, labels, report_names())) + "\n")
+        return (tables.side_by_side(first, second, report_names(), labels, ("models", "models"), "model")
+                + "\n".join(tables.model_rows(first, second, labels, report_names())) + "\n")
     return printed(p.prog, make)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hybrid as H
-from leakage import report
+from leakage import tables
 from leakage.attacks import ATTACKS
 from leakage.data import to_image
 from leakage.defences import (
@@ -338,7 +338,7 @@ def test_defence_table_finds_the_weakest_strength_that_stays_below_15_db():
     scored = lambda p: {"psnr": p, "ssim": 0.5, "seconds": 1.0, "label": 3, "label_correct": True}  # noqa: E731
     runs = [{"model": m, "image": "i", "defence": {"spec": s, "kind": s.split(":")[0]}, "attacks": {"rgap": scored(p)}}
             for m, by in psnrs.items() for s, p in by.items()]
-    table = report.defence_table(rows_in({"runs": runs}), report_names(), removing_equations())
+    table = tables.defence_table(rows_in({"runs": runs}), report_names(), removing_equations())
     stopping = table.split("The weakest strength")[1]
     assert "| m1 | R-GAP | 0.01 (14.0) |" in stopping  # the weakest of the two below 15
     assert "| m2 | R-GAP | already |" in stopping and "| m3 | R-GAP | - |" in stopping

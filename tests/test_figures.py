@@ -8,7 +8,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
-from leakage import report
+from leakage import report, tables
 from leakage.record import report_names, rows_in
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -76,7 +76,7 @@ def test_a_study_figure_keeps_its_text_on_the_canvas_and_its_legend_off_the_labe
 
 def test_the_defence_figure_keeps_its_text_on_the_canvas_and_its_ticks_apart(tmp_path):
     rows = [r for f in sorted(ASSETS.glob("defences_*_results.json")) for r in rows_in(json.loads(f.read_text()))]
-    fig = report.plot_defence_table(rows, tmp_path / "d.png", report_names())
+    fig = tables.plot_defence_table(rows, tmp_path / "d.png", report_names())
     renderer = drawn(fig)
     assert texts_outside(fig, renderer) == []
     assert legend_overlaps(fig, renderer) == []

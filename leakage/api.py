@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 
 from leakage.attacks import ATTACKS
-from leakage.console import UserError
+from leakage.console import UserError, warn
 from leakage.flags import default_of, flags_of
 from leakage.experiment import answers
-from leakage.gradients import as_captured, captured_gradient, load_gradient
+from leakage.gradients import as_captured, captured_gradient, fingerprint, load_gradient
 from leakage.models import Net
-from leakage.modules import read_module
+from leakage.modules import Classifier, NotAChain, logits_shape, read_module
 from leakage.paper import rank_deficiency, recover_label, security_index, worst_layer_fraction
 from leakage.runtime import PUBLISHED_SEED
 from leakage.settings import AttackSettings
@@ -61,12 +61,15 @@ def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: t
         raise UserError(f"attack '{unknown[0]}' is none of {', '.join(ATTACKS)}" if unknown
                         else f"attacks: none named (from {', '.join(ATTACKS)})")
     method = attack_settings(settings)
-    net, shared = read_inputs(model, gradient, input_shape)
-    classes = net.layers[-1].out_features
+    net, shared = read_inputs(model, gradient, input_shape, names)
+    classes = net.classes
     if label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))
                               or not 0 <= label < classes):
         raise UserError(f"label {label!r} is not a class of a model with {classes} (0-{classes - 1})")
-    used = recover_label(shared) if label is None else int(label)
+    why = fingerprint(net, shared)
+    if why is not None:
+        warn(f"the gradient: {why}; attacked as one image's gradient as given")
+    used = recover_label(shared, net.bias_at) if label is None else int(label)
     with own_random_state():
         return {name: result for _, name, result, _ in answers([(net, shared, used)], names, method, seed)}
 
@@ -117,6 +120,19 @@ def analyse(model: nn.Module, gradient: list | tuple | dict | str, input_shape: 
             "worst_layer_fraction": worst_layer_fraction(deficiency, unknowns)}
 
 
+def as_model(module: nn.Module, shape: tuple[int, int, int], attacks: list[str]) -> Net | Classifier:
+    """The module as the attacks named take it: its chain (read_module), or the whole module
+    (Classifier) where it is none and none of them inverts it layer by layer."""
+    where = f"the model ({type(module).__name__})"
+    try:
+        return read_module(module, shape, where)
+    except NotAChain as e:
+        linear = [name for name in attacks if ATTACKS[name].linear]
+        if linear:
+            raise UserError(f"{', '.join(linear)}: {e} (dlg, idlg and cosine take any classifier)") from None
+        return Classifier(module, shape, logits_shape(module, shape, where), e.blocking, where)
+
+
 def input_shape_of(input_shape: Iterable) -> tuple[int, int, int]:
     """(C, H, W) as whole numbers of at least 1, or one UserError naming what was given."""
     try:
@@ -130,10 +146,11 @@ def input_shape_of(input_shape: Iterable) -> tuple[int, int, int]:
     return tuple(int(n) for n in shape)
 
 
-def read_inputs(model: nn.Module, gradient: list | tuple | dict | str,
-                input_shape: tuple[int, int, int]) -> tuple[Net, list[torch.Tensor]]:
+def read_inputs(model: nn.Module, gradient: list | tuple | dict | str, input_shape: tuple[int, int, int],
+                attacks: list[str] = ("rgap",)) -> tuple[Net | Classifier, list[torch.Tensor]]:
     """attack's and analyse's arguments as the attacks take them: the model's chain (its own
-    layers, not a copy) and the gradient matched to its parameters."""
+    layers, not a copy), or, where it is none and no attack named needs one, the whole
+    module; and the gradient matched to its parameters."""
     shape = input_shape_of(input_shape)
     if not isinstance(model, nn.Module):
         raise UserError(f"model: a {type(model).__name__}, not an nn.Module")
@@ -142,7 +159,7 @@ def read_inputs(model: nn.Module, gradient: list | tuple | dict | str,
         raise UserError("the model's parameters are on the meta device: they hold no values to attack")
     if kinds & {torch.float64, torch.float16, torch.bfloat16}:  # as the command line: in float32, on a copy
         model = copy.deepcopy(model).float()
-    net = model if isinstance(model, Net) else read_module(model, shape, f"the model ({type(model).__name__})")
+    net = model if isinstance(model, Net) else as_model(model, shape, attacks)
     if isinstance(gradient, (str, os.PathLike)):
         captured = load_gradient(os.fspath(gradient), shape)
     else:

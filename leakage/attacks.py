@@ -28,6 +28,7 @@ class Attack:
     paper: bool  # one of the paper's comparison: the default --attacks
     settings: tuple[str, ...] = ()  # the AttackSettings it reads beyond the label: a flag for one needs the attack
     together: Callable[..., list[AttackResult]] | None = None  # several clients' at once (experiment.answers)
+    linear: bool = False  # solves each layer's linear system: needs the chain (a Net), not any classifier
 
 
 def one_client(together: Callable[..., list[AttackResult]]) -> AttackFunction:
@@ -39,16 +40,22 @@ def one_client(together: Callable[..., list[AttackResult]]) -> AttackFunction:
 
 
 ATTACKS: dict[str, Attack] = {
-    "rgap": Attack(attack_rgap, "R-GAP", "o", paper=True),
+    "rgap": Attack(attack_rgap, "R-GAP", "o", paper=True, linear=True),
     "dlg": Attack(attack_dlg, "DLG", "v", paper=True, settings=("dlg_iters", "restarts")),
     "idlg": Attack(attack_idlg, "iDLG", "^", paper=True, settings=("dlg_iters", "restarts")),
     "cosine": Attack(attack_cosine, "Cosine+TV", "D", paper=True, settings=("cosine_iters", "restarts")),
     "hybrid": Attack(one_client(attack_hybrid), "Hybrid", "s", paper=True,
-                     settings=("hybrid_iters", "hybrid_iters_first", "compile"), together=attack_hybrid),
+                     settings=("hybrid_iters", "hybrid_iters_first", "compile"), together=attack_hybrid, linear=True),
     "hybrid_free": Attack(one_client(attack_hybrid_free), "Hybrid, free layers", "P", paper=False,
                           settings=("hybrid_iters", "hybrid_iters_first", "compile", "correct_where"),
-                          together=attack_hybrid_free),
+                          together=attack_hybrid_free, linear=True),
 }
+
+
+def takes(name: str, blocking: tuple) -> bool:
+    """Whether attack `name` can take a model with these blocking layers (modules.model_blocking):
+    the optimisation attacks take any classifier, the linear ones a chain alone."""
+    return not (ATTACKS[name].linear and blocking)
 
 
 def paper_attacks() -> list[str]:

@@ -24,7 +24,7 @@ def lbfgs_attack(model: Net, grads: list[torch.Tensor], label: int | None, steps
     """Dummy image (and, where label is None, dummy label logits) ~ N(0, 1), L-BFGS lr 1."""
     device = grads[0].device
     x = torch.randn(1, *model.shapes[0], device=device, requires_grad=True)
-    y = torch.randn(1, model.layers[-1].out_features, device=device, requires_grad=True) if label is None else None
+    y = torch.randn(1, model.classes, device=device, requires_grad=True) if label is None else None
     variables = [x] if y is None else [x, y]
     opt = torch.optim.LBFGS(variables, lr=1)
 

@@ -14,17 +14,17 @@ from typing import NamedTuple
 import torch
 
 from leakage import flags, sweeps
-from leakage.attacks import ATTACKS, paper_attacks
-from leakage.console import UserError, say
+from leakage.attacks import ATTACKS, paper_attacks, takes
+from leakage.console import UserError, printable, say, warn
 from leakage.data import (
     DEFAULT_SOURCE, PUBLISHED_NORMALIZE, PrivateImage, data_format, load_images, normalize_of, normalized,
     parse_image_indices
 )
 from leakage.defences import canonical_defences
 from leakage.experiment import analyse_images, prepare_model
-from leakage.gradients import captured_gradient, load_gradient
+from leakage.gradients import captured_gradient, fingerprint, load_gradient, pixel_space_hint
 from leakage.models import MODELS, weights_content
-from leakage.modules import expand_models
+from leakage.modules import blocking_text, build_model, expand_models, is_code_model, model_blocking
 from leakage.record import RECORD, finish, paper_sweep
 from leakage.runtime import configure_process
 from leakage.settings import AttackSettings, Experiment, quick_iterations
@@ -163,7 +163,45 @@ def settings_from(args: argparse.Namespace, paths: Paths = Paths()) -> tuple[Exp
         raise UserError("--true-label with --gradient needs the true label: --label K, or the image by --index")
     if settings.compile:
         check_compiler(exp.device)
+    check_modules(exp, explicit=args.attacks is not None, analysing=args.analyse)
     return exp, settings, sweeps.run_settings(args, paths.output)
+
+
+def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
+    """Each module model built once, now, before any folder (its arguments, weights and mode);
+    where the linear attacks cannot take one, each named attack that cannot is refused by
+    name, one line each, and the others run; the default attacks leave them out in one line;
+    naming only attacks that cannot run, or --analyse, is a UserError."""
+    shape = tuple(exp.input_shape)
+    code = [m for m in exp.models if is_code_model(m)]
+    if exp.module_mode is not None and not code:
+        raise UserError("--module-mode has no effect without a module model (--model PATH.py:NAME or "
+                        "package.module:NAME)")
+    for model in code:
+        build_model(model, exp.model_seed, shape, exp.classes, exp.weights, exp.weights_name, exp.module_mode)
+    for model in exp.models:
+        blocking = model_blocking(model, shape)
+        shown = f"--model {printable(model, 100)}"
+        if not blocking:
+            continue
+        if analysing:
+            raise UserError(f"--analyse: {shown}: its ranks come from R-GAP's recursion, which needs a chain of "
+                            f"invertible layers: {blocking_text(list(blocking))}")
+        refused = [a for a in exp.attacks if not takes(a, blocking)]
+        left = [a for a in exp.attacks if takes(a, blocking)]
+        if not refused:
+            continue
+        why = blocking_text(list(blocking))
+        if not left:
+            raise UserError(f"{shown}: {' and '.join(ATTACKS[a].shown for a in refused)} cannot take it (they invert "
+                            f"it layer by layer): {why}; DLG, iDLG and Cosine+TV can (--attacks dlg idlg cosine)")
+        if explicit:
+            for a in refused:
+                say(f"{a}: {shown}: {ATTACKS[a].shown} cannot take it: {why}")
+        else:
+            say(f"{shown}: {', '.join(ATTACKS[a].shown for a in refused)} left out (they invert it layer by layer, and "
+                f"its layers are no chain: {blocking[0][0]} and {len(blocking) - 1} more); running "
+                f"{', '.join(ATTACKS[a].shown for a in left)}")
 
 
 def captured_image(exp: Experiment, images: list[PrivateImage]) -> PrivateImage:
@@ -182,7 +220,11 @@ def captured_image(exp: Experiment, images: list[PrivateImage]) -> PrivateImage:
         raise UserError(f"--label has no effect with --index: {images[0].name}'s label is the data's")
     else:
         image = images[0]._replace(captured=captured)
-    captured_gradient(prepare_model(exp, exp.models[0], image)[0], captured)
+    model = prepare_model(exp, exp.models[0], image)[0]
+    grads = captured_gradient(model, captured)
+    for why in (fingerprint(model, grads), pixel_space_hint(model, image, grads)):
+        if why is not None:
+            warn(f"{captured.where}: {why}; attacked as one image's gradient as given")
     return image
 
 

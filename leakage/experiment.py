@@ -19,8 +19,8 @@ from leakage.defences import (
 )
 from leakage.gradients import shared_gradient
 from leakage.metrics import inf_to_none, score
-from leakage.models import architecture, by_layer, draw_uniform, solve_cost
-from leakage.modules import build_model, is_model_file, recorded_model
+from leakage.models import Net, architecture, by_layer, draw_uniform, solve_cost
+from leakage.modules import build_model, is_code_model, recorded_model
 from leakage.paper import rank_deficiency, recover_label, security_index, worst_layer_fraction
 from leakage.runtime import seed_everything
 from leakage.solvers import StepMemo, memoised
@@ -30,14 +30,13 @@ if TYPE_CHECKING:  # annotations alone
     from leakage.data import PrivateImage
     from leakage.defences import Defence
     from leakage.matching import AttackResult
-    from leakage.models import Net
     from leakage.settings import AttackSettings, Experiment
 
 def prepare_model(exp: Experiment, name: str, image: PrivateImage) -> tuple[Net, dict | None]:
     """The model the client holds when it computes its gradient on `image`, and what
     training it had (None: the published initialisation)."""
     classes = exp.classes or data_format(exp)[1]  # an Experiment made in Python leaves them to the data
-    model = build_model(name, exp.model_seed, image.shape, classes, exp.weights, exp.weights_name)
+    model = build_model(name, exp.model_seed, image.shape, classes, exp.weights, exp.weights_name, exp.module_mode)
     if exp.init:
         draw_uniform(model, float(exp.init.partition(":")[2]), exp.model_seed)
     model = model.to(exp.device)
@@ -118,13 +117,13 @@ def share_and_attack(cells: list[tuple[Net, PrivateImage]], attacks: list[str], 
         grads = shared_gradient(model, image, device)
         shared, info = defend(grads, defence, defence_seed(seed, image.name))
         # the analyst's: the client's own gradient, the surviving rows
-        if defence.removes_equations and (analyse_defence is None or analyse_defence[i]):
+        if defence.removes_equations and isinstance(model, Net) and (analyse_defence is None or analyse_defence[i]):
             known = surviving(shared)
             info |= {"rank_deficiency": rank_deficiency(model, grads, known),
                      "fc_inputs_undetermined": fc_inputs_undetermined(model, known)}
         yield i, Defended(info)
         del grads  # from here on, the attacks' side: what was shared alone
-        label = image.label if settings.true_label else recover_label(shared)  # under noise it may be wrong
+        label = image.label if settings.true_label else recover_label(shared, model.bias_at)  # under noise, maybe wrong
         clients.append((model, shared, label))
     settings = dataclasses.replace(settings, zeros_are_missing=defence.removes_equations)  # an attacker sees the zeros
     for i, name, result, seconds in answers(clients, attacks, settings, seed):
@@ -321,7 +320,8 @@ def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]
         if why is not None:
             yield cell, Skipped(cell.attacks, why)
             continue
-        if not cell.ranks_recorded and ("rgap" not in cell.attacks or cell.defence != NO_DEFENCE):
+        if not cell.ranks_recorded and isinstance(model, Net) and ("rgap" not in cell.attacks
+                                                                  or cell.defence != NO_DEFENCE):
             held = (cell.model, cell.image.name, exp.model_seed, exp.train_steps, exp.train_lr, exp.data, exp.device)
             yield cell, undefended_ranks(held, model, cell.image, exp.device)  # R-GAP's, under a defence, are not
         ready.append((cell, model))  # the client's
@@ -357,4 +357,4 @@ def units_of(settings: AttackSettings, cells: list[Cell]) -> list[tuple[Cell, ..
 
 def model_cost(cell: Cell) -> float:
     """The solves' flops of the cell's model, up to a constant (solve_cost); 0 for a module's."""
-    return 0.0 if is_model_file(cell.model) else solve_cost(architecture(cell.model, cell.image.shape))[0]
+    return 0.0 if is_code_model(cell.model) else solve_cost(architecture(cell.model, cell.image.shape))[0]

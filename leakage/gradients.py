@@ -1,13 +1,16 @@
 """The gradient an attack is handed: the client's, computed, or one captured elsewhere (--gradient)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple, TYPE_CHECKING
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from leakage.console import UserError, printable
-from leakage.data import content_name, file_bytes, saved_tensors
+from leakage.data import content_name, file_bytes, saved_tensors, to_image
 from leakage.paper import client_gradient
 
 if TYPE_CHECKING:  # annotations alone
@@ -85,3 +88,78 @@ def shared_gradient(model: Net, image: PrivateImage, device: str) -> list[torch.
     if image.captured is not None:
         return captured_gradient(model, image.captured)
     return client_gradient(model, image.x.to(device), image.label)
+
+
+# -- What a captured gradient looks like: one image's cross-entropy gradient has fingerprints --
+# The output layer z = W a + b of one image, under cross-entropy, has gb = softmax(z) - onehot(y)
+# and gW = gb a^T (paper, Sec. 3; iDLG). So gb sums to zero, has exactly one negative entry, and
+# its norm is at most sqrt(2); gW has rank one. A batch's mean keeps the sum but has a negative
+# entry per distinct label, and gW of rank up to B; the weights file itself breaks the sum.
+# Measured on DLG's LeNet (sigmoid, uniform(-0.5, 0.5)), 5 draws each: sigma_2 / sigma_1 of gW is
+# at most 1.5e-8 for one image in float32, 0.28 to 0.91 for batches of 2 to 8. An update of 5
+# local SGD steps on one image, divided by the learning rate, can keep these fingerprints: 7e-5
+# to 2e-2 at lr 0.01, but 1e-8 to 1e-7 at lr 0.1 and 1 (the first step's gradient dominates),
+# so such an update is not always told from a gradient.
+RANK_ONE = 1e-4  # sigma_2 / sigma_1 above this: not rank one
+ZERO_SUM = 1e-3  # |sum gb| / sum |gb| above this: not a softmax's difference from a one-hot
+
+
+def fingerprint(model: nn.Module, grads: list[torch.Tensor]) -> str | None:
+    """What a gradient given as one image's looks like instead, in words, or None where it
+    has one image's fingerprints (above)."""
+    params = list(model.parameters())
+    if len(grads) == len(params) and all(g.shape == p.shape for g, p in zip(grads, params)):
+        close = F.cosine_similarity(torch.cat([g.flatten() for g in grads]).double(),
+                                    torch.cat([p.detach().flatten() for p in params]).double(), dim=0)
+        if close > 0.99:
+            return f"it is the model's own parameters (cosine {close:.4f}), not their gradient: the weights file?"
+    gb = grads[model.bias_at].double()
+    gw = grads[model.bias_at - 1].double() if model.bias_at != 0 else None
+    if gb.abs().sum() > 0 and abs(gb.sum()) > ZERO_SUM * gb.abs().sum():
+        return (f"its output bias gradient sums to {gb.sum():.3g}, where one image's cross-entropy gradient sums "
+                "to 0: not a cross-entropy gradient of these weights (parameters, or an update?)")
+    negative = int((gb < 0).sum())
+    if negative > 1:
+        return (f"it looks like the gradient of a batch of at least {negative} images ({negative} entries of its "
+                "output bias gradient are negative; one image's has one)")
+    if gw is not None and gw.dim() == 2 and min(gw.shape) > 1:
+        s = torch.linalg.svdvals(gw)
+        if s[0] > 0 and s[1] / s[0] > RANK_ONE:
+            return (f"its output weight gradient has rank above one (sigma_2 / sigma_1 = {s[1] / s[0]:.2g}; one "
+                    "image's is about 1e-7): a batch, or an update of several local steps")
+    if gb.norm() > math.sqrt(2) * (1 + 1e-4):
+        return (f"its output bias gradient's norm is {gb.norm():.3g}, and one image's is at most sqrt(2): a sum over "
+                "a batch, or a scaled gradient")
+    return None
+
+
+# What --normalize a captured gradient was computed under, where the true image is named: the
+# published code's pixels - 0.5, torchvision's [0, 1], [-1, 1], and CIFAR-10's and ImageNet's
+# statistics, the spaces users' capture code feeds (DLG's own code feeds [0, 1]).
+PIXEL_SPACES = {"0.5 1": ((0.5,), (1.0,)), "0 1": ((0.0,), (1.0,)), "0.5 0.5": ((0.5,), (0.5,)),
+                "0.4914 0.4822 0.4465 0.2470 0.2435 0.2616": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                "0.485 0.456 0.406 0.229 0.224 0.225": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+def pixel_space_hint(model: nn.Module, image: PrivateImage, grads: list[torch.Tensor]) -> str | None:
+    """Where the true image is named with its label, the gradient recomputed from it: None
+    where it matches under the given --normalize (cosine above 0.99), or where no other space
+    does better; otherwise the --normalize that reproduces it, in one line."""
+    if image.x is None or image.label is None:
+        return None
+    pixels = torch.as_tensor(to_image(image.x, image.normalize), dtype=torch.float32).permute(2, 0, 1)[None]
+
+    def agreement(normalize: tuple) -> float:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalize)
+        ours = client_gradient(model, ((pixels - mean) / std).to(grads[0].device), image.label)
+        return float(F.cosine_similarity(torch.cat([g.flatten() for g in ours]),
+                                         torch.cat([g.flatten() for g in grads]), dim=0))
+    if agreement(image.normalize) > 0.99:
+        return None
+    channels = image.shape[0]
+    fits = {text: agreement(n) for text, n in PIXEL_SPACES.items() if len(n[0]) in (1, channels)}
+    best = max(fits, key=fits.get, default=None)
+    if best is None or fits[best] < 0.99:
+        return None
+    return (f"the named image gives this gradient under --normalize {best} (cosine {fits[best]:.4f}), not under the "
+            "--normalize given: the attacks would work in the wrong pixel space")

@@ -52,7 +52,8 @@ def squared_distance(dummy: list[torch.Tensor], shared: list[torch.Tensor]) -> t
 def dummy_gradient(model: Net, output: torch.Tensor, target: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
     """Gradient of CE(output, target) w.r.t. the parameters of layers start..L-1, kept
     differentiable so that a distance to the shared gradient can be minimised."""
-    params = [p for layer in model.layers[start:] for p in layer.parameters()]
+    params = ([p for layer in model.layers[start:] for p in layer.parameters()] if isinstance(model, Net)
+              else list(model.parameters()))  # any classifier (modules.Classifier): whole
     return list(torch.autograd.grad(F.cross_entropy(output, target), params, create_graph=True))
 
 

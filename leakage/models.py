@@ -224,6 +224,11 @@ class Net(nn.Module):
         # of its parameters in its parameters() order (`listed`, a list file's order).
         self.names = [name for name, _ in self.named_parameters()]
         self.listed = list(self.names)
+        self.bias_at = -1  # the output layer's bias, among the parameters: its gradient gives the label away
+
+    @property
+    def classes(self) -> int:
+        return self.layers[-1].out_features
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Layers start..L-1: f_{l:} of the paper when start = l."""

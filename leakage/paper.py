@@ -61,9 +61,10 @@ def client_gradient(model: Net, x: torch.Tensor, label: int) -> list[torch.Tenso
     return [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
 
 
-def recover_label(grads: list[torch.Tensor]) -> int:
-    """iDLG rule (Zhao et al., 2020): the only negative entry of the last layer's bias gradient."""
-    return int(grads[-1].argmin())
+def recover_label(grads: list[torch.Tensor], bias_at: int = -1) -> int:
+    """iDLG rule (Zhao et al., 2020): the only negative entry of the output layer's bias
+    gradient (the last parameter's in a chain; a module's: Classifier.bias_at)."""
+    return int(grads[bias_at].argmin())
 
 
 # =============================================================================

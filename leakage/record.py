@@ -17,7 +17,7 @@ import torch
 
 from leakage import report, sweeps
 from leakage.activations import shown_activation
-from leakage.attacks import ATTACKS
+from leakage.attacks import ATTACKS, takes
 from leakage.console import UserError, printable, say, warn
 from leakage.data import CIFAR10_CLASSES, DATASETS, PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, dataset_of, to_image
 from leakage.defences import DEFENCES, NO_DEFENCE, parse_defence
@@ -26,7 +26,8 @@ from leakage.experiment import (
 )
 from leakage.models import MODELS, architecture, layer_shapes
 from leakage.modules import (
-    RECORDED_MODULE, canonical_model, is_module_model, layer_unknowns, model_stem, model_text, recorded_model
+    RECORDED_MODULE, canonical_model, is_module_model, layer_unknowns, model_blocking, model_stem, model_text,
+    recorded_model
 )
 from leakage.paper import indices_of
 from leakage.runtime import code_commit, configure_process
@@ -375,7 +376,9 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     # Image by image, every model on each: a long study stopped part-way (or a shard of it)
     # holds whole images, a smaller study of its own, rather than some of the models.
     defences = [parse_defence(spec) for spec in exp.defences]
-    cells = [Cell(name, image, exp.attacks, False, defence)
+    shape = tuple(exp.input_shape)
+    takes_of = {name: [a for a in exp.attacks if takes(a, model_blocking(name, shape))] for name in exp.models}
+    cells = [Cell(name, image, takes_of[name], False, defence)
              for image in images for name in exp.models for defence in defences]
     name = model_stem(exp.models[0]) if len(exp.models) == 1 else "grid"  # a string's commas make no folder name
     return sweeps.Sweep(RECORD, name, run_metadata(exp, settings, run, argv), cells, left_to_do,

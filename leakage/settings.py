@@ -114,6 +114,11 @@ class Experiment:
                                          type=flags.path_value)
     # Not a flag: --weights' file by its content (content_name), which the record compares, not its path.
     weights_name: str | None = None
+    module_mode: str | None = flags.setting(
+        None, "a module model's mode when the client computes its gradient, and the attacker's: train (BatchNorm "
+        "normalises by the batch's own statistics; dropout draws masks the attacker does not know) or eval (the "
+        "running statistics; no dropout); default: the mode NAME builds it in (nn.Module's default is train)",
+        choices=["train", "eval"])
     init: str | None = flags.setting(None, "uniform:A: draw every parameter uniform(-A, A) after --model-seed, as "
                                       "the DLG papers initialise their LeNet", metavar="uniform:A",
                                       type=lambda text: init_value(text), meta={"not_with": "weights"})

@@ -532,7 +532,7 @@ def expand_models(names: list[str], shape: tuple[int, int, int] = PHOTOGRAPH_SHA
     in the order given."""
     out = []
     for name in names:
-        if name == "all" or any(c in name for c in "*?["):
+        if name == "all" or any(c in name for c in "*?[") and not is_code_model(name) and ".py:" not in name:
             matches = list(MODELS) if name == "all" else [m for m in MODELS if fnmatch.fnmatchcase(m, name)]
             if not matches:
                 raise UserError(f"--model '{name}' matches no model (--list-models lists the {len(MODELS)} models)")
@@ -547,6 +547,9 @@ def expand_models(names: list[str], shape: tuple[int, int, int] = PHOTOGRAPH_SHA
         elif name.endswith(".py"):
             raise UserError(f"--model {printable(name, 200)}: a Python file needs the name of the class or function "
                             f"that builds the model: {printable(name, 200)}:NAME")
+        elif ".py:" in name and not is_model_file(name):
+            raise UserError(f"--model {printable(name, 200)}: expected PATH.py:NAME, or PATH.py:NAME(ARGS) with "
+                            "Python literals as arguments")
         elif "-" not in name and not is_code_model(name):
             raise UserError(f"unknown model '{printable(name, 80)}' (--list-models lists the {len(MODELS)} models; or "
                             "give an architecture string, e.g. 8k3s1p0-tanh,fc-id, your module as PATH.py:NAME, or an "

@@ -200,7 +200,7 @@ def test_true_label_is_handed_to_every_attack(chelsea, monkeypatch):
     recover_label is made to be wrong here so that the two differ."""
     model = build_model("cnn2_c4")
     wrong = (chelsea.label + 1) % 10
-    monkeypatch.setattr("leakage.experiment.recover_label", lambda grads: wrong)
+    monkeypatch.setattr("leakage.experiment.recover_label", lambda grads, bias_at=-1: wrong)
     given = answers(model, chelsea, list(ATTACKS), dataclasses.replace(TINY, true_label=True))
     assert {a: e.entry["label"] for a, e in given.items()} == dict.fromkeys(ATTACKS, chelsea.label)
     recovered = answers(model, chelsea, ["rgap", "idlg", "cosine", "hybrid"])

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import hybrid as H
@@ -13,7 +12,7 @@ from leakage.console import UserError
 from leakage.data import load_photographs
 from leakage.gradients import fingerprint, pixel_space_hint
 from leakage.models import MODELS, Net, architecture, build_net, draw_uniform
-from leakage.modules import Classifier, build_model, read_module
+from leakage.modules import Classifier, build_model
 from leakage.paper import client_gradient
 
 SHAPE = (3, 32, 32)
@@ -105,8 +104,8 @@ def test_the_published_forms_give_the_zoo_numbers(published_file, tmp_path):
 def test_a_model_file_imports_its_siblings(tmp_path):
     (tmp_path / "blocks.py").write_text("import torch.nn as nn\nWIDTH = 4\n")
     (tmp_path / "net.py").write_text("import torch.nn as nn\nfrom blocks import WIDTH\n\n"
-                                     "def net(classes=10):\n    return nn.Sequential(nn.Conv2d(3, WIDTH, 3), nn.Tanh(), "
-                                     "nn.Flatten(), nn.Linear(WIDTH * 900, classes))\n")
+                                     "def net(classes=10):\n    return nn.Sequential(nn.Conv2d(3, WIDTH, 3), "
+                                     "nn.Tanh(), nn.Flatten(), nn.Linear(WIDTH * 900, classes))\n")
     model = build_model(f"{tmp_path}/net.py:net(classes=10)")
     assert model.layers[0].out_channels == 4
     assert str(tmp_path) not in __import__("sys").path  # importable only while it loads

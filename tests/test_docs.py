@@ -125,7 +125,8 @@ def test_every_command_of_the_first_screen_runs_as_written(tmp_path):
         (tmp_path / name).symlink_to(ROOT / name)
     text = ROOT.joinpath("README.md").read_text()
     block = text[text.index("```bash"):].split("```")[1].splitlines()
-    commands = [shlex.split(line.split("  #")[0]) for line in block if line.startswith("python ") and "pytest" not in line]
+    commands = [shlex.split(line.split("  #")[0]) for line in block
+                if line.startswith("python ") and "pytest" not in line]
     assert len(commands) >= 5 and ["python", "examples/capture.py"] in commands
     for command in commands:
         if command[1] == "hybrid.py" and "--quick" not in command:

@@ -52,10 +52,11 @@ ATTACKS: dict[str, Attack] = {
 }
 
 
-def takes(name: str, blocking: tuple) -> bool:
-    """Whether attack `name` can take a model with these blocking layers (modules.model_blocking):
-    the optimisation attacks take any classifier, the linear ones a chain alone."""
-    return not (ATTACKS[name].linear and blocking)
+def takes(name: str, blocking: tuple, batch: int = 1) -> bool:
+    """Whether attack `name` can take a model with these blocking layers (modules.model_blocking)
+    on batches of `batch` images: the optimisation attacks take any classifier and batch, the
+    linear ones a chain and one image."""
+    return not (ATTACKS[name].linear and (blocking or batch > 1))
 
 
 def paper_attacks() -> list[str]:

@@ -17,7 +17,7 @@ from leakage import flags, sweeps
 from leakage.attacks import ATTACKS, paper_attacks, takes
 from leakage.console import UserError, printable, say, warn
 from leakage.data import (
-    DEFAULT_SOURCE, PUBLISHED_NORMALIZE, PrivateImage, data_format, load_images, normalize_of, normalized,
+    DEFAULT_SOURCE, PUBLISHED_NORMALIZE, PrivateImage, batched, data_format, load_images, normalize_of, normalized,
     parse_image_indices
 )
 from leakage.defences import canonical_defences
@@ -179,19 +179,30 @@ def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
                         "package.module:NAME)")
     for model in code:
         build_model(model, exp.model_seed, shape, exp.classes, exp.weights, exp.weights_name, exp.module_mode)
+    if exp.batch > 1:
+        if analysing:
+            raise UserError(f"--analyse with --batch {exp.batch}: the ranks are of one image's gradient (R-GAP's "
+                            "recursion); analyse the images one at a time")
+        if exp.train_steps:
+            raise UserError(f"--train-steps with --batch {exp.batch}: training leaves out one attacked image, not a "
+                            "batch, as yet")
+        if any(d.startswith("dp:") for d in exp.defences):
+            raise UserError(f"dp with --batch {exp.batch}: DP-SGD clips each image's gradient before the mean, and "
+                            "per-sample clipping is not built yet; noise and prune apply to a batch's gradient")
     for model in exp.models:
         blocking = model_blocking(model, shape)
         shown = f"--model {printable(model, 100)}"
-        if not blocking:
+        if not blocking and exp.batch == 1:
             continue
         if analysing:
             raise UserError(f"--analyse: {shown}: its ranks come from R-GAP's recursion, which needs a chain of "
                             f"invertible layers: {blocking_text(list(blocking))}")
-        refused = [a for a in exp.attacks if not takes(a, blocking)]
-        left = [a for a in exp.attacks if takes(a, blocking)]
+        refused = [a for a in exp.attacks if not takes(a, blocking, exp.batch)]
+        left = [a for a in exp.attacks if takes(a, blocking, exp.batch)]
         if not refused:
             continue
-        why = blocking_text(list(blocking))
+        why = (blocking_text(list(blocking)) if blocking else
+               f"with --batch {exp.batch} the gradient is a batch's, and its systems are one image's")
         if not left:
             raise UserError(f"{shown}: {' and '.join(ATTACKS[a].shown for a in refused)} cannot take it (they invert "
                             f"it layer by layer): {why}; DLG, iDLG and Cosine+TV can (--attacks dlg idlg cosine)")
@@ -199,9 +210,10 @@ def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
             for a in refused:
                 say(f"{a}: {shown}: {ATTACKS[a].shown} cannot take it: {why}")
         else:
+            how = (f"its layers are no chain: {blocking[0][0]} and {len(blocking) - 1} more" if blocking
+                   else f"--batch {exp.batch} is a batch's gradient")
             say(f"{shown}: {', '.join(ATTACKS[a].shown for a in refused)} left out (they invert it layer by layer, and "
-                f"its layers are no chain: {blocking[0][0]} and {len(blocking) - 1} more); running "
-                f"{', '.join(ATTACKS[a].shown for a in left)}")
+                f"{how}); running {', '.join(ATTACKS[a].shown for a in left)}")
 
 
 def captured_image(exp: Experiment, images: list[PrivateImage]) -> PrivateImage:
@@ -209,20 +221,23 @@ def captured_image(exp: Experiment, images: list[PrivateImage]) -> PrivateImage:
     against, carrying the gradient, or none (x None). Its gradient is checked against the
     model now, before any folder."""
     if len(images) > 1:
-        raise UserError(f"--gradient is one image's gradient: name one image to score against, not {len(images)}")
-    captured = load_gradient(exp.gradient, tuple(exp.input_shape))
+        raise UserError(f"--gradient is one {'batch' if exp.batch > 1 else 'image'}'s gradient: name "
+                        f"{f'its {exp.batch} images' if exp.batch > 1 else 'one image'} to score against, not "
+                        f"{len(images) * exp.batch}")
+    captured = load_gradient(exp.gradient, tuple(exp.input_shape), exp.batch)
     normalize = PUBLISHED_NORMALIZE if exp.normalize is None else normalize_of(exp.normalize, exp.input_shape[0])
     if not images:
         image = PrivateImage(captured.name, None, exp.label, normalize, captured)
     elif exp.image_files:  # a file has no label of its own: --label's, where given
-        image = images[0]._replace(label=exp.label, captured=captured)
+        label = exp.label if images[0].size == 1 or exp.label is None else (exp.label,) * images[0].size
+        image = images[0]._replace(label=label, captured=captured)
     elif exp.label is not None:
         raise UserError(f"--label has no effect with --index: {images[0].name}'s label is the data's")
     else:
         image = images[0]._replace(captured=captured)
     model = prepare_model(exp, exp.models[0], image)[0]
     grads = captured_gradient(model, captured)
-    for why in (fingerprint(model, grads), pixel_space_hint(model, image, grads)):
+    for why in (fingerprint(model, grads, exp.batch), pixel_space_hint(model, image, grads)):
         if why is not None:
             warn(f"{captured.where}: {why}; attacked as one image's gradient as given")
     return image
@@ -257,6 +272,7 @@ def main(argv: list[str] | None = None, paths: Paths = Paths()) -> int:
             images, used = load_images(exp, analysing=args.analyse)
         if exp.normalize is not None:
             images = [normalized(image, *normalize_of(exp.normalize, exp.input_shape[0])) for image in images]
+        images = batched(images, exp.batch)  # a client's batch is one cell
         if not exp.image_files:  # the record names the source the images came from: a fallback is another experiment
             exp = dataclasses.replace(exp, source=used)
         if exp.gradient is not None:

@@ -39,8 +39,8 @@ class PrivateImage(NamedTuple):
     score against where one is named (x and label None where none is, or no label given)."""
 
     name: str  # e.g. "cifar10:3", "mnist-test:7", "samples:chelsea", "file:cat.png@3fa2b1c0d9", "gradient:g.pt@1a2b"
-    x: torch.Tensor | None  # (1, C, H, W): (1, 3, 32, 32) for CIFAR; (pixels - mean) / std, in [-0.5, 0.5] by default
-    label: int | None
+    x: torch.Tensor | None  # (B, C, H, W): (1, 3, 32, 32) for a CIFAR image; (pixels - mean) / std, in [-0.5, 0.5]
+    label: int | tuple[int, ...] | None  # a batch's (--batch B): one per image, "cifar10:0+1+2+3"
     normalize: tuple = PUBLISHED_NORMALIZE  # (mean, std), per channel or one for all
     captured: Captured | None = None  # --gradient: what the client shared, read from a file
 
@@ -48,6 +48,35 @@ class PrivateImage(NamedTuple):
     def shape(self) -> tuple[int, int, int]:
         """The models' input (C, H, W)."""
         return tuple(self.x.shape[1:]) if self.x is not None else self.captured.shape
+
+    @property
+    def size(self) -> int:
+        """The images the client trains on: 1, or a batch's B."""
+        return len(self.x) if self.x is not None else self.captured.batch if self.captured is not None else 1
+
+    @property
+    def labels(self) -> list[int] | None:
+        """The label of each image, a batch's or one image's."""
+        return None if self.label is None else [self.label] if isinstance(self.label, int) else list(self.label)
+
+
+def batched(images: list[PrivateImage], size: int) -> list[PrivateImage]:
+    """--batch B: the images, B at a time in their order, each batch one PrivateImage of B
+    rows named by its images ("cifar10-test:0+1+2+3"); B = 1 leaves them as they are."""
+    if size == 1:
+        return images
+    if len(images) % size:
+        raise UserError(f"--batch {size}: {len(images)} image{'s' * (len(images) > 1)} make no whole number of "
+                        f"batches of {size} (give --index a multiple of {size} images)")
+    out = []
+    for start in range(0, len(images), size):
+        group = images[start:start + size]
+        sources = {image.name.partition(":")[0] for image in group}
+        name = (f"{sources.pop()}:" + "+".join(image.name.partition(":")[2] for image in group) if len(sources) == 1
+                else "+".join(image.name for image in group))
+        out.append(PrivateImage(name, torch.cat([image.x for image in group]), tuple(i.label for i in group),
+                                group[0].normalize))
+    return out
 
 
 def normalized(image: PrivateImage, mean: tuple, std: tuple) -> PrivateImage:
@@ -67,6 +96,11 @@ def to_model_space(rgb: np.ndarray) -> torch.Tensor:
     if rgb.dtype == np.uint8:
         rgb = rgb / 255.0
     return torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None] - 0.5
+
+
+def to_images(x: torch.Tensor, normalize: tuple = PUBLISHED_NORMALIZE) -> np.ndarray:
+    """A batch in model space -> (B, H, W, C) in [0, 1], each as to_image makes it."""
+    return np.stack([to_image(x[i:i + 1], normalize) for i in range(len(x))])
 
 
 def to_image(x: torch.Tensor, normalize: tuple = PUBLISHED_NORMALIZE) -> np.ndarray:

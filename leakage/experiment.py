@@ -13,12 +13,13 @@ import torch
 from leakage import sweeps
 from leakage.attacks import ATTACKS
 from leakage.console import say
-from leakage.data import data_format, to_image
+from leakage.data import data_format, to_image, to_images
 from leakage.defences import (
     DEFENCES, NO_DEFENCE, defence_seed, defend, fc_inputs_undetermined, parse_defence, surviving
 )
 from leakage.gradients import shared_gradient
-from leakage.metrics import inf_to_none, score
+from leakage.labels import label_accuracies, mean_posterior, recover_labels
+from leakage.metrics import inf_to_none, matched, score
 from leakage.models import Net, architecture, by_layer, draw_uniform, solve_cost
 from leakage.modules import build_model, is_code_model, recorded_model
 from leakage.paper import rank_deficiency, recover_label, security_index, worst_layer_fraction
@@ -92,7 +93,9 @@ class Answer(NamedTuple):
 def score_answer(name: str, result: AttackResult, seconds: float, image: PrivateImage) -> Answer:
     """The attack's answer scored against `image`; with a captured gradient and no target,
     PSNR and SSIM null (the entry's target is null: nothing to score), and the label's
-    correctness null where no label was given."""
+    correctness null where no label was given. A batch's is scored by batch_scores."""
+    if image.size > 1:
+        return batch_answer(name, result, seconds, image)
     recon = to_image(result.x, image.normalize)
     scores = {"psnr": None, "ssim": None}
     if image.x is not None:
@@ -101,6 +104,36 @@ def score_answer(name: str, result: AttackResult, seconds: float, image: Private
     entry = scores | {"seconds": round(seconds, 3), "label": result.label,
                       "label_correct": None if image.label is None else result.label == image.label, **result.info}
     return Answer(name, entry, recon)
+
+
+EXACT_DB = 40.0  # a reconstruction this close is the image, to the eye
+
+
+def batch_answer(name: str, result: AttackResult, seconds: float, image: PrivateImage) -> Answer:
+    """A batch's answer: the B reconstructions paired with the B images (metrics.matched) and
+    saved in their order; each image's PSNR, SSIM and label in `images`, and their means as the
+    entry's psnr and ssim (the mean of the finite PSNRs, null where every image is exact), and
+    `exact_images`, the count at EXACT_DB or above. The label's correctness is the fraction of images whose paired
+    reconstruction has their label; `label_accuracy` holds iLRG's two measures of the labels as
+    a multiset. With no target, the reconstructions keep the attack's order."""
+    recons = to_images(result.x, image.normalize)
+    labels = list(result.label) if not isinstance(result.label, int) else [result.label] * len(recons)
+    entry = {"seconds": round(seconds, 3), **result.info}
+    if image.x is None:
+        return Answer(name, entry | {"psnr": None, "ssim": None, "label": labels, "label_correct": None}, recons)
+    targets = to_images(image.x, image.normalize)
+    order = matched(targets, recons)
+    recons, labels = recons[order], [labels[j] for j in order]
+    each = [score(t, r) for t, r in zip(targets, recons)]
+    psnrs = [s["psnr"] for s in each]
+    finite = [p for p in psnrs if np.isfinite(p)]
+    entry |= {"psnr": float(np.mean(finite)) if finite else None, "ssim": float(np.mean([s["ssim"] for s in each])),
+              "label": labels, "label_correct": float(np.mean([a == b for a, b in zip(labels, image.labels)])),
+              "label_accuracy": label_accuracies(labels, image.labels), "order": order,
+              "exact_images": sum(p >= EXACT_DB for p in psnrs),
+              "images": [{"psnr": inf_to_none(s["psnr"]), "ssim": s["ssim"], "label": lab, "label_correct": lab == true}
+                         for s, lab, true in zip(each, labels, image.labels)]}
+    return Answer(name, entry, recons)
 
 
 def share_and_attack(cells: list[tuple[Net, PrivateImage]], attacks: list[str], settings: AttackSettings,
@@ -123,11 +156,19 @@ def share_and_attack(cells: list[tuple[Net, PrivateImage]], attacks: list[str], 
                      "fc_inputs_undetermined": fc_inputs_undetermined(model, known)}
         yield i, Defended(info)
         del grads  # from here on, the attacks' side: what was shared alone
-        label = image.label if settings.true_label else recover_label(shared, model.bias_at)  # under noise, maybe wrong
+        label = image.label if settings.true_label else recovered(model, shared, image)  # under noise, maybe wrong
         clients.append((model, shared, label))
     settings = dataclasses.replace(settings, zeros_are_missing=defence.removes_equations)  # an attacker sees the zeros
     for i, name, result, seconds in answers(clients, attacks, settings, seed):
         yield i, score_answer(name, result, seconds, cells[i][1])
+
+
+def recovered(model: Net, shared: list[torch.Tensor], image: PrivateImage) -> int | tuple[int, ...]:
+    """The label the attacker reads from the shared gradient: iDLG's for one image, a batch's
+    counts for B (labels.recover_labels)."""
+    if image.size == 1:
+        return recover_label(shared, model.bias_at)
+    return recover_labels(shared[model.bias_at], image.size, mean_posterior(model, image.shape, image.normalize))
 
 
 Client = tuple  # (model, shared gradient, label): one cell's side of the attacks

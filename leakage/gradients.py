@@ -25,19 +25,20 @@ class Captured(NamedTuple):
     where: str  # as a message names it: "--gradient FILE"
     tensors: tuple | dict  # in model.parameters() order, or by parameter name (None: a parameter unused)
     shape: tuple[int, int, int]
+    batch: int = 1  # the images it is the mean gradient of (--batch)
 
 
-def load_gradient(path: str, shape: tuple[int, int, int]) -> Captured:
+def load_gradient(path: str, shape: tuple[int, int, int], batch: int = 1) -> Captured:
     """--gradient FILE.pt: `[p.grad for p in model.parameters()]` or `{n: p.grad for n, p in
     model.named_parameters()}` as torch.save wrote it; anything else a UserError."""
     where = f"--gradient {printable(path, 200)}"
     data = file_bytes(path, where, " as saved tensors")
     tensors = saved_tensors(data, where, "saved tensors")
     name = "gradient:" + content_name(printable(Path(path).name, 60), data)
-    return as_captured(tensors, name, where, shape)
+    return as_captured(tensors, name, where, shape, batch)
 
 
-def as_captured(tensors: object, name: str, where: str, shape: tuple[int, int, int]) -> Captured:
+def as_captured(tensors: object, name: str, where: str, shape: tuple[int, int, int], batch: int = 1) -> Captured:
     """A list (or tuple) of tensors or a dict of them by name, as a Captured; anything else a
     UserError."""
     is_grad = lambda t: t is None or isinstance(t, torch.Tensor)  # noqa: E731  (an unused parameter's grad is None)
@@ -47,7 +48,7 @@ def as_captured(tensors: object, name: str, where: str, shape: tuple[int, int, i
                                                             for k, v in tensors.items())):
         raise UserError(f"{where}: holds a {type(tensors).__name__}, not a gradient: a list of tensors in "
                         "model.parameters() order, or a dict of them by parameter name")
-    return Captured(name, where, tensors, tuple(int(n) for n in shape))
+    return Captured(name, where, tensors, tuple(int(n) for n in shape), batch)
 
 
 def captured_gradient(model: Net, captured: Captured) -> list[torch.Tensor]:
@@ -104,9 +105,10 @@ RANK_ONE = 1e-4  # sigma_2 / sigma_1 above this: not rank one
 ZERO_SUM = 1e-3  # |sum gb| / sum |gb| above this: not a softmax's difference from a one-hot
 
 
-def fingerprint(model: nn.Module, grads: list[torch.Tensor]) -> str | None:
-    """What a gradient given as one image's looks like instead, in words, or None where it
-    has one image's fingerprints (above)."""
+def fingerprint(model: nn.Module, grads: list[torch.Tensor], batch: int = 1) -> str | None:
+    """What a gradient given as one image's (or, with batch B, as a batch's) looks like
+    instead, in words, or None where it has one image's fingerprints (above; a batch's keep
+    the sum, and have at most B negative entries)."""
     params = list(model.parameters())
     if len(grads) == len(params) and all(g.shape == p.shape for g, p in zip(grads, params)):
         close = F.cosine_similarity(torch.cat([g.flatten() for g in grads]).double(),
@@ -119,9 +121,11 @@ def fingerprint(model: nn.Module, grads: list[torch.Tensor]) -> str | None:
         return (f"its output bias gradient sums to {gb.sum():.3g}, where one image's cross-entropy gradient sums "
                 "to 0: not a cross-entropy gradient of these weights (parameters, or an update?)")
     negative = int((gb < 0).sum())
-    if negative > 1:
+    if negative > batch:
         return (f"it looks like the gradient of a batch of at least {negative} images ({negative} entries of its "
-                "output bias gradient are negative; one image's has one)")
+                f"output bias gradient are negative; one image's has one): give --batch {negative} or more")
+    if batch > 1:
+        return None
     if gw is not None and gw.dim() == 2 and min(gw.shape) > 1:
         s = torch.linalg.svdvals(gw)
         if s[0] > 0 and s[1] / s[0] > RANK_ONE:
@@ -145,7 +149,7 @@ def pixel_space_hint(model: nn.Module, image: PrivateImage, grads: list[torch.Te
     """Where the true image is named with its label, the gradient recomputed from it: None
     where it matches under the given --normalize (cosine above 0.99), or where no other space
     does better; otherwise the --normalize that reproduces it, in one line."""
-    if image.x is None or image.label is None:
+    if image.x is None or image.label is None or len(image.x) > 1:  # one image's (a batch: not yet)
         return None
     pixels = torch.as_tensor(to_image(image.x, image.normalize), dtype=torch.float32).permute(2, 0, 1)[None]
 

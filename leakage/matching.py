@@ -23,8 +23,8 @@ if TYPE_CHECKING:  # annotations alone
 
 @dataclass
 class AttackResult:
-    x: torch.Tensor  # the reconstruction in model space, (1, 3, 32, 32)
-    label: int  # the label the attack used or found
+    x: torch.Tensor  # the reconstruction in model space, (B, C, H, W): (1, 3, 32, 32) for one CIFAR image
+    label: int | tuple[int, ...]  # the label the attack used or found; a batch's, one per reconstruction
     info: dict = field(default_factory=dict)  # attack-specific numbers for results.json
 
 
@@ -33,8 +33,9 @@ AttackFunction = Callable[[Net, list[torch.Tensor], int, "AttackSettings"], Atta
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic TV of (1, C, H, W) as the published code had it: the mean absolute
-    difference of horizontal neighbours plus that of vertical ones."""
+    """Anisotropic TV of (B, C, H, W) as the published code had it: the mean absolute
+    difference of horizontal neighbours plus that of vertical ones (over a batch, the mean of
+    its images')."""
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
 
 

@@ -55,9 +55,11 @@ if TYPE_CHECKING:  # annotations alone
 # =============================================================================
 
 
-def client_gradient(model: Net, x: torch.Tensor, label: int) -> list[torch.Tensor]:
-    """What the client shares: d CE(model(x), label) / d theta, one tensor per parameter."""
-    loss = F.cross_entropy(model(x), torch.tensor([label], device=x.device))
+def client_gradient(model: Net, x: torch.Tensor, label: int | tuple[int, ...]) -> list[torch.Tensor]:
+    """What the client shares: d CE(model(x), label) / d theta, one tensor per parameter (on
+    a batch, of the mean cross-entropy, as PyTorch computes it)."""
+    labels = [label] if isinstance(label, int) else list(label)
+    loss = F.cross_entropy(model(x), torch.tensor(labels, device=x.device))
     return [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
 
 

@@ -19,7 +19,7 @@ from leakage import report, sweeps
 from leakage.activations import shown_activation
 from leakage.attacks import ATTACKS, takes
 from leakage.console import UserError, printable, say, warn
-from leakage.data import CIFAR10_CLASSES, DATASETS, PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, dataset_of, to_image
+from leakage.data import CIFAR10_CLASSES, DATASETS, PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, dataset_of, to_image, to_images
 from leakage.defences import DEFENCES, NO_DEFENCE, parse_defence
 from leakage.experiment import (
     Cell, Defended, RankAnalysis, Skipped, Training, cell_key, units_of, entry_key, left_to_do, run_cells
@@ -224,12 +224,21 @@ def is_number(value: object, or_null: bool = False) -> bool:
     return (value is None and or_null) or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def is_label(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_answer(e: object) -> bool:
-    """An attack's record: its scores, time and label, typed."""
-    return (isinstance(e, dict) and is_number(e.get("psnr"), or_null=True) and is_number(e.get("ssim"), or_null=True)
-            and is_number(e.get("seconds")) and isinstance(e.get("label"), int) and not isinstance(e.get("label"), bool)
-            and (e.get("label_correct") is None or isinstance(e.get("label_correct"), bool))
-            and {"psnr", "ssim", "label_correct"} <= e.keys())
+    """An attack's record: its scores, time and label (a batch's: a label per image, and the
+    fraction of them right), typed."""
+    if not isinstance(e, dict):
+        return False
+    label, right = e.get("label"), e.get("label_correct")
+    one = is_label(label) and (right is None or isinstance(right, bool))
+    batch = (isinstance(label, list) and label and all(map(is_label, label))
+             and (right is None or (is_number(right) and 0 <= right <= 1)))
+    return (is_number(e.get("psnr"), or_null=True) and is_number(e.get("ssim"), or_null=True)
+            and is_number(e.get("seconds")) and (one or batch) and {"psnr", "ssim", "label_correct"} <= e.keys())
 
 
 def has_ranks(e: dict) -> bool:
@@ -268,13 +277,15 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
     if entry is None:
         target = None  # a captured gradient with no image named: nothing to score against
         if cell.image.x is not None:
-            pixels = to_image(cell.image.x, cell.image.normalize).astype(np.float32)
+            pixels = (to_image(cell.image.x, cell.image.normalize) if cell.image.size == 1  # a batch's: (B, H, W, C)
+                      else to_images(cell.image.x, cell.image.normalize)).astype(np.float32)
             target = {"npy": folder.save_array(f"{stem}_target.npy", pixels)}
         captured = {} if cell.image.captured is None else {"gradient": cell.image.captured.name}
         entry = folder.add({"model": recorded_model(cell.model), "architecture": model_text(cell.model, shape),
                             "unknowns": layer_unknowns(cell.model, shape),
                             "image": cell.image.name, "defence": {"spec": cell.defence.spec},
-                            "label": cell.image.label, "target": target} | captured)
+                            "label": cell.image.label if cell.image.size == 1 else cell.image.labels,
+                            "target": target} | captured | ({"batch": cell.image.size} if cell.image.size > 1 else {}))
     if isinstance(event, Defended):  # to disk with the next attack
         defence = entry["defence"]
         defence |= event.info
@@ -306,7 +317,8 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
     shown = "" if cell.defence == NO_DEFENCE else f"{cell.defence.spec:13s} "  # which cell of the grid
     scores = (f"PSNR {report.format_psnr(e['psnr'], 2):>9s}  SSIM {ssim}" if entry["target"] is not None
               else "not scored (no target)")
-    wrong = {True: "", False: " (wrong)", None: ""}[e["label_correct"]]
+    wrong = ({True: "", False: " (wrong)", None: ""}[e["label_correct"]] if not isinstance(e["label"], list)
+             else "" if e["label_correct"] is None else f" ({e['label_correct']:.0%} right)")
     say(f"{entry['model']:9s} {cell.image.name:18s} {shown}{ATTACKS[event.attack].shown:9s}  "
         f"{scores}  label {e['label']}{wrong}  {e['seconds']:6.1f} s"
         + (f"  (not finite, recorded as null: {', '.join(not_finite)})" if not_finite else ""))
@@ -377,7 +389,8 @@ def paper_sweep(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettin
     # holds whole images, a smaller study of its own, rather than some of the models.
     defences = [parse_defence(spec) for spec in exp.defences]
     shape = tuple(exp.input_shape)
-    takes_of = {name: [a for a in exp.attacks if takes(a, model_blocking(name, shape))] for name in exp.models}
+    takes_of = {name: [a for a in exp.attacks if takes(a, model_blocking(name, shape), exp.batch)]
+                for name in exp.models}
     cells = [Cell(name, image, takes_of[name], False, defence)
              for image in images for name in exp.models for defence in defences]
     name = model_stem(exp.models[0]) if len(exp.models) == 1 else "grid"  # a string's commas make no folder name

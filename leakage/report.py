@@ -388,18 +388,23 @@ def write_summary(folder: Path, rows: list[dict], names: Names, correlations: di
 
 
 def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -> object:
-    """One row per cell's entry: Target then each attack, PSNR / SSIM under each; as wide
-    as the longest row title needs (a long file name over two columns). Returns the figure."""
+    """One row per cell's entry (a batch's: one per image, the reconstructions in their paired
+    order): Target then each attack, PSNR / SSIM under each; as wide as the longest row title
+    needs (a long file name over two columns). Returns the figure."""
     from matplotlib.figure import Figure
 
     columns = ["target"] + [a for a in names.attacks if any(a in cell["attacks"] for cell in cells)]
-    defended = [[] if cell["defence"]["spec"] == "none" else [cell["defence"]["spec"]] for cell in cells]
-    titles = ["  |  ".join([cell["model"], cell["image"], *spec, names.label(cell["label"])])
-              for cell, spec in zip(cells, defended)]
+    lines = [(cell, image) for cell in cells for image in (range(cell["batch"]) if cell.get("batch") else [None])]
+    label = lambda cell, image: cell["label"][image] if isinstance(cell["label"], list) else cell["label"]  # noqa: E731
+    titles = ["  |  ".join([cell["model"], cell["image"], *([] if cell["defence"]["spec"] == "none"
+                                                             else [cell["defence"]["spec"]]),
+                            *([] if image is None else [f"image {image + 1} of {cell['batch']}"]),
+                            names.label(label(cell, image))])
+              for cell, image in lines]
     width = max(1.7 * len(columns), 0.085 * max(map(len, titles)) + 0.4)  # 10-point text: about 0.08 in a character
-    fig = Figure(figsize=(width, 2.35 * len(cells)), layout="constrained")
-    rows = np.atleast_1d(fig.subfigures(len(cells), 1))
-    for row, cell, title in zip(rows, cells, titles):
+    fig = Figure(figsize=(width, 2.35 * len(lines)), layout="constrained")
+    rows = np.atleast_1d(fig.subfigures(len(lines), 1))
+    for row, (cell, image), title in zip(rows, lines, titles):
         row.suptitle(title, fontsize=10)
         for ax, name in zip(row.subplots(1, len(columns)), columns):
             ax.set_xticks([])
@@ -413,6 +418,9 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -
                 ax.set_axis_off()
                 continue
             pixels = np.load(folder / entry["npy"])
+            if image is not None:  # a batch's: (B, H, W, C)
+                entry = entry if name == "target" else {**entry, **entry.get("images", [{}] * (image + 1))[image]}
+                pixels = pixels[image]
             if pixels.shape[-1] == 1:  # one channel (MNIST): gray, on the pixels' [0, 1]
                 ax.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             else:

@@ -72,6 +72,10 @@ class Experiment:
         [3], "images of --source (default {default}), or positions in the bundled photographs with --source "
         "samples; ranges such as 0-99 or 0-9,20,31", "--index", action="extend", nargs="+", metavar="I",
         meta={"not_with": "image_files"})
+    batch: int = flags.setting(
+        1, "each client trains on B images, the images of --index B at a time, and shares the gradient of their "
+        "mean cross-entropy (default {default}); DLG, iDLG and Cosine+TV reconstruct the B images, paired with them "
+        "for scoring by an optimal assignment", type=flags.at_least(1, "--batch"), metavar="B")
     source: str = flags.setting(
         DEFAULT_SOURCE, "a training set: cifar10 (the default), cifar100, mnist or fashion-mnist (where it is out of "
         "reach, its test set's first 20 images, which foolbox ships); a test set: cifar10-test, cifar100-test, "

@@ -20,6 +20,8 @@ from leakage.experiment import answers
 from leakage.gradients import as_captured, captured_gradient, fingerprint, load_gradient
 from leakage.models import Net
 from leakage.modules import Classifier, NotAChain, logits_shape, read_module
+from leakage.data import PUBLISHED_NORMALIZE
+from leakage.labels import mean_posterior, recover_labels
 from leakage.paper import rank_deficiency, recover_label, security_index, worst_layer_fraction
 from leakage.runtime import PUBLISHED_SEED
 from leakage.settings import AttackSettings
@@ -41,37 +43,67 @@ if TYPE_CHECKING:  # annotations alone
 
 
 def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: tuple[int, int, int], *,
-           attacks: tuple[str, ...] = ("rgap", "hybrid"), label: int | None = None, seed: int = PUBLISHED_SEED,
+           attacks: tuple[str, ...] = ("rgap", "hybrid"), label: int | Iterable[int] | None = None,
+           batch: int = 1, normalize: tuple = PUBLISHED_NORMALIZE, seed: int = PUBLISHED_SEED,
            **settings: object) -> dict[str, AttackResult]:
-    """The attacks on `gradient`, the gradient of one image shared by `model` as it is now.
+    """The attacks on `gradient`, the gradient of one image (or of the mean cross-entropy of a
+    batch of `batch` images) shared by `model` as it is now.
 
     model: your nn.Module (read with torch.fx, as --model PATH.py:NAME is), or a Net.
     gradient: a tensor per parameter in model.parameters() order, a dict of them by
         parameter name, or the path of a file torch.save wrote either to.
     input_shape: (C, H, W) of the model's input.
-    attacks: names in ATTACKS; label: the true label, handed to every attack (None: read
-        from the gradient, iDLG's rule); seed: set before each attack; settings: fields of
-        AttackSettings (hybrid_iters_first=2500, ...), the paper's by default.
-    Returns {attack: AttackResult}: .x the reconstruction in the model's input space, of
-    shape (1, C, H, W), and .label the label it used. A model, gradient or setting the
-    attacks cannot take raises UserError (or TypeError, for a setting that is none), naming it."""
+    attacks: names in ATTACKS; label: the true label, handed to every attack, a batch's B
+        labels (None: read from the gradient, iDLG's rule, or a batch's counts); batch: B,
+        the images the gradient is the mean over (DLG, iDLG and Cosine+TV take B > 1);
+        normalize: (mean, std) of the pixels the model takes, for a batch's label counts;
+        seed: set before each attack; settings: fields of AttackSettings
+        (hybrid_iters_first=2500, ...), the paper's by default.
+    Returns {attack: AttackResult}: .x the reconstructions in the model's input space, of
+    shape (B, C, H, W), and .label the label it used (a batch's: a tuple of B, one per
+    reconstruction; pair them with your images by metrics.matched). A model, gradient or
+    setting the attacks cannot take raises UserError (or TypeError, for a setting that is
+    none), naming it."""
     names = [attacks] if isinstance(attacks, str) else list(attacks)  # a generator is read once, here
     unknown = [name for name in names if name not in ATTACKS]
     if unknown or not names:
         raise UserError(f"attack '{unknown[0]}' is none of {', '.join(ATTACKS)}" if unknown
                         else f"attacks: none named (from {', '.join(ATTACKS)})")
     method = attack_settings(settings)
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise UserError(f"batch={batch!r}: expected a whole number of at least 1")
+    linear = [name for name in names if ATTACKS[name].linear]
+    if batch > 1 and linear:
+        raise UserError(f"{', '.join(linear)}: batch={batch}: the linear attacks take one image's gradient "
+                        "(dlg, idlg and cosine take a batch's)")
     net, shared = read_inputs(model, gradient, input_shape, names)
-    classes = net.classes
-    if label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))
-                              or not 0 <= label < classes):
-        raise UserError(f"label {label!r} is not a class of a model with {classes} (0-{classes - 1})")
-    why = fingerprint(net, shared)
+    used = checked_labels(label, batch, net.classes)
+    why = fingerprint(net, shared, batch)
     if why is not None:
-        warn(f"the gradient: {why}; attacked as one image's gradient as given")
-    used = recover_label(shared, net.bias_at) if label is None else int(label)
+        warn(f"the gradient: {why}; attacked as given, as "
+             + ("one image's gradient (batch=B for a batch's)" if batch == 1 else f"a batch of {batch}'s"))
+    if used is None:
+        used = (recover_label(shared, net.bias_at) if batch == 1 else
+                recover_labels(shared[net.bias_at], batch, mean_posterior(net, input_shape_of(input_shape), normalize)))
     with own_random_state():
         return {name: result for _, name, result, _ in answers([(net, shared, used)], names, method, seed)}
+
+
+def checked_labels(label: object, batch: int, classes: int) -> int | tuple[int, ...] | None:
+    """label= as the attacks take it: None, one int for one image, B of them for a batch; a
+    label that is no class, or a count that is not B, one UserError."""
+    if label is None:
+        return None
+    labels = [label] if isinstance(label, (int, np.integer, bool)) else list(label) if isinstance(
+        label, Iterable) and not isinstance(label, str) else [label]
+    bad = next((v for v in labels if isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                or not 0 <= v < classes), None)
+    if bad is not None or not labels:
+        raise UserError(f"label {(bad if labels else label)!r} is not a class of a model with {classes} "
+                        f"(0-{classes - 1})")
+    if len(labels) != batch:
+        raise UserError(f"label: {len(labels)} given for a batch of {batch}")
+    return int(labels[0]) if batch == 1 else tuple(int(v) for v in labels)
 
 
 def attack_settings(settings: dict[str, object]) -> AttackSettings:

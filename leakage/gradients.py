@@ -123,7 +123,7 @@ def fingerprint(model: nn.Module, grads: list[torch.Tensor], batch: int = 1) -> 
     negative = int((gb < 0).sum())
     if negative > batch:
         return (f"it looks like the gradient of a batch of at least {negative} images ({negative} entries of its "
-                f"output bias gradient are negative; one image's has one): give --batch {negative} or more")
+                "output bias gradient are negative; one image's has one)")
     if batch > 1:
         return None
     if gw is not None and gw.dim() == 2 and min(gw.shape) > 1:

@@ -1,0 +1,156 @@
+"""A client's batch (#43): B images reconstructed and paired, labels counted with repeats, the
+linear attacks stepping aside, and the API."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hybrid as H
+from conftest import one_line, the_folder
+from leakage.console import UserError
+from leakage.data import load_photographs, to_images
+from leakage.labels import label_accuracies, mean_posterior, recover_labels
+from leakage.metrics import matched, score
+from leakage.models import build_net, draw_uniform
+
+LENET = "12k5s2p2b-sigmoid,12k5s2p2b-sigmoid,12k5s1p2b-sigmoid,fc-id"  # DLG's, on MNIST's 1x28x28
+MNIST = (1, 28, 28)
+TUTORIAL = '''
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.pool, self.conv2 = nn.Conv2d(3, 6, 5), nn.MaxPool2d(2, 2), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2 = nn.Linear(400, 120), nn.Linear(120, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv2(self.pool(F.relu(self.conv1(x))))))
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+'''
+
+
+@pytest.fixture
+def tutorial(tmp_path):
+    path = tmp_path / "tutorial.py"
+    path.write_text(TUTORIAL)
+    return f"{path}:Net"
+
+
+def test_pairing_undoes_any_order():
+    rng = np.random.default_rng(0)
+    targets = rng.random((5, 8, 8, 3))
+    order = [3, 0, 4, 1, 2]
+    noisy = targets + 0.05 * rng.standard_normal(targets.shape)
+    recons = np.empty_like(noisy)
+    recons[order] = noisy  # reconstruction order[i] is image i
+    assert matched(targets, recons) == order
+
+
+def test_a_batch_is_reconstructed_as_b_images_each_paired_and_scored(tutorial, tmp_path, capsys):
+    assert H.main(["--quick", "--dlg-iters", "3", "--cosine-iters", "10", "--source", "samples", "--index", "0-3",
+                   "--batch", "4", "--model", tutorial, "--output", str(tmp_path)]) == 0
+    folder = the_folder(tmp_path)
+    (entry,) = json.loads((folder / "results.json").read_text())["runs"]
+    assert entry["image"] == "samples:astronaut+coffee+rocket+chelsea" and entry["batch"] == 4
+    targets = np.load(folder / entry["target"]["npy"])
+    assert targets.shape == (4, 32, 32, 3)
+    for name, answer in entry["attacks"].items():
+        recons = np.load(folder / answer["npy"])
+        assert recons.shape == targets.shape and sorted(answer["order"]) == [0, 1, 2, 3]
+        for i, each in enumerate(answer["images"]):  # each image scored against its paired reconstruction
+            assert each["psnr"] == pytest.approx(score(targets[i], recons[i])["psnr"])
+            assert each["label_correct"] == (each["label"] == entry["label"][i])
+        assert answer["psnr"] == pytest.approx(np.mean([e["psnr"] for e in answer["images"]]))
+        assert answer["label_correct"] == pytest.approx(np.mean([e["label_correct"] for e in answer["images"]]))
+    assert "R-GAP, Hybrid left out" in capsys.readouterr().out
+    assert (folder / "comparison.png").stat().st_size > 0
+
+
+def test_the_linear_attacks_step_aside_on_a_batch_by_name(capsys):
+    args = ["--quick", "--source", "samples", "--index", "0-3", "--batch", "4", "--model", "cnn2_c1"]
+    assert H.main([*args, "--attacks", "rgap", "hybrid"]) == 2
+    assert "batch" in one_line(capsys.readouterr().err)
+    assert H.main([*args[1:], "--analyse"]) == 2
+    assert "--analyse with --batch 4" in one_line(capsys.readouterr().err)
+    assert H.main([*args[:4], "0-2", *args[5:], "--attacks", "idlg"]) == 2  # 3 images, batches of 4
+    assert "no whole number of batches" in one_line(capsys.readouterr().err)
+
+
+def batch_gradient(model, x, labels):
+    return list(torch.autograd.grad(F.cross_entropy(model(x), torch.tensor(labels)), list(model.parameters())))
+
+
+@pytest.mark.parametrize("init", [None, 0.5])
+def test_label_counts_with_repeats(init):
+    """DLG's LeNet on MNIST's shape: 4 images of at most 10 classes repeat labels often. Its
+    uniform(-0.5, 0.5) weights make the posterior confident, where the signs alone miss
+    classes (the mean posterior is what finds them)."""
+    model = build_net(LENET, 0, MNIST, 10)
+    if init:
+        draw_uniform(model, init, 0)
+    posterior = mean_posterior(model, MNIST, ((0.5,), (1.0,)))
+    torch.manual_seed(0)
+    repeats = 0
+    for _ in range(30):
+        labels = torch.randint(10, (4,)).tolist()
+        repeats += len(set(labels)) < 4
+        gb = batch_gradient(model, torch.rand(4, *MNIST) - 0.5, labels)[-1]
+        assert sorted(recover_labels(gb, 4, posterior)) == sorted(labels)
+    assert repeats >= 10  # the test holds repeats
+
+
+def test_label_accuracies_are_of_multisets():
+    assert label_accuracies([1, 1, 2, 3], [1, 2, 2, 3]) == {"existence": 1.0, "number": 0.75}
+    assert label_accuracies([4, 4, 4, 4], [1, 2, 2, 3]) == {"existence": 0.0, "number": 0.0}
+
+
+def test_one_image_keeps_idlgs_rule():
+    gb = torch.tensor([0.1, -0.9, 0.3, 0.5])
+    assert recover_labels(gb, 1) == (1,)
+
+
+def test_a_captured_batch_gradient_with_batch_is_no_warning(tmp_path, capsys):
+    model = build_net(LENET, 0, MNIST, 10)
+    draw_uniform(model, 0.5, 0)
+    torch.manual_seed(3)
+    torch.save(batch_gradient(model, torch.rand(4, *MNIST) - 0.5, [1, 3, 5, 7]), tmp_path / "g.pt")
+    args = ["--gradient", str(tmp_path / "g.pt"), "--model", LENET, "--init", "uniform:0.5", "--model-seed", "0",
+            "--source", "mnist-test", "--attacks", "idlg", "--quick", "--dlg-iters", "2"]
+    assert H.main([*args, "--batch", "4", "--output", str(tmp_path / "a")]) == 0
+    assert "warning: --gradient" not in capsys.readouterr().err
+    (entry,) = json.loads((the_folder(tmp_path / "a") / "results.json").read_text())["runs"]
+    assert sorted(entry["attacks"]["idlg"]["label"]) == [1, 3, 5, 7]
+    assert np.load(the_folder(tmp_path / "a") / entry["attacks"]["idlg"]["npy"]).shape == (4, 28, 28, 1)
+
+
+def test_the_api_takes_a_batch(tutorial):
+    from leakage.modules import load_module
+    net = load_module(tutorial, 0)
+    images = load_photographs([0, 1, 2, 3])
+    x = torch.cat([image.x for image in images])
+    g = batch_gradient(net, x, [1, 1, 4, 7])
+    result = H.attack(net, g, (3, 32, 32), attacks=("idlg",), batch=4, dlg_iters=2)["idlg"]
+    assert result.x.shape == (4, 3, 32, 32) and sorted(result.label) == [1, 1, 4, 7]
+    assert sorted(matched(to_images(x), to_images(result.x))) == [0, 1, 2, 3]
+    given = H.attack(net, g, (3, 32, 32), attacks=("cosine",), batch=4, label=[7, 4, 1, 1], cosine_iters=2)
+    assert given["cosine"].label == (7, 4, 1, 1)
+    with pytest.raises(UserError, match="2 given for a batch of 4"):
+        H.attack(net, g, (3, 32, 32), attacks=("idlg",), batch=4, label=[1, 2])
+    with pytest.raises(UserError, match="linear attacks take one image"):
+        H.attack(net, g, (3, 32, 32), attacks=("rgap", "idlg"), batch=4)
+
+
+def test_one_image_is_a_batch_of_one_to_the_bit(chelsea):
+    """B = 1 through the batch code is today's attack: the same dummy, the same label."""
+    model = build_net("cnn2_c1")
+    g = batch_gradient(model, chelsea.x, [chelsea.label])
+    ours = H.attack(model, g, (3, 32, 32), attacks=("dlg", "idlg", "cosine"), dlg_iters=2, cosine_iters=3)
+    batch = H.attack(model, g, (3, 32, 32), attacks=("dlg", "idlg", "cosine"), dlg_iters=2, cosine_iters=3,
+                     label=[chelsea.label], batch=1)
+    assert torch.equal(ours["idlg"].x, batch["idlg"].x) and isinstance(ours["dlg"].label, int)

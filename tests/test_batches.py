@@ -63,6 +63,7 @@ def test_a_batch_is_reconstructed_as_b_images_each_paired_and_scored(tutorial, t
     for name, answer in entry["attacks"].items():
         recons = np.load(folder / answer["npy"])
         assert recons.shape == targets.shape and sorted(answer["order"]) == [0, 1, 2, 3]
+        assert matched(targets, recons) == [0, 1, 2, 3]  # saved in the paired order
         for i, each in enumerate(answer["images"]):  # each image scored against its paired reconstruction
             assert each["psnr"] == pytest.approx(score(targets[i], recons[i])["psnr"])
             assert each["label_correct"] == (each["label"] == entry["label"][i])

@@ -239,8 +239,9 @@ def captured_image(exp: Experiment, images: list[PrivateImage]) -> PrivateImage:
     grads = captured_gradient(model, captured)
     for why in (fingerprint(model, grads, exp.batch), pixel_space_hint(model, image, grads)):
         if why is not None:
-            warn(f"{captured.where}: {why}; attacked as given, as "
-                 + ("one image's gradient (--batch B for a batch's)" if exp.batch == 1 else f"a batch of {exp.batch}'s"))
+            as_what = ("one image's gradient (--batch B for a batch's)" if exp.batch == 1
+                       else f"a batch of {exp.batch}'s")
+            warn(f"{captured.where}: {why}; attacked as given, as {as_what}")
     return image
 
 

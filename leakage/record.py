@@ -19,7 +19,9 @@ from leakage import report, sweeps
 from leakage.activations import shown_activation
 from leakage.attacks import ATTACKS, takes
 from leakage.console import UserError, printable, say, warn
-from leakage.data import CIFAR10_CLASSES, DATASETS, PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, dataset_of, to_image, to_images
+from leakage.data import (
+    CIFAR10_CLASSES, DATASETS, PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, dataset_of, to_image, to_images
+)
 from leakage.defences import DEFENCES, NO_DEFENCE, parse_defence
 from leakage.experiment import (
     Cell, Defended, RankAnalysis, Skipped, Training, cell_key, units_of, entry_key, left_to_do, run_cells

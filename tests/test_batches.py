@@ -60,7 +60,7 @@ def test_a_batch_is_reconstructed_as_b_images_each_paired_and_scored(tutorial, t
     assert entry["image"] == "samples:astronaut+coffee+rocket+chelsea" and entry["batch"] == 4
     targets = np.load(folder / entry["target"]["npy"])
     assert targets.shape == (4, 32, 32, 3)
-    for name, answer in entry["attacks"].items():
+    for answer in entry["attacks"].values():
         recons = np.load(folder / answer["npy"])
         assert recons.shape == targets.shape and sorted(answer["order"]) == [0, 1, 2, 3]
         assert matched(targets, recons) == [0, 1, 2, 3]  # saved in the paired order

@@ -58,6 +58,7 @@ def test_a_batch_is_reconstructed_as_b_images_each_paired_and_scored(tutorial, t
     folder = the_folder(tmp_path)
     (entry,) = json.loads((folder / "results.json").read_text())["runs"]
     assert entry["image"] == "samples:astronaut+coffee+rocket+chelsea" and entry["batch"] == 4
+    assert "rank_deficiency" not in entry  # R-GAP's ranks are one image's
     targets = np.load(folder / entry["target"]["npy"])
     assert targets.shape == (4, 32, 32, 3)
     for answer in entry["attacks"].values():
@@ -71,6 +72,17 @@ def test_a_batch_is_reconstructed_as_b_images_each_paired_and_scored(tutorial, t
         assert answer["label_correct"] == pytest.approx(np.mean([e["label_correct"] for e in answer["images"]]))
     assert "R-GAP, Hybrid left out" in capsys.readouterr().out
     assert (folder / "comparison.png").stat().st_size > 0
+
+
+def test_a_chain_on_a_batch_records_no_ranks(tmp_path):
+    """R-GAP's recursion on a batch's gradient gives numbers of nothing: a chain model's batch
+    cell holds no rank deficiency, and no index, under pruning either."""
+    assert H.main(["--quick", "--dlg-iters", "2", "--source", "samples", "--index", "0-1", "--batch", "2",
+                   "--model", "cnn2_c1", "--attacks", "idlg", "--defence", "none", "prune:0.5",
+                   "--output", str(tmp_path)]) == 0
+    for entry in json.loads((the_folder(tmp_path) / "results.json").read_text())["runs"]:
+        assert "rank_deficiency" not in entry and "rank_deficiency" not in entry["defence"]
+        assert entry.get("security_index") is None
 
 
 def test_the_linear_attacks_step_aside_on_a_batch_by_name(capsys):

@@ -186,9 +186,9 @@ def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
         if exp.train_steps:
             raise UserError(f"--train-steps with --batch {exp.batch}: training leaves out one attacked image, not a "
                             "batch, as yet")
-        if any(d.startswith("dp:") for d in exp.defences):
-            raise UserError(f"dp with --batch {exp.batch}: DP-SGD clips each image's gradient before the mean, and "
-                            "per-sample clipping is not built yet; noise and prune apply to a batch's gradient")
+        if exp.gradient is not None and any(d.startswith("dp:") for d in exp.defences):
+            raise UserError(f"dp with --gradient and --batch {exp.batch}: DP-SGD clips each image's gradient before "
+                            "the mean, and a captured batch gradient holds only the mean")
     for model in exp.models:
         blocking = model_blocking(model, shape)
         shown = f"--model {printable(model, 100)}"

@@ -15,7 +15,7 @@ from leakage.attacks import ATTACKS
 from leakage.console import say
 from leakage.data import data_format, to_image, to_images
 from leakage.defences import (
-    DEFENCES, NO_DEFENCE, defence_seed, defend, fc_inputs_undetermined, parse_defence, surviving
+    DEFENCES, NO_DEFENCE, defence_seed, defend, fc_inputs_undetermined, parse_defence, private_gradient, surviving
 )
 from leakage.gradients import shared_gradient
 from leakage.labels import label_accuracies, mean_posterior, recover_labels
@@ -148,7 +148,11 @@ def share_and_attack(cells: list[tuple[Net, PrivateImage]], attacks: list[str], 
     clients = []
     for i, (model, image) in enumerate(cells):
         grads = shared_gradient(model, image, device)
-        shared, info = defend(grads, defence, defence_seed(seed, image.name))
+        if defence.kind == "dp" and image.size > 1:  # DP-SGD clips each image's gradient (Opacus)
+            shared, info = private_gradient(model, image.x.to(device), image.labels, defence,
+                                            defence_seed(seed, image.name))
+        else:
+            shared, info = defend(grads, defence, defence_seed(seed, image.name))
         # the analyst's: the client's own gradient, the surviving rows
         if defence.removes_equations and isinstance(model, Net) and (analyse_defence is None or analyse_defence[i]):
             known = surviving(shared)

@@ -167,3 +167,45 @@ def test_one_image_is_a_batch_of_one_to_the_bit(chelsea):
     batch = H.attack(model, g, (3, 32, 32), attacks=("dlg", "idlg", "cosine"), dlg_iters=2, cosine_iters=3,
                      label=[chelsea.label], batch=1)
     assert torch.equal(ours["idlg"].x, batch["idlg"].x) and isinstance(ours["dlg"].label, int)
+
+
+# -- DP-SGD on a batch: Opacus's per-sample clipping --------------------------------------
+
+DP_SETTINGS = ["dp:1:0.001", "dp:1:0.01", "dp:1:0.1", "dp:1:1"]  # every dp setting of the committed runs
+
+
+@pytest.mark.parametrize("name", ["cnn2_c1", "cnn4_c2", "lenet"])
+def test_opacus_dp_on_one_image_is_the_gradient_level_step(chelsea, name):
+    from leakage.defences import defend, parse_defence, private_gradient
+    from leakage.paper import client_gradient
+    model = build_net(name)
+    for spec in DP_SETTINGS:
+        ours, record = private_gradient(model, chelsea.x, [chelsea.label], parse_defence(spec), 7)
+        old, _ = defend(client_gradient(model, chelsea.x, chelsea.label), parse_defence(spec), 7)
+        assert max(float((a - b).abs().max()) for a, b in zip(ours, old)) < 1e-6
+        assert record["epsilon"] > 0 and record["delta"] == 1e-5
+
+
+def test_dp_on_a_batch_clips_each_images_gradient():
+    """Against an independent computation: each image's autograd gradient, clipped to C alone,
+    then averaged (no noise). The images laid out channels last, as photographs are."""
+    from leakage.defences import parse_defence, private_gradient
+    from leakage.paper import client_gradient
+    model = build_net("cnn2_c1")
+    x = torch.cat([image.x for image in load_photographs([0, 1, 2, 3])])
+    x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # non-contiguous, as a permuted HWC image is
+    labels = [1, 1, 4, 7]
+    each = [client_gradient(model, x[i:i + 1], labels[i]) for i in range(4)]
+    clip = 0.5 * min(float(torch.cat([g.flatten() for g in e]).norm()) for e in each)  # every image is clipped
+    clipped = [[g * min(1.0, clip / float(torch.cat([h.flatten() for h in e]).norm())) for g in e] for e in each]
+    expected = [torch.stack(per).mean(0) for per in zip(*clipped)]
+    ours, record = private_gradient(model, x, labels, parse_defence(f"dp:{clip}:0"), 0)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(ours, expected))
+    assert record["epsilon"] is None and record["batch"] == 4  # no noise: no privacy
+
+
+def test_dp_on_a_batch_runs_and_records_its_epsilon(tmp_path):
+    assert H.main(["--quick", "--dlg-iters", "2", "--source", "samples", "--index", "0-1", "--batch", "2",
+                   "--model", "cnn2_c1", "--attacks", "idlg", "--defence", "dp:1:1", "--output", str(tmp_path)]) == 0
+    (entry,) = json.loads((the_folder(tmp_path) / "results.json").read_text())["runs"]
+    assert entry["defence"]["epsilon"] == pytest.approx(4.7285, abs=1e-3) and entry["defence"]["batch"] == 2

@@ -154,7 +154,8 @@ def share_and_attack(cells: list[tuple[Net, PrivateImage]], attacks: list[str], 
         else:
             shared, info = defend(grads, defence, defence_seed(seed, image.name))
         # the analyst's: the client's own gradient, the surviving rows
-        if defence.removes_equations and isinstance(model, Net) and (analyse_defence is None or analyse_defence[i]):
+        chain = isinstance(model, Net) and image.size == 1  # R-GAP's ranks: one image's, on a chain
+        if defence.removes_equations and chain and (analyse_defence is None or analyse_defence[i]):
             known = surviving(shared)
             info |= {"rank_deficiency": rank_deficiency(model, grads, known),
                      "fc_inputs_undetermined": fc_inputs_undetermined(model, known)}
@@ -365,8 +366,8 @@ def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]
         if why is not None:
             yield cell, Skipped(cell.attacks, why)
             continue
-        if not cell.ranks_recorded and isinstance(model, Net) and ("rgap" not in cell.attacks
-                                                                  or cell.defence != NO_DEFENCE):
+        chain = isinstance(model, Net) and cell.image.size == 1  # R-GAP's ranks: one image's, on a chain
+        if not cell.ranks_recorded and chain and ("rgap" not in cell.attacks or cell.defence != NO_DEFENCE):
             held = (cell.model, cell.image.name, exp.model_seed, exp.train_steps, exp.train_lr, exp.data, exp.device)
             yield cell, undefended_ranks(held, model, cell.image, exp.device)  # R-GAP's, under a defence, are not
         ready.append((cell, model))  # the client's

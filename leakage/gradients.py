@@ -117,6 +117,10 @@ def fingerprint(model: nn.Module, grads: list[torch.Tensor], batch: int = 1) -> 
             return f"it is the model's own parameters (cosine {close:.4f}), not their gradient: the weights file?"
     gb = grads[model.bias_at].double()
     gw = grads[model.bias_at - 1].double() if model.bias_at != 0 else None
+    if not gb.any() and any(g.any() for g in grads):
+        return "its output bias gradient is exactly zero, and the rest is not: zeroed (the label cannot be read)"
+    if gw is not None and gw.dim() == 2 and gb.any() and not gw.any():
+        return "its output weight gradient is exactly zero, and its bias gradient is not: zeroed?"
     if gb.abs().sum() > 0 and abs(gb.sum()) > ZERO_SUM * gb.abs().sum():
         return (f"its output bias gradient sums to {gb.sum():.3g}, where one image's cross-entropy gradient sums "
                 "to 0: not a cross-entropy gradient of these weights (parameters, or an update?)")
@@ -126,6 +130,11 @@ def fingerprint(model: nn.Module, grads: list[torch.Tensor], batch: int = 1) -> 
                 "output bias gradient are negative; one image's has one)")
     if batch > 1:
         return None
+    if gw is not None and gw.dim() == 2 and gw.shape[0] == gb.shape[0]:  # gW = gb a^T: its columns lie along gb
+        off = (gw - torch.outer(gb, gb @ gw) / gb.square().sum()).norm() / gw.norm()
+        if off > RANK_ONE:
+            return (f"its output weight gradient does not lie along its bias gradient ({off:.2g} of it off; one "
+                    "image's gW = gb a^T lies wholly along gb): a batch, an update, or tensors out of order")
     if gw is not None and gw.dim() == 2 and min(gw.shape) > 1:
         s = torch.linalg.svdvals(gw)
         if s[0] > 0 and s[1] / s[0] > RANK_ONE:

@@ -338,10 +338,6 @@ class Classifier(nn.Module):
         self.net, self.shapes, self.blocking = net, [tuple(shape)], blocking
         self.names = [name for name, _ in net.named_parameters()]
         self.listed = list(self.names)
-        frozen = [name for name, p in net.named_parameters() if not p.requires_grad]
-        if frozen:
-            raise UserError(f"{where}: its parameter '{frozen[0]}' is frozen (requires_grad=False): a client shares "
-                            "the gradient of every parameter it trains; give a module whose parameters all train")
         self.bias_at = output_bias(net, classes)
         if self.bias_at is None:
             raise UserError(f"{where}: it has no nn.Linear of {classes} outputs with a bias, so the label cannot be "
@@ -373,6 +369,10 @@ def module_model(model: str, seed: int, shape: tuple[int, int, int], classes: in
         load_weights(net, weights, weights_name)
     if mode is not None:
         net.train(mode == "train")
+    frozen = [name for name, p in net.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise UserError(f"{where}: its parameter '{frozen[0]}' is frozen (requires_grad=False): a client shares "
+                        "the gradient of every parameter it trains; give a module whose parameters all train")
     try:
         chain = read_module(net, shape, where)
     except NotAChain as e:

@@ -307,3 +307,12 @@ def test_a_gradient_of_other_pixels_than_normalize_says_which(tmp_path, capsys):
     assert H.main([*args, "--normalize", "0", "1", "--output", str(tmp_path / "b")]) == 0
     assert "--normalize" not in capsys.readouterr().err
     assert pixel_space_hint(model, image, client_gradient(model, image.x, image.label)) is None
+
+
+def test_a_frozen_parameter_is_refused_up_front(tmp_path, capsys):
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n\ndef net():\n    m = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), "
+        "nn.Linear(1800, 10))\n    m[0].weight.requires_grad_(False)\n    return m\n")
+    assert H.main(["--quick", "--source", "samples", "--index", "0", "--attacks", "rgap",
+                   "--model", f"{tmp_path}/net.py:net"]) == 2
+    assert "'0.weight' is frozen" in one_line(capsys.readouterr().err)

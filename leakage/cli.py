@@ -177,8 +177,11 @@ def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
     if exp.module_mode is not None and not code:
         raise UserError("--module-mode has no effect without a module model (--model PATH.py:NAME or "
                         "package.module:NAME)")
+    private = exp.batch > 1 and any(d.startswith("dp:") for d in exp.defences)
     for model in code:
-        build_model(model, exp.model_seed, shape, exp.classes, exp.weights, exp.weights_name, exp.module_mode)
+        built = build_model(model, exp.model_seed, shape, exp.classes, exp.weights, exp.weights_name, exp.module_mode)
+        if private:
+            check_private(model, built)
     if exp.batch > 1:
         if analysing:
             raise UserError(f"--analyse with --batch {exp.batch}: the ranks are of one image's gradient (R-GAP's "
@@ -214,6 +217,21 @@ def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
                    else f"--batch {exp.batch} is a batch's gradient")
             say(f"{shown}: {', '.join(ATTACKS[a].shown for a in refused)} left out (they invert it layer by layer, and "
                 f"{how}); running {', '.join(ATTACKS[a].shown for a in left)}")
+
+
+def check_private(model: str, built: torch.nn.Module) -> None:
+    """dp on a batch needs per-sample gradients: a module Opacus cannot take (BatchNorm mixes the
+    batch's images) is one line, naming what Opacus's validator names."""
+    import warnings
+
+    from opacus.validators import ModuleValidator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        problems = ModuleValidator.validate(built, strict=False)
+    if problems:
+        raise UserError(f"--model {printable(model, 100)}: dp on a batch clips each image's gradient, and Opacus "
+                        f"computes none through it: {printable(str(problems[0]), 200)} (DP-SGD models use GroupNorm)")
 
 
 def captured_image(exp: Experiment, images: list[PrivateImage]) -> PrivateImage:

@@ -209,3 +209,11 @@ def test_dp_on_a_batch_runs_and_records_its_epsilon(tmp_path):
                    "--model", "cnn2_c1", "--attacks", "idlg", "--defence", "dp:1:1", "--output", str(tmp_path)]) == 0
     (entry,) = json.loads((the_folder(tmp_path) / "results.json").read_text())["runs"]
     assert entry["defence"]["epsilon"] == pytest.approx(4.7285, abs=1e-3) and entry["defence"]["batch"] == 2
+
+
+def test_dp_on_a_batch_through_batchnorm_is_one_line(tmp_path, capsys):
+    (tmp_path / "bn.py").write_text("import torch.nn as nn\n\ndef net():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), "
+                                    "nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(3600, 10))\n")
+    assert H.main(["--quick", "--source", "samples", "--index", "0-1", "--batch", "2", "--attacks", "idlg",
+                   "--defence", "dp:1:0.1", "--model", f"{tmp_path}/bn.py:net"]) == 2
+    assert "Opacus computes none through it: BatchNorm" in one_line(capsys.readouterr().err)

@@ -93,7 +93,7 @@ class Answer(NamedTuple):
 def score_answer(name: str, result: AttackResult, seconds: float, image: PrivateImage) -> Answer:
     """The attack's answer scored against `image`; with a captured gradient and no target,
     PSNR and SSIM null (the entry's target is null: nothing to score), and the label's
-    correctness null where no label was given. A batch's is scored by batch_scores."""
+    correctness null where no label was given. A batch's is scored by batch_answer."""
     if image.size > 1:
         return batch_answer(name, result, seconds, image)
     recon = to_image(result.x, image.normalize)

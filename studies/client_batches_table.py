@@ -7,6 +7,7 @@ PSNR under DLG and iDLG, paired with its reconstruction, and the count at 40 dB 
 
 Usage: python -m studies.client_batches_table MNIST.json CIFAR100.json > table.md
 """
+import re
 import sys
 
 import numpy as np
@@ -26,7 +27,8 @@ def psnr_text(value: float | None) -> str:
 
 
 def dataset_table(results: dict) -> list[str]:
-    runs = sorted(results["runs"], key=lambda r: r["image"])
+    first = lambda r: int(m[1]) if (m := re.search(r":(\d+)", r["image"])) else -1  # noqa: E731  (batches in order)
+    runs = sorted(results["runs"], key=lambda r: (first(r), r["image"]))
     if not all(r.get("batch") for r in runs):
         raise Refused("a run without --batch: this table reads client batches")
     counted = [label_accuracies(r["attacks"]["idlg"]["label"], r["label"]) for r in runs if "idlg" in r["attacks"]]

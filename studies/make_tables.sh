@@ -21,6 +21,7 @@ table convergence_table.md convergence_table assets/convergence/N0_*.json
 table defence_table.md defence_table assets/defences_*_results.json --figure "$out/defence_table.png"
 table peers_table.md peers_table assets/peers_mnist.json assets/peers_cifar100.json
 table claims.md claims
+table client_batches_table.md client_batches_table assets/client_batches_mnist.json assets/client_batches_cifar100.json
 table projected_study.md projected_study assets/projection_cifar.json
 table projected_study_batched.md projected_study assets/projection_cifar_batched.json
 table benchmark_table.md benchmark_table assets/benchmark/old.json "$(cat assets/benchmark/old.seconds)" \

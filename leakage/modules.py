@@ -205,7 +205,7 @@ def is_model_file(model: str) -> bool:
 
 
 def is_package_model(model: str) -> bool:
-    return PACKAGE_MODEL.fullmatch(model) is not None and not model.startswith("random:")
+    return PACKAGE_MODEL.fullmatch(model) is not None  # random:N is none: N is no name
 
 
 def is_code_model(model: str) -> bool:
@@ -520,7 +520,7 @@ def model_stem(model_name: str) -> str:
     architecture string (the record holds the string), or a module's NAME-HASH (its content's)."""
     module = (MODEL_FILE.fullmatch(model_name) or RECORDED_MODULE.fullmatch(model_name)
               or PACKAGE_MODEL.fullmatch(model_name))
-    if module is not None and not model_name.startswith("random:"):  # lenet.py:LeNet@3fa2b1c0d9 -> LeNet-3fa2b1c0d9
+    if module is not None:  # lenet.py:LeNet@3fa2b1c0d9 -> LeNet-3fa2b1c0d9
         named = module.groupdict().get("hash") if not module["args"] else None  # arguments: the whole name's hash
         return f"{module['name']}-{named or hashlib.sha256(recorded_model(model_name).encode()).hexdigest()[:10]}"
     return model_name if model_name in MODELS else "arch-" + hashlib.sha256(model_name.encode()).hexdigest()[:10]

@@ -197,15 +197,15 @@ def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
         shown = f"--model {printable(model, 100)}"
         if not blocking and exp.batch == 1:
             continue
-        if analysing:
+        why = (blocking_text(list(blocking)) if blocking else
+               f"with --batch {exp.batch} the gradient is a batch's, and its systems are one image's")
+        if analysing:  # with --batch, refused above
             raise UserError(f"--analyse: {shown}: its ranks come from R-GAP's recursion, which needs a chain of "
-                            f"invertible layers: {blocking_text(list(blocking))}")
+                            f"invertible layers: {why}")
         refused = [a for a in exp.attacks if not takes(a, blocking, exp.batch)]
         left = [a for a in exp.attacks if takes(a, blocking, exp.batch)]
         if not refused:
             continue
-        why = (blocking_text(list(blocking)) if blocking else
-               f"with --batch {exp.batch} the gradient is a batch's, and its systems are one image's")
         if not left:
             raise UserError(f"{shown}: {' and '.join(ATTACKS[a].shown for a in refused)} cannot take it (they invert "
                             f"it layer by layer): {why}; DLG, iDLG and Cosine+TV can (--attacks dlg idlg cosine)")

@@ -147,15 +147,14 @@ def share_and_attack(cells: list[tuple[Net, PrivateImage]], attacks: list[str], 
     it finishes (R-GAP's carries the rank deficiencies of its recursion)."""
     clients = []
     for i, (model, image) in enumerate(cells):
-        grads = shared_gradient(model, image, device)
-        if defence.kind == "dp" and image.size > 1:  # DP-SGD clips each image's gradient (Opacus)
-            shared, info = private_gradient(model, image.x.to(device), image.labels, defence,
-                                            defence_seed(seed, image.name))
+        if defence.kind == "dp" and image.size > 1:  # DP-SGD clips each image's gradient (Opacus), from the batch
+            grads, (shared, info) = None, private_gradient(model, image.x.to(device), image.labels, defence,
+                                                           defence_seed(seed, image.name))
         else:
+            grads = shared_gradient(model, image, device)
             shared, info = defend(grads, defence, defence_seed(seed, image.name))
         # the analyst's: the client's own gradient, the surviving rows
-        chain = isinstance(model, Net) and image.size == 1  # R-GAP's ranks: one image's, on a chain
-        if defence.removes_equations and chain and (analyse_defence is None or analyse_defence[i]):
+        if defence.removes_equations and has_ranks(model, image) and (analyse_defence is None or analyse_defence[i]):
             known = surviving(shared)
             info |= {"rank_deficiency": rank_deficiency(model, grads, known),
                      "fc_inputs_undetermined": fc_inputs_undetermined(model, known)}
@@ -166,6 +165,11 @@ def share_and_attack(cells: list[tuple[Net, PrivateImage]], attacks: list[str], 
     settings = dataclasses.replace(settings, zeros_are_missing=defence.removes_equations)  # an attacker sees the zeros
     for i, name, result, seconds in answers(clients, attacks, settings, seed):
         yield i, score_answer(name, result, seconds, cells[i][1])
+
+
+def has_ranks(model: Net, image: PrivateImage) -> bool:
+    """Whether R-GAP's recursion gives ranks for this client: one image's gradient, on a chain."""
+    return isinstance(model, Net) and image.size == 1
 
 
 def recovered(model: Net, shared: list[torch.Tensor], image: PrivateImage) -> int | tuple[int, ...]:
@@ -366,8 +370,8 @@ def run_cells(exp: Experiment, settings: AttackSettings, cells: tuple[Cell, ...]
         if why is not None:
             yield cell, Skipped(cell.attacks, why)
             continue
-        chain = isinstance(model, Net) and cell.image.size == 1  # R-GAP's ranks: one image's, on a chain
-        if not cell.ranks_recorded and chain and ("rgap" not in cell.attacks or cell.defence != NO_DEFENCE):
+        if not cell.ranks_recorded and has_ranks(model, cell.image) and ("rgap" not in cell.attacks
+                                                                          or cell.defence != NO_DEFENCE):
             held = (cell.model, cell.image.name, exp.model_seed, exp.train_steps, exp.train_lr, exp.data, exp.device)
             yield cell, undefended_ranks(held, model, cell.image, exp.device)  # R-GAP's, under a defence, are not
         ready.append((cell, model))  # the client's

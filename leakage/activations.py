@@ -152,7 +152,10 @@ def shown_activation(act: str) -> str:
 def from_call(name: str, args: tuple, kwargs: dict) -> nn.Module | None:
     """The activation module a torch.fx call stands for (torch.tanh, F.softplus(x, beta=2),
     x.sigmoid(), F.leaky_relu(x, 0.2), ...): its name and its arguments after the input;
-    None where it is none of them."""
+    None where it is none of them. An in-place call (y.tanh_(), F.leaky_relu(y, inplace=True))
+    computes the same function: the chain's tensor is the call's output either way."""
+    name, kwargs = name.removesuffix("_") if not name.startswith("_") else name, {
+        k: v for k, v in kwargs.items() if k != "inplace"}
     row = next((r for r in ACTIVATIONS.values() if name in r.calls), None)
     return None if row is None else row.from_call(args, kwargs)
 

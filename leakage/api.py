@@ -20,7 +20,7 @@ from leakage.experiment import answers
 from leakage.gradients import as_captured, captured_gradient, fingerprint, load_gradient
 from leakage.models import Net
 from leakage.modules import Classifier, NotAChain, logits_shape, read_module
-from leakage.data import PUBLISHED_NORMALIZE
+from leakage.data import PUBLISHED_NORMALIZE, normalize_of, sized
 from leakage.labels import mean_posterior, recover_labels
 from leakage.paper import rank_deficiency, recover_label, security_index, worst_layer_fraction
 from leakage.runtime import PUBLISHED_SEED
@@ -77,6 +77,7 @@ def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: t
         raise UserError(f"{', '.join(linear)}: batch={batch}: the linear attacks take one image's gradient "
                         "(dlg, idlg and cosine take a batch's)")
     net, shared = read_inputs(model, gradient, input_shape, names)
+    normalize = normalize_given(normalize, input_shape_of(input_shape)[0])
     used = checked_labels(label, batch, net.classes)
     why = fingerprint(net, shared, batch)
     if why is not None:
@@ -87,6 +88,17 @@ def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: t
                 recover_labels(shared[net.bias_at], batch, mean_posterior(net, input_shape_of(input_shape), normalize)))
     with own_random_state():
         return {name: result for _, name, result, _ in answers([(net, shared, used)], names, method, seed)}
+
+
+def normalize_given(normalize: object, channels: int) -> tuple[tuple, tuple]:
+    """normalize=(mean, std), each a number or one per channel, checked as --normalize is."""
+    try:
+        mean, std = ((float(v),) if isinstance(v, (int, float)) else tuple(map(float, v)) for v in normalize)
+    except (TypeError, ValueError):
+        raise UserError(f"normalize={normalize!r}: expected (mean, std), each a number or one per channel") from None
+    if len(mean) != len(std):
+        raise UserError(f"normalize={normalize!r}: give as many means as stds")
+    return normalize_of([*mean, *std], channels)
 
 
 def checked_labels(label: object, batch: int, classes: int) -> int | tuple[int, ...] | None:
@@ -175,7 +187,7 @@ def input_shape_of(input_shape: Iterable) -> tuple[int, int, int]:
         ok = False
     if not ok:
         raise UserError(f"input_shape {input_shape!r}: expected (C, H, W), three whole numbers of at least 1")
-    return tuple(int(n) for n in shape)
+    return sized(tuple(int(n) for n in shape), "input_shape", scored=False)
 
 
 def read_inputs(model: nn.Module, gradient: list | tuple | dict | str, input_shape: tuple[int, int, int],

@@ -168,7 +168,7 @@ def settings_from(args: argparse.Namespace, paths: Paths = Paths()) -> tuple[Exp
 
 
 def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
-    """Each module model built once, now, before any folder (its arguments, weights and mode);
+    """Each model built once, now, before any folder (its shape, its arguments, weights and mode);
     where the linear attacks cannot take one, each named attack that cannot is refused by
     name, one line each, and the others run; the default attacks leave them out in one line;
     naming only attacks that cannot run, or --analyse, is a UserError."""
@@ -178,9 +178,9 @@ def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
         raise UserError("--module-mode has no effect without a module model (--model PATH.py:NAME or "
                         "package.module:NAME)")
     private = exp.batch > 1 and any(d.startswith("dp:") for d in exp.defences)
-    for model in code:
+    for model in exp.models:  # a zoo name's layers on this shape, and --weights, too (not cell by cell)
         built = build_model(model, exp.model_seed, shape, exp.classes, exp.weights, exp.weights_name, exp.module_mode)
-        if private:
+        if private and model in code:
             check_private(model, built)
     if exp.batch > 1:
         if analysing:

@@ -422,6 +422,31 @@ def saved_tensors(data: bytes, where: str, what: str) -> object:
     raise UserError(f"{where}: cannot be read as {what} ({printable(why, 160)})") from None
 
 
+def real_values(tensor: torch.Tensor, where: str, what: str) -> torch.Tensor:
+    """A saved tensor as the attacks take it: dense, and real floating point. A sparse tensor
+    is made dense (the same values); a complex one is refused, since no real model's weights
+    or gradient are complex and dropping the imaginary part would attack another tensor; an
+    integer or bool one is read as float32 (exact for the values it holds, but not what a
+    float model shares: `whole_numbers` says so); NaN or infinity is refused, naming `what`."""
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
+    if tensor.is_complex():
+        raise UserError(f"{where}: '{what}' is complex ({tensor.dtype}); a model's weights and gradient are real")
+    if not torch.isfinite(tensor.float()).all():
+        raise UserError(f"{where}: '{what}' holds values that are not finite")
+    return tensor if tensor.is_floating_point() else tensor.float()
+
+
+def whole_numbers(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """One line where saved tensors hold integers or bools, not floats (read as float32)."""
+    named = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor) and not (
+        t.is_floating_point() or t.is_complex())]
+    if named:
+        kinds = sorted({str(t.dtype).removeprefix("torch.") for _, t in named})
+        warn(f"{where}: {len(named)} of its tensors ('{named[0][0]}'{', ...' * (len(named) > 1)}) hold "
+             f"{' and '.join(kinds)} values, not floats: read as float32, which no float model shares")
+
+
 def content_hash(data: bytes) -> str:
     """The first 10 hex digits of the bytes' SHA-256: how the record tells files apart."""
     return hashlib.sha256(data).hexdigest()[:10]
@@ -557,14 +582,37 @@ def normalize_of(values: list[float], channels: int) -> tuple[tuple, tuple]:
     mean, std = tuple(values[:half]), tuple(values[half:])
     if not all(math.isfinite(v) for v in values) or min(std) <= 0:
         raise UserError(f"--normalize {shown}: the means must be finite and the stds above 0")
+    mapped, lost = pixels_mapped(mean, std)
+    if lost > 0.5 / 255 or mapped > 1e6:
+        why = (f"pixels mapped as far as {mapped:.3g}, where a model's input is of order 1" if lost <= 0.5 / 255 else
+               f"8-bit pixels come back off by up to {lost:.3g}" if math.isfinite(lost) else "the pixels are lost")
+        raise UserError(f"--normalize {shown}: float32 cannot carry the image so mapped ({why}); give the mean and "
+                        "std of [0, 1] pixels")
     return mean, std
+
+
+def pixels_mapped(mean: tuple, std: tuple) -> tuple[float, float]:
+    """The 256 pixel levels through (mean, std) in float32, as the model gets them: how far
+    they reach, and how far they come back from where they were. A std of 1e300 is infinite
+    in float32 and maps every pixel to 0; a mean of 1e10 leaves the pixel no bits; a std of
+    1e-300 is 0. Half a level off is an image that is not the one named (checked up front,
+    as a defence's strength is)."""
+    levels = torch.linspace(0, 1, 256, dtype=torch.float64).view(1, -1)
+    m, s = (torch.tensor(v, dtype=torch.float64).view(-1, 1) for v in (mean, std))
+    mapped = (levels.float() - m.float()) / s.float()
+    back = mapped.double() * s + m
+    return (float(mapped.abs().nan_to_num(math.inf, math.inf).max()),
+            float((back - levels).abs().nan_to_num(math.inf, math.inf).max()))
+
+
+MAX_IMAGE_GIB = 0.25  # one input image in float32; ImageNet's 3x224x224 is 0.0006 GiB
 
 
 def data_format(args: argparse.Namespace | Experiment) -> tuple[tuple[int, int, int], int]:
     """The models' input (C, H, W) and classes: the data's, or --input-shape's and
     --classes' for --image files, and over the data's for a captured gradient (--gradient)."""
     if args.image_files:
-        shape = tuple(args.input_shape or PHOTOGRAPH_SHAPE)
+        shape = sized(tuple(args.input_shape or PHOTOGRAPH_SHAPE), "--input-shape")
         if shape[0] not in (1, 3):
             raise UserError(f"--input-shape {' '.join(map(str, shape))}: image files are made 1 channel (grayscale) "
                             "or 3 (RGB)")
@@ -573,5 +621,18 @@ def data_format(args: argparse.Namespace | Experiment) -> tuple[tuple[int, int, 
     data = DATASETS.get(dataset_of(source)[0])
     shape, classes = (data.shape, len(data.classes)) if data else (PHOTOGRAPH_SHAPE, PHOTOGRAPH_CLASSES)
     if args.gradient:
-        return tuple(args.input_shape or shape), args.classes or classes
+        return sized(tuple(args.input_shape or shape), "--input-shape", scored=False), args.classes or classes
     return shape, classes
+
+
+def sized(shape: tuple[int, int, int], where: str, scored: bool = True) -> tuple[int, int, int]:
+    """`shape`, where one image of it fits in MAX_IMAGE_GIB in float32 and, where it is
+    `scored`, SSIM's 7x7 window fits in it; else one UserError (a 100000x100000 image would
+    ask for 120 GB before any check of the model saw it; a 2x2 one would fail in every cell)."""
+    gib, shown = 4 * math.prod(shape) / 2**30, f"{where} {' '.join(map(str, shape))}"
+    if gib > MAX_IMAGE_GIB:
+        raise UserError(f"{shown}: one image would take {gib:.3g} GiB in float32 (the limit is {MAX_IMAGE_GIB:g} GiB, "
+                        "67 million values)")
+    if scored and min(shape[1:]) < 7:
+        raise UserError(f"{shown}: SSIM scores images of at least 7x7 (its window)")
+    return shape

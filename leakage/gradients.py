@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leakage.console import UserError, printable
-from leakage.data import content_name, file_bytes, saved_tensors, to_image
+from leakage.data import content_name, file_bytes, real_values, saved_tensors, to_image, whole_numbers
 from leakage.paper import client_gradient
 
 if TYPE_CHECKING:  # annotations alone
@@ -68,6 +68,7 @@ def captured_gradient(model: Net, captured: Captured) -> list[torch.Tensor]:
         extra = next((name for name in by_name if name not in model.listed), None)
         if extra is not None:
             raise UserError(f"{where}: its '{printable(extra, 80)}' is no parameter of the model {some}")
+    whole_numbers(by_name, where)
     out = []
     for name, p in zip(model.names, model.parameters()):
         g = by_name.get(name)
@@ -75,9 +76,7 @@ def captured_gradient(model: Net, captured: Captured) -> list[torch.Tensor]:
             raise UserError(f"{where}: has no gradient for '{name}'")
         if g.shape != p.shape:
             raise UserError(f"{where}: '{name}' is {tuple(g.shape)}, the model's {tuple(p.shape)}")
-        if not torch.isfinite(g).all():
-            raise UserError(f"{where}: '{name}' holds values that are not finite")
-        out.append(g.detach().to(p.device, p.dtype))
+        out.append(real_values(g.detach(), where, name).to(p.device, p.dtype))
     if not any(g.any() for g in out):
         raise UserError(f"{where}: is exactly zero, so it carries nothing to attack")
     return out

@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from leakage.activations import canonical_activation, check_activation, make_activation
 from leakage.console import UserError, printable
-from leakage.data import PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, content_name, file_bytes, saved_tensors
+from leakage.data import (
+    PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, content_name, file_bytes, real_values, saved_tensors, whole_numbers)
 from leakage.runtime import PUBLISHED_SEED, seed_everything
 
 # An architecture is one string: convolutions OUTkKsSpP[b]-ACT, comma-separated, then
@@ -284,7 +285,9 @@ def load_weights(model: nn.Module, path: str, name: str | None = None) -> None:
     wrong = next((key for key, value in state.items() if value.shape != own[key].shape), None)
     if wrong is not None:
         raise UserError(f"{where}: '{wrong}' is {tuple(state[wrong].shape)}, the model's {tuple(own[wrong].shape)}")
-    model.load_state_dict(state)
+    whole_numbers({key: value for key, value in state.items() if own[key].is_floating_point()}, where)
+    model.load_state_dict({key: real_values(value, where, key) if own[key].is_floating_point() else value
+                           for key, value in state.items()})
 
 
 def draw_uniform(model: nn.Module, a: float, seed: int) -> None:

@@ -150,7 +150,8 @@ def read_module(net: nn.Module, shape: tuple[int, int, int], where: str = "the m
                  else None)  # where a layer of the chain's kinds stands outside a chain
         data = node
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            why = joins or layer_problem(module, flattened, layers)
+            why = joins or (SHARED if any(module is layer for layer in layers) else None) or layer_problem(
+                module, flattened, layers)
             if why is not None:
                 block(what, why)
             layers.append(module)
@@ -307,7 +308,10 @@ def load_module(model: str, seed: int) -> nn.Module:
             else:
                 source = importlib.import_module(m["package"])
         except Exception as e:  # the user's code: whatever it raises is theirs
-            raise UserError(f"{where}: {what} fails: {type(e).__name__}: {printable(str(e), 200)}") from None
+            missing = isinstance(e, ModuleNotFoundError) and e.name and e.name.partition(".")[0]
+            hint = (f" (its folder, {printable(folder, 120)}, is importable while it loads: is {missing}.py there, "
+                    "or is it a package to install?)" if folder and missing else "")
+            raise UserError(f"{where}: {what} fails: {type(e).__name__}: {printable(str(e), 200)}{hint}") from None
         make = getattr(source, m["name"], None)
         if not callable(make):
             raise UserError(f"{where}: {printable(m.groupdict().get('path') or m['package'], 200)} defines no class "
@@ -454,8 +458,16 @@ def architecture_text(model: Net) -> str:
     return ",".join(parts)
 
 
+SHARED = ("is called twice (its weights shared): each layer of the chain has its own weights, whose gradient "
+          "sums the two uses")
+
+
 def layer_problem(module: nn.Module, flattened: bool, layers: list[nn.Module]) -> str | None:
     """Why the linear attacks cannot take this Conv2d or Linear where it stands, or None."""
+    if (nn.utils.parametrize.is_parametrized(module) or module._forward_pre_hooks or module._forward_hooks
+            or not isinstance(getattr(module, "weight", None), nn.Parameter)):
+        return ("computes with a weight that is not its parameter (weight_norm, prune or another hook or "
+                "parametrization): the gradient shared is of the parameters behind it")
     if isinstance(module, nn.Linear):
         return None if module.bias is not None else \
             "has no bias: its input cannot be read from its gradient (bias=True)"

@@ -45,10 +45,10 @@ def test_every_test_source_ships_its_first_20_images_offline(source, tmp_path):
         load_test_split(source, [20], str(tmp_path / "nothing"))
 
 
-def test_a_one_channel_image_is_the_files_gray_values():
+def test_a_one_channel_image_is_the_files_gray_values(tmp_path):
     f, _ = foolbox_files("mnist")[0]
     gray = np.asarray(Image.open(f.locate()))
-    (image,), _ = load_test_split("mnist-test", [0], "nowhere")
+    (image,), _ = load_test_split("mnist-test", [0], str(tmp_path / "nowhere"))
     assert torch.equal(image.x[0, 0], torch.as_tensor(gray / 255.0, dtype=torch.float32) - 0.5)
 
 
@@ -136,11 +136,11 @@ def test_a_shape_or_classes_the_data_gives_is_refused(flags, capsys):
     assert "no effect without --image" in one_line(capsys.readouterr().err)
 
 
-def test_offline_training_on_a_test_source_uses_its_other_shipped_images():
+def test_offline_training_on_a_test_source_uses_its_other_shipped_images(tmp_path):
     crops_of_test_set.cache_clear()
     x, y = crops_of_test_set("mnist", 3, 10)
     assert x.shape[1:] == (1, 28, 28) and set(y.tolist()) <= set(shipped_labels("mnist"))
-    (attacked,), _ = load_test_split("mnist-test", [3], "nowhere")
+    (attacked,), _ = load_test_split("mnist-test", [3], str(tmp_path / "nowhere"))
     assert not any(torch.equal(crop, attacked.x[0]) for crop in x)  # no crop is the whole attacked image
 
 
@@ -157,8 +157,8 @@ def test_the_figure_of_a_one_channel_run_is_gray(tmp_path):
 # -- --normalize: torchvision's Normalize on [0, 1] pixels ----------------------------------
 
 
-def test_normalize_maps_pixels_in_and_reconstructions_back_out():
-    (image,), _ = load_test_split("cifar10-test", [3], "nowhere")
+def test_normalize_maps_pixels_in_and_reconstructions_back_out(tmp_path):
+    (image,), _ = load_test_split("cifar10-test", [3], str(tmp_path / "nowhere"))
     mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
     moved = normalized(image, mean, std)
     pixels = image.x + 0.5

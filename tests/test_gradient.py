@@ -233,8 +233,8 @@ def test_the_api_refuses_what_the_attacks_cannot_take(captured):
         H.attack(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(1352, 10)), grads, MNIST)
 
 
-def test_cifar100_labels_above_9_are_read_from_a_captured_gradient():
-    (image,), _ = load_test_split("cifar100-test", [0], "nothing")
+def test_cifar100_labels_above_9_are_read_from_a_captured_gradient(tmp_path):
+    (image,), _ = load_test_split("cifar100-test", [0], str(tmp_path / "nothing"))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 12, 5, 2, 2), nn.Sigmoid(), nn.Flatten(), nn.Linear(12 * 16 * 16, 100))
     grads = gradient_of(model, image.x, image.label)

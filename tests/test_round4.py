@@ -9,10 +9,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.prune  # noqa: F401  (nn.utils.prune)
 
 import hybrid as H
 from conftest import one_line
 from leakage.console import UserError
+from leakage.data import normalize_of
+from leakage.models import build_net
+from leakage.modules import read_module
 
 
 class Small(nn.Module):
@@ -130,3 +134,157 @@ def test_a_python_file_without_a_name_is_said_so(capsys):
 def test_an_index_beyond_the_source_names_the_source(source, says, capsys):
     assert H.main(["--analyse", "--source", source, "--index", "10000"]) == 2
     assert says in one_line(capsys.readouterr().err)
+
+
+# -- --normalize that float32 cannot carry (item 3) ------------------------------------------
+
+
+@pytest.mark.parametrize("values", [["0.5", "1e300"], ["1e10", "1"], ["0.5", "1e-300"], ["0.5", "1e-30"]])
+def test_a_normalize_that_wipes_the_image_in_float32_is_refused_up_front(values, tmp_path, capsys):
+    assert H.main(["--model", "cnn2_c0", "--source", "samples", "--index", "3", "--attacks", "rgap",
+                   "--normalize", *values, "--output", str(tmp_path)]) == 2
+    assert "float32 cannot carry the image" in one_line(capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())  # before any folder
+
+
+@pytest.mark.parametrize("values", [[0, 1], [0.5, 1], [0.4914, 0.4822, 0.4465, 0.247, 0.243, 0.261], [0.5, 1e6]])
+def test_the_usual_normalizations_pass(values):
+    assert normalize_of(values, 3)
+
+
+def test_an_api_normalize_is_checked_as_the_flag_is(client):
+    with pytest.raises(UserError, match="float32 cannot carry"):
+        H.attack(*client, (1, 28, 28), attacks=("rgap",), normalize=(0.5, 1e300))
+
+
+# -- complex, integer and sparse tensors; NaN weights (items 10, 12, 14) ---------------------
+
+
+def test_a_complex_gradient_is_refused_not_cast(client):
+    model, gradient = client
+    with pytest.raises(UserError, match="'conv.weight' is complex"):  # it was cast, then called "exactly zero"
+        H.attack(model, [1j * g for g in gradient], (1, 28, 28), attacks=("rgap",))
+
+
+def test_an_integer_gradient_is_said_so_in_one_line(client, capsys):
+    model, gradient = client
+    H.attack(model, [(g * 1e6).round().long() for g in gradient], (1, 28, 28), attacks=("rgap",))
+    said = [line for line in capsys.readouterr().err.splitlines() if "not floats" in line]
+    assert len(said) == 1 and "hold int64 values" in said[0], said
+
+
+def test_a_sparse_gradient_is_its_dense_values(client):
+    model, gradient = client
+    dense = H.attack(model, gradient, (1, 28, 28), attacks=("rgap",))["rgap"].x
+    sparse = H.attack(model, [g.to_sparse() for g in gradient], (1, 28, 28), attacks=("rgap",))["rgap"].x
+    assert torch.equal(dense, sparse)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda w: w.fill_(float("nan")), "'layers.0.weight' holds values that are not finite"),
+    (lambda w: w.to(torch.complex64), "'layers.0.weight' is complex"),
+    (lambda w: w.to_sparse(), None)])
+def test_weights_are_read_up_front_and_named_when_wrong(change, says, tmp_path, capsys):
+    state = build_net("cnn2_c0").state_dict()
+    state["layers.0.weight"] = change(state["layers.0.weight"].clone())
+    torch.save(state, tmp_path / "w.pt")
+    code = H.main(["--analyse", "--model", "cnn2_c0", "--source", "samples", "--index", "3",
+                   "--weights", str(tmp_path / "w.pt")])
+    if says is None:  # sparse: the same values, read
+        assert code == 0
+    else:
+        assert code == 2 and says in one_line(capsys.readouterr().err)
+
+
+def test_a_wrong_weights_file_for_a_zoo_model_makes_no_folder(tmp_path, capsys):
+    state = build_net("cnn2_c0").state_dict()
+    state["bogus"] = state.pop("layers.0.weight")
+    torch.save(state, tmp_path / "w.pt")
+    assert H.main(["--model", "cnn2_c0", "--source", "samples", "--index", "3", "--attacks", "rgap", "--quick",
+                   "--weights", str(tmp_path / "w.pt"), "--output", str(tmp_path / "out")]) == 2
+    assert "has no 'layers.0.weight'" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+# -- input shapes that cannot be held or scored (item 10) ------------------------------------
+
+
+@pytest.mark.parametrize("given", ["--image", "--gradient"])
+def test_an_input_shape_too_large_to_hold_is_one_line(given, client, tmp_path, capsys):
+    torch.save(list(client[1]), tmp_path / "g.pt")
+    path = str(tmp_path / "g.pt") if given == "--gradient" else "assets/default_run.png"
+    assert H.main(["--model", "cnn2_c0", given, path, "--input-shape", "3", "100000", "100000", "--attacks", "rgap",
+                   "--output", str(tmp_path / "out")]) == 2
+    assert "one image would take 112 GiB" in one_line(capsys.readouterr().err)
+
+
+def test_an_api_input_shape_too_large_to_hold_is_one_error(client):
+    with pytest.raises(UserError, match="one image would take"):
+        H.attack(*client, (3, 100000, 100000), attacks=("rgap",))
+
+
+def test_an_image_smaller_than_ssims_window_is_refused_up_front(tmp_path, capsys):
+    assert H.main(["--model", "cnn6d", "--image", "assets/default_run.png", "--input-shape", "3", "2", "2",
+                   "--attacks", "rgap", "--output", str(tmp_path / "out")]) == 2
+    assert "SSIM scores images of at least 7x7" in one_line(capsys.readouterr().err)
+
+
+# -- modules the reader took, that failed in every cell (item 9); in-place calls (item 12) ---
+
+
+class Twice(nn.Module):  # one convolution called twice: shared weights
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 1, 3, 1, 1), nn.Linear(28 * 28, 10)
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(self.conv(torch.sigmoid(self.conv(x)))).flatten(1))
+
+
+def normed():
+    model = Small()
+    nn.utils.parametrizations.weight_norm(model.conv)
+    return model
+
+
+def pruned():
+    model = Small()
+    torch.nn.utils.prune.l1_unstructured(model.conv, "weight", amount=0.3)
+    return model
+
+
+@pytest.mark.parametrize("make, says", [
+    (Twice, "Conv2d 'conv': is called twice"),
+    (normed, "'conv': computes with a weight that is not its parameter"),
+    (pruned, "Conv2d 'conv': computes with a weight that is not its parameter")])
+def test_a_module_the_systems_cannot_hold_is_refused_by_name_and_dlg_runs(make, says, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = make()
+    with pytest.raises(UserError, match=says):
+        read_module(model, (1, 28, 28))
+    x = torch.rand(1, 1, 28, 28) - 0.5
+    gradient = torch.autograd.grad(F.cross_entropy(model(x), torch.tensor([3])), list(model.parameters()))
+    result = H.attack(model, gradient, (1, 28, 28), attacks=("idlg",), dlg_iters=2, restarts=1)["idlg"]
+    assert result.label == 3 and result.x.shape == x.shape
+
+
+class InPlace(Small):
+    def forward(self, x):
+        y = self.conv(x)
+        y = y.sigmoid_()
+        return self.fc(y.flatten(1))
+
+
+def test_an_in_place_activation_is_read_as_the_activation(client):
+    model, _ = client
+    inplace = InPlace()
+    inplace.load_state_dict(model.state_dict())
+    chain = read_module(inplace, (1, 28, 28))
+    assert isinstance(chain.acts[0], nn.Sigmoid)
+
+
+def test_a_sibling_import_that_fails_names_the_folder(tmp_path, capsys):
+    (tmp_path / "net.py").write_text("import helpers_of_mine\n")
+    assert H.main(["--analyse", "--model", f"{tmp_path}/net.py:Net"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"its folder, {tmp_path}, is importable" in err and "helpers_of_mine.py there" in err

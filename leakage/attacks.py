@@ -45,9 +45,10 @@ ATTACKS: dict[str, Attack] = {
     "idlg": Attack(attack_idlg, "iDLG", "^", paper=True, settings=("dlg_iters", "restarts")),
     "cosine": Attack(attack_cosine, "Cosine+TV", "D", paper=True, settings=("cosine_iters", "restarts")),
     "hybrid": Attack(one_client(attack_hybrid), "Hybrid", "s", paper=True,
-                     settings=("hybrid_iters", "hybrid_iters_first", "compile"), together=attack_hybrid, linear=True),
+                     settings=("hybrid_iters", "hybrid_iters_first", "compile", "batch_images"), together=attack_hybrid,
+                     linear=True),
     "hybrid_free": Attack(one_client(attack_hybrid_free), "Hybrid, free layers", "P", paper=False,
-                          settings=("hybrid_iters", "hybrid_iters_first", "compile", "correct_where"),
+                          settings=("hybrid_iters", "hybrid_iters_first", "compile", "batch_images", "correct_where"),
                           together=attack_hybrid_free, linear=True),
 }
 

@@ -342,8 +342,9 @@ RECORD = sweeps.Record(
     upgrade_key=upgraded_key,
     defaults=flat_config(Experiment(), AttackSettings(), sweeps.RunSettings()),
     may_differ=frozenset({"data", "verbose", "compile", "device",  # the files' paths: grid.json holds the images
-                          "image_files", "gradient", "weights"}),  # and the gradient themselves, by name and hash,
-    # config the weights (weights_name) and the models (a module file's FILE.py:NAME@HASH)
+                          "image_files", "gradient", "weights",  # and the gradient themselves, by name and hash,
+                          # config the weights (weights_name) and the models (a module file's FILE.py:NAME@HASH)
+                          "batch_images"}),  # each image's numbers are its own, whatever its batch (batch_alone)
     program="hybrid.py", cells_are="(model, image, defence) cells", explain=lambda *a: config_change(*a))
 
 

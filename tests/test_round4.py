@@ -2,6 +2,7 @@
 captured gradient and in the API; the API's arguments checked as the flags are; the caller's
 random streams left alone; a float64 model taken as the command line takes it; a --weights
 FIFO refused, not waited on."""
+import json
 import os
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune  # noqa: F401  (nn.utils.prune)
 
 import hybrid as H
-from conftest import one_line
+from conftest import one_line, the_folder
 from leakage.console import UserError
 from leakage.data import normalize_of
 from leakage.models import build_net
@@ -288,3 +289,21 @@ def test_a_sibling_import_that_fails_names_the_folder(tmp_path, capsys):
     assert H.main(["--analyse", "--model", f"{tmp_path}/net.py:Net"]) == 2
     err = one_line(capsys.readouterr().err)
     assert f"its folder, {tmp_path}, is importable" in err and "helpers_of_mine.py there" in err
+
+
+# -- --batch-images: a run setting for the hybrids alone (item 13) ---------------------------
+
+
+def test_a_run_resumes_at_another_batch_images(tmp_path, capsys):
+    run = ["--quick", "--source", "samples", "--index", "3", "--model", "cnn2_c0", "--attacks", "hybrid",
+           "--hybrid-iters", "2", "--hybrid-iters-first", "2"]
+    assert H.main([*run, "--batch-images", "4", "--output", str(tmp_path)]) == 0
+    folder = the_folder(tmp_path)
+    before = json.loads((folder / "results.json").read_text())["runs"]
+    assert H.main([*run, "--batch-images", "1", "--resume", str(folder)]) == 0, capsys.readouterr().err
+    assert json.loads((folder / "results.json").read_text())["runs"] == before
+
+
+def test_batch_images_without_a_hybrid_is_refused(capsys):
+    assert H.main(["--quick", "--source", "samples", "--attacks", "dlg", "--batch-images", "2"]) == 2
+    assert "--batch-images has no effect without hybrid or hybrid_free" in one_line(capsys.readouterr().err)

@@ -65,9 +65,11 @@ class Experiment:
     """What is attacked, and the model the client holds. With AttackSettings and
     sweeps.RunSettings, results.json records it as its `config`."""
 
-    models: list[str] = flags.setting(["cnn4_c2"], "target models (default {default}; --list-models); 'all', or "
-                                       "shell patterns such as 'cnn3_*'", "--model", action="extend", nargs="+",
-                                       metavar="NAME")
+    models: list[str] = flags.setting(
+        ["cnn4_c2"], "target models (default {default}): a zoo name (--list-models), 'all' or a shell pattern such "
+        "as 'cnn3_*'; an architecture string such as '12k5s2p2-sigmoid,fc-id'; random:N, N drawn architectures; "
+        "your nn.Module, PATH.py:NAME or package.module:NAME, with literal arguments as Python writes them "
+        "('torchvision.models:resnet18(num_classes=10)')", "--model", action="extend", nargs="+", metavar="NAME")
     image_indices: list[int] = flags.setting(
         [3], "images of --source (default {default}), or positions in the bundled photographs with --source "
         "samples; ranges such as 0-99 or 0-9,20,31", "--index", action="extend", nargs="+", metavar="I",

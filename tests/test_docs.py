@@ -133,3 +133,30 @@ def test_every_command_of_the_first_screen_runs_as_written(tmp_path):
             command = [*command, "--quick"]
         out = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, f"{' '.join(command)}: {out.stderr[-2000:]}"
+
+
+def test_the_records_example_in_output_md_uses_the_records_own_keys(tmp_path):
+    """docs/output.md's results.json, key by key, against a record written now ("indices" once
+    stood where records say "image_indices")."""
+    import json
+
+    import hybrid as H
+
+    text = (ROOT / "docs" / "output.md").read_text()
+    example = json.loads(re.search(r"```json\n(.*?)```", text, re.S)[1])
+    assert H.main(["--quick", "--source", "samples", "--index", "3", "--model", "cnn2_c0", "--attacks", "rgap",
+                   "--output", str(tmp_path)]) == 0
+    (folder,) = tmp_path.iterdir()
+    record = json.loads((folder / "results.json").read_text())
+
+    def keys(shown: dict, real: dict, where: str) -> None:
+        for key, value in shown.items():
+            if key == "...":
+                continue
+            assert key in real, f"{where}{key}"
+            if isinstance(value, dict) and key not in ("attacks",):
+                keys(value, real[key], f"{where}{key}.")
+    keys(example, record, "")
+    keys(example["runs"][0], record["runs"][0], "runs.")
+    keys(example["runs"][0]["attacks"]["rgap"], record["runs"][0]["attacks"]["rgap"], "runs.attacks.rgap.")
+    keys(example["stretches"][0], record["stretches"][0], "stretches.")

@@ -307,3 +307,13 @@ def test_a_run_resumes_at_another_batch_images(tmp_path, capsys):
 def test_batch_images_without_a_hybrid_is_refused(capsys):
     assert H.main(["--quick", "--source", "samples", "--attacks", "dlg", "--batch-images", "2"]) == 2
     assert "--batch-images has no effect without hybrid or hybrid_free" in one_line(capsys.readouterr().err)
+
+
+def test_help_names_every_spelling_of_a_model(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no line broken inside a word
+    with pytest.raises(SystemExit):
+        H.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    entry = text[text.index("--model NAME [NAME ...] target"):text.index("--index I [I ...] images")]
+    for spelling in ["--list-models", "architecture string", "random:N", "PATH.py:NAME", "package.module:NAME"]:
+        assert spelling in entry, spelling

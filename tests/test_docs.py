@@ -160,3 +160,29 @@ def test_the_records_example_in_output_md_uses_the_records_own_keys(tmp_path):
     keys(example["runs"][0], record["runs"][0], "runs.")
     keys(example["runs"][0]["attacks"]["rgap"], record["runs"][0]["attacks"]["rgap"], "runs.attacks.rgap.")
     keys(example["stretches"][0], record["stretches"][0], "stretches.")
+
+
+def test_the_captured_gradient_snippet_of_usage_md_runs_as_written(tmp_path):
+    """docs/usage.md, "A gradient you captured": the Python that saves weights.pt and grad.pt,
+    then the commands that attack them, from a folder laid out as the checkout (with
+    --quick and R-GAP alone): the image comes back, its label read from the gradient."""
+    import json
+
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    text = (ROOT / "docs" / "usage.md").read_text()
+    section = text[text.index("## A gradient you captured"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    out = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line) for line in re.search(r"```bash\n(.*?)```", section, re.S)[1].splitlines()]
+    assert len(commands) == 2
+    for n, command in enumerate(commands):
+        assert command[:2] == ["python", "hybrid.py"]
+        run = [sys.executable, str(ROOT / "hybrid.py"), *command[2:], "--quick", "--attacks", "rgap",
+               "--output", str(tmp_path / f"out{n}")]
+        out = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        (folder,) = (tmp_path / f"out{n}").iterdir()
+        (entry,) = json.loads((folder / "results.json").read_text())["runs"]
+        assert entry["attacks"]["rgap"]["label"] == 7
+    assert entry["attacks"]["rgap"]["psnr"] > 40  # the second names the image: scored

@@ -299,6 +299,29 @@ def layer_system(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tenso
                        None if known is None else by_layer(model, known)[layer][0])
 
 
+# R-GAP is scale-free in exact arithmetic: a gradient times s gives the same image. Its
+# least squares are not: each convolution's system stacks the forward rows (M x = z - b, of
+# the network's scale) over the gradient rows (G(delta) x = gW, of the gradient's), so the
+# gradient's scale weighs one kind against the other. One image's cross-entropy gradient has
+# its output bias gradient's largest entry at most 1 (p - onehot); the published code solves
+# it at that scale, and so do we (every committed number). A gradient far larger than any one
+# image's (a sum, a scaled copy: 1e15 gave 11 dB where the gradient gave 146, and took 4-17x
+# as long) is brought back by a power of two, which changes no bit of its entries, until that
+# entry is within (1/2, 1]. Smaller gradients stay as given: a confident model's is small by
+# nature, and the published weighting is the paper's.
+LARGEST_SCALE = 2.0**10  # the output bias gradient's largest entry beyond which a gradient is rescaled
+
+
+def rescaled(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`grads` (the output bias gradient last) by 2^-k where its largest entry is above
+    LARGEST_SCALE, so that it lands in (1/2, 1]; as given otherwise."""
+    top = float(grads[-1].abs().max())
+    if not top > LARGEST_SCALE:
+        return grads
+    _, exponent = math.frexp(top)  # top = m 2^exponent, m in [1/2, 1)
+    return [torch.ldexp(g, torch.tensor(-exponent, dtype=torch.int32)) for g in grads]
+
+
 CorrectionRule = Callable[[list[int]], bool]  # the deficiencies of layers l, l+1, ... -> correct layer l?
 # (the clients' indices, their systems, their x_hats) -> the x each passes down (hybrid)
 Corrections = Callable[[list[int], list[LayerSystem], list[torch.Tensor]], list[torch.Tensor]]
@@ -322,7 +345,7 @@ def recursive_reconstruction(models: list[Net], grads: list[list[torch.Tensor]],
     `rule(deficiency[l:])` holds of its ranks (the recursion runs from the top, so layer
     l's and the deficiencies above it are known by then)."""
     n, n_layers, top = len(models), len(models[0].layers), models[0].first_linear
-    grads = [[g.detach().double().cpu() for g in client] for client in grads]  # in float64 on the CPU
+    grads = [rescaled([g.detach().double().cpu() for g in client]) for client in grads]  # in float64 on the CPU
     known = [None if k is None else [t.cpu() for t in k] for k in (known or [None] * n)]
     memos = memos or [None] * n
     a_hat, dl_da = map(list, zip(*(invert_fc(model.layers[top], *by_layer(model, g)[top],

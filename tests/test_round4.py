@@ -3,6 +3,7 @@ captured gradient and in the API; the API's arguments checked as the flags are; 
 random streams left alone; a float64 model taken as the command line takes it; a --weights
 FIFO refused, not waited on."""
 import json
+import math
 import os
 
 import numpy as np
@@ -18,6 +19,7 @@ from leakage.console import UserError
 from leakage.data import normalize_of
 from leakage.models import build_net
 from leakage.modules import read_module
+from leakage.paper import rescaled
 
 
 class Small(nn.Module):
@@ -317,3 +319,27 @@ def test_help_names_every_spelling_of_a_model(capsys, monkeypatch):
     entry = text[text.index("--model NAME [NAME ...] target"):text.index("--index I [I ...] images")]
     for spelling in ["--list-models", "architecture string", "random:N", "PATH.py:NAME", "package.module:NAME"]:
         assert spelling in entry, spelling
+
+
+# -- a gradient far larger than one image's (item 6) -----------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e15, 1e30])
+def test_a_hugely_scaled_gradient_gives_r_gaps_image(scale):
+    torch.manual_seed(0)
+    net, x = build_net("cnn2_c1"), torch.rand(1, 3, 32, 32) - 0.5
+    gradient = torch.autograd.grad(F.cross_entropy(net(x), torch.tensor([3])), list(net.parameters()))
+    plain = H.attack(net, gradient, (3, 32, 32), attacks=("rgap",), label=3)["rgap"].x
+    scaled = H.attack(net, [g * scale for g in gradient], (3, 32, 32), attacks=("rgap",), label=3)["rgap"].x
+    psnr = lambda y: float(10 * torch.log10(1 / ((y - x) ** 2).mean()))  # noqa: E731
+    assert psnr(plain) > 100 and psnr(scaled) > 100  # it was 11 dB at 1e15
+
+
+def test_one_images_gradient_is_solved_at_its_own_scale_and_a_huge_one_by_a_power_of_two():
+    g = [torch.randn(4, 3, dtype=torch.float64), torch.tensor([0.3, -0.9, 0.6], dtype=torch.float64)]
+    assert rescaled(g) is g  # the published code's scale: every committed number
+    big = [t * 3e15 for t in g]
+    scaled = rescaled(big)
+    ratio = (big[0] / scaled[0]).unique()
+    assert len(ratio) == 1 and math.log2(float(ratio)).is_integer()  # exact: a power of two
+    assert 0.5 < float(scaled[-1].abs().max()) <= 1

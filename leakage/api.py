@@ -17,7 +17,7 @@ from leakage.attacks import ATTACKS
 from leakage.console import UserError, warn
 from leakage.flags import default_of, flags_of
 from leakage.experiment import answers
-from leakage.gradients import as_captured, captured_gradient, fingerprint, load_gradient
+from leakage.gradients import as_captured, captured_gradient, fingerprint, inconsistency, load_gradient
 from leakage.models import Net
 from leakage.modules import Classifier, NotAChain, logits_shape, read_module
 from leakage.data import PUBLISHED_NORMALIZE, normalize_of, sized
@@ -87,7 +87,11 @@ def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: t
         used = (recover_label(shared, net.bias_at) if batch == 1 else
                 recover_labels(shared[net.bias_at], batch, mean_posterior(net, input_shape_of(input_shape), normalize)))
     with own_random_state():
-        return {name: result for _, name, result, _ in answers([(net, shared, used)], names, method, seed)}
+        results = {name: result for _, name, result, _ in answers([(net, shared, used)], names, method, seed)}
+    why = next((inconsistency(r.info.get("residual")) for r in results.values() if "residual" in r.info), None)
+    if why is not None:
+        warn(f"the gradient: {why}")
+    return results
 
 
 def normalize_given(normalize: object, channels: int) -> tuple[tuple, tuple]:

@@ -12,12 +12,12 @@ import torch
 
 from leakage import sweeps
 from leakage.attacks import ATTACKS
-from leakage.console import say
+from leakage.console import say, warn
 from leakage.data import data_format, to_image, to_images
 from leakage.defences import (
     DEFENCES, NO_DEFENCE, defence_seed, defend, fc_inputs_undetermined, parse_defence, private_gradient, surviving
 )
-from leakage.gradients import shared_gradient
+from leakage.gradients import inconsistency, shared_gradient
 from leakage.labels import label_accuracies, mean_posterior, recover_labels
 from leakage.metrics import inf_to_none, matched, score
 from leakage.models import Net, architecture, by_layer, draw_uniform, solve_cost
@@ -164,7 +164,10 @@ def share_and_attack(cells: list[tuple[Net, PrivateImage]], attacks: list[str], 
         clients.append((model, shared, label))
     settings = dataclasses.replace(settings, zeros_are_missing=defence.removes_equations)  # an attacker sees the zeros
     for i, name, result, seconds in answers(clients, attacks, settings, seed):
-        yield i, score_answer(name, result, seconds, cells[i][1])
+        image = cells[i][1]
+        if image.captured is not None and defence == NO_DEFENCE and (why := inconsistency(result.info.get("residual"))):
+            warn(f"{image.name}: {why}")  # a captured gradient said to be this model's (an own one holds)
+        yield i, score_answer(name, result, seconds, image)
 
 
 def has_ranks(model: Net, image: PrivateImage) -> bool:

@@ -153,6 +153,27 @@ PIXEL_SPACES = {"0.5 1": ((0.5,), (1.0,)), "0 1": ((0.0,), (1.0,)), "0.5 0.5": (
                 "0.485 0.456 0.406 0.229 0.224 0.225": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
+# What the fingerprints cannot see, R-GAP's systems can: a gradient of other weights of the
+# same shapes. Through the weights given, one image's gradient makes the topmost
+# convolution's system hold to float rounding; measured on cnn2_c1, cnn3_c1, cnn4_c2, lenet
+# and cnn6d (one image each): 6e-8 to 2e-7 for the gradient itself, 1e-4 to 5e-2 for the
+# gradient of the same weights one SGD step before (lr 0.001 to 0.1), 3e-3 to 0.9 for another
+# draw of the model. Lower layers inherit the error of what is solved above them, so only
+# the topmost is read.
+CONSISTENT = 1e-5  # the topmost system's relative residual above which the weights are doubted
+
+
+def inconsistency(residual: list[float | None] | None) -> str | None:
+    """In words, where R-GAP's topmost system (Recovered.residual) does not hold at its
+    least-squares solution as one image's gradient through these weights makes it hold."""
+    top = next((r for r in reversed(residual or []) if r is not None), None)
+    if top is None or top <= CONSISTENT:
+        return None
+    return (f"R-GAP's topmost system does not hold at its solution (relative residual {top:.1e}, where one image's "
+            "gradient through these weights leaves about 1e-7): a gradient of other weights (another model's, or "
+            "these a step stale?), or a defended one")
+
+
 def pixel_space_hint(model: nn.Module, image: PrivateImage, grads: list[torch.Tensor]) -> str | None:
     """Where the true image is named with its label, the gradient recomputed from it: None
     where it matches under the given --normalize (cosine above 0.99), or where no other space

@@ -327,15 +327,41 @@ CorrectionRule = Callable[[list[int]], bool]  # the deficiencies of layers l, l+
 Corrections = Callable[[list[int], list[LayerSystem], list[torch.Tensor]], list[torch.Tensor]]
 
 
+class Recovered(NamedTuple):
+    """What R-GAP's recursion gives of one client: the image estimate (1, C, H, W); each
+    layer's rank deficiency but the last's (layer 0 first; a linear layer's is 0); and each
+    layer's relative least-squares residual ||U x - V|| / ||V|| at its solution (a linear
+    layer's None)."""
+
+    x: torch.Tensor
+    deficiency: list[int]
+    residual: list[float | None]
+
+
+def relative_residual(model: Net, system: LayerSystem, x: torch.Tensor) -> float:
+    """||U x - V|| / ||V|| of a convolution's system at x, in float64, U never formed. Where
+    the gradient is one image's through these weights, the topmost convolution's system
+    holds to float rounding (about 1e-7: the gradient is float32); a gradient of other
+    weights (another model, or these one SGD step before) leaves 1e-4 or more."""
+    conv = model.layers[system.layer]
+    cols = F.unfold(x.double(), conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]
+    z = (conv.weight.detach().double().cpu().flatten(1) @ cols).view_as(system.z_minus_b)
+    misfit = system.delta.reshape(conv.out_channels, -1) @ cols.T - system.g_w.flatten(1)
+    if system.known is not None:  # the pruned entries are no equations
+        misfit = misfit * system.known.flatten(1)
+    size = system.z_minus_b.square().sum() + system.g_w.square().sum()
+    return float(((z - system.z_minus_b).square().sum() + misfit.square().sum()).sqrt() / size.sqrt())
+
+
 def recursive_reconstruction(models: list[Net], grads: list[list[torch.Tensor]], correct: Corrections | None = None,
                              verbose: bool = False, rule: CorrectionRule | None = None,
                              known: list[list[torch.Tensor] | None] | None = None,
-                             memos: list[StepMemo | None] | None = None) -> list[tuple[torch.Tensor, list[int]]]:
+                             memos: list[StepMemo | None] | None = None) -> list[Recovered]:
     """R-GAP's recursion (steps 1 and 2 above), from the fc layer down to the image, of
-    several clients' gradients (models of one architecture; one client is a batch of one).
-    For each client, the image estimate (1, C, H, W) and each layer's rank deficiency but the
-    last's (layer 0 first; a linear layer's is 0). Under pruning, `known` (per client and
-    parameter, the surviving entries) drops the pruned equations.
+    several clients' gradients (models of one architecture; one client is a batch of one):
+    for each, what Recovered holds, the residuals at the least-squares solutions (before any
+    correction). Under pruning, `known` (per client and parameter, the surviving entries)
+    drops the pruned equations.
 
     The clients go in step, layer by layer: at each layer every client's solve, one after another, within
     its own StepMemo (`memos`; None: the current ones). `correct` (the hybrid's gradient
@@ -354,6 +380,7 @@ def recursive_reconstruction(models: list[Net], grads: list[list[torch.Tensor]],
     # the first linear layer's input, from its own gradient (with several, those above it
     # are determined each by its own gradient too: deficiency 0, nothing to solve)
     deficiency = [[0] * (n_layers - 1) for _ in models]
+    residual: list[list[float | None]] = [[None] * (n_layers - 1) for _ in models]
     for layer in progress(range(top - 1, -1, -1), "layers"):
         systems = []
         for i, model in enumerate(models):
@@ -364,6 +391,7 @@ def recursive_reconstruction(models: list[Net], grads: list[list[torch.Tensor]],
             systems.append(system)
             deficiency[i][layer] = rank - size[1]
             a_hat[i] = x_hat.view(1, *model.shapes[layer])
+            residual[i][layer] = relative_residual(model, system, a_hat[i])
             if verbose:
                 say(f"  layer {layer}: {size[0]} equations, {size[1]} unknowns, rank {rank}, "
                     f"deficiency {deficiency[i][layer]}")
@@ -371,7 +399,7 @@ def recursive_reconstruction(models: list[Net], grads: list[list[torch.Tensor]],
         if todo:
             for i, x in zip(todo, correct(todo, [systems[i] for i in todo], [a_hat[i] for i in todo])):
                 a_hat[i] = x.double().cpu()
-    return [(a.float(), d) for a, d in zip(a_hat, deficiency)]
+    return [Recovered(a.float(), d, r) for a, d, r in zip(a_hat, deficiency, residual)]
 
 
 def solve_layer(model: Net, layer: int, a_hat: torch.Tensor, dl_da: torch.Tensor, grads: list[torch.Tensor],
@@ -424,7 +452,7 @@ def indices_of(deficiency: list[int] | None, unknowns: list[int] | None) -> dict
 def rank_deficiency(model: Net, grads: list[torch.Tensor], known: list[torch.Tensor] | None = None) -> list[int]:
     """Each convolution's rank deficiency (layer 0 first), from R-GAP's recursion alone;
     with `known`, of the equations that survive pruning."""
-    return recursive_reconstruction([model], [grads], known=[known])[0][1]
+    return recursive_reconstruction([model], [grads], known=[known])[0].deficiency
 
 
 # =============================================================================
@@ -439,10 +467,10 @@ def known_entries(grads: list[torch.Tensor], settings: AttackSettings) -> list[t
 
 
 def attack_rgap(model: Net, grads: list[torch.Tensor], label: int, settings: AttackSettings) -> AttackResult:
-    ((x, deficiency),) = recursive_reconstruction([model], [grads], verbose=settings.verbose,
-                                                  known=[known_entries(grads, settings)])
-    return AttackResult(x.to(grads[0].device), label,
-                        {"rank_deficiency": deficiency, "security_index": security_index(deficiency)})
+    ((x, deficiency, residual),) = recursive_reconstruction([model], [grads], verbose=settings.verbose,
+                                                            known=[known_entries(grads, settings)])
+    return AttackResult(x.to(grads[0].device), label, {"rank_deficiency": deficiency, "residual": residual,
+                                                       "security_index": security_index(deficiency)})
 
 
 # =============================================================================
@@ -720,7 +748,7 @@ def hybrid(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int]
                                                [known_entries(g, settings) for g in grads], memos)
     return [AttackResult(x.to(g[0].device), label,
                          {"rank_deficiency": deficiency} | ({} if rule is None else {"corrected_layers": sorted(c)}))
-            for (x, deficiency), c, g, label in zip(reconstructions, corrected, grads, labels)]
+            for (x, deficiency, _), c, g, label in zip(reconstructions, corrected, grads, labels)]
 
 
 def attack_hybrid(models: list[Net], grads: list[list[torch.Tensor]], labels: list[int], settings: AttackSettings,

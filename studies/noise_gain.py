@@ -31,11 +31,11 @@ def gain(model_name: str, standin: PrivateImage, s0: float, draws: int) -> float
     """RMS change per pixel of R-GAP's image per unit of the noise's standard deviation."""
     model = build_model(model_name)
     grads = client_gradient(model, standin.x, standin.label)
-    ((clean, _),) = recursive_reconstruction([model], [grads])
+    ((clean, *_),) = recursive_reconstruction([model], [grads])
     changes = []
     for seed in range(draws):
         noisy, _ = defend(grads, parse_defence(f"noise:{s0:g}"), seed)
-        ((x, _),) = recursive_reconstruction([model], [noisy])
+        ((x, *_),) = recursive_reconstruction([model], [noisy])
         changes.append(float((x.double() - clean.double()).square().mean()))
     return float(np.sqrt(np.mean(changes))) / s0
 

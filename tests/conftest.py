@@ -56,7 +56,7 @@ def cnn2_c2_rgap(chelsea):
     """cnn2_c2 on chelsea: the model, the shared gradient, R-GAP's image and deficiencies."""
     model = build_model("cnn2_c2")
     grads = client_gradient(model, chelsea.x, chelsea.label)
-    return model, grads, *recursive_reconstruction([model], [grads])[0]
+    return model, grads, *recursive_reconstruction([model], [grads])[0][:2]
 
 
 def run_script(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -326,8 +326,8 @@ def test_rgap_does_not_change_when_the_gradient_is_scaled(cnn2_c4):
     """What studies/noise_gain.py reads dp through: clipping scales the whole gradient, and
     R-GAP's answer is the same (the fc inversion is a ratio; each layer's equations scale together)."""
     model, grads = cnn2_c4
-    ((x, deficiency),) = recursive_reconstruction([model], [grads])
-    ((y, scaled_deficiency),) = recursive_reconstruction([model], [[g * 0.137 for g in grads]])
+    ((x, deficiency, _),) = recursive_reconstruction([model], [grads])
+    ((y, scaled_deficiency, _),) = recursive_reconstruction([model], [[g * 0.137 for g in grads]])
     assert scaled_deficiency == deficiency and torch.allclose(x, y, atol=1e-5)
 
 

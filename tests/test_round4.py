@@ -343,3 +343,38 @@ def test_one_images_gradient_is_solved_at_its_own_scale_and_a_huge_one_by_a_powe
     ratio = (big[0] / scaled[0]).unique()
     assert len(ratio) == 1 and math.log2(float(ratio)).is_integer()  # exact: a power of two
     assert 0.5 < float(scaled[-1].abs().max()) <= 1
+
+
+# -- a gradient of other weights of the same shapes (item 2) ---------------------------------
+
+
+def stale_and_other(name: str) -> tuple:
+    """A model, one image's gradient through it, the gradient through its weights one SGD step
+    before (lr 0.01), and another draw's gradient: the last two keep every fingerprint."""
+    torch.manual_seed(0)
+    net, x = build_net(name), torch.rand(1, 3, 32, 32) - 0.5
+    gradient = lambda m: torch.autograd.grad(F.cross_entropy(m(x), torch.tensor([3])), list(m.parameters()))  # noqa
+    stale, own = build_net(name), gradient(net)
+    with torch.no_grad():
+        for p, g in zip(stale.parameters(), own):
+            p.add_(0.01 * g)  # the weights before a step of SGD that ended at net's
+    return net, own, gradient(stale), gradient(build_net(name, seed=1))
+
+
+@pytest.mark.parametrize("name", ["cnn2_c1", "lenet"])
+def test_a_gradient_of_other_weights_is_said_so_and_its_own_is_not(name, capsys):
+    net, own, stale, other = stale_and_other(name)
+    for gradient, doubted in [(own, False), (stale, True), (other, True)]:
+        result = H.attack(net, gradient, (3, 32, 32), attacks=("rgap",))["rgap"]
+        said = [line for line in capsys.readouterr().err.splitlines() if "topmost system does not hold" in line]
+        assert len(said) == doubted, said
+        top = [r for r in result.info["residual"] if r is not None][-1]
+        assert (top > 1e-4) if doubted else (top < 1e-6)
+
+
+def test_a_captured_gradient_of_stale_weights_is_said_so_on_the_command_line(tmp_path, capsys):
+    net, _, stale, _ = stale_and_other("cnn2_c1")
+    torch.save(list(stale), tmp_path / "g.pt")
+    assert H.main(["--model", "cnn2_c1", "--gradient", str(tmp_path / "g.pt"), "--attacks", "rgap",
+                   "--output", str(tmp_path / "out")]) == 0
+    assert "topmost system does not hold" in capsys.readouterr().err

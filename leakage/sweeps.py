@@ -39,8 +39,10 @@ import os
 import re
 import resource
 import shutil
+import pickle
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -563,7 +565,7 @@ def run(sweep: Sweep, settings: RunSettings) -> None:
             say(f"run folder: {path}")
             k, n = settings.shard
             cells = [left for cell in sweep.cells[k::n] if (left := sweep.left(cell, folder.entry(cell.key)))]
-            units = sweep.together(cells)
+            units = shared_out(sweep.together(cells), settings.jobs)
             record = lambda cell, event: sweep.write(folder, cell, event)  # noqa: E731
             with stretch(folder, sweep.header):
                 if settings.jobs == 1:
@@ -609,6 +611,21 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def shared_out(units: list[tuple], jobs: int) -> list[tuple]:
+    """Units split, largest first, until there are twice as many as workers or none holds
+    more than one cell: a grid smaller than the workers times --batch-images would otherwise
+    leave workers idle (one model's 4 images, one unit, on one of two workers). A cell's
+    numbers do not depend on the cells it is worked with (the hybrid's, equal to the bit
+    at any --batch-images), so this moves time alone."""
+    units = list(units)
+    while jobs > 1 and len(units) < 2 * jobs and max(map(len, units), default=1) > 1:
+        largest = max(range(len(units)), key=lambda i: len(units[i]))
+        unit = units.pop(largest)
+        half = (len(unit) + 1) // 2
+        units[largest:largest] = [unit[:half], unit[half:]]
+    return units
+
+
 def in_this_process(units: list[tuple], work: Callable, record: Callable) -> dict[tuple, str]:
     """The units one after another, each event recorded as it comes. As in the workers,
     an error in a unit's work costs that unit alone (its cells returned with the reason);
@@ -632,10 +649,12 @@ def in_this_process(units: list[tuple], work: Callable, record: Callable) -> dic
 # concurrent.futures with spawned workers. A cell's numbers must not depend on the worker
 # that ran it (hybrid.py reseeds every attack).
 
-_started = None  # in a worker: the pipe on which it announces each cell it starts
+_started = None  # in a worker: the pipe on which it announces each unit it starts and each event it ends
+_spool = None  # in a worker: the parent's private folder, where each event waits for the parent to record it
 
 
-def start_worker(init: Callable[[], None], started: multiprocessing.connection.Connection, parent: int) -> None:
+def start_worker(init: Callable[[], None], started: multiprocessing.connection.Connection, parent: int,
+                 spool: str) -> None:
     """A worker's first steps: it ends with its parent, however the parent ends (Linux's
     PR_SET_PDEATHSIG; a SIGKILLed parent runs no clean-up), and leaves Ctrl-C to it."""
     global _started
@@ -648,13 +667,38 @@ def start_worker(init: Callable[[], None], started: multiprocessing.connection.C
     # worker stopped by the parent never releases it ("leaked semaphore" at exit). A worker
     # needs no lock across processes for its own bars.
     tqdm.set_lock(threading.RLock())
-    _started = started
+    global _spool
+    _started, _spool = started, spool
     init()
 
 
-def work_in_worker(work: Callable, unit: tuple) -> list:
-    _started.send([cell.key for cell in unit])  # a few bytes: one write, whole, among the other workers'
-    return list(work(unit))
+def work_in_worker(work: Callable, unit: tuple) -> int:
+    """A unit's events, each handed to the parent as it comes (so that a unit stopped part-way
+    keeps what it finished): pickled into the parent's private spool folder, then named on
+    the pipe. Pipe messages stay a few bytes: one write, whole, among the other workers'."""
+    _started.send(("started", [cell.key for cell in unit]))
+    n = 0
+    for n, (cell, event) in enumerate(work(unit), 1):
+        path = os.path.join(_spool, f"{os.getpid()}-{n}")
+        with open(path + ".part", "wb") as f:
+            pickle.dump((cell, event), f, pickle.HIGHEST_PROTOCOL)
+        os.replace(path + ".part", path)
+        _started.send(("event", path))
+    return n
+
+
+def take_events(announced: multiprocessing.connection.Connection, running: set, record: Callable) -> None:
+    """What the workers announced: the units they started, and each event they finished,
+    recorded now and removed from the spool (written there by our own workers only)."""
+    while announced.poll():
+        kind, value = announced.recv()
+        if kind == "started":
+            running.update(map(tuple, value))
+            continue
+        with open(value, "rb") as f:
+            cell, event = pickle.load(f)
+        os.unlink(value)
+        record(cell, event)  # the parent's own errors (a full disk) stop the run
 
 
 def in_workers(units: list[tuple], work: Callable, record: Callable, jobs: int,
@@ -690,27 +734,24 @@ def one_pool(units: list[tuple], work: Callable, record: Callable, jobs: int, in
     spawn = multiprocessing.get_context("spawn")
     # A pipe, not a multiprocessing queue: its semaphores would outlive a Ctrl-C ("leaked semaphore")
     announced, started = spawn.Pipe(duplex=False)
-    pool = ProcessPoolExecutor(jobs, spawn, start_worker, (init, started, os.getpid()))
+    spool = tempfile.mkdtemp(prefix="hybrid-events-")  # 0700: this process's and its workers' alone
+    pool = ProcessPoolExecutor(jobs, spawn, start_worker, (init, started, os.getpid(), spool))
     futures, running, finished = {pool.submit(work_in_worker, work, u): u for u in units}, set(), set()
     bar = progress(sum(map(len, units)), "pairs")
     begun = lambda unit: unit[0].key in running  # noqa: E731
     try:
         while futures.keys() - finished:
             done, _ = wait(futures.keys() - finished, timeout=2, return_when=FIRST_COMPLETED)
-            while announced.poll():
-                running.update(map(tuple, announced.recv()))
+            take_events(announced, running, record)  # a done unit's events were all sent before it returned
             for future in done:
                 unit = futures[future]
                 try:
-                    events = future.result()
+                    future.result()
                 except BrokenProcessPool:
                     return ([u for f, u in futures.items() if f not in finished and begun(u)],
                             [u for f, u in futures.items() if f not in finished and not begun(u)])
-                except Exception as e:  # a bug on one unit: the others go on
+                except Exception as e:  # a bug on one unit: the others go on (its recorded events stay)
                     failed |= dict.fromkeys((cell.key for cell in unit), f"{type(e).__name__}: {e}")
-                else:
-                    for cell, event in events:
-                        record(cell, event)  # the parent's own errors (a full disk) stop the run
                 finished.add(future)
                 bar.update(len(unit))
             running_now = sorted(running - {cell.key for f in finished for cell in futures[f]})
@@ -724,6 +765,7 @@ def one_pool(units: list[tuple], work: Callable, record: Callable, jobs: int, in
         stop_workers(pool)
         announced.close()
         started.close()
+        shutil.rmtree(spool, ignore_errors=True)
         del pool  # this frame outlives the function in a traceback: the pool's queues must not
 
 

@@ -16,9 +16,10 @@ GRID = ["--quick", "--source", "samples", "--model", "cnn2_c0", "cnn3_c4", "--in
 
 
 def entries(folder):
-    """(model, image, attack) -> its results.json entry less the timing, and its array."""
+    """(model, image, attack) -> its results.json entry less the timing (and the images it was
+    gradient-matched with, which two workers share out), and its array."""
     runs = json.loads((folder / "results.json").read_text())["runs"]
-    return {(r["model"], r["image"], a): ({k: v for k, v in e.items() if k not in ("seconds", "npy")},
+    return {(r["model"], r["image"], a): ({k: v for k, v in e.items() if k not in ("seconds", "npy", "batch_size")},
                                           np.load(folder / e["npy"]))
             for r in runs for a, e in r["attacks"].items()}
 
@@ -113,3 +114,32 @@ def test_jobs_auto_is_one_on_a_process_allowed_one_core():
     finally:
         os.sched_setaffinity(0, allowed)
     assert sweeps.jobs_value("3") == 3
+
+
+def fail_after_two_events(work, unit):
+    """A unit whose work fails after its first two events (a cell's defence, then R-GAP's
+    answer), as a SIGTERM or a bug would stop it."""
+    def events(cells):
+        for n, event in enumerate(work(cells)):
+            if n == 2:
+                raise RuntimeError("stopped part-way")
+            yield event
+    return sweeps.work_in_worker(events, unit)
+
+
+def test_a_unit_stopped_part_way_keeps_what_it_finished_under_jobs(one_process, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweeps, "work_in_worker", fail_after_two_events)  # submitted by reference
+    assert H.main([*GRID, "--jobs", "2", "--output", str(tmp_path)]) == 1
+    (folder,) = list(tmp_path.iterdir())
+    kept = comparable(rows_of(folder))
+    assert kept and kept == comparable([r for r in rows_of(one_process) if r["attack"] == "rgap"])  # once: nothing
+
+
+def test_a_grid_smaller_than_the_workers_gives_every_worker_work():
+    assert [len(u) for u in sweeps.shared_out([tuple("abcd")], 2)] == [1, 1, 1, 1]  # one model's 4 images
+    assert sorted(len(u) for u in sweeps.shared_out([tuple("abc"), tuple("def")], 2)) == [1, 1, 2, 2]
+    assert [len(u) for u in sweeps.shared_out([tuple("abcd")], 1)] == [4]  # one worker: the batch stays
+    many = [tuple("abcd")] * 5
+    assert sweeps.shared_out(many, 2) == many  # enough work for both: the batches stay
+    split = sweeps.shared_out([tuple("abcd"), tuple("ef")], 2)
+    assert sorted(c for u in split for c in u) == list("abcdef")  # every cell once

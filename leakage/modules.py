@@ -24,7 +24,8 @@ from leakage.activations import ACTIVATIONS, from_call, is_activation, row_of, s
 from leakage.console import UserError, printable, say
 from leakage.data import PHOTOGRAPH_CLASSES, PHOTOGRAPH_SHAPE, content_hash, file_bytes
 from leakage.models import (
-    MODELS, Net, RANDOM_SEED, architecture, build_net, layer_shapes, load_weights, random_architectures
+    MAX_SYSTEM_GIB, MODELS, Net, RANDOM_SEED, architecture, build_net, layer_shapes, load_weights,
+    random_architectures
 )
 from leakage.runtime import PUBLISHED_SEED, seed_everything
 
@@ -180,6 +181,10 @@ def read_module(net: nn.Module, shape: tuple[int, int, int], where: str = "the m
     if blocking:
         raise NotAChain(where, blocking)
     model = Net(layers, [a if a is not None else nn.Identity() for a in acts], module_shapes(layers, shape, where))
+    too_large = [(f"{type(conv).__name__} '{name_of(net, conv)}'", why) for conv, in_shape in zip(layers, model.shapes)
+                 if isinstance(conv, nn.Conv2d) and (why := system_too_large(conv, in_shape))]
+    if too_large:  # held to the limit an architecture string is held to, before any solve tries
+        raise NotAChain(where, too_large)
     check_reproduces(net, model, shape, where)
     own = {id(p): name for name, p in net.named_parameters()}  # the layers are the module's: its parameters too
     model.names, model.listed = [own[id(p)] for p in model.parameters()], list(own.values())
@@ -481,6 +486,20 @@ def layer_problem(module: nn.Module, flattened: bool, layers: list[nn.Module]) -
     return None
 
 
+def name_of(net: nn.Module, layer: nn.Module) -> str:
+    return next(name for name, m in net.named_modules() if m is layer)
+
+
+def system_too_large(conv: nn.Conv2d, shape: tuple[int, int, int]) -> str | None:
+    """Why R-GAP's system of this convolution on inputs of `shape` would not fit (U in float64
+    beyond MAX_SYSTEM_GIB, the limit of architecture strings), or None."""
+    (c, h, w), (kh, kw), (sh, sw), (ph, pw) = shape, conv.kernel_size, conv.stride, conv.padding
+    rows = conv.out_channels * ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+    gib = 8 * (rows + conv.out_channels * c * kh * kw) * c * h * w / 2**30
+    return (f"its linear system would take {gib:.1f} GiB in float64 (the limit is {MAX_SYSTEM_GIB:g} GiB)"
+            if gib > MAX_SYSTEM_GIB else None)
+
+
 def module_shapes(layers: list[nn.Module], shape: tuple[int, int, int], where: str) -> list[tuple]:
     """The input shape of every layer (a linear layer's: what its first one is flattened
     from, then its input size), from one forward of zeros; a size mismatch is a UserError."""
@@ -571,9 +590,13 @@ def expand_models(names: list[str], shape: tuple[int, int, int] = PHOTOGRAPH_SHA
             if canonical != name and not is_code_model(name):
                 say(f"--model {printable(name, 80)} is {canonical}: run as that")
             out.append(canonical)
-    if len(set(out)) < len(out):
+    same = {m: recorded_model(m) if is_model_file(m) else m for m in out}  # one file from two paths: one model
+    if len(set(same.values())) < len(out):
         say("models given twice (in whatever spelling) run once")
-    return list(dict.fromkeys(out))
+    first: dict[str, str] = {}
+    for m in out:
+        first.setdefault(same[m], m)
+    return list(first.values())
 
 
 def canonical_model(name: str, shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> str:

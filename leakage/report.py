@@ -387,25 +387,34 @@ def write_summary(folder: Path, rows: list[dict], names: Names, correlations: di
 # =============================================================================
 
 
-def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -> object:
+def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names, budget: str = "") -> object:
     """One row per cell's entry (a batch's: one per image, the reconstructions in their paired
-    order): Target then each attack, PSNR / SSIM under each; as wide as the longest row title
-    needs (a long file name over two columns). Returns the figure."""
+    order): Target then each attack, under each its PSNR / SSIM, the label it used where that
+    is wrong or there is no target to score against, and which attack scored best (PSNR and
+    SSIM can disagree); each row titled with the model, the image and a captured gradient's
+    name; `budget` (the attacks' iterations) over the figure. As wide as the longest row
+    title needs (a long file name over two columns). Returns the figure."""
     from matplotlib.figure import Figure
 
     columns = ["target"] + [a for a in names.attacks if any(a in cell["attacks"] for cell in cells)]
     lines = [(cell, image) for cell in cells for image in (range(cell["batch"]) if cell.get("batch") else [None])]
     label = lambda cell, image: cell["label"][image] if isinstance(cell["label"], list) else cell["label"]  # noqa: E731
-    titles = ["  |  ".join([cell["model"], cell["image"], *([] if cell["defence"]["spec"] == "none"
-                                                             else [cell["defence"]["spec"]]),
+    titles = ["  |  ".join([cell["model"], cell["image"],
+                            *([cell["gradient"]] if cell.get("gradient") not in (None, cell["image"]) else []),
+                            *([] if cell["defence"]["spec"] == "none" else [cell["defence"]["spec"]]),
                             *([] if image is None else [f"image {image + 1} of {cell['batch']}"]),
                             names.label(label(cell, image))])
               for cell, image in lines]
-    width = max(1.7 * len(columns), 0.085 * max(map(len, titles)) + 0.4)  # 10-point text: about 0.08 in a character
-    fig = Figure(figsize=(width, 2.35 * len(lines)), layout="constrained")
+    width = max(1.7 * len(columns), 0.085 * max(map(len, titles + [budget])) + 0.4)  # 10 points: 0.08 in a character
+    fig = Figure(figsize=(width, 2.35 * len(lines) + 0.3 * bool(budget)), layout="constrained")
+    if budget:
+        fig.suptitle(budget, fontsize=9, color="0.3")
     rows = np.atleast_1d(fig.subfigures(len(lines), 1))
     for row, (cell, image), title in zip(rows, lines, titles):
         row.suptitle(title, fontsize=10)
+        scores = {name: ({**e, **e.get("images", [{}] * (image + 1))[image]} if image is not None else e)
+                  for name, e in cell["attacks"].items()}
+        best = best_attacks(scores) if cell["target"] else {}
         for ax, name in zip(row.subplots(1, len(columns)), columns):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -426,10 +435,32 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names) -
             else:
                 ax.imshow(pixels, interpolation="nearest")
             if name != "target":
-                ax.set_xlabel(f"{format_psnr(entry['psnr'])} / SSIM {entry['ssim']:.2f}" if cell["target"]
-                              else "not scored", fontsize=8)
+                true = label(cell, image)
+                used = entry.get("label")
+                said = [f"{format_psnr(entry['psnr'])} / SSIM {entry['ssim']:.2f}" if cell["target"] else "not scored"]
+                if used is not None and (true is None or used != true):
+                    said.append(f"label {used}" + ("" if true is None else ", wrong"))
+                if name in best:
+                    said.append(best[name])
+                ax.set_xlabel("\n".join(said), fontsize=8,
+                              fontweight="bold" if name in best else "normal")
     fig.savefig(path, dpi=120)
     return fig
+
+
+def best_attacks(scores: dict[str, dict]) -> dict[str, str]:
+    """The attack with the highest PSNR and the one with the highest SSIM ("best PSNR",
+    "best SSIM", or both), among those scored; ties name each."""
+    out: dict[str, list[str]] = {}
+    for shown, value in [("PSNR", lambda e: math.inf if e["psnr"] is None else e["psnr"]),
+                         ("SSIM", lambda e: e["ssim"])]:
+        scored_ = {name: value(e) for name, e in scores.items() if e.get("ssim") is not None}
+        if scored_:
+            top = max(scored_.values())
+            for name, v in scored_.items():
+                if v == top:
+                    out.setdefault(name, []).append(shown)
+    return {name: "best " + " and ".join(metrics) for name, metrics in out.items()}
 
 
 def index_groups(index: dict[str, float]) -> dict[float, list[str]]:
@@ -673,6 +704,32 @@ def plot_pruned_index_vs_quality(rows: list[dict], path: Path, names: Names, kin
 # =============================================================================
 
 
+BUDGETS = {"dlg": ("dlg_iters", "{} steps"), "idlg": ("dlg_iters", "{} steps"), "cosine": ("cosine_iters", "{} steps"),
+           "hybrid": (("hybrid_iters_first", "hybrid_iters"), "N0 {} N {}"),
+           "hybrid_free": (("hybrid_iters_first", "hybrid_iters"), "N0 {} N {}")}
+
+
+def budget_text(config: dict, names: Names) -> str:
+    """The attacks' iterations as the run had them, and "below the paper's (--quick?)" where
+    any is: a smoke test's noise is not a result."""
+    from leakage.settings import AttackSettings  # the paper's, as declared with their flags
+
+    paper = AttackSettings()
+    parts, below = [], False
+    for attack in config.get("attacks", []):
+        if attack not in BUDGETS:
+            continue
+        keys, form = BUDGETS[attack]
+        keys = (keys,) if isinstance(keys, str) else keys
+        if not all(k in config for k in keys):
+            continue
+        parts.append(f"{names.shown(attack)} {form.format(*(config[k] for k in keys))}")
+        below |= any(config[k] < getattr(paper, k) for k in keys)
+    if config.get("restarts", 1) > 1:
+        parts.append(f"best of {config['restarts']} starts")
+    return ("; ".join(parts) + ("  (below the paper's budget: --quick?)" if below else "")) if parts else ""
+
+
 def finish(folder: sweeps.RunFolder, names: Names, removes_equations: set[str]) -> None:
     """The figures (the first cells of a sweep; the index against quality for 3 or more
     models; the defences'), the summary tables and the index's correlations, printed and in
@@ -681,7 +738,8 @@ def finish(folder: sweeps.RunFolder, names: Names, removes_equations: set[str]) 
     equations (their own figure)."""
     shown = [e for e in folder.results["runs"] if e.get("attacks")][:FIGURE_CELLS]
     if shown:
-        plot_comparison(shown, folder.path, folder.path / "comparison.png", names)
+        plot_comparison(shown, folder.path, folder.path / "comparison.png", names,
+                        budget_text(folder.results.get("config", {}), names))
     rows = folder.rows()
     groups, plain = by_defence(rows), undefended(rows)
     folder.results["correlations"] = index_correlations(plain, names)

@@ -102,3 +102,47 @@ def test_no_ssim_bar_passes_1_and_a_capped_mean_shows_its_worst_image(tmp_path):
     assert worst < 11  # lenet's mean is above the cap; its image 16 is at 10.1 dB
     marked = [line for ax in fig.axes for line in ax.get_lines() if line.get_marker() == "v"]
     assert any(np.isclose(line.get_ydata()[0], worst) for line in marked)
+
+
+# -- the comparison figure says what a reader needs (#44, item 19) ---------------------------
+
+
+def comparison(tmp_path, target=True, gradient=None, config=None):
+    run = {"model": "m", "image": "mnist-test:0", "label": 3 if target else None, "defence": {"spec": "none"},
+           "target": {"npy": "t.npy"} if target else None,
+           "attacks": {"rgap": {"npy": "r.npy", "psnr": 30.0, "ssim": 0.5, "label": 3},
+                       "dlg": {"npy": "r.npy", "psnr": 20.0, "ssim": 0.8, "label": 2}}}
+    if gradient:
+        run["gradient"] = gradient
+    np.save(tmp_path / "t.npy", np.full((28, 28, 1), 0.5, np.float32))
+    np.save(tmp_path / "r.npy", np.full((28, 28, 1), 0.25, np.float32))
+    names = report_names({"source": "mnist-test"})
+    budget = report.budget_text(config or {}, names)
+    fig = report.plot_comparison([run], tmp_path, tmp_path / "c.png", names, budget)
+    axes = fig.subfigs[0].axes
+    return fig, {ax.get_title(): ax.get_xlabel() for ax in axes}, fig.subfigs[0].get_suptitle()
+
+
+def test_the_comparison_marks_the_best_attack_by_each_measure_and_a_wrong_label(tmp_path):
+    _, said, _ = comparison(tmp_path)
+    assert "best PSNR" in said["R-GAP"] and "best SSIM" not in said["R-GAP"] and "label" not in said["R-GAP"]
+    assert "best SSIM" in said["DLG"] and "label 2, wrong" in said["DLG"]
+
+
+def test_the_comparison_shows_the_label_used_where_nothing_is_scored(tmp_path):
+    _, said, _ = comparison(tmp_path, target=False)
+    assert said["R-GAP"] == "not scored\nlabel 3" and "best" not in said["DLG"]
+
+
+def test_the_comparison_names_a_captured_gradient_beside_its_image(tmp_path):
+    _, _, title = comparison(tmp_path, gradient="gradient:g.pt@0123456789")
+    assert "mnist-test:0" in title and "gradient:g.pt@0123456789" in title
+
+
+def test_the_comparison_says_its_budget_and_when_it_is_below_the_papers(tmp_path):
+    quick = {"attacks": ["rgap", "dlg", "hybrid"], "dlg_iters": 5, "hybrid_iters_first": 100, "hybrid_iters": 20,
+             "restarts": 1}
+    fig, _, _ = comparison(tmp_path, config=quick)
+    assert fig.get_suptitle() == "DLG 5 steps; Hybrid N0 100 N 20  (below the paper's budget: --quick?)"
+    paper = quick | {"dlg_iters": 300, "hybrid_iters_first": 10000, "hybrid_iters": 2000}
+    assert report.budget_text(paper, report_names({})) == "DLG 300 steps; Hybrid N0 10000 N 2000"

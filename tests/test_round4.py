@@ -18,7 +18,7 @@ from conftest import one_line, the_folder
 from leakage.console import UserError
 from leakage.data import normalize_of
 from leakage.models import build_net
-from leakage.modules import read_module
+from leakage.modules import NotAChain, read_module
 from leakage.paper import rescaled
 
 
@@ -378,3 +378,30 @@ def test_a_captured_gradient_of_stale_weights_is_said_so_on_the_command_line(tmp
     assert H.main(["--model", "cnn2_c1", "--gradient", str(tmp_path / "g.pt"), "--attacks", "rgap",
                    "--output", str(tmp_path / "out")]) == 0
     assert "topmost system does not hold" in capsys.readouterr().err
+
+
+# -- modules held to what strings are held to (item 15) --------------------------------------
+
+
+def test_a_modules_system_too_large_is_refused_by_name_for_the_linear_attacks():
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 64, 3, 1, 1), nn.Linear(64 * 128 * 128, 10)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.conv(x)).flatten(1))
+    with pytest.raises(NotAChain, match="Conv2d 'conv': its linear system would take [0-9.]+ GiB"):
+        read_module(Wide(), (3, 128, 128))
+
+
+def test_one_module_file_in_two_spellings_runs_once(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n"
+        "def Net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 5, 2, 2), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 16 * 16, 10))\n")
+    assert H.main(["--analyse", "--source", "samples", "--index", "3", "--model", f"{tmp_path}/net.py:Net",
+                   f"{tmp_path}/sub/../net.py:Net"]) == 0
+    out = capsys.readouterr().out
+    assert "run once" in out and out.count("security index") == 1

@@ -186,3 +186,29 @@ def test_the_captured_gradient_snippet_of_usage_md_runs_as_written(tmp_path):
         (entry,) = json.loads((folder / "results.json").read_text())["runs"]
         assert entry["attacks"]["rgap"]["label"] == 7
     assert entry["attacks"]["rgap"]["psnr"] > 40  # the second names the image: scored
+
+
+def test_each_rows_commit_is_the_one_that_committed_its_files_as_they_are():
+    """studies/README.md's commit column: per row, the newest of `git log -1 -- FILE` over
+    its files (ten rows once named the commit that first made a file, not the one after)."""
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True)
+    if shallow.returncode != 0 or shallow.stdout.strip() != "false":
+        pytest.skip("needs the repository's whole history (a git checkout, not shallow)")
+    files = [f.relative_to(ROOT / "assets").as_posix() for f in (ROOT / "assets").rglob("*") if f.is_file()]
+    covers = lambda name, f: f.startswith(name) if name.endswith("/") else fnmatch.fnmatchcase(f, name)  # noqa: E731
+    commits = [line.split("|")[3].strip() for line in (ROOT / "studies" / "README.md").read_text().splitlines()
+               if line.startswith("| `")]
+    last: dict[str, tuple[int, str]] = {}  # each file: the newest commit that touched it (git log's first)
+    log = subprocess.run(["git", "log", "--format=C %ct %H", "--name-only", "--", "assets"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    for line in log.splitlines():
+        if line.startswith("C "):
+            _, when, commit_ = line.split()
+        elif line:
+            last.setdefault(line.removeprefix("assets/"), (int(when), commit_))
+    wrong = []
+    for names, commit in zip(result_rows(), commits):
+        newest = max(last[f] for f in files if any(covers(n, f) for n in names))[1]
+        if not newest.startswith(commit):
+            wrong.append(f"{names[0]}: {commit}, not {newest[:7]}")
+    assert wrong == []

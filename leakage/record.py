@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
 import platform
 import re
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -321,9 +323,21 @@ def record_event(folder: sweeps.RunFolder, cell: Cell, event: Training | RankAna
               else "not scored (no target)")
     wrong = ({True: "", False: " (wrong)", None: ""}[e["label_correct"]] if not isinstance(e["label"], list)
              else "" if e["label_correct"] is None else f" ({e['label_correct']:.0%} right)")
-    say(f"{entry['model']:9s} {cell.image.name:18s} {shown}{ATTACKS[event.attack].shown:9s}  "
+    model_width, image_width = column_widths(str(folder.path))
+    say(f"{entry['model']:{model_width}s} {cell.image.name:{image_width}s} {shown}{ATTACKS[event.attack].shown:9s}  "
         f"{scores}  label {e['label']}{wrong}  {e['seconds']:6.1f} s"
         + (f"  (not finite, recorded as null: {', '.join(not_finite)})" if not_finite else ""))
+
+
+@functools.lru_cache(maxsize=8)
+def column_widths(folder: str) -> tuple[int, int]:
+    """The printed lines' model and image columns, as wide as the run's longest names (its
+    grid.json, read once), so that a long module name keeps the columns in line."""
+    try:
+        cells = json.loads((Path(folder) / "grid.json").read_text(encoding="utf-8"))["cells"]
+        return max([9, *(len(c["key"][0]) for c in cells)]), max([18, *(len(c["key"][1]) for c in cells)])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return 9, 18
 
 
 def flat_config(exp: Experiment, settings: AttackSettings, run: sweeps.RunSettings) -> dict:

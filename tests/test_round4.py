@@ -405,3 +405,16 @@ def test_one_module_file_in_two_spellings_runs_once(tmp_path, capsys):
                    f"{tmp_path}/sub/../net.py:Net"]) == 0
     out = capsys.readouterr().out
     assert "run once" in out and out.count("security index") == 1
+
+
+def test_the_printed_lines_keep_their_columns_with_a_long_module_name(tmp_path, capsys):
+    (tmp_path / "a_model_file_with_a_long_name.py").write_text(
+        "import torch.nn as nn\n"
+        "def Net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 5, 2, 2), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 16 * 16, 10))\n")
+    assert H.main(["--quick", "--source", "samples", "--index", "3", "--attacks", "idlg", "--output",
+                   str(tmp_path / "out"), "--model", "cnn2_c0",
+                   f"{tmp_path}/a_model_file_with_a_long_name.py:Net"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " iDLG " in line and "samples:" in line]
+    assert len(lines) == 2 and len({line.index("samples:") for line in lines}) == 1, lines
+    assert len({line.index("iDLG") for line in lines}) == 1, lines

@@ -163,6 +163,19 @@ def curves_of(specs: dict[str, tuple[str, float, str]], names: Names) -> list[tu
     return [(k, c) for k in names.strengths for c in sorted(c for kind, c in have if kind == k)]
 
 
+def apart(ax: object, ticks: list[float], gap: float = 0.06) -> list[str]:
+    """The ticks' labels, each left blank where it would stand within `gap` (of the axis's
+    width) of the last one shown: prune's 0 and 0.2 sit 0.05 apart on its -log10(1 - P) axis."""
+    span = [ax.transScale.transform((t, 0))[0] for t in ax.get_xlim()]
+    labels, last = [], None
+    for t in ticks:
+        at = (ax.transScale.transform((t, 0))[0] - span[0]) / (span[1] - span[0])
+        shown = last is None or at - last >= gap
+        labels.append(f"{t:g}" if shown else "")
+        last = at if shown else last
+    return labels
+
+
 def curve_name(kind: str, curve: str, curves: list[tuple[str, str]]) -> str:
     """A kind's name, with its curve's where the kind has several ('dp C=1')."""
     return f"{kind} {curve}" if sum(k == kind for k, _ in curves) > 1 else kind
@@ -304,11 +317,11 @@ def plot_defence_table(rows: list[dict], path: Path, names: Names) -> object:
                 ax.set_xscale("symlog", linthresh=positive[0] / 2)
                 ax.set_xlim(left=-positive[0] / 8)  # no negative decades: none sits at 0, on the left
             ticks = [0.0, *positive]
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=90, fontsize=7)
+            ax.set_xticks(ticks, apart(ax, ticks), rotation=90, fontsize=7)
             ax.minorticks_off()
             ax.grid(alpha=0.3)
-            if r == 0:
-                ax.set_title(f"{curve_name(kind, which, curves)} ({names.strengths[kind][1]})")
+            if r == 0:  # the strength in words: "dp (Z C)" alone did not say it is the noise's std
+                ax.set_title(f"{curve_name(kind, which, curves)}\n{names.strengths[kind][0]}", fontsize=9)
             if r == len(models) - 1 and kind == "prune":
                 ax.set_xlabel("P (the axis: -log10(1 - P))", fontsize=8)
             if c == 0:

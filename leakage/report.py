@@ -483,19 +483,30 @@ def spread_labels(positions: list[float], gap: float) -> list[float]:
     return out
 
 
-def label_groups(ax: object, groups: dict[float, list[str]], fmt: str = "{:.0f}") -> None:
+README_PX, SMALLEST_PX = 880, 9  # a README's image width (GitHub's column), and the smallest text that reads there
+
+
+def readable_points(width_in: float) -> float:
+    """The font size (points) whose text stands SMALLEST_PX tall once a figure `width_in`
+    inches wide is shown README_PX wide: wide figures (one label per model) need larger text."""
+    return max(8.0, SMALLEST_PX * 72 * width_in / README_PX)
+
+
+def label_groups(ax: object, groups: dict[float, list[str]], fmt: str = "{:.0f}", points: float = 9) -> None:
     """Above the axes, one label per index value naming its models (a family's common
     prefix once: "cnn3_c1 c6 c7"), spread apart, each with a line to its index."""
     to_fraction = ax.transAxes.inverted().transform
     at = [(to_fraction(ax.transData.transform((value, 0)))[0], value) for value in groups]
-    gap = min(1 / max(len(at), 1), 0.03)
+    width = ax.get_position().width * ax.figure.get_figwidth() * 72  # the axis, in points
+    gap = min(1 / max(len(at), 1), 1.25 * points / width)  # a label's height apart, and some
     for (point, value), label in zip(at, spread_labels([p for p, _ in at], gap)):
         first, *others = groups[value]
         family = first.split("_")[0] + "_"
         text = short(" ".join([first] + [n.removeprefix(family) for n in others]))
-        ax.annotate(f"{text}  ({fmt.format(value)})", (point, 1.0), xytext=(label, 1.04), xycoords="axes fraction",
-                    textcoords="axes fraction", rotation=90, fontsize=7, ha="center", va="bottom",
-                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
+        # the leader line from the label's foot (relpos), not its middle: it stays below every label
+        ax.annotate(f"{text}  ({fmt.format(value)})", (point, 1.0), xytext=(label, 1.06), xycoords="axes fraction",
+                    textcoords="axes fraction", rotation=90, fontsize=points, ha="center", va="bottom",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5", relpos=(0.5, 0.0), shrinkA=1, shrinkB=0))
 
 
 def first_activations(rows: list[dict]) -> dict[str, str]:
@@ -528,7 +539,8 @@ def plot_points(ax: object, summary: list[dict], x: dict[str, float], metric: st
             ax.plot([at], [low], marker="v", ms=4, color=c, alpha=0.85)
 
 
-def study_legend(fig: object, attacks: list[str], activations: dict[str, str], names: Names) -> None:
+def study_legend(fig: object, attacks: list[str], activations: dict[str, str], names: Names,
+                 points: float = 8) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], ls="none", marker=names.marker(a), color="0.3", label=names.shown(a)) for a in attacks]
@@ -537,10 +549,10 @@ def study_legend(fig: object, attacks: list[str], activations: dict[str, str], n
     handles.append(Line2D([], [], ls="none", marker="o", mfc="none", color="0.3",
                           label=f"mean above {PSNR_CAP:.0f} dB, drawn at it; v: its worst image, where below"))
     handles.append(Line2D([], [], marker="|", ms=10, color="0.3", ls="none", label="bars: ± 1 std over the images"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=points)
 
 
-def negative_index_axis(column: object, below: dict[float, list[str]], which: str) -> None:
+def negative_index_axis(column: object, below: dict[float, list[str]], which: str, points: float = 9) -> None:
     """The x axis of the negative values: symmetric-log for the paper's index (counts of
     free unknowns, from tens to thousands), linear for the worst layer's fraction."""
     top, bottom = column
@@ -558,7 +570,7 @@ def negative_index_axis(column: object, below: dict[float, list[str]], which: st
         top.set_xlim(min(below) - 0.05 * span, max(below) + 0.05 * span)
         bottom.set_xlabel("the worst layer's fraction of free unknowns, min_l r_l / n_l < 0 (-1: some layer "
                           "determines nothing)")
-    label_groups(top, below, "{:.0f}" if which == "security_index" else "{:.3f}")
+    label_groups(top, below, "{:.0f}" if which == "security_index" else "{:.3f}", points)
 
 
 LABEL_CHARACTERS = 32  # a model's name in a figure: longer ones (architecture strings) are cut, marked '…'
@@ -568,13 +580,13 @@ def short(name: str) -> str:
     return name if len(name) <= LABEL_CHARACTERS else name[:LABEL_CHARACTERS - 1] + "…"
 
 
-def zero_strip(column: object, zero: list[str], which: str) -> None:
+def zero_strip(column: object, zero: list[str], which: str, points: float = 8) -> None:
     """The strip of index 0 (every layer determined): its models side by side, named."""
     top, bottom = column
     bottom.set_xlim(-0.6, len(zero) - 0.4)
-    bottom.set_xticks(range(len(zero)), [short(m) for m in zero], rotation=90, fontsize=7)
+    bottom.set_xticks(range(len(zero)), [short(m) for m in zero], rotation=90, fontsize=points)
     top.tick_params(labelbottom=False)
-    top.set_title(f"{INDICES[which]} 0\n(every layer determined)", fontsize=8)
+    top.set_title(f"{INDICES[which]} 0\n(every layer determined)", fontsize=points)
     bottom.set_xlabel("index 0: models side by side")
 
 
@@ -585,13 +597,23 @@ def plot_index_vs_quality(rows: list[dict], path: Path, names: Names, which: str
     (the worst layer's fraction), models of one value sharing its x and one label above; 0
     (every layer determined) in a strip of its own at the right, where its models stand side
     by side, named. Returns the figure."""
-    from matplotlib.figure import Figure
+    import matplotlib
 
     summary = summarise(rows, names)
     index = {m: float(np.mean(v)) for m, v in index_by_model(rows, which).items()}
     zero = sorted(m for m, v in index.items() if v == 0)
     below = index_groups({m: v for m, v in index.items() if v != 0})
-    fig = Figure(figsize=(max(11, 0.35 * len(index)), 10), layout="constrained")
+    width = max(11, 0.35 * len(index))
+    points = readable_points(width)
+    with matplotlib.rc_context({"font.size": points}):  # every text readable at a README's width
+        return study_figure(summary, index, zero, below, rows, path, names, which, width, points)
+
+
+def study_figure(summary: list[dict], index: dict[str, float], zero: list[str], below: dict[float, list[str]],
+                 rows: list[dict], path: Path, names: Names, which: str, width: float, points: float) -> object:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, 10 * points / 7.5), layout="constrained")  # room for the larger labels
     ratios = [w for w in (3 if below else 0, 0.12 * len(zero) + 0.3 if zero else 0) if w]
     axes = fig.subplots(2, len(ratios), sharey="row", sharex="col", squeeze=False, width_ratios=ratios)
     activations = {m: act for m, act in first_activations(rows).items() if m in index}
@@ -609,10 +631,10 @@ def plot_index_vs_quality(rows: list[dict], path: Path, names: Names, which: str
             ax.grid(alpha=0.3)
     axes[0, 0].set_ylim(top=PSNR_CAP + 2)
     if below:
-        negative_index_axis(axes[:, 0], below, which)
+        negative_index_axis(axes[:, 0], below, which, points)
     if zero:
-        zero_strip(axes[:, -1], zero, which)
-    study_legend(fig, names.present(summary), activations, names)
+        zero_strip(axes[:, -1], zero, which, points)
+    study_legend(fig, names.present(summary), activations, names, points)
     fig.savefig(path, dpi=130)
     return fig
 

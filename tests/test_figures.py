@@ -72,6 +72,34 @@ def test_a_study_figure_keeps_its_text_on_the_canvas_and_its_legend_off_the_labe
     renderer = drawn(fig)
     assert texts_outside(fig, renderer) == []
     assert legend_overlaps(fig, renderer) == []
+    assert small_at_readme_width(fig) == []
+    assert leaders_crossing_labels(fig, renderer) == []
+
+
+def small_at_readme_width(fig) -> list[str]:
+    """Texts smaller than report.SMALLEST_PX once the figure is shown report.README_PX wide
+    (the heldout figure's 40 labels were about 6 px there)."""
+    scale = report.README_PX / (fig.get_figwidth() * 72)  # pixels at README width per point
+    return [f"{t.get_text()[:30]} ({t.get_size() * scale:.1f} px)" for t in drawn_texts(fig)
+            if t.get_size() * scale < report.SMALLEST_PX - 1e-6]
+
+
+def leaders_crossing_labels(fig, renderer) -> list[str]:
+    """Model labels above a study figure that a leader line (another label's, or its own
+    beyond its foot) passes through."""
+    from matplotlib.text import Annotation
+
+    notes = [t for t in fig.findobj(Annotation) if t.arrow_patch is not None]
+    boxes = [(n, Text.get_window_extent(n, renderer)) for n in notes]  # the text alone (not with its line)
+    out = []
+    for n in notes:
+        path = n.arrow_patch.get_path().transformed(n.arrow_patch.get_transform())
+        points = path.interpolated(50).vertices
+        for other, box in boxes:
+            inside = [(x, y) for x, y in points if box.x0 + 0.5 < x < box.x1 - 0.5 and box.y0 + 0.5 < y < box.y1 - 0.5]
+            if inside:
+                out.append(f"{n.get_text()[:20]} through {other.get_text()[:20]}")
+    return out
 
 
 def test_the_defence_figure_keeps_its_text_on_the_canvas_and_its_ticks_apart(tmp_path):

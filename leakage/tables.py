@@ -9,7 +9,7 @@ import numpy as np
 
 from leakage.report import (
     INDICES, Names, PSNR_CAP, correlation_inputs, correlations_read, difference, grouped,
-    index_correlations, rank_correlation, show_rho, show_tau, summarise
+    index_correlations, rank_correlation, readable_points, show_rho, show_tau, summarise
 )
 
 
@@ -295,7 +295,9 @@ def plot_defence_table(rows: list[dict], path: Path, names: Names) -> object:
     attacks = names.present(rows)
     means = mean_psnr(rows, PSNR_CAP)
     shown = {a: f"{names.shown(a)} (means over {image_counts(rows, a)} images)" for a in attacks}
-    fig = Figure(figsize=(3.2 * len(curves) + 1.6, 2.1 * len(models) + 0.6), layout="constrained")
+    width = 3.2 * len(curves) + 1.6
+    points = readable_points(width)  # every text readable at a README's width
+    fig = Figure(figsize=(width, 2.1 * len(models) + 0.6), layout="constrained")
     axes = fig.subplots(len(models), len(curves), sharey=True, squeeze=False)
     for r, m in enumerate(models):
         for c, (kind, which) in enumerate(curves):
@@ -317,18 +319,19 @@ def plot_defence_table(rows: list[dict], path: Path, names: Names) -> object:
                 ax.set_xscale("symlog", linthresh=positive[0] / 2)
                 ax.set_xlim(left=-positive[0] / 8)  # no negative decades: none sits at 0, on the left
             ticks = [0.0, *positive]
-            ax.set_xticks(ticks, apart(ax, ticks), rotation=90, fontsize=7)
+            ax.set_xticks(ticks, apart(ax, ticks), rotation=90, fontsize=points)
+            ax.tick_params(axis="y", labelsize=points)
             ax.minorticks_off()
             ax.grid(alpha=0.3)
             if r == 0:  # the strength in words: "dp (Z C)" alone did not say it is the noise's std
-                ax.set_title(f"{curve_name(kind, which, curves)}\n{names.strengths[kind][0]}", fontsize=9)
+                ax.set_title(f"{curve_name(kind, which, curves)}\n{names.strengths[kind][0]}", fontsize=max(9, points))
             if r == len(models) - 1 and kind == "prune":
-                ax.set_xlabel("P (the axis: -log10(1 - P))", fontsize=8)
+                ax.set_xlabel("P (the axis: -log10(1 - P))", fontsize=points)
             if c == 0:
-                ax.set_ylabel(f"{m}\nPSNR (dB)")
+                ax.set_ylabel(f"{m}\nPSNR (dB)", fontsize=max(10, points))
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=points)
     fig.suptitle(f"Mean PSNR over the images against the defence's strength (dashed: {STOPPED:g} dB; "
-                 f"capped at {PSNR_CAP:g})", fontsize=9)
+                 f"capped at {PSNR_CAP:g})", fontsize=max(9, points))
     fig.savefig(path, dpi=110)
     return fig

@@ -113,6 +113,7 @@ def test_the_defence_figure_keeps_its_text_on_the_canvas_and_its_ticks_apart(tmp
                        key=lambda box: box.x0)
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), ax.get_title()
         assert all(b.x0 - a.x1 >= a.width / 2 for a, b in zip(boxes, boxes[1:])), ax.get_title()  # prune's 0, 0.2
+    assert small_at_readme_width(fig) == []
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert any("dp" in t and "standard deviation Z C" in t for t in titles), titles  # not "dp (Z C)" alone
     labels = [t.get_text() for t in fig.legends[0].get_texts()]

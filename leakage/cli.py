@@ -186,9 +186,9 @@ def check_modules(exp: Experiment, explicit: bool, analysing: bool) -> None:
         if analysing:
             raise UserError(f"--analyse with --batch {exp.batch}: the ranks are of one image's gradient (R-GAP's "
                             "recursion); analyse the images one at a time")
-        if exp.train_steps:
-            raise UserError(f"--train-steps with --batch {exp.batch}: training leaves out one attacked image, not a "
-                            "batch, as yet")
+        if exp.train_steps and exp.image_files:
+            raise UserError(f"--train-steps with --batch {exp.batch} and --image files: training leaves out the "
+                            "attacked images, which it finds among the data's and the bundled photographs, not files")
         if exp.gradient is not None and any(d.startswith("dp:") for d in exp.defences):
             raise UserError(f"dp with --gradient and --batch {exp.batch}: DP-SGD clips each image's gradient before "
                             "the mean, and a captured batch gradient holds only the mean")

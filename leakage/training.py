@@ -31,21 +31,25 @@ CROP_POOL = 2048  # crops made once per set of photographs; batches are drawn fr
 
 
 @functools.cache
-def photograph_crops(exclude: str, seed: int,
+def photograph_crops(exclude: str | tuple[str, ...], seed: int,
                      shape: tuple[int, int, int] = PHOTOGRAPH_SHAPE) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """random_crops of the bundled photographs other than `exclude`, and their names."""
+    """random_crops of the bundled photographs other than `exclude` (one name, or a batch's),
+    and their names."""
     import skimage.data
 
+    excluded = (exclude,) if isinstance(exclude, str) else exclude
     sources = [(name, torch.as_tensor(load(skimage.data)).permute(2, 0, 1)[None] / 255.0, label)
-               for name, load, label in PHOTOGRAPHS if name != exclude]
+               for name, load, label in PHOTOGRAPHS if name not in excluded]
     return *random_crops(sources, seed, shape), " ".join(name for name, _, _ in sources)
 
 
 @functools.cache
-def crops_of_test_set(name: str, exclude: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """random_crops of foolbox's test images of a dataset other than the attacked one."""
+def crops_of_test_set(name: str, exclude: int | tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """random_crops of foolbox's test images of a dataset other than the attacked one (or
+    the attacked batch's)."""
+    excluded = (exclude,) if isinstance(exclude, int) else exclude
     sources = [(i, torch.as_tensor(pixels).permute(2, 0, 1)[None] / 255.0, label)
-               for i, (pixels, label) in enumerate(foolbox_test_set(name)) if i != exclude]
+               for i, (pixels, label) in enumerate(foolbox_test_set(name)) if i not in excluded]
     return random_crops(sources, seed, DATASETS[name].shape)
 
 
@@ -83,23 +87,27 @@ def training_set(name: str, root: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def training_data(image: PrivateImage, seed: int, data_root: str,
                   classes: int = PHOTOGRAPH_CLASSES) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Images, labels and a description of the training set for a model attacked on `image`."""
+    """Images, labels and a description of the training set for a model attacked on `image`
+    (a client's batch, cifar10:0+1+2+3: on all but its images)."""
     source, _, key = image.name.partition(":")
+    keys = key.split("+")  # one image's, or a batch's (data.batched)
+    less = f"image {key}" if len(keys) == 1 else f"images {', '.join(keys)}"
     if source in DATASETS:
         x, y = training_set(source, data_root)
-        keep = torch.arange(len(x)) != int(key)  # every training image but the attacked one
-        return x[keep], y[keep], f"{DATASETS[source].shown} training set less image {key}"
+        keep = ~torch.isin(torch.arange(len(x)), torch.tensor([int(k) for k in keys]))  # all but the attacked
+        return x[keep], y[keep], f"{DATASETS[source].shown} training set less {less}"
     name, train = dataset_of(source)
     if name in DATASETS and not train:
         shown = DATASETS[name].shown
         try:
-            x, y = training_set(name, data_root)  # the attacked test image is not among them
+            x, y = training_set(name, data_root)  # the attacked test images are not among them
             return x, y, f"{shown} training set"
-        except (OSError, RuntimeError):  # offline: the other 19 test images that foolbox ships
-            x, y = crops_of_test_set(name, int(key), seed)
-            return x, y, f"{CROP_POOL} crops of {shown} test images 0-{FOOLBOX_IMAGES - 1} (foolbox's) less image {key}"
+        except (OSError, RuntimeError):  # offline: the other test images that foolbox ships
+            x, y = crops_of_test_set(name, int(key) if len(keys) == 1 else tuple(int(k) for k in keys), seed)
+            return x, y, f"{CROP_POOL} crops of {shown} test images 0-{FOOLBOX_IMAGES - 1} (foolbox's) less {less}"
     shape = tuple(image.x.shape[1:])
-    x, y, names = photograph_crops(key if source == "samples" else bundled_twin(image), seed, shape)
+    exclude = (key if len(keys) == 1 else tuple(keys)) if source == "samples" else bundled_twin(image)
+    x, y, names = photograph_crops(exclude, seed, shape)
     return x, y % classes, f"{CROP_POOL} crops of the bundled photographs {names}"  # labels up to 5
 
 

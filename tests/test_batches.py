@@ -217,3 +217,32 @@ def test_dp_on_a_batch_through_batchnorm_is_one_line(tmp_path, capsys):
     assert H.main(["--quick", "--source", "samples", "--index", "0-1", "--batch", "2", "--attacks", "idlg",
                    "--defence", "dp:1:0.1", "--model", f"{tmp_path}/bn.py:net"]) == 2
     assert "Opacus computes none through it: BatchNorm" in one_line(capsys.readouterr().err)
+
+
+# -- --train-steps with --batch: the model trained on all but the batch's images -------------
+
+
+def test_a_batch_trains_its_model_on_all_but_its_own_images(tmp_path):
+    from leakage.data import batched, foolbox_test_set, load_test_split
+    from leakage.training import CROP_POOL, crops_of_test_set, random_crops, training_data
+
+    def crops_without(excluded):
+        sources = [(i, torch.as_tensor(p).permute(2, 0, 1)[None] / 255.0, label)
+                   for i, (p, label) in enumerate(foolbox_test_set("cifar10")) if i not in excluded]
+        return random_crops(sources, 10, (3, 32, 32))
+
+    (batch,) = batched(load_test_split("cifar10-test", [0, 1], str(tmp_path / "none"))[0], 2)
+    x, y, data = training_data(batch, 10, str(tmp_path / "none"))
+    assert data == f"{CROP_POOL} crops of CIFAR-10 test images 0-19 (foolbox's) less images 0, 1"
+    expected = crops_without((0, 1))
+    assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    crops_of_test_set.cache_clear()
+    assert torch.equal(crops_of_test_set("cifar10", 0, 10)[0], crops_without((0,))[0])  # one image's, as before
+
+
+def test_train_steps_with_a_batch_runs_and_records_what_it_trained_on(tmp_path):
+    assert H.main(["--source", "samples", "--index", "0-1", "--batch", "2", "--train-steps", "2", "--attacks", "idlg",
+                   "--quick", "--model", "cnn2_c0", "--output", str(tmp_path)]) == 0
+    (entry,) = json.loads((the_folder(tmp_path) / "results.json").read_text())["runs"]
+    assert entry["training"]["steps"] == 2 and "astronaut" not in entry["training"]["data"]
+    assert "coffee" not in entry["training"]["data"] and "chelsea" in entry["training"]["data"]

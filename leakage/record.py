@@ -189,9 +189,12 @@ def report_names(config: dict | None = None) -> report.Names:
     """What report.py's figures and tables call the attacks and the defences (their rows'),
     and the classes of a record's data (CIFAR-10's, where it does not name them: the
     photographs, and --image files with 10 classes)."""
+    paper = AttackSettings()
     return report.Names({name: (a.shown, a.marker) for name, a in ATTACKS.items()},
                         {kind: (d.axis, d.symbol) for kind, d in DEFENCES.items() if kind != "none"},
-                        class_names(config or {}))
+                        class_names(config or {}),
+                        {k: getattr(paper, k) for k in ("dlg_iters", "cosine_iters", "hybrid_iters_first",
+                                                        "hybrid_iters")})
 
 
 def class_names(config: dict) -> tuple[str, ...]:

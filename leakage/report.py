@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class Names:
     attacks: dict[str, tuple[str, str]]  # attack -> (its name shown, its marker), in the columns' order
     strengths: dict[str, tuple[str, str]]  # defence kind but none -> (its strength's axis, its symbol), in order
     classes: tuple[str, ...] = ()  # the labels' class names, where the data names them
+    budget: dict[str, int] = field(default_factory=dict)  # the paper's iterations, by setting
 
     def label(self, label: int | None) -> str:
         if label is None:  # a captured gradient's, where no label was given
@@ -733,10 +734,7 @@ BUDGETS = {"dlg": ("dlg_iters", "{} steps"), "idlg": ("dlg_iters", "{} steps"), 
 
 def budget_text(config: dict, names: Names) -> str:
     """The attacks' iterations as the run had them, and "below the paper's (--quick?)" where
-    any is: a smoke test's noise is not a result."""
-    from leakage.settings import AttackSettings  # the paper's, as declared with their flags
-
-    paper = AttackSettings()
+    any is (names.budget: the paper's): a smoke test's noise is not a result."""
     parts, below = [], False
     for attack in config.get("attacks", []):
         if attack not in BUDGETS:
@@ -746,7 +744,7 @@ def budget_text(config: dict, names: Names) -> str:
         if not all(k in config for k in keys):
             continue
         parts.append(f"{names.shown(attack)} {form.format(*(config[k] for k in keys))}")
-        below |= any(config[k] < getattr(paper, k) for k in keys)
+        below |= any(config[k] < names.budget.get(k, 0) for k in keys)
     if config.get("restarts", 1) > 1:
         parts.append(f"best of {config['restarts']} starts")
     return ("; ".join(parts) + ("  (below the paper's budget: --quick?)" if below else "")) if parts else ""

@@ -29,6 +29,7 @@ import contextlib
 import csv
 import fcntl
 import io
+import itertools
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -651,6 +652,7 @@ def in_this_process(units: list[tuple], work: Callable, record: Callable) -> dic
 
 _started = None  # in a worker: the pipe on which it announces each unit it starts and each event it ends
 _spool = None  # in a worker: the parent's private folder, where each event waits for the parent to record it
+_sent = itertools.count()  # in a worker: its events, numbered across its units (each file's name is new)
 
 
 def start_worker(init: Callable[[], None], started: multiprocessing.connection.Connection, parent: int,
@@ -677,14 +679,15 @@ def work_in_worker(work: Callable, unit: tuple) -> int:
     keeps what it finished): pickled into the parent's private spool folder, then named on
     the pipe. Pipe messages stay a few bytes: one write, whole, among the other workers'."""
     _started.send(("started", [cell.key for cell in unit]))
-    n = 0
-    for n, (cell, event) in enumerate(work(unit), 1):
-        path = os.path.join(_spool, f"{os.getpid()}-{n}")
+    count = 0
+    for cell, event in work(unit):
+        path = os.path.join(_spool, f"{os.getpid()}-{next(_sent)}")  # not yet read, maybe: never reused
         with open(path + ".part", "wb") as f:
             pickle.dump((cell, event), f, pickle.HIGHEST_PROTOCOL)
         os.replace(path + ".part", path)
         _started.send(("event", path))
-    return n
+        count += 1
+    return count
 
 
 def take_events(announced: multiprocessing.connection.Connection, running: set, record: Callable) -> None:

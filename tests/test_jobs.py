@@ -2,7 +2,9 @@
 writing the folder, and a worker's death costing no more than its own pair."""
 import json
 import os
+import pickle
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +145,23 @@ def test_a_grid_smaller_than_the_workers_gives_every_worker_work():
     assert sweeps.shared_out(many, 2) == many  # enough work for both: the batches stay
     split = sweeps.shared_out([tuple("abcd"), tuple("ef")], 2)
     assert sorted(c for u in split for c in u) == list("abcdef")  # every cell once
+
+
+def test_a_workers_events_wait_in_files_of_their_own_until_read(tmp_path, monkeypatch):
+    """Two units in one worker, their events not yet read by the parent (a busy parent reads
+    every 2 s): each event keeps its own spool file (the second unit once overwrote the first's)."""
+    sent = []
+
+    class Pipe:
+        def send(self, message):
+            sent.append(message)
+    monkeypatch.setattr(sweeps, "_started", Pipe())
+    monkeypatch.setattr(sweeps, "_spool", str(tmp_path))
+    class Cell(str):
+        key = property(lambda self: (str(self),))
+    work = lambda unit: iter([(str(cell), f"{cell} event {n}") for cell in unit for n in range(2)])  # noqa: E731
+    assert sweeps.work_in_worker(work, (Cell("a"),)) == 2 and sweeps.work_in_worker(work, (Cell("b"),)) == 2
+    paths = [value for kind, value in sent if kind == "event"]
+    assert len(set(paths)) == 4
+    assert [pickle.loads(Path(p).read_bytes())[1] for p in paths] == [
+        "a event 0", "a event 1", "b event 0", "b event 1"]

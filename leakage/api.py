@@ -77,7 +77,8 @@ def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: t
         raise UserError(f"{', '.join(linear)}: batch={batch}: the linear attacks take one image's gradient "
                         "(dlg, idlg and cosine take a batch's)")
     net, shared = read_inputs(model, gradient, input_shape, names)
-    normalize = normalize_given(normalize, input_shape_of(input_shape)[0])
+    shape = input_shape_of(input_shape)
+    normalize = normalize_given(normalize, shape[0])
     used = checked_labels(label, batch, net.classes)
     why = fingerprint(net, shared, batch)
     if why is not None:
@@ -85,7 +86,7 @@ def attack(model: nn.Module, gradient: list | tuple | dict | str, input_shape: t
              + ("one image's gradient (batch=B for a batch's)" if batch == 1 else f"a batch of {batch}'s"))
     if used is None:
         used = (recover_label(shared, net.bias_at) if batch == 1 else
-                recover_labels(shared[net.bias_at], batch, mean_posterior(net, input_shape_of(input_shape), normalize)))
+                recover_labels(shared[net.bias_at], batch, mean_posterior(net, shape, normalize)))
     with own_random_state():
         results = {name: result for _, name, result, _ in answers([(net, shared, used)], names, method, seed)}
     why = next((inconsistency(r.info.get("residual")) for r in results.values() if "residual" in r.info), None)

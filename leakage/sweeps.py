@@ -659,7 +659,7 @@ def start_worker(init: Callable[[], None], started: multiprocessing.connection.C
                  spool: str) -> None:
     """A worker's first steps: it ends with its parent, however the parent ends (Linux's
     PR_SET_PDEATHSIG; a SIGKILLed parent runs no clean-up), and leaves Ctrl-C to it."""
-    global _started
+    global _started, _spool
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
         if os.getppid() != parent:  # the parent died before the line above
@@ -669,7 +669,6 @@ def start_worker(init: Callable[[], None], started: multiprocessing.connection.C
     # worker stopped by the parent never releases it ("leaked semaphore" at exit). A worker
     # needs no lock across processes for its own bars.
     tqdm.set_lock(threading.RLock())
-    global _spool
     _started, _spool = started, spool
     init()
 

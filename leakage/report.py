@@ -407,9 +407,10 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names, b
                             names.label(label(cell, image))])
               for cell, image in lines]
     width = max(1.7 * len(columns), 0.085 * max(map(len, titles + [budget])) + 0.4)  # 10 points: 0.08 in a character
+    small, medium = (max(size, readable_points(width)) for size in (8, 9))  # readable at a README's width
     fig = Figure(figsize=(width, 2.35 * len(lines) + 0.3 * bool(budget)), layout="constrained")
     if budget:
-        fig.suptitle(budget, fontsize=9, color="0.3")
+        fig.suptitle(budget, fontsize=medium, color="0.3")
     rows = np.atleast_1d(fig.subfigures(len(lines), 1))
     for row, (cell, image), title in zip(rows, lines, titles):
         row.suptitle(title, fontsize=10)
@@ -419,11 +420,11 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names, b
         for ax, name in zip(row.subplots(1, len(columns)), columns):
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title("Target" if name == "target" else names.shown(name), fontsize=9)
+            ax.set_title("Target" if name == "target" else names.shown(name), fontsize=medium)
             entry = cell["target"] if name == "target" else cell["attacks"].get(name)
             if entry is None:
                 if name == "target":  # a captured gradient attacked with no image named
-                    ax.text(0.5, 0.5, "no target\ngiven", ha="center", va="center", fontsize=8,
+                    ax.text(0.5, 0.5, "no target\ngiven", ha="center", va="center", fontsize=small,
                             transform=ax.transAxes)
                 ax.set_axis_off()
                 continue
@@ -443,7 +444,7 @@ def plot_comparison(cells: list[dict], folder: Path, path: Path, names: Names, b
                     said.append(f"label {used}" + ("" if true is None else ", wrong"))
                 if name in best:
                     said.append(best[name])
-                ax.set_xlabel("\n".join(said), fontsize=8,
+                ax.set_xlabel("\n".join(said), fontsize=small,
                               fontweight="bold" if name in best else "normal")
     fig.savefig(path, dpi=120)
     return fig

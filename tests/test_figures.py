@@ -172,6 +172,19 @@ def test_the_comparison_names_a_captured_gradient_beside_its_image(tmp_path):
     assert "mnist-test:0" in title and "gradient:g.pt@0123456789" in title
 
 
+def test_the_comparison_is_readable_at_a_readmes_width_with_every_attack(tmp_path):
+    run = {"model": "m", "image": "samples:chelsea", "label": 3, "defence": {"spec": "none"},
+           "target": {"npy": "t.npy"}, "attacks": {a: {"npy": "r.npy", "psnr": 20.0 + i, "ssim": 0.5, "label": 3}
+                       for i, a in enumerate(["rgap", "dlg", "idlg", "cosine", "hybrid", "hybrid_free"])}}
+    np.save(tmp_path / "t.npy", np.full((32, 32, 3), 0.5, np.float32))
+    np.save(tmp_path / "r.npy", np.full((32, 32, 3), 0.25, np.float32))
+    names = report_names({})
+    fig = report.plot_comparison([run], tmp_path, tmp_path / "c.png", names,
+                                 report.budget_text({"attacks": list(run["attacks"]), "dlg_iters": 5}, names))
+    drawn(fig)
+    assert fig.get_figwidth() > 11 and small_at_readme_width(fig) == []  # seven columns: 8 points would be 8 px
+
+
 def test_the_comparison_says_its_budget_and_when_it_is_below_the_papers(tmp_path):
     quick = {"attacks": ["rgap", "dlg", "hybrid"], "dlg_iters": 5, "hybrid_iters_first": 100, "hybrid_iters": 20,
              "restarts": 1}

@@ -236,11 +236,12 @@ class LayerSystem:
 
         One im2col of x serves the forward map (W cols) and the weight-gradient map
         (delta cols^T); the hybrid passes z on to the layers above, so the convolution
-        and its gradients are computed once per step.
+        and its gradients are computed once per step. The weights are taken in x's dtype
+        and device (R-GAP's recursion asks in float64 on the CPU: relative_residual).
         """
         conv = model.layers[self.layer]
         cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]  # (C_in k k, P)
-        z = (conv.weight.flatten(1) @ cols).view_as(self.z_minus_b)
+        z = (conv.weight.to(x).flatten(1) @ cols).view_as(self.z_minus_b)
         weight_grad = self.delta.reshape(conv.out_channels, -1) @ cols.T  # (C_out, C_in*k*k)
         misfit = weight_grad - self.g_w.flatten(1)
         if self.known is not None:  # the pruned entries are no equations
@@ -343,14 +344,10 @@ def relative_residual(model: Net, system: LayerSystem, x: torch.Tensor) -> float
     the gradient is one image's through these weights, the topmost convolution's system
     holds to float rounding (about 1e-7: the gradient is float32); a gradient of other
     weights (another model, or these one SGD step before) leaves 1e-4 or more."""
-    conv = model.layers[system.layer]
-    cols = F.unfold(x.double(), conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]
-    z = (conv.weight.detach().double().cpu().flatten(1) @ cols).view_as(system.z_minus_b)
-    misfit = system.delta.reshape(conv.out_channels, -1) @ cols.T - system.g_w.flatten(1)
-    if system.known is not None:  # the pruned entries are no equations
-        misfit = misfit * system.known.flatten(1)
+    with torch.no_grad():
+        _, residual = system.forward_and_residual(model, x.double())
     size = system.z_minus_b.square().sum() + system.g_w.square().sum()
-    return float(((z - system.z_minus_b).square().sum() + misfit.square().sum()).sqrt() / size.sqrt())
+    return float(residual.sqrt() / size.sqrt())
 
 
 def recursive_reconstruction(models: list[Net], grads: list[list[torch.Tensor]], correct: Corrections | None = None,
